@@ -1,0 +1,50 @@
+# distillery: `make run` and `make test` do all the set-up on a fresh machine.
+#   make run                          default recipe, end to end
+#   make recipe=recipes/ci.yaml       any recipe, end to end
+#   make generate|distill|merge|score|status recipe=...   one stage
+#   make test                         the test suite
+
+recipe ?= recipes/default.yaml
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WHEELS ?= $(HOME)/.cache/distillery/wheels
+LLAMA_VERSION := 0.3.36
+# Portable x86-64 build of llama.cpp: a -march=native build enables AMX on Sapphire Rapids hosts, and its
+# batched prompt path then segfaults in virtual machines that do not grant AMX tile state.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON
+LLAMA_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl))
+
+.DEFAULT_GOAL := all
+.PHONY: all run test setup generate distill merge score status validate clean-runs
+
+all: $(STAMP)
+	$(BIN)/distillery run $(recipe)
+	$(BIN)/distillery score $(recipe)
+
+run: all
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	@if [ -z "$(LLAMA_WHEEL)" ]; then \
+	  echo "building llama-cpp-python $(LLAMA_VERSION) from source (about 8 minutes, once; cached in $(WHEELS))"; \
+	  mkdir -p $(WHEELS) && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(BIN)/pip wheel --quiet --no-deps --no-cache-dir -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
+	fi
+	$(BIN)/pip install --quiet --no-deps --force-reinstall $$(ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl | head -1)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+generate distill merge score status validate: $(STAMP)
+	$(BIN)/distillery $@ $(recipe)
+
+clean-runs:
+	rm -rf runs

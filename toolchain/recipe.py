@@ -1,0 +1,226 @@
+"""The recipe: one YAML file that says everything a run does.
+
+Every section is a pydantic v2 model with ``extra="forbid"`` so a typo is an error, not a silent default.
+Field help lives next to the field (``description=``) and is what ``distillery validate --explain`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line and names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class StudentConfig(_Section):
+    from_: str = Field(
+        "teacher",
+        alias="from",
+        description="'teacher' to prune the teacher's own layers, or a model reference (pip:, local path, hf:).",
+    )
+    keep_layers: int | None = Field(
+        None, ge=1, description="Decoder layers kept when the student is the pruned teacher (None keeps all)."
+    )
+    select: Union[Literal["influence", "even"], list[int]] = Field(
+        "influence",
+        description="Which layers to keep: 'influence' (block influence, 1 - cos(in, out)), 'even', or explicit indices.",
+    )
+    influence_samples: int = Field(48, ge=1, description="Teacher responses used to score block influence.")
+
+    @model_validator(mode="after")
+    def _check_select(self) -> "StudentConfig":
+        if isinstance(self.select, list):
+            if len(set(self.select)) != len(self.select) or any(i < 0 for i in self.select):
+                raise ValueError("select: layer indices must be distinct and >= 0")
+            if self.keep_layers is not None and self.keep_layers != len(self.select):
+                raise ValueError("keep_layers must equal the number of indices in select")
+        return self
+
+
+class DataConfig(_Section):
+    train: list[str] = Field(..., min_length=1, description="Prompt JSONL files (id, task, prompt, optional gold).")
+    heldout: list[str] = Field(default_factory=list, description="Held-out prompt JSONL files, never trained on.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N training prompts (quick runs).")
+    heldout_limit: int | None = Field(None, ge=1, description="Use only the first N held-out prompts.")
+
+
+class GenerateConfig(_Section):
+    backend: Literal["auto", "llama_cpp", "hf", "openai"] = Field(
+        "auto", description="Teacher engine: auto picks llama_cpp for GGUF, hf for a model directory."
+    )
+    max_new_tokens: int = Field(128, ge=1, le=8192, description="Longest teacher answer; longer ones are dropped.")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=64, description="Teacher samples per prompt.")
+    seed: int = 0
+    system_prompt: str | None = Field(None, description="System message; None keeps the chat template's default.")
+    n_ctx: int = Field(2048, ge=128, description="Teacher context window (llama.cpp).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (None = all cores).")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names that get adapters. lm_head/embed_tokens are refused on tied models.",
+    )
+
+
+class DistillConfig(_Section):
+    flavour: Literal["hard"] = Field("hard", description="Distillation flavour: hard (teacher responses as labels).")
+    method: Literal["lora", "full"] = Field("full", description="LoRA adapters or a full fine-tune.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    epochs: float = Field(2.0, gt=0, description="Passes over the kept teacher data (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    lr: float = Field(2e-4, gt=0, lt=1.0, description="Peak learning rate (cosine decay after warmup).")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step (global).")
+    seq_len: int = Field(256, ge=16, le=32768, description="Longest prompt+response in tokens; longer are cut.")
+    seed: int = 0
+    checkpoint_every: int = Field(25, ge=1, description="Optimizer steps between resumable checkpoints.")
+    train_embeddings: bool = Field(False, description="Also train the (tied) embedding matrix in full fine-tune.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None = all cores).")
+
+
+class MergeConfig(_Section):
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Saved weight dtype.")
+    tolerance: float = Field(1e-4, gt=0, description="Max |logit diff| between adapter and merged model.")
+
+
+class EvalConfig(_Section):
+    min_retention: float = Field(0.9, ge=0.0, le=2.0, description="Student/teacher score below which eval fails.")
+    max_new_tokens: int = Field(128, ge=1)
+    limit: int | None = Field(None, ge=1, description="Score only the first N held-out prompts.")
+
+
+class ExportConfig(_Section):
+    formats: list[Literal["gguf", "onnx"]] = Field(default_factory=lambda: ["gguf"])
+    quants: list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"]] = Field(
+        default_factory=lambda: ["f16", "q8_0", "q4_k_m"]
+    )
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", description="Bind address; non-loopback needs an API key.")
+    port: int = Field(8088, ge=1, le=65535)
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+
+
+class CostConfig(_Section):
+    usd_per_hour: float = Field(0.10, ge=0.0, description="What the serving hardware costs per hour.")
+    reference_api_usd_per_1m_output: float = Field(10.0, ge=0.0, description="Frontier API price being replaced.")
+
+
+class LicenceConfig(_Section):
+    teacher: str | None = Field(
+        None, description="Teacher licence id when the model files do not say it (e.g. apache-2.0, gemma, llama3)."
+    )
+    acknowledge: str | None = Field(
+        None, description="Free text accepting the teacher's terms; required for licences the guard does not allow."
+    )
+
+
+class Recipe(_Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; outputs go to runs/<name>/.")
+    teacher: str = Field(..., min_length=1, description="Teacher model reference (pip:, local path, hf:, openai:).")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
+    licence: LicenceConfig = Field(default_factory=LicenceConfig)
+
+    # Where the recipe file lives; data paths are resolved against the project root (cwd) first, then here.
+    source: str | None = Field(None, exclude=True, description="Path the recipe was loaded from (set by load).")
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_ref(cls, v: str) -> str:
+        from toolchain.models import check_reference_syntax
+
+        check_reference_syntax(v)
+        return v
+
+    @model_validator(mode="after")
+    def _student_vs_distill(self) -> "Recipe":
+        if self.student.from_ != "teacher" and self.student.keep_layers is not None:
+            raise ValueError("student.keep_layers only applies when student.from is 'teacher'")
+        if self.distill.method == "lora":
+            bad = {"lm_head", "embed_tokens"} & set(self.distill.lora.targets)
+            if bad:
+                raise ValueError(
+                    f"distill.lora.targets: {sorted(bad)} share weights in tied models; adapters there break tying"
+                )
+        return self
+
+    def section(self, name: str) -> dict:
+        """A section as plain JSON-able data (used for stage keys)."""
+        return json.loads(getattr(self, name).model_dump_json(by_alias=True))
+
+    def data_path(self, p: str) -> Path:
+        path = Path(p)
+        if path.is_absolute() or path.exists() or self.source is None:
+            return path
+        return Path(self.source).parent / path
+
+
+def _format_error(path: str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]).replace("from_", "from")
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required field is missing"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    where = f"{loc}: " if loc else ""
+    return f"{path}: {where}{msg}{more}"
+
+
+def parse(data: object, path: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate({**data, "source": path})
+    except ValidationError as err:
+        raise RecipeError(_format_error(path, err)) from None
+    except RecipeError as err:
+        raise RecipeError(f"{path}: teacher: {err}") from None
+
+
+def load(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; any problem becomes one RecipeError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: recipe file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{p}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse(data, str(p))
+
+
+def dump(recipe: Recipe) -> str:
+    data = json.loads(recipe.model_dump_json(by_alias=True, exclude={"source"}))
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,46 @@
+"""Gold-answer scoring per task type: small, strict and explainable.
+
+    fact, extract, summary  the gold string appears in the answer (case- and accent-insensitive, word-bounded)
+    classify                the first label-like word of the answer equals the gold label
+    anything else           no gold check (scored by agreement with the teacher instead)
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+LABELS = {"positive", "negative", "sports", "technology", "food", "politics"}
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+def contains(answer: str, gold: str) -> bool:
+    a, g = normalise(answer), normalise(gold)
+    return re.search(r"(?<![a-z0-9])" + re.escape(g) + r"(?![a-z0-9])", a) is not None
+
+
+def first_label(answer: str) -> str | None:
+    for word in re.findall(r"[a-z]+", normalise(answer)):
+        if word in LABELS:
+            return word
+    return None
+
+
+def score(task: str, answer: str, gold: str | None) -> bool | None:
+    """True/False for a gold check, None where the task has no gold answer."""
+    if gold is None:
+        return None
+    if task == "classify":
+        return first_label(answer) == normalise(gold)
+    if task == "fact" and len(gold) <= 2:  # chemical symbols: must be the exact token, case-sensitive
+        return re.search(r"(?<![A-Za-z])" + re.escape(gold) + r"(?![a-z])", answer) is not None
+    return contains(answer, gold)
+
+
+def exact_agreement(a: str, b: str) -> bool:
+    return normalise(a) == normalise(b)

@@ -1,0 +1,238 @@
+"""distill: train the student on the teacher's answers (hard-label).
+
+Inputs: generate's train.jsonl (+ the teacher, when the student is the pruned teacher).
+Outputs:
+    model/            full fine-tune: the trained student (safetensors + tokenizer)
+    base/ + adapter/  LoRA: the (pruned) student base and the peft adapter; merge joins them
+    student.json      kept layers, block-influence scores, parameter counts
+    train_log.jsonl   loss and tokens/s per optimizer step
+
+The loss is cross-entropy on response tokens only, and the vocabulary projection is computed only at those
+positions: with a 49k vocabulary the lm_head is most of the FLOPs, and prompt positions would waste them.
+Checkpoints (trainable weights, optimizer, scheduler, step, log) go to .resume/ every
+``checkpoint_every`` steps; batches are a pure function of (seed, epoch), so a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from toolchain import student as students
+from toolchain.data import iter_jsonl
+from toolchain.models import load_tokenizer, load_torch_model, resolve
+from toolchain.runs import RESUME_DIR, Manifest
+from toolchain.stages.generate import messages_for
+from toolchain.ui import console, progress
+
+IGNORE = -100
+
+
+def tokenize_pairs(tok, rows: list[dict], system_prompt: str | None, seq_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(input_ids, labels) per example; prompt tokens are masked. Returns the examples and how many were cut."""
+    out, cut = [], 0
+    for r in rows:
+        prompt_ids = tok.apply_chat_template(messages_for(r["prompt"], system_prompt), add_generation_prompt=True)
+        resp_ids = tok(r["response"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+        ids = list(prompt_ids) + resp_ids
+        labels = [IGNORE] * len(prompt_ids) + resp_ids
+        if len(ids) > seq_len:
+            cut += 1
+            ids, labels = ids[:seq_len], labels[:seq_len]
+        if any(x != IGNORE for x in labels[1:]):
+            out.append((ids, labels))
+    return out, cut
+
+
+def batches_for_epoch(n: int, batch_size: int, seed: int, epoch: int, lengths: list[int]) -> list[list[int]]:
+    """Shuffled batches of similar length (less padding), deterministic in (seed, epoch)."""
+    rng = random.Random(seed * 1000003 + epoch)
+    order = list(range(n))
+    rng.shuffle(order)
+    chunk = batch_size * 16
+    grouped = []
+    for i in range(0, n, chunk):
+        grouped += sorted(order[i:i + chunk], key=lambda j: lengths[j])
+    batches = [grouped[i:i + batch_size] for i in range(0, n, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over response tokens, projecting to the vocabulary only where there is a label."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    h = hidden[:, :-1][keep]
+    logits = causal_lm.get_output_embeddings()(h).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[keep])
+    return loss, int(keep.sum())
+
+
+def _build_student(cfg, tok, pairs):
+    s = cfg.student
+    info: dict = {"from": s.from_}
+    if s.from_ == "teacher":
+        teacher = load_torch_model(resolve(cfg.teacher))
+        n = len(students.decoder_layers(teacher))
+        scores = None
+        if s.select == "influence" and s.keep_layers is not None and s.keep_layers < n:
+            sample = [ids for ids, _ in pairs[: s.influence_samples]]
+            scores = students.block_influence(teacher, sample)
+        keep = students.choose_layers(n, s.keep_layers, s.select, scores)
+        model = students.prune(teacher, keep) if len(keep) < n else teacher
+        info.update(teacher_layers=n, kept_layers=keep, select=s.select,
+                    influence=[round(x, 5) for x in scores] if scores else None,
+                    teacher_params=students.parameter_count(teacher))
+    else:
+        model = load_torch_model(resolve(s.from_))
+        info.update(kept_layers=list(range(len(students.decoder_layers(model)))))
+    info["student_params"] = students.parameter_count(model)
+    return model, info
+
+
+def _trainable(model, cfg):
+    d = cfg.distill
+    if d.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=d.lora.r, lora_alpha=d.lora.alpha, lora_dropout=d.lora.dropout,
+                          target_modules=list(d.lora.targets), bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, lcfg)
+    tied = students.embeddings_tied(model)
+    for name, p in model.named_parameters():
+        is_embed = p is model.get_input_embeddings().weight or (not tied and p is model.get_output_embeddings().weight)
+        p.requires_grad = d.train_embeddings or not is_embed
+    return model
+
+
+def _save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict]) -> None:
+    state = {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "step": step,
+        "log": log,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+    d = cfg.distill
+    torch.set_num_threads(d.threads or os.cpu_count() or 1)
+    torch.manual_seed(d.seed)
+    rows = [r for _, r in iter_jsonl(inputs["generate"] / "train.jsonl")]
+    if not rows:
+        raise ValueError("generate kept no training pairs; check the teacher and generate.max_new_tokens")
+
+    student_ref = resolve(cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_)
+    tok = load_tokenizer(student_ref)
+    pairs, cut = tokenize_pairs(tok, rows, cfg.generate.system_prompt, d.seq_len)
+    console.print(f"  {len(pairs)} examples ({cut} cut to seq_len={d.seq_len})")
+
+    model, info = _build_student(cfg, tok, pairs)
+    console.print(f"  student: {len(info['kept_layers'])} layers, {info['student_params'] / 1e6:.1f}M parameters")
+    model = _trainable(model, cfg)
+    model.train()
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay)
+    steps_per_epoch = math.ceil(len(pairs) / d.batch_size)
+    total = d.max_steps or max(1, math.ceil(steps_per_epoch * d.epochs))
+
+    def lr_at(step: int) -> float:
+        if step < d.warmup_steps:
+            return (step + 1) / (d.warmup_steps + 1)
+        progress_ = (step - d.warmup_steps) / max(1, total - d.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model, opt = accelerator.prepare(model, opt)
+
+    resume_dir = out_dir / RESUME_DIR
+    resume_dir.mkdir(exist_ok=True)
+    ckpt = resume_dir / "checkpoint.pt"
+    step, log = 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        named = dict(accelerator.unwrap_model(model).named_parameters())
+        with torch.no_grad():
+            for n, w in state["weights"].items():
+                named[n].copy_(w)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, log = state["step"], state["log"]
+        console.print(f"  resuming from step {step}/{total}")
+
+    lengths = [len(ids) for ids, _ in pairs]
+    pad_id = tok.pad_token_id
+    started, tokens_seen = time.time(), 0
+    with progress() as bar:
+        task = bar.add_task("distill", total=total, completed=step, info="")
+        while step < total:
+            epoch, index = divmod(step, steps_per_epoch)
+            batch_ids = batches_for_epoch(len(pairs), d.batch_size, d.seed, epoch, lengths)[index]
+            batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in batch_ids], pad_id).items()}
+            loss, n_tok = response_loss(model, batch)
+            accelerator.backward(loss)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss = float(loss.detach())
+            tokens_seen += int(batch["attention_mask"].sum())
+            rate = tokens_seen / max(time.time() - started, 1e-9)
+            log.append({"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": sched.get_last_lr()[0],
+                        "tokens": n_tok})
+            bar.update(task, advance=1, info=f"loss {loss:.3f} · {rate:.0f} tok/s")
+            if accelerator.is_main_process and (step % d.checkpoint_every == 0 and step < total):
+                _save_checkpoint(ckpt, accelerator.unwrap_model(model), opt, sched, step, log)
+
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    if d.method == "lora":
+        base = model.get_base_model()
+        model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
+        # The base weights must be saved without the adapter layers injected: unload a copy.
+        clean = model.unload() if hasattr(model, "unload") else base
+        clean.save_pretrained(out_dir / "base", safe_serialization=True)
+        tok.save_pretrained(out_dir / "base")
+    else:
+        model.save_pretrained(out_dir / "model", safe_serialization=True)
+        tok.save_pretrained(out_dir / "model")
+    (out_dir / "student.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    with open(out_dir / "train_log.jsonl", "w", encoding="utf-8") as fh:
+        for row in log:
+            fh.write(json.dumps(row) + "\n")
+    tail = [r["loss"] for r in log[-max(1, min(20, len(log))):]]
+    return Manifest(
+        metrics={"examples": len(pairs), "cut": cut, "steps": step, "final_loss": round(sum(tail) / len(tail), 4),
+                 "first_loss": log[0]["loss"] if log else None, "student_params": info["student_params"],
+                 "student_layers": len(info["kept_layers"])},
+        seeds={"distill": d.seed},
+    )
