@@ -51,7 +51,8 @@ def test_loss_only_on_response_tokens(tiny_llama):
     loss, n = response_loss(tiny_llama, batch)
     assert n == 3
     # Same value as full-vocabulary logits + masked cross-entropy done the plain way.
-    logits = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        logits = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), batch["labels"][:, 1:].reshape(-1),
                                             ignore_index=IGNORE)
     assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-5)

@@ -79,6 +79,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                 rate = new_tokens / max(time.time() - started, 1e-9)
                 bar.update(task, advance=1, info=f"{rate:.0f} tok/s")
         engine.close()
+        wall = time.time() - started
+        console.print(f"  teacher: {new_tokens} tokens in {wall:.0f}s ({new_tokens / max(wall, 1e-9):.0f} tok/s)")
 
     rows = read_jsonl_resumable(out_path)
     order = {(p.id, s): i for i, (p, s) in enumerate(jobs)}

@@ -1,0 +1,188 @@
+"""The whole chain on the real embedded teacher (SmolLM2-135M-Instruct GGUF) with recipes/ci.yaml."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, distillery
+
+pytestmark = pytest.mark.integration
+
+
+def _recipe(tmp: Path, name: str = "ci", **changes) -> Path:
+    data = yaml.safe_load((ROOT / "recipes" / "ci.yaml").read_text())
+    data["name"] = name
+    data["data"]["train"] = [str(ROOT / p) for p in data["data"]["train"]]
+    data["data"]["heldout"] = [str(ROOT / p) for p in data["data"]["heldout"]]
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _stage_dirs(runs: Path, name: str) -> dict[str, Path]:
+    return {p.name.split("-")[0]: p for p in sorted((runs / name).glob("*-*")) if (p / "manifest.json").exists()}
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ci")
+    recipe, runs = _recipe(tmp), tmp / "runs"
+    proc = distillery("run", str(recipe), "--runs", str(runs))
+    return recipe, runs, proc
+
+
+def test_chain_generate_distill_merge(ci_run):
+    recipe, runs, proc = ci_run
+    dirs = _stage_dirs(runs, "ci")
+    assert set(dirs) == {"generate", "distill", "merge"}
+    gen = json.loads((dirs["generate"] / "manifest.json").read_text())
+    assert gen["metrics"]["answers"] == 12 + 4
+    assert gen["metrics"]["kept"] + gen["metrics"]["dropped_empty"] + gen["metrics"]["dropped_truncated"] == 12
+    assert gen["licence"]["teacher_licence"] == "apache-2.0"
+    rows = [json.loads(l) for l in (dirs["generate"] / "train.jsonl").read_text().splitlines()]
+    assert rows and all(r["response"] and r["finish_reason"] == "stop" for r in rows)
+
+    dist = json.loads((dirs["distill"] / "manifest.json").read_text())
+    info = json.loads((dirs["distill"] / "student.json").read_text())
+    assert len(info["kept_layers"]) == 8 and info["teacher_layers"] == 30
+    assert len(info["influence"]) == 30
+    top8 = sorted(range(30), key=lambda i: info["influence"][i], reverse=True)[:8]
+    assert sorted(top8) == info["kept_layers"]
+    assert dist["inputs"]["generate"] == gen["digest"]
+
+    merge = json.loads((dirs["merge"] / "manifest.json").read_text())
+    assert merge["metrics"]["max_abs_logit_diff"] <= 1e-4
+    assert merge["metrics"]["tied_embeddings"] is True
+    model_dir = dirs["merge"] / "model"
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md"):
+        assert (model_dir / f).is_file(), f
+    card = (model_dir / "README.md").read_text()
+    assert "apache-2.0" in card and "8 of the teacher's 30" in card
+
+
+def test_merged_student_loads_and_stops_on_im_end(ci_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, runs, _ = ci_run
+    model_dir = _stage_dirs(runs, "ci")["merge"] / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert tok.eos_token == "<|im_end|>"
+    assert tok("hello")["input_ids"][0] != tok.convert_tokens_to_ids("<|im_start|>")  # no stray BOS
+    assert model.model.embed_tokens.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt")
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_rerun_skips_and_one_distill_field_reruns_only_downstream(ci_run, tmp_path):
+    recipe, runs, _ = ci_run
+    before = _stage_dirs(runs, "ci")
+    again = distillery("run", str(recipe), "--runs", str(runs))
+    assert again.stderr.count("up to date") == 3
+    changed = _recipe(recipe.parent, "ci", distill__lr=3e-4)
+    st = distillery("status", str(changed), "--runs", str(runs)).stdout.split("\n")
+    states = {line.split()[0]: line.split()[1] for line in st if line.strip()}
+    assert states == {"generate": "done", "distill": "stale", "merge": "stale"}
+    proc = distillery("run", str(changed), "--runs", str(runs))
+    assert "generate: up to date" in proc.stderr
+    assert "▶ distill" in proc.stderr and "▶ merge" in proc.stderr
+    after = {p.name for p in (runs / "ci").glob("*-*")}
+    assert before["generate"].name in after and before["distill"].name in after  # old results kept
+    assert len([n for n in after if n.startswith("distill-")]) == 2
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "toolchain.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "DISTILLERY_NO_PROGRESS": "1"})
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended before the kill point:\n{proc.communicate()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("kill point never reached")
+
+
+def test_kill_generate_then_resume_loses_and_duplicates_nothing(tmp_path, ci_run):
+    recipe = _recipe(tmp_path, "killgen", data__limit=24)
+    runs = tmp_path / "runs"
+    proc = _spawn("generate", str(recipe), "--runs", str(runs))
+    work = lambda: list((runs / "killgen" / ".work").glob("generate-*/responses.jsonl"))  # noqa: E731
+    _wait_for(lambda: work() and len(work()[0].read_text().splitlines()) >= 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = [json.loads(l) for l in work()[0].read_text().splitlines() if l.endswith("}")]
+    assert 6 <= len(partial) < 28
+    resumed = distillery("generate", str(recipe), "--runs", str(runs))
+    assert "resuming" in resumed.stderr
+    rows = [json.loads(l) for l in (_stage_dirs(runs, "killgen")["generate"] / "responses.jsonl").read_text().splitlines()]
+    ids = [(r["id"], r["sample"]) for r in rows]
+    assert len(ids) == len(set(ids)) == 24 + 4
+    by_id = {r["id"]: r for r in rows}
+    for r in partial:  # answers from before the kill are kept as they were
+        assert by_id[r["id"]]["response"] == r["response"]
+    # ... and equal what an uninterrupted run gives (greedy decoding, per-prompt seeds)
+    _, ci_runs, _ = ci_run
+    ci_rows = {json.loads(l)["id"]: json.loads(l) for l in
+               (_stage_dirs(ci_runs, "ci")["generate"] / "responses.jsonl").read_text().splitlines()}
+    for pid, r in ci_rows.items():
+        assert by_id[pid]["response"] == r["response"]
+
+
+def test_kill_distill_then_resume_replays_exactly(tmp_path, ci_run):
+    ci_recipe, ci_runs, _ = ci_run
+    runs = tmp_path / "runs"
+    # Same generate output as the ci run (copied), then a distill with enough steps to kill mid-way.
+    src = _stage_dirs(ci_runs, "ci")["generate"]
+    (runs / "ci").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(src), str(runs / "ci" / src.name)], check=True)
+    recipe = _recipe(tmp_path, "ci", distill__max_steps=10, distill__batch_size=2)
+    proc = _spawn("distill", str(recipe), "--runs", str(runs))
+    ckpt = lambda: list((runs / "ci" / ".work").glob("distill-*/.resume/checkpoint.pt"))  # noqa: E731
+    _wait_for(lambda: bool(ckpt()), proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    import torch
+
+    killed_at = torch.load(ckpt()[0], weights_only=False)["step"]
+    assert 1 <= killed_at < 10
+    resumed = distillery("distill", str(recipe), "--runs", str(runs))
+    assert "resuming from step" in resumed.stderr
+    log = [json.loads(l) for l in (_stage_dirs(runs, "ci")["distill"] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11))  # nothing lost, nothing twice
+    # An uninterrupted run with the same settings gives the same loss curve.
+    fresh = tmp_path / "fresh"
+    (fresh / "ci").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(src), str(fresh / "ci" / src.name)], check=True)
+    distillery("distill", str(recipe), "--runs", str(fresh))
+    ref = [json.loads(l) for l in (_stage_dirs(fresh, "ci")["distill"] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in ref], rel=1e-3)
+
+
+def test_stage_needs_its_upstream(tmp_path):
+    recipe = _recipe(tmp_path, "lonely")
+    proc = distillery("merge", str(recipe), "--runs", str(tmp_path / "runs"), check=False)
+    assert proc.returncode == 1
+    assert "'generate' has not run" in proc.stderr and "Traceback" not in proc.stderr
