@@ -9,7 +9,12 @@ from pathlib import Path
 
 import click
 
-from toolchain import __version__
+# Set before transformers/tqdm are imported: stages draw their own rich progress bars, and per-tensor tqdm bars
+# from transformers' GGUF loader would bury them.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from toolchain import __version__  # noqa: E402
 
 RUNS_HELP = "Where run directories live (default: ./runs, or $DISTILLERY_RUNS)."
 

@@ -82,6 +82,7 @@ def test_merged_student_loads_and_stops_on_im_end(ci_run):
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert tok.eos_token == "<|im_end|>"
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
     assert tok("hello")["input_ids"][0] != tok.convert_tokens_to_ids("<|im_start|>")  # no stray BOS
     assert model.model.embed_tokens.weight.data_ptr() == model.lm_head.weight.data_ptr()
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt")
@@ -186,3 +187,52 @@ def test_stage_needs_its_upstream(tmp_path):
     proc = distillery("merge", str(recipe), "--runs", str(tmp_path / "runs"), check=False)
     assert proc.returncode == 1
     assert "'generate' has not run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hf_backend_answers_like_llama_cpp():
+    """The transformers engine on the same GGUF teacher (dequantized): same prompt tokens, stops on <|im_end|>.
+
+    Greedy text may differ from llama.cpp's: llama.cpp multiplies with 8-bit activations, torch in float32.
+    """
+    from toolchain.backends import open_engine
+    from toolchain.models import DEFAULT_TEACHER, resolve
+
+    ref = resolve(DEFAULT_TEACHER)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    hf = open_engine(ref, "hf", threads=2).chat(msgs, max_tokens=32)
+    cpp = open_engine(ref, "llama_cpp", threads=2).chat(msgs, max_tokens=32)
+    assert hf.finish_reason == "stop" and "Paris" in hf.text
+    assert cpp.text and cpp.completion_tokens > 0
+    assert hf.prompt_tokens == cpp.prompt_tokens  # same chat template, same tokenizer
+
+
+def test_pretrained_student_from_a_local_directory_with_lora(ci_run, tmp_path):
+    """student.from = a local HF directory (here: the ci student), trained with LoRA and merged."""
+    _, ci_runs, _ = ci_run
+    dirs = _stage_dirs(ci_runs, "ci")
+    local = dirs["merge"] / "model"
+    recipe = _recipe(tmp_path, "ci", student={"from": str(local)}, distill__max_steps=2)
+    runs = tmp_path / "runs"
+    (runs / "ci").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(dirs["generate"]), str(runs / "ci" / dirs["generate"].name)], check=True)
+    distillery("run", str(recipe), "--runs", str(runs))
+    out = _stage_dirs(runs, "ci")
+    info = json.loads((out["distill"] / "student.json").read_text())
+    assert info["from"] == str(local) and len(info["kept_layers"]) == 8
+    assert (out["distill"] / "adapter" / "adapter_model.safetensors").is_file()
+    merge = json.loads((out["merge"] / "manifest.json").read_text())
+    assert merge["metrics"]["tied_embeddings"] and merge["metrics"]["max_abs_logit_diff"] <= 1e-4
+
+
+def test_unknown_licence_is_refused_before_any_work(tmp_path, ci_run):
+    """A local teacher whose files name no licence needs licence.acknowledge (exit 2, nothing written)."""
+    _, ci_runs, _ = ci_run
+    teacher = tmp_path / "teacher"
+    subprocess.run(["cp", "-r", str(_stage_dirs(ci_runs, "ci")["merge"] / "model"), str(teacher)], check=True)
+    (teacher / "README.md").unlink()
+    recipe = _recipe(tmp_path, "nolicence", teacher=str(teacher))
+    runs = tmp_path / "runs"
+    proc = distillery("generate", str(recipe), "--runs", str(runs), check=False)
+    assert proc.returncode == 2
+    assert "licence 'unknown'" in proc.stderr and "licence.acknowledge" in proc.stderr
+    assert not runs.exists() or not list(runs.rglob("responses.jsonl"))

@@ -105,7 +105,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                "student_params": students.parameter_count(reloaded),
                "student_layers": reloaded.config.num_hidden_layers,
                "bytes": sum(p.stat().st_size for p in target.glob("*.safetensors"))}
-    console.print(f"  merge check: max |logit diff| = {diff:.2e} (tolerance {tol:g}); tied embeddings: {tied}")
+    console.print(f"  merge check: max |logit diff| {diff:.1e} (tolerance {tol:g}), tied: {tied}")
     if diff > tol:
         shutil.rmtree(target)
         raise RuntimeError(f"merged logits differ from the adapter model by {diff:.2e} > {tol:g}")
