@@ -61,3 +61,25 @@ def test_failed_stage_leaves_no_finished_dir(tmp_path):
     work = list((tmp_path / "r" / ".work").glob("demo-*"))
     assert work and (work[0] / "half.txt").read_text() == "partial"  # kept for resume
     assert json.loads((work[0] / "stage.json").read_text())["stage"] == "demo"
+
+
+def test_second_process_on_the_same_stage_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    run = RunDir(tmp_path / "r")
+    key = stage_key("demo", {}, {})
+    lock = tmp_path / "r" / ".work" / f"demo-{key[:12]}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("4242")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
+         " print('held', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match=r"already running \(pid 4242\)"):
+            execute(run, "demo", _stage([]), None, {}, {})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert execute(run, "demo", _stage([]), None, {}, {}).is_dir()  # free again: runs

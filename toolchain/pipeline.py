@@ -30,7 +30,11 @@ def _teacher_io(cfg) -> dict:
 
 PLANS = {
     "generate": StagePlan(
-        "generate", (), lambda c: {**_teacher_io(c), "generate": c.section("generate"), "data": c.section("data")},
+        "generate", (),
+        # Prompt files enter the key by content (see _external_inputs), not by path: moving a recipe or its
+        # data does not re-run the teacher.
+        lambda c: {**_teacher_io(c), "generate": c.section("generate"),
+                   "data": {k: v for k, v in c.section("data").items() if k not in ("train", "heldout")}},
         "toolchain.stages.generate",
     ),
     "distill": StagePlan(
@@ -52,13 +56,13 @@ def _external_inputs(cfg, stage: str) -> dict[str, tuple[str, Path | None]]:
     if stage == "generate":
         out["teacher"] = (resolve(cfg.teacher).sha256(), None)
         for split in ("train", "heldout"):
-            for p in getattr(cfg.data, split):
+            for i, p in enumerate(getattr(cfg.data, split)):
                 path = cfg.data_path(p)
                 if not path.is_file():
                     from toolchain.data import DataError
 
-                    raise DataError(f"{path}: prompt file not found (data.{split})")
-                out[f"data:{split}:{p}"] = (file_sha256(path), None)
+                    raise DataError(f"{path}: prompt file not found (data.{split}[{i}])")
+                out[f"data:{split}:{i}"] = (file_sha256(path), None)
     if stage == "distill":
         ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
         out["student_init"] = (resolve(ref).sha256(), None)

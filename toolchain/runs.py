@@ -10,6 +10,7 @@ after it get new keys. A directory is only ever used through a manifest whose fi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -171,10 +172,44 @@ def execute(
         read_manifest(final)  # never trust a finished dir blindly
         console.print(f"[green]✓[/] {stage}: up to date ({final})")
         return final
-    if final.exists():
-        shutil.rmtree(final)
     work = run.work(stage, key)
     work.mkdir(parents=True, exist_ok=True)
+    with _exclusive(run.root / ".work" / f"{stage_dir_name(stage, key)}.lock", stage):
+        if final.exists():
+            shutil.rmtree(final)
+        return _run_and_publish(run, stage, fn, cfg, config, inputs, licence, key, work, final)
+
+
+class _exclusive:
+    """An advisory lock per stage key: two processes must never append to the same work directory."""
+
+    def __init__(self, path: Path, stage: str):
+        self.path, self.stage, self.fh = path, stage, None
+
+    def __enter__(self):
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            pid = self.fh.read().strip() or "?"
+            self.fh.close()
+            raise RunError(f"{self.stage} with these settings is already running (pid {pid}); wait for it to finish")
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(str(os.getpid()))
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def _run_and_publish(run, stage, fn, cfg, config, inputs, licence, key, work: Path, final: Path) -> Path:
+    from toolchain.ui import console
+
     (work / "stage.json").write_text(canonical({"stage": stage, "key": key}), encoding="utf-8")
     console.print(f"[bold cyan]▶[/] {stage} → {final}")
     started = time.time()

@@ -1,0 +1,105 @@
+"""Distillation losses on log-probabilities, full-vocabulary or over a teacher's top-k cache.
+
+All divergences take log-probabilities over the same support (last dimension) and return the mean over
+rows (token positions). Temperature is applied by the caller through ``log_probs`` and the loss is scaled by
+T² (Hinton et al. 2015) so its gradients keep their size as T changes.
+
+Generalized JSD follows the GKD convention (Agarwal et al. 2024, as in TRL): with the mixture
+m = β·p_teacher + (1-β)·p_student, JSD(β) = β·KL(p_teacher‖m) + (1-β)·KL(p_student‖m); β=0 is taken as forward
+KL(p_teacher‖p_student) and β=1 as reverse KL(p_student‖p_teacher), the limits the objective interpolates.
+
+Top-k: the teacher's distribution is known on k token ids; everything else is one "tail" bucket with mass
+1 - Σ top-k. The student's distribution is folded the same way (its mass on those ids, and the rest), so
+both are proper distributions on k+1 outcomes and the same divergences apply. With k = vocabulary size the
+tail is empty and the result equals the full-vocabulary loss exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """Σ p (log p - log q) per row; terms with p = 0 are 0 (also when q = 0 there)."""
+    p = p_log.exp()
+    terms = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def forward_kl(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student): mode-covering, the classic Hinton distillation loss."""
+    return _kl(teacher_log, student_log).mean()
+
+
+def reverse_kl(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Tensor:
+    """KL(student ‖ teacher): mode-seeking; the student may ignore teacher modes it cannot fit."""
+    return _kl(student_log, teacher_log).mean()
+
+
+def jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    if beta <= 0.0:
+        return forward_kl(student_log, teacher_log)
+    if beta >= 1.0:
+        return reverse_kl(student_log, teacher_log)
+    mix = torch.logsumexp(
+        torch.stack([teacher_log + math.log(beta), student_log + math.log(1 - beta)]), dim=0
+    )
+    return (beta * _kl(teacher_log, mix) + (1 - beta) * _kl(student_log, mix)).mean()
+
+
+def divergence(kind: str, student_log: torch.Tensor, teacher_log: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    if kind == "forward_kl":
+        return forward_kl(student_log, teacher_log)
+    if kind == "reverse_kl":
+        return reverse_kl(student_log, teacher_log)
+    if kind == "jsd":
+        return jsd(student_log, teacher_log, beta)
+    raise ValueError(f"unknown divergence '{kind}'")
+
+
+def _log1mexp(lse: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(lse)) for lse <= 0, stable near 0 (returns -inf when the mass is all used)."""
+    lse = lse.clamp(max=0.0)
+    out = torch.where(lse > -0.693, torch.log(-torch.expm1(lse)), torch.log1p(-torch.exp(lse)))
+    return torch.where(lse >= 0.0, torch.full_like(lse, NEG_INF), out)
+
+
+def fold_topk(full_log: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A full distribution (log-probs [N, V]) folded onto k ids + one tail bucket: [N, k+1]."""
+    picked = full_log.gather(-1, ids)
+    tail = _log1mexp(torch.logsumexp(picked, dim=-1, keepdim=True))
+    return torch.cat([picked, tail], dim=-1)
+
+
+def with_tail(topk_log: torch.Tensor) -> torch.Tensor:
+    """Teacher top-k log-probs [N, k] plus the tail bucket holding the rest of the mass: [N, k+1]."""
+    tail = _log1mexp(torch.logsumexp(topk_log.float(), dim=-1, keepdim=True))
+    return torch.cat([topk_log.float(), tail], dim=-1)
+
+
+def kd_loss(kind: str, student_logits: torch.Tensor, *, temperature: float = 1.0, beta: float = 0.5,
+            teacher_logits: torch.Tensor | None = None, teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+            ) -> torch.Tensor:
+    """T²-scaled divergence between student and teacher at the same positions.
+
+    Give the teacher either as full logits [N, V] (online) or as (ids [N, k], log-probs at temperature T [N, k])
+    from the top-k cache.
+    """
+    s_log = log_probs(student_logits, temperature)
+    if teacher_logits is not None:
+        loss = divergence(kind, s_log, log_probs(teacher_logits, temperature), beta)
+    elif teacher_topk is not None:
+        ids, t_topk = teacher_topk
+        loss = divergence(kind, fold_topk(s_log, ids.long()), with_tail(t_topk), beta)
+    else:
+        raise ValueError("kd_loss needs teacher_logits or teacher_topk")
+    return loss * temperature**2
