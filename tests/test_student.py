@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from toolchain import student as students
-from toolchain.stages.distill import IGNORE, batches_for_epoch, collate, response_loss
+from toolchain.chat import IGNORE
+from toolchain.stages.distill import batches_for_epoch, collate, response_loss
 
 
 def test_block_influence_scores_every_layer(tiny_llama):

@@ -85,10 +85,17 @@ def main() -> None:
 @recipe_arg
 @friendly
 def validate(recipe: str) -> None:
-    """Check RECIPE and print it with every default filled in (exit 2 naming the bad field)."""
+    """Check RECIPE and print it with every default filled in (exit 2 naming the bad field).
+
+    Beyond the schema it resolves the teacher, applies the licence policy and, for soft-label recipes,
+    checks that teacher and student share one vocabulary.
+    """
+    from toolchain.pipeline import licence_decision, preflight
     from toolchain.recipe import dump
 
     cfg = _load(recipe)
+    preflight(cfg)
+    licence_decision(cfg)
     click.echo(dump(cfg), nl=False)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from toolchain.chat import messages_for
 from toolchain.data import iter_jsonl
 from toolchain.scoring import exact_agreement, score
-from toolchain.stages.generate import messages_for
 from toolchain.ui import progress
 
 

@@ -21,9 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-NEG_INF = float("-inf")
-
-
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return F.log_softmax(logits.float() / temperature, dim=-1)
 
@@ -66,11 +63,18 @@ def divergence(kind: str, student_log: torch.Tensor, teacher_log: torch.Tensor, 
     raise ValueError(f"unknown divergence '{kind}'")
 
 
+TAIL_FLOOR = math.log(1e-12)
+
+
 def _log1mexp(lse: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(lse)) for lse <= 0, stable near 0 (returns -inf when the mass is all used)."""
-    lse = lse.clamp(max=0.0)
+    """log(1 - exp(lse)) for lse <= 0, stable near 0, floored at log(1e-12).
+
+    The floor matters when k covers (nearly) the whole vocabulary: rounding leaves "tail" masses of ±1e-7 that
+    are zero for one side and not the other, and reverse KL would then be infinite over nothing.
+    """
+    lse = lse.clamp(max=-1e-12)
     out = torch.where(lse > -0.693, torch.log(-torch.expm1(lse)), torch.log1p(-torch.exp(lse)))
-    return torch.where(lse >= 0.0, torch.full_like(lse, NEG_INF), out)
+    return out.clamp(min=TAIL_FLOOR)
 
 
 def fold_topk(full_log: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -82,8 +86,11 @@ def fold_topk(full_log: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def with_tail(topk_log: torch.Tensor) -> torch.Tensor:
     """Teacher top-k log-probs [N, k] plus the tail bucket holding the rest of the mass: [N, k+1]."""
-    tail = _log1mexp(torch.logsumexp(topk_log.float(), dim=-1, keepdim=True))
-    return torch.cat([topk_log.float(), tail], dim=-1)
+    topk_log = topk_log.float()
+    tail = _log1mexp(torch.logsumexp(topk_log, dim=-1, keepdim=True))
+    out = torch.cat([topk_log, tail], dim=-1)
+    # Cached log-probs are float16: renormalise so rounding cannot leave a total above one.
+    return out - torch.logsumexp(out, dim=-1, keepdim=True)
 
 
 def kd_loss(kind: str, student_logits: torch.Tensor, *, temperature: float = 1.0, beta: float = 0.5,

@@ -234,3 +234,9 @@ def load_torch_model(ref: ModelRef, dtype: str = "float32"):
         raise ModelError(f"{ref.ref}: an openai: endpoint cannot be loaded as weights (use it as a hard-label teacher)")
     model.eval()
     return model
+
+
+def vocabulary(ref: ModelRef) -> list[str]:
+    """The token strings by id: two models share a vocabulary when these lists are equal."""
+    tok = load_tokenizer(ref)
+    return tok.convert_ids_to_tokens(list(range(len(tok))))

@@ -28,13 +28,24 @@ def _teacher_io(cfg) -> dict:
     return {"teacher": cfg.teacher}
 
 
+def _generate_extras(cfg) -> dict:
+    """Only what changes generate's output: hard and online soft-label share one generate result."""
+    d = cfg.distill
+    if d.flavour == "reasoning":
+        return {"reasoning": cfg.section("reasoning")}
+    if d.flavour == "soft" and d.soft.teacher_logits == "cache":
+        return {"topk": {"k": d.soft.top_k, "temperature": d.soft.temperature}}
+    return {}
+
+
 PLANS = {
     "generate": StagePlan(
         "generate", (),
         # Prompt files enter the key by content (see _external_inputs), not by path: moving a recipe or its
         # data does not re-run the teacher.
         lambda c: {**_teacher_io(c), "generate": c.section("generate"),
-                   "data": {k: v for k, v in c.section("data").items() if k not in ("train", "heldout")}},
+                   "data": {k: v for k, v in c.section("data").items() if k not in ("train", "heldout")},
+                   **_generate_extras(c)},
         "toolchain.stages.generate",
     ),
     "distill": StagePlan(
@@ -77,6 +88,20 @@ def _inputs(cfg, run: RunDir, stage: str, finished: dict[str, Path]) -> dict[str
     return inputs
 
 
+def preflight(cfg) -> None:
+    """Checks that need the model files, run before any stage (and by ``distillery validate``)."""
+    from toolchain.models import vocabulary
+    from toolchain.recipe import RecipeError
+
+    if cfg.distill.flavour == "soft" and cfg.student.from_ != "teacher":
+        teacher, student = resolve(cfg.teacher), resolve(cfg.student.from_)
+        if vocabulary(teacher) != vocabulary(student):
+            raise RecipeError(
+                f"{cfg.source}: distill.flavour: soft-label needs one shared vocabulary, but {cfg.teacher} and "
+                f"{cfg.student.from_} tokenize differently; use flavour: hard (works across tokenizers)"
+            )
+
+
 def licence_decision(cfg) -> licenses.LicenceDecision:
     return licenses.decide(resolve(cfg.teacher), cfg.licence.teacher, cfg.licence.acknowledge)
 
@@ -87,6 +112,7 @@ def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str |
     import importlib
 
     run = RunDir.for_recipe(runs_root, cfg.name)
+    preflight(cfg)
     decision = licence_decision(cfg).as_dict()
     last = STAGES.index(only or until or STAGES[-1])
     finished: dict[str, Path] = {}

@@ -79,8 +79,59 @@ class LoraConfig(_Section):
     )
 
 
+class SoftConfig(_Section):
+    """Soft-label KD (Hinton et al. 2015): match the teacher's token distribution, not only its tokens."""
+
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="Divergence: forward KL (mode-covering), reverse KL (mode-seeking) or generalized JSD."
+    )
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture weight (0 = forward KL, 1 = reverse KL).")
+    temperature: float = Field(2.0, gt=0.0, le=20.0, description="Softens both distributions; the loss is scaled by T².")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha·KD + (1 - alpha)·CE on the teacher's tokens.")
+    teacher_logits: Literal["online", "cache"] = Field(
+        "cache", description="online: teacher forward pass every step; cache: top-k written once by generate."
+    )
+    top_k: int = Field(32, ge=1, description="Teacher log-probs kept per position in the cache (the rest is one tail bucket).")
+
+
+class ReasoningConfig(_Section):
+    """Reasoning distillation: the teacher thinks step by step, only traces whose answer checks are kept."""
+
+    instruction: str = Field(
+        "Think step by step. Then give the final answer on its own last line as 'Answer: <answer>'.",
+        description="Appended to each prompt when the teacher answers.",
+    )
+    answer_pattern: str = Field(
+        r"(?i)answer\s*(?:is|:|=)\s*\**\s*([^\n]+)",
+        description="Regex; group 1 of the last match is the final answer ('Answer: 7', 'The final answer is 7').",
+    )
+    keep_without_gold: bool = Field(False, description="Keep traces of prompts that have no gold answer to check.")
+    train_with_instruction: bool = Field(
+        False, description="Train on the prompt with the instruction (else the student reasons unprompted)."
+    )
+    served_output: Literal["keep", "strip"] = Field(
+        "strip", description="Whether the served student returns its reasoning or only the final answer."
+    )
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        import re
+
+        try:
+            if re.compile(v).groups < 1:
+                raise ValueError("needs one capture group for the answer")
+        except re.error as err:
+            raise ValueError(f"not a valid regex ({err})") from None
+        return v
+
+
 class DistillConfig(_Section):
-    flavour: Literal["hard"] = Field("hard", description="Distillation flavour: hard (teacher responses as labels).")
+    flavour: Literal["hard", "soft", "reasoning"] = Field(
+        "hard", description="hard: teacher responses as labels; soft: match teacher distributions; reasoning: "
+        "verified chain-of-thought traces as labels."
+    )
+    soft: SoftConfig = Field(default_factory=SoftConfig)
     method: Literal["lora", "full"] = Field("full", description="LoRA adapters or a full fine-tune.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     epochs: float = Field(2.0, gt=0, description="Passes over the kept teacher data (fractions allowed).")
@@ -94,6 +145,7 @@ class DistillConfig(_Section):
     checkpoint_every: int = Field(25, ge=1, description="Optimizer steps between resumable checkpoints.")
     train_embeddings: bool = Field(False, description="Also train the (tied) embedding matrix in full fine-tune.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = all cores).")
+    bf16: bool = Field(False, description="bfloat16 autocast for the forward passes (fast on recent CPUs and GPUs).")
 
 
 class MergeConfig(_Section):
@@ -141,6 +193,7 @@ class Recipe(_Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -164,6 +217,9 @@ class Recipe(_Section):
     def _student_vs_distill(self) -> "Recipe":
         if self.student.from_ != "teacher" and self.student.keep_layers is not None:
             raise ValueError("student.keep_layers only applies when student.from is 'teacher'")
+        if self.distill.flavour == "soft" and self.teacher.startswith("openai:"):
+            raise ValueError("distill.flavour: soft-label needs the teacher's logits, which an openai: endpoint does "
+                             "not give; use flavour: hard (or reasoning)")
         if self.distill.method == "lora":
             bad = {"lm_head", "embed_tokens"} & set(self.distill.lora.targets)
             if bad:

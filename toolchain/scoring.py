@@ -44,3 +44,27 @@ def score(task: str, answer: str, gold: str | None) -> bool | None:
 
 def exact_agreement(a: str, b: str) -> bool:
     return normalise(a) == normalise(b)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _number(text: str) -> float | None:
+    """The last number in the text: 'Answer: 25 + 39 = 64' gives 64."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def answers_match(answer: str, gold: str) -> bool:
+    """A reasoning trace's final answer against the gold answer: numerically when the gold is a number
+    (last number in the answer, relative tolerance 1e-6), else normalised equality or word-bounded contains."""
+    g = _number(gold)
+    if g is not None and _NUMBER.fullmatch(gold.strip()):
+        a = _number(answer)
+        return a is not None and abs(a - g) <= 1e-6 * max(1.0, abs(g))
+    return normalise(answer) == normalise(gold) or contains(answer, gold)

@@ -1,6 +1,7 @@
-"""distill: train the student on the teacher's answers (hard-label).
+"""distill: train the student on the teacher's answers (hard-label, soft-label or reasoning traces).
 
-Inputs: generate's train.jsonl (+ the teacher, when the student is the pruned teacher).
+Inputs: generate's train.jsonl (and teacher_topk.* for cached soft-label), the teacher when the student is
+the pruned teacher or soft-label runs online.
 Outputs:
     model/            full fine-tune: the trained student (safetensors + tokenizer)
     base/ + adapter/  LoRA: the (pruned) student base and the peft adapter; merge joins them
@@ -28,26 +29,10 @@ from toolchain import student as students
 from toolchain.data import iter_jsonl
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import RESUME_DIR, Manifest
-from toolchain.stages.generate import messages_for
+from toolchain.chat import IGNORE, tokenize_pairs
+from toolchain.losses import kd_loss
+from toolchain.topk_cache import TopKCache
 from toolchain.ui import console, progress
-
-IGNORE = -100
-
-
-def tokenize_pairs(tok, rows: list[dict], system_prompt: str | None, seq_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(input_ids, labels) per example; prompt tokens are masked. Returns the examples and how many were cut."""
-    out, cut = [], 0
-    for r in rows:
-        prompt_ids = tok.apply_chat_template(messages_for(r["prompt"], system_prompt), add_generation_prompt=True)
-        resp_ids = tok(r["response"] + tok.eos_token, add_special_tokens=False)["input_ids"]
-        ids = list(prompt_ids) + resp_ids
-        labels = [IGNORE] * len(prompt_ids) + resp_ids
-        if len(ids) > seq_len:
-            cut += 1
-            ids, labels = ids[:seq_len], labels[:seq_len]
-        if any(x != IGNORE for x in labels[1:]):
-            out.append((ids, labels))
-    return out, cut
 
 
 def batches_for_epoch(n: int, batch_size: int, seed: int, epoch: int, lengths: list[int]) -> list[list[int]]:
@@ -76,31 +61,62 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over response tokens, projecting to the vocabulary only where there is a label."""
+def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, topk=None,
+              ) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """Loss on response tokens only; the vocabulary projection runs only where there is a label.
+
+    hard: cross-entropy. soft: alpha·KD + (1 - alpha)·CE, with the teacher's distribution from an online
+    forward pass (``teacher``) or from the top-k cache (``topk`` = (ids, log-probs), rows in batch order).
+    """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    h = hidden[:, :-1][keep]
-    logits = causal_lm.get_output_embeddings()(h).float()
-    loss = torch.nn.functional.cross_entropy(logits, targets[keep])
-    return loss, int(keep.sum())
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    ce = torch.nn.functional.cross_entropy(logits, targets[keep])
+    if soft is None:
+        return ce, int(keep.sum()), {"ce": float(ce.detach())}
+    if teacher is not None:
+        with torch.no_grad():
+            t_hidden = teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                             use_cache=False).last_hidden_state
+            t_logits = teacher.get_output_embeddings()(t_hidden[:, :-1][keep]).float()
+        kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_logits=t_logits)
+    else:
+        kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_topk=topk)
+    loss = soft.alpha * kd + (1 - soft.alpha) * ce
+    return loss, int(keep.sum()), {"ce": float(ce.detach()), "kd": float(kd.detach())}
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Hard-label loss (mean cross-entropy over response tokens)."""
+    loss, n, _ = step_loss(model, batch)
+    return loss, n
+
+
+def _cached_rows(cache, keys: list[str], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = (batch["labels"][:, 1:] != IGNORE).sum(dim=1).tolist()
+    parts = [cache.rows_for(k, n) for k, n in zip(keys, counts)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _build_student(cfg, tok, pairs):
+    """(student, teacher or None, info); the teacher is loaded only when pruning or online KD needs it."""
     s = cfg.student
     info: dict = {"from": s.from_}
-    if s.from_ == "teacher":
+    teacher = None
+    online = cfg.distill.flavour == "soft" and cfg.distill.soft.teacher_logits == "online"
+    if s.from_ == "teacher" or online:
         teacher = load_torch_model(resolve(cfg.teacher))
+    if s.from_ == "teacher":
         n = len(students.decoder_layers(teacher))
         scores = None
         if s.select == "influence" and s.keep_layers is not None and s.keep_layers < n:
             sample = [ids for ids, _ in pairs[: s.influence_samples]]
             scores = students.block_influence(teacher, sample)
         keep = students.choose_layers(n, s.keep_layers, s.select, scores)
-        model = students.prune(teacher, keep) if len(keep) < n else teacher
+        model = students.prune(teacher, keep) if len(keep) < n else load_torch_model(resolve(cfg.teacher))
         info.update(teacher_layers=n, kept_layers=keep, select=s.select,
                     influence=[round(x, 5) for x in scores] if scores else None,
                     teacher_params=students.parameter_count(teacher))
@@ -108,7 +124,11 @@ def _build_student(cfg, tok, pairs):
         model = load_torch_model(resolve(s.from_))
         info.update(kept_layers=list(range(len(students.decoder_layers(model)))))
     info["student_params"] = students.parameter_count(model)
-    return model, info
+    if teacher is not None:
+        info.setdefault("teacher_params", students.parameter_count(teacher))
+    if online:
+        teacher.requires_grad_(False)
+    return model, (teacher if online else None), info
 
 
 def _trainable(model, cfg):
@@ -149,10 +169,16 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
     student_ref = resolve(cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_)
     tok = load_tokenizer(student_ref)
-    pairs, cut = tokenize_pairs(tok, rows, cfg.generate.system_prompt, d.seq_len)
+    pairs, source, cut = tokenize_pairs(tok, rows, cfg.generate.system_prompt, d.seq_len)
+    keys = [f"{rows[i]['id']}#{rows[i]['sample']}" for i in source]
+    soft = d.soft if d.flavour == "soft" else None
+    cache = None
+    if soft is not None and soft.teacher_logits == "cache":
+        cache = TopKCache(inputs["generate"])
+        cache.check(min(soft.top_k, len(tok)), soft.temperature)
     console.print(f"  {len(pairs)} examples ({cut} cut to seq_len={d.seq_len})")
 
-    model, info = _build_student(cfg, tok, pairs)
+    model, teacher, info = _build_student(cfg, tok, pairs)
     console.print(f"  student: {len(info['kept_layers'])} layers, {info['student_params'] / 1e6:.1f}M parameters")
     model = _trainable(model, cfg)
     model.train()
@@ -197,7 +223,9 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             epoch, index = divmod(step, steps_per_epoch)
             batch_ids = batches_for_epoch(len(pairs), d.batch_size, d.seed, epoch, lengths)[index]
             batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in batch_ids], pad_id).items()}
-            loss, n_tok = response_loss(model, batch)
+            topk = _cached_rows(cache, [keys[i] for i in batch_ids], batch) if cache is not None else None
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=d.bf16):
+                loss, n_tok, parts = step_loss(model, batch, soft, teacher, topk)
             accelerator.backward(loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -208,7 +236,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             tokens_seen += int(batch["attention_mask"].sum())
             rate = tokens_seen / max(time.time() - started, 1e-9)
             log.append({"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": sched.get_last_lr()[0],
-                        "tokens": n_tok})
+                        "tokens": n_tok, **{k: round(v, 5) for k, v in parts.items()}})
             bar.update(task, advance=1, info=f"loss {loss:.3f} · {rate:.0f} tok/s")
             if accelerator.is_main_process and (step % d.checkpoint_every == 0 and step < total):
                 _save_checkpoint(ckpt, accelerator.unwrap_model(model), opt, sched, step, log)

@@ -1,33 +1,35 @@
-"""generate: the teacher answers the recipe's prompts.
+"""generate: the teacher answers the recipe's prompts (and, for soft-label, its top-k distributions).
 
 Inputs: the recipe's prompt files (train + held-out) and the teacher model.
 Outputs:
     responses.jsonl  every teacher answer, append-only: id, split, sample, task, prompt, gold, response,
-                     finish_reason, prompt_tokens, completion_tokens
-    train.jsonl      the training pairs kept: non-empty answers that stopped on their own
+                     finish_reason, prompt_tokens, completion_tokens (+ answer, verified for reasoning)
+    train.jsonl      the training pairs kept: non-empty answers that stopped on their own (reasoning: and
+                     whose final answer matches the gold answer)
     heldout.jsonl    the teacher's answers to the held-out prompts (the reference the student is compared to)
+    teacher_topk.*   soft-label with a cache: the teacher's top-k log-probs at every response position of
+                     train.jsonl (see toolchain.topk_cache)
 
 Resume: answers already in responses.jsonl (from a killed run) are kept and their prompts are not asked
 again; a partial last line is cut off. Sampling seeds depend on (seed, prompt id, sample index), not on
-order, so a resumed run gives the same data as an uninterrupted one.
+order, so a resumed run gives the same data as an uninterrupted one. The cache resumes the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from pathlib import Path
 
 from toolchain.backends import open_engine
-from toolchain.data import JsonlAppender, read_jsonl_resumable, read_prompts, write_jsonl
-from toolchain.models import resolve
+from toolchain.chat import messages_for, tokenize_pairs, with_instruction
+from toolchain.data import DataError, JsonlAppender, iter_jsonl, read_jsonl_resumable, read_prompts, write_jsonl
+from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import Manifest
+from toolchain.scoring import answers_match
+from toolchain.topk_cache import TopKWriter, teacher_topk
 from toolchain.ui import console, progress
-
-
-def messages_for(prompt: str, system_prompt: str | None) -> list[dict]:
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return msgs + [{"role": "user", "content": prompt}]
 
 
 def _sample_seed(seed: int, pid: str, sample: int) -> int:
@@ -40,75 +42,132 @@ def load_all_prompts(cfg):
     ids = {p.id for p in train}
     clash = next((p.id for p in heldout if p.id in ids), None)
     if clash:
-        from toolchain.data import DataError
-
         raise DataError(f"prompt id '{clash}' is in both the train and held-out files")
     return train, heldout
+
+
+def final_answer(text: str, pattern: str) -> str | None:
+    found = re.findall(pattern, text)
+    if not found:
+        return None
+    last = found[-1]
+    return (last[0] if isinstance(last, tuple) else last).strip()
+
+
+def _ask_teacher(cfg, jobs, out_path: Path) -> None:
+    g = cfg.generate
+    reasoning = cfg.distill.flavour == "reasoning"
+    done = {(r["id"], r["sample"]) for r in read_jsonl_resumable(out_path)}
+    todo = [(p, s) for p, s in jobs if (p.id, s) not in done]
+    if done:
+        console.print(f"  resuming: {len(done)} answers kept from the interrupted run, {len(todo)} to go")
+    if not todo:
+        return
+    engine = open_engine(resolve(cfg.teacher), g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=g.seed)
+    started, new_tokens = time.time(), 0
+    with JsonlAppender(out_path) as sink, progress() as bar:
+        task = bar.add_task("generate", total=len(jobs), completed=len(done), info="")
+        for p, s in todo:
+            asked = with_instruction(p.prompt, cfg.reasoning.instruction if reasoning else None)
+            c = engine.chat(messages_for(asked, g.system_prompt), max_tokens=g.max_new_tokens,
+                            temperature=g.temperature, top_p=g.top_p, seed=_sample_seed(g.seed, p.id, s))
+            row = {
+                "id": p.id, "split": p.split, "sample": s, "task": p.task, "prompt": p.prompt, "gold": p.gold,
+                "response": c.text.strip(), "finish_reason": c.finish_reason,
+                "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            }
+            if reasoning:
+                row["answer"] = final_answer(row["response"], cfg.reasoning.answer_pattern)
+                row["verified"] = None if p.gold is None or row["answer"] is None else answers_match(row["answer"], p.gold)
+            sink.write(row)
+            new_tokens += c.completion_tokens
+            bar.update(task, advance=1, info=f"{new_tokens / max(time.time() - started, 1e-9):.0f} tok/s")
+    engine.close()
+    wall = time.time() - started
+    console.print(f"  teacher: {new_tokens} tokens in {wall:.0f}s ({new_tokens / max(wall, 1e-9):.0f} tok/s)")
+
+
+def _keep(cfg, rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Training pairs worth learning from, and why the others were dropped."""
+    reasoning = cfg.distill.flavour == "reasoning"
+    kept, why = [], {"empty": 0, "truncated": 0, "no_answer": 0, "wrong_answer": 0, "unverifiable": 0}
+    for r in rows:
+        if r["split"] != "train":
+            continue
+        if not r["response"]:
+            why["empty"] += 1
+        elif r["finish_reason"] != "stop":
+            why["truncated"] += 1
+        elif reasoning and r["answer"] is None:
+            why["no_answer"] += 1
+        elif reasoning and r["gold"] is not None and not r["verified"]:
+            why["wrong_answer"] += 1
+        elif reasoning and r["gold"] is None and not cfg.reasoning.keep_without_gold:
+            why["unverifiable"] += 1
+        else:
+            kept.append(r)
+    if reasoning:
+        instr = cfg.reasoning.instruction if cfg.reasoning.train_with_instruction else None
+        kept = [{**r, "train_prompt": with_instruction(r["prompt"], instr)} for r in kept]
+    return kept, why
+
+
+def _write_topk_cache(cfg, out_dir: Path) -> dict:
+    """Teacher forward passes over the kept pairs; top-k log-probs at temperature T per response position."""
+    soft = cfg.distill.soft
+    ref = resolve(cfg.teacher)
+    tok = load_tokenizer(ref)
+    rows = [r for _, r in iter_jsonl(out_dir / "train.jsonl")]
+    pairs, source, _ = tokenize_pairs(tok, rows, cfg.generate.system_prompt, None)
+    writer = TopKWriter(out_dir, min(soft.top_k, len(tok)), soft.temperature, len(tok))
+    todo = [(pairs[i], rows[source[i]]) for i in range(len(pairs)) if _row_key(rows[source[i]]) not in writer.done]
+    if todo:
+        teacher = load_torch_model(ref)
+        started, n_pos = time.time(), 0
+        with progress() as bar:
+            task = bar.add_task("teacher top-k", total=len(pairs), completed=len(pairs) - len(todo), info="")
+            for (ids, labels), row in todo:
+                top, vals = teacher_topk(teacher, ids, labels, writer.k, soft.temperature)
+                writer.append(_row_key(row), top, vals)
+                n_pos += len(top)
+                bar.update(task, advance=1, info=f"{n_pos / max(time.time() - started, 1e-9):.0f} pos/s")
+    writer.close()
+    return {"topk_k": writer.k, "topk_positions": writer.rows, "topk_bytes_per_position": writer.bytes_per_position}
+
+
+def _row_key(row: dict) -> str:
+    return f"{row['id']}#{row['sample']}"
 
 
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     g = cfg.generate
     train, heldout = load_all_prompts(cfg)
     jobs = [(p, s) for p in train for s in range(g.n)] + [(p, 0) for p in heldout]
-
     out_path = out_dir / "responses.jsonl"
-    done = {(r["id"], r["sample"]) for r in read_jsonl_resumable(out_path)}
-    todo = [(p, s) for p, s in jobs if (p.id, s) not in done]
-    if done:
-        console.print(f"  resuming: {len(done)} answers kept from the interrupted run, {len(todo)} to go")
-
-    if todo:
-        engine = open_engine(resolve(cfg.teacher), g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=g.seed)
-        started, new_tokens = time.time(), 0
-        with JsonlAppender(out_path) as sink, progress() as bar:
-            task = bar.add_task("generate", total=len(jobs), completed=len(done), info="")
-            for p, s in todo:
-                c = engine.chat(
-                    messages_for(p.prompt, g.system_prompt),
-                    max_tokens=g.max_new_tokens,
-                    temperature=g.temperature,
-                    top_p=g.top_p,
-                    seed=_sample_seed(g.seed, p.id, s),
-                )
-                sink.write({
-                    "id": p.id, "split": p.split, "sample": s, "task": p.task, "prompt": p.prompt, "gold": p.gold,
-                    "response": c.text.strip(), "finish_reason": c.finish_reason,
-                    "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                })
-                new_tokens += c.completion_tokens
-                rate = new_tokens / max(time.time() - started, 1e-9)
-                bar.update(task, advance=1, info=f"{rate:.0f} tok/s")
-        engine.close()
-        wall = time.time() - started
-        console.print(f"  teacher: {new_tokens} tokens in {wall:.0f}s ({new_tokens / max(wall, 1e-9):.0f} tok/s)")
+    _ask_teacher(cfg, jobs, out_path)
 
     rows = read_jsonl_resumable(out_path)
     order = {(p.id, s): i for i, (p, s) in enumerate(jobs)}
     rows.sort(key=lambda r: order[(r["id"], r["sample"])])  # same file order whatever the interruptions
     write_jsonl(out_path, rows)
 
-    kept, empty, truncated = [], 0, 0
-    for r in rows:
-        if r["split"] != "train":
-            continue
-        if not r["response"]:
-            empty += 1
-        elif r["finish_reason"] != "stop":
-            truncated += 1
-        else:
-            kept.append(r)
+    kept, why = _keep(cfg, rows)
     write_jsonl(out_dir / "train.jsonl", kept)
     write_jsonl(out_dir / "heldout.jsonl", [r for r in rows if r["split"] == "heldout"])
-    console.print(
-        f"  kept {len(kept)} training pairs; dropped {empty} empty and {truncated} truncated "
-        f"(max_new_tokens={g.max_new_tokens})"
-    )
-    tokens = sum(r["completion_tokens"] for r in rows)
-    return Manifest(
-        metrics={
-            "prompts_train": len(train), "prompts_heldout": len(heldout), "answers": len(rows),
-            "kept": len(kept), "dropped_empty": empty, "dropped_truncated": truncated,
-            "completion_tokens": tokens,
-        },
-        seeds={"generate": g.seed},
-    )
+    dropped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in why.items() if n) or "none"
+    console.print(f"  kept {len(kept)} training pairs; dropped: {dropped}")
+    metrics = {
+        "prompts_train": len(train), "prompts_heldout": len(heldout), "answers": len(rows), "kept": len(kept),
+        **{f"dropped_{k}": n for k, n in why.items()},
+        "completion_tokens": sum(r["completion_tokens"] for r in rows),
+    }
+    if cfg.distill.flavour == "reasoning":
+        graded = [r for r in rows if r["split"] == "train" and r["gold"] is not None]
+        metrics["teacher_traces_correct"] = sum(bool(r.get("verified")) for r in graded)
+        metrics["teacher_traces_graded"] = len(graded)
+        console.print(f"  teacher traces correct: {metrics['teacher_traces_correct']}/{len(graded)}")
+    if cfg.distill.flavour == "soft" and cfg.distill.soft.teacher_logits == "cache" and kept:
+        metrics.update(_write_topk_cache(cfg, out_dir))
+        console.print(f"  top-k cache: {metrics['topk_positions']} positions, "
+                      f"{metrics['topk_bytes_per_position']} bytes/position (k={metrics['topk_k']})")
+    return Manifest(metrics=metrics, seeds={"generate": g.seed})

@@ -1,0 +1,38 @@
+"""How a prompt and a response become model input: one place, used by generate, distill, the top-k cache
+and held-out scoring, so the teacher, the trainer and the scorer always see the same tokens."""
+
+from __future__ import annotations
+
+IGNORE = -100
+
+
+def messages_for(prompt: str, system_prompt: str | None) -> list[dict]:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def with_instruction(prompt: str, instruction: str | None) -> str:
+    return f"{prompt}\n\n{instruction}" if instruction else prompt
+
+
+def encode_pair(tok, prompt: str, response: str, system_prompt: str | None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): chat-templated prompt (masked) + response + end-of-turn token (trained)."""
+    prompt_ids = list(tok.apply_chat_template(messages_for(prompt, system_prompt), add_generation_prompt=True))
+    resp_ids = tok(response + tok.eos_token, add_special_tokens=False)["input_ids"]
+    return prompt_ids + resp_ids, [IGNORE] * len(prompt_ids) + resp_ids
+
+
+def tokenize_pairs(tok, rows: list[dict], system_prompt: str | None, seq_len: int | None,
+                   ) -> tuple[list[tuple[list[int], list[int]]], list[int], int]:
+    """Examples cut to seq_len (from the end, so cached teacher positions stay aligned), the index of the
+    row each came from, and how many were cut. Rows use ``train_prompt`` when present, else ``prompt``."""
+    out, source, cut = [], [], 0
+    for i, r in enumerate(rows):
+        ids, labels = encode_pair(tok, r.get("train_prompt", r["prompt"]), r["response"], system_prompt)
+        if seq_len is not None and len(ids) > seq_len:
+            cut += 1
+            ids, labels = ids[:seq_len], labels[:seq_len]
+        if any(x != IGNORE for x in labels[1:]):
+            out.append((ids, labels))
+            source.append(i)
+    return out, source, cut
