@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DISTILLERY_NO_PROGRESS", "1")
@@ -37,3 +38,25 @@ def tiny_llama():
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model
+
+
+def recipe_copy(tmp: Path, name: str = "ci", base: str = "ci", **changes) -> Path:
+    """A shipped recipe (recipes/<base>.yaml) with absolute data paths and dotted changes (a__b=value)."""
+    data = yaml.safe_load((ROOT / "recipes" / f"{base}.yaml").read_text())
+    data["name"] = name
+    data["data"]["train"] = [str(ROOT / p) for p in data["data"]["train"]]
+    data["data"]["heldout"] = [str(ROOT / p) for p in data["data"]["heldout"]]
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def stage_dirs(runs: Path, name: str) -> dict[str, Path]:
+    """Finished stage directories of a run, by stage name."""
+    return {p.name.split("-")[0]: p for p in sorted((runs / name).glob("*-*")) if (p / "manifest.json").exists()}

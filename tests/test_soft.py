@@ -94,3 +94,16 @@ def test_final_answer_takes_the_last_answer_line(text, answer):
 ])
 def test_answers_match(answer, gold, ok):
     assert answers_match(answer, gold) == ok
+
+
+def test_served_text_strips_reasoning_only_when_asked():
+    from toolchain.chat import served_text
+    from toolchain.recipe import ReasoningConfig
+
+    trace = "12 + 5 = 17.\nAnswer: 17"
+    strip = {"reasoning": ReasoningConfig(served_output="strip").model_dump()}
+    keep = {"reasoning": ReasoningConfig(served_output="keep").model_dump()}
+    assert served_text(trace, strip) == "17"
+    assert served_text(trace, keep) == trace
+    assert served_text("no answer line", strip) == "no answer line"
+    assert served_text(trace, {"reasoning": None}) == trace

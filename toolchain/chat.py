@@ -36,3 +36,18 @@ def tokenize_pairs(tok, rows: list[dict], system_prompt: str | None, seq_len: in
             out.append((ids, labels))
             source.append(i)
     return out, source, cut
+
+
+def served_text(text: str, settings: dict) -> str:
+    """What a served student returns: for reasoning students with served_output 'strip', only the final
+    answer (the whole text when no answer line is found, so nothing is silently lost)."""
+    r = settings.get("reasoning")
+    if not r or r.get("served_output") != "strip":
+        return text
+    import re
+
+    found = re.findall(r["answer_pattern"], text)
+    if not found:
+        return text
+    last = found[-1]
+    return (last[0] if isinstance(last, tuple) else last).strip()

@@ -55,7 +55,10 @@ PLANS = {
         "toolchain.stages.distill",
     ),
     "merge": StagePlan(
-        "merge", ("distill",), lambda c: {"merge": c.section("merge"), "max_new_tokens": c.eval.max_new_tokens},
+        "merge", ("distill",),
+        lambda c: {"merge": c.section("merge"), "max_new_tokens": c.eval.max_new_tokens,
+                   "flavour": c.distill.flavour, "system_prompt": c.generate.system_prompt,
+                   "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
         "toolchain.stages.merge",
     ),
 }

@@ -86,7 +86,11 @@ class SoftConfig(_Section):
         "forward_kl", description="Divergence: forward KL (mode-covering), reverse KL (mode-seeking) or generalized JSD."
     )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture weight (0 = forward KL, 1 = reverse KL).")
-    temperature: float = Field(2.0, gt=0.0, le=20.0, description="Softens both distributions; the loss is scaled by T².")
+    temperature: float = Field(
+        1.0, gt=0.0, le=20.0,
+        description="Softens both distributions; the loss is scaled by T². With a top-k cache keep T near 1: on "
+        "SmolLM2 the top-32 hold 93% of the teacher's mass at T=1 but 30% at T=2.",
+    )
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha·KD + (1 - alpha)·CE on the teacher's tokens.")
     teacher_logits: Literal["online", "cache"] = Field(
         "cache", description="online: teacher forward pass every step; cache: top-k written once by generate."

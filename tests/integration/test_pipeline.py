@@ -11,29 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, distillery
+from tests.conftest import ROOT, distillery, recipe_copy as _recipe, stage_dirs as _stage_dirs
 
 pytestmark = pytest.mark.integration
-
-
-def _recipe(tmp: Path, name: str = "ci", **changes) -> Path:
-    data = yaml.safe_load((ROOT / "recipes" / "ci.yaml").read_text())
-    data["name"] = name
-    data["data"]["train"] = [str(ROOT / p) for p in data["data"]["train"]]
-    data["data"]["heldout"] = [str(ROOT / p) for p in data["data"]["heldout"]]
-    for dotted, value in changes.items():
-        node = data
-        *parents, leaf = dotted.split("__")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = value
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _stage_dirs(runs: Path, name: str) -> dict[str, Path]:
-    return {p.name.split("-")[0]: p for p in sorted((runs / name).glob("*-*")) if (p / "manifest.json").exists()}
 
 
 @pytest.fixture(scope="module")

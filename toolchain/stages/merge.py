@@ -116,4 +116,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     licence = json.loads((src / "manifest.json").read_text())["licence"] if (src / "manifest.json").exists() else None
     (target / "README.md").write_text(_model_card(cfg, info, licence, metrics), encoding="utf-8")
     (out_dir / "merge_check.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    # How to talk to this student: read by serving and scoring, so they prompt it the way it was trained.
+    settings = {"flavour": cfg.distill.flavour, "system_prompt": cfg.generate.system_prompt,
+                "reasoning": cfg.section("reasoning") if cfg.distill.flavour == "reasoning" else None}
+    (target / "distillery.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     return Manifest(metrics=metrics)

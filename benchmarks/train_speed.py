@@ -1,0 +1,128 @@
+"""Soft-label KD training speed: distillery vs TRL's GKDTrainer, same models, data, batch and loss.
+
+    pip install -e '.[bench]'        # TRL is only needed here
+    python benchmarks/train_speed.py --steps 12 --batch 8 --keep-layers 15
+
+Both sides train the same student (the embedded teacher pruned to --keep-layers evenly spaced layers) from
+the same teacher on the same teacher answers, with generalized JSD(beta) at temperature 1 (TRL's GKD loss
+uses T=1), AdamW at the same learning rate, float32, the same torch threads. TRL runs offline (lmbda=0: the
+dataset's answers, no student sampling). Tokens/s counts the non-padding tokens each side actually fed to
+the models, over the wall time of all its steps; the ratio is printed from one run, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from toolchain.chat import messages_for, tokenize_pairs  # noqa: E402
+from toolchain.data import iter_jsonl  # noqa: E402
+from toolchain.models import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve  # noqa: E402
+from toolchain.recipe import SoftConfig  # noqa: E402
+from toolchain.stages.distill import batches_for_epoch, collate, step_loss  # noqa: E402
+from toolchain.student import choose_layers, prune  # noqa: E402
+
+
+def _pairs_file(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    found = sorted(glob.glob(str(ROOT / "runs" / "*" / "generate-*" / "train.jsonl")), key=os.path.getmtime)
+    if not found:
+        sys.exit("no teacher answers found: run `distillery generate recipes/ci.yaml` first, or pass --pairs")
+    return Path(found[-1])
+
+
+def bench_distillery(student, teacher, tok, pairs, args) -> tuple[float, int]:
+    soft = SoftConfig(loss="jsd", beta=args.beta, temperature=1.0, alpha=1.0, teacher_logits="online")
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr)
+    student.train()
+    lengths = [len(ids) for ids, _ in pairs]
+    batches = batches_for_epoch(len(pairs), args.batch, 0, 0, lengths)[: args.steps]
+    tokens, started = 0, time.perf_counter()
+    for b in batches:
+        batch = collate([pairs[i] for i in b], tok.pad_token_id)
+        loss, _, _ = step_loss(student, batch, soft, teacher=teacher)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+    return time.perf_counter() - started, tokens
+
+
+def bench_trl(student, teacher, tok, rows, args) -> tuple[float, int]:
+    from datasets import Dataset
+    from trl import GKDConfig, GKDTrainer
+
+    data = Dataset.from_list([{"messages": messages_for(r["prompt"], None) + [{"role": "assistant", "content": r["response"]}]}
+                              for r in rows])
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GKDConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps, lmbda=0.0,
+                        beta=args.beta, learning_rate=args.lr, max_length=args.seq_len, save_strategy="no",
+                        report_to=[], logging_steps=10_000, use_cpu=True, seed=0, lr_scheduler_type="constant",
+                        warmup_steps=0, dataloader_num_workers=0, bf16=False, fp16=False)
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=data,
+                             processing_class=tok)
+        counted = {"tokens": 0}
+        inner = trainer.data_collator
+
+        def counting(features):
+            batch = inner(features)
+            counted["tokens"] += int(batch["attention_mask"].sum())
+            return batch
+
+        trainer.data_collator = counting
+        started = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - started, counted["tokens"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", help="train.jsonl from a generate stage (default: newest under runs/)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--keep-layers", type=int, default=15)
+    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ref = resolve(DEFAULT_TEACHER)
+    tok, teacher = load_tokenizer(ref), load_torch_model(ref)
+    teacher.requires_grad_(False)
+    rows = [r for _, r in iter_jsonl(_pairs_file(args.pairs))][: args.steps * args.batch]
+    pairs, source, _ = tokenize_pairs(tok, rows, None, args.seq_len)
+    rows = [rows[i] for i in source]
+    keep = choose_layers(len(teacher.model.layers), args.keep_layers, "even", None)
+    base = prune(teacher, keep)
+    print(f"student: {len(keep)} of {len(teacher.model.layers)} layers; {len(rows)} examples; batch {args.batch}; "
+          f"{args.steps} steps; JSD beta={args.beta}, T=1; {args.threads} threads", flush=True)
+
+    results = {}
+    for name, fn, data in (("distillery", bench_distillery, pairs), ("trl-gkd", bench_trl, rows)):
+        torch.manual_seed(0)
+        wall, tokens = fn(copy.deepcopy(base), teacher, tok, data, args)
+        results[name] = {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1)}
+        print(f"{name:11s} {tokens:7d} tokens in {wall:7.1f}s = {tokens / wall:8.1f} tokens/s", flush=True)
+    ratio = results["distillery"]["tokens_per_s"] / results["trl-gkd"]["tokens_per_s"]
+    print(f"ratio distillery / trl-gkd = {ratio:.2f}x")
+    print(json.dumps({**results, "ratio": round(ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Soft-label and reasoning distillation end to end on the real embedded teacher (CI-sized recipes)."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import distillery, recipe_copy, stage_dirs
+
+pytestmark = pytest.mark.integration
+
+
+def _run(tmp_path_factory, base: str):
+    tmp = tmp_path_factory.mktemp(base)
+    recipe, runs = recipe_copy(tmp, base, base=base), tmp / "runs"
+    distillery("run", str(recipe), "--runs", str(runs))
+    return recipe, runs
+
+
+@pytest.fixture(scope="module")
+def soft_run(tmp_path_factory):
+    return _run(tmp_path_factory, "ci-soft")
+
+
+def test_soft_label_with_topk_cache_end_to_end(soft_run):
+    _, runs = soft_run
+    dirs = stage_dirs(runs, "ci-soft")
+    gen = json.loads((dirs["generate"] / "manifest.json").read_text())["metrics"]
+    assert gen["topk_k"] == 32 and gen["topk_bytes_per_position"] == 32 * (2 + 2)  # uint16 ids + fp16 log-probs
+    assert gen["topk_positions"] > 0
+    size = (dirs["generate"] / "teacher_topk.ids.bin").stat().st_size
+    assert size == gen["topk_positions"] * 32 * 2
+    log = [json.loads(l) for l in (dirs["distill"] / "train_log.jsonl").read_text().splitlines()]
+    assert all("kd" in r and "ce" in r for r in log)
+    assert all(r["loss"] == pytest.approx(0.5 * r["kd"] + 0.5 * r["ce"], rel=1e-3) for r in log)
+    assert json.loads((dirs["merge"] / "manifest.json").read_text())["metrics"]["tied_embeddings"]
+
+
+def test_real_teacher_cached_top32_against_online(soft_run):
+    """On the real teacher at T=1, top-32 KD is a lower bound on online full-vocabulary KD and within 10 % of it.
+
+    Measured on 8 default-recipe answers: the teacher's top-32 hold 93 % of its mass at T=1 (30 % at T=2),
+    and cached/online forward KL is 0.95 at T=1 (0.47 at T=2) for an untrained 15-layer student.
+    """
+    from toolchain.chat import tokenize_pairs
+    from toolchain.data import iter_jsonl
+    from toolchain.models import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve
+    from toolchain.recipe import SoftConfig
+    from toolchain.stages.distill import _cached_rows, collate, step_loss
+    from toolchain.student import prune
+    from toolchain.topk_cache import TopKCache
+
+    _, runs = soft_run
+    gen = stage_dirs(runs, "ci-soft")["generate"]
+    ref = resolve(DEFAULT_TEACHER)
+    tok, teacher = load_tokenizer(ref), load_torch_model(ref)
+    rows = [r for _, r in iter_jsonl(gen / "train.jsonl")][:4]
+    pairs, source, _ = tokenize_pairs(tok, rows, None, 160)
+    batch = collate(pairs, tok.pad_token_id)
+    student = prune(teacher, list(range(0, 30, 2)))
+    cache = TopKCache(gen)
+    topk = _cached_rows(cache, [f"{rows[i]['id']}#{rows[i]['sample']}" for i in source], batch)
+    soft = SoftConfig(loss="forward_kl", temperature=1.0, alpha=1.0)
+    assert cache.header["temperature"] == 1.0
+    with torch.no_grad():
+        online = float(step_loss(student, batch, soft, teacher=teacher)[0])
+        cached = float(step_loss(student, batch, soft, topk=topk)[0])
+    assert cached <= online * 1.01
+    assert cached >= 0.9 * online  # stated bound for k=32, T=1 on this teacher
+
+
+@pytest.fixture(scope="module")
+def reasoning_run(tmp_path_factory):
+    return _run(tmp_path_factory, "ci-reasoning")
+
+
+def test_reasoning_keeps_only_verified_traces(reasoning_run):
+    from toolchain.scoring import answers_match
+
+    _, runs = reasoning_run
+    dirs = stage_dirs(runs, "ci-reasoning")
+    m = json.loads((dirs["generate"] / "manifest.json").read_text())["metrics"]
+    kept = [json.loads(l) for l in (dirs["generate"] / "train.jsonl").read_text().splitlines()]
+    assert m["kept"] == len(kept) > 0
+    assert m["kept"] + m["dropped_wrong_answer"] + m["dropped_no_answer"] + m["dropped_truncated"] + m["dropped_empty"] == 24
+    assert m["teacher_traces_correct"] >= m["kept"]
+    for r in kept:
+        assert r["verified"] is True and answers_match(r["answer"], r["gold"])
+        assert r["train_prompt"] == r["prompt"]  # trained without the instruction by default
+        assert "answer" in r["response"].lower()
+    all_rows = [json.loads(l) for l in (dirs["generate"] / "responses.jsonl").read_text().splitlines()]
+    assert any(r["verified"] is False for r in all_rows)  # this teacher gets many wrong: they are dropped
+    settings = json.loads((dirs["merge"] / "model" / "distillery.json").read_text())
+    assert settings["flavour"] == "reasoning" and settings["reasoning"]["served_output"] == "strip"
