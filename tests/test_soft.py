@@ -10,7 +10,7 @@ from toolchain.chat import IGNORE
 from toolchain.recipe import SoftConfig
 from toolchain.scoring import answers_match
 from toolchain.stages.distill import _cached_rows, collate, step_loss
-from toolchain.stages.generate import final_answer
+from toolchain.chat import final_answer
 from toolchain.topk_cache import CacheError, TopKCache, TopKWriter, teacher_topk
 
 EXAMPLES = [([1, 5, 9, 13, 2, 7, 7, 3], [IGNORE] * 4 + [2, 7, 7, 3]),

@@ -38,16 +38,22 @@ def tokenize_pairs(tok, rows: list[dict], system_prompt: str | None, seq_len: in
     return out, source, cut
 
 
+def final_answer(text: str, pattern: str) -> str | None:
+    """Group 1 of the last match of the reasoning answer pattern, or None."""
+    import re
+
+    found = re.findall(pattern, text)
+    if not found:
+        return None
+    last = found[-1]
+    return (last[0] if isinstance(last, tuple) else last).strip()
+
+
 def served_text(text: str, settings: dict) -> str:
     """What a served student returns: for reasoning students with served_output 'strip', only the final
     answer (the whole text when no answer line is found, so nothing is silently lost)."""
     r = settings.get("reasoning")
     if not r or r.get("served_output") != "strip":
         return text
-    import re
-
-    found = re.findall(r["answer_pattern"], text)
-    if not found:
-        return text
-    last = found[-1]
-    return (last[0] if isinstance(last, tuple) else last).strip()
+    answer = final_answer(text, r["answer_pattern"])
+    return text if answer is None else answer

@@ -108,6 +108,11 @@ class TopKCache:
         return int(self.header["bytes_per_position"])
 
 
+def example_key(row: dict) -> str:
+    """How a cached example is named: a teacher answer is (prompt id, sample index)."""
+    return f"{row['id']}#{row['sample']}"
+
+
 def target_positions(labels: list[int]) -> list[int]:
     """Positions t whose next token is trained (labels[t + 1] != IGNORE)."""
     return [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE]

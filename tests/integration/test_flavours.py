@@ -48,7 +48,7 @@ def test_real_teacher_cached_top32_against_online(soft_run):
     from toolchain.recipe import SoftConfig
     from toolchain.stages.distill import _cached_rows, collate, step_loss
     from toolchain.student import prune
-    from toolchain.topk_cache import TopKCache
+    from toolchain.topk_cache import TopKCache, example_key
 
     _, runs = soft_run
     gen = stage_dirs(runs, "ci-soft")["generate"]
@@ -59,7 +59,7 @@ def test_real_teacher_cached_top32_against_online(soft_run):
     batch = collate(pairs, tok.pad_token_id)
     student = prune(teacher, list(range(0, 30, 2)))
     cache = TopKCache(gen)
-    topk = _cached_rows(cache, [f"{rows[i]['id']}#{rows[i]['sample']}" for i in source], batch)
+    topk = _cached_rows(cache, [example_key(rows[i]) for i in source], batch)
     soft = SoftConfig(loss="forward_kl", temperature=1.0, alpha=1.0)
     assert cache.header["temperature"] == 1.0
     with torch.no_grad():

@@ -31,7 +31,7 @@ from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import RESUME_DIR, Manifest
 from toolchain.chat import IGNORE, tokenize_pairs
 from toolchain.losses import kd_loss
-from toolchain.topk_cache import TopKCache
+from toolchain.topk_cache import TopKCache, example_key
 from toolchain.ui import console, progress
 
 
@@ -170,7 +170,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     student_ref = resolve(cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_)
     tok = load_tokenizer(student_ref)
     pairs, source, cut = tokenize_pairs(tok, rows, cfg.generate.system_prompt, d.seq_len)
-    keys = [f"{rows[i]['id']}#{rows[i]['sample']}" for i in source]
+    keys = [example_key(rows[i]) for i in source]
     soft = d.soft if d.flavour == "soft" else None
     cache = None
     if soft is not None and soft.teacher_logits == "cache":

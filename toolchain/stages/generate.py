@@ -18,17 +18,16 @@ order, so a resumed run gives the same data as an uninterrupted one. The cache r
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from pathlib import Path
 
 from toolchain.backends import open_engine
-from toolchain.chat import messages_for, tokenize_pairs, with_instruction
+from toolchain.chat import final_answer, messages_for, tokenize_pairs, with_instruction
 from toolchain.data import DataError, JsonlAppender, iter_jsonl, read_jsonl_resumable, read_prompts, write_jsonl
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import Manifest
 from toolchain.scoring import answers_match
-from toolchain.topk_cache import TopKWriter, teacher_topk
+from toolchain.topk_cache import TopKWriter, example_key, teacher_topk
 from toolchain.ui import console, progress
 
 
@@ -44,14 +43,6 @@ def load_all_prompts(cfg):
     if clash:
         raise DataError(f"prompt id '{clash}' is in both the train and held-out files")
     return train, heldout
-
-
-def final_answer(text: str, pattern: str) -> str | None:
-    found = re.findall(pattern, text)
-    if not found:
-        return None
-    last = found[-1]
-    return (last[0] if isinstance(last, tuple) else last).strip()
 
 
 def _ask_teacher(cfg, jobs, out_path: Path) -> None:
@@ -120,7 +111,7 @@ def _write_topk_cache(cfg, out_dir: Path) -> dict:
     rows = [r for _, r in iter_jsonl(out_dir / "train.jsonl")]
     pairs, source, _ = tokenize_pairs(tok, rows, cfg.generate.system_prompt, None)
     writer = TopKWriter(out_dir, min(soft.top_k, len(tok)), soft.temperature, len(tok))
-    todo = [(pairs[i], rows[source[i]]) for i in range(len(pairs)) if _row_key(rows[source[i]]) not in writer.done]
+    todo = [(pairs[i], rows[source[i]]) for i in range(len(pairs)) if example_key(rows[source[i]]) not in writer.done]
     if todo:
         teacher = load_torch_model(ref)
         started, n_pos = time.time(), 0
@@ -128,15 +119,11 @@ def _write_topk_cache(cfg, out_dir: Path) -> dict:
             task = bar.add_task("teacher top-k", total=len(pairs), completed=len(pairs) - len(todo), info="")
             for (ids, labels), row in todo:
                 top, vals = teacher_topk(teacher, ids, labels, writer.k, soft.temperature)
-                writer.append(_row_key(row), top, vals)
+                writer.append(example_key(row), top, vals)
                 n_pos += len(top)
                 bar.update(task, advance=1, info=f"{n_pos / max(time.time() - started, 1e-9):.0f} pos/s")
     writer.close()
     return {"topk_k": writer.k, "topk_positions": writer.rows, "topk_bytes_per_position": writer.bytes_per_position}
-
-
-def _row_key(row: dict) -> str:
-    return f"{row['id']}#{row['sample']}"
 
 
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
