@@ -12,6 +12,10 @@ def test_key_is_stable_and_sensitive():
     assert a != stage_key("distill", {"lr": 1e-4, "epochs": 2}, {"generate": "abd"})
     # speed-only settings do not change what a stage produces, so not its key
     assert a == stage_key("distill", {"lr": 1e-4, "epochs": 2, "threads": 4}, {"generate": "abc"})
+    # an option left unset is the same as an option that did not exist yet; set, it counts
+    assert a == stage_key("distill", {"lr": 1e-4, "epochs": 2, "stop": [], "template": None}, {"generate": "abc"})
+    assert a != stage_key("distill", {"lr": 1e-4, "epochs": 2, "stop": ["\n"]}, {"generate": "abc"})
+    assert a != stage_key("distill", {"lr": 1e-4, "epochs": 2, "alpha": 0}, {"generate": "abc"})
 
 
 def _stage(calls):

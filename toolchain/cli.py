@@ -95,8 +95,9 @@ def validate(recipe: str) -> None:
 
     cfg = _load(recipe)
     preflight(cfg)
-    licence_decision(cfg)
+    decision = licence_decision(cfg)
     click.echo(dump(cfg), nl=False)
+    click.echo(f"# teacher licence: {decision.teacher_licence} ({decision.source}). {decision.student_terms}")
 
 
 @main.command()

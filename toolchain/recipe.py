@@ -64,8 +64,21 @@ class GenerateConfig(_Section):
     n: int = Field(1, ge=1, le=64, description="Teacher samples per prompt.")
     seed: int = 0
     system_prompt: str | None = Field(None, description="System message; None keeps the chat template's default.")
+    prompt_template: str | None = Field(
+        None,
+        description="For base teachers without a chat template: the raw text sent to the teacher, with {prompt} "
+        "where the prompt goes (e.g. 'Question: {prompt}\\nAnswer:'). None = the teacher's chat template.",
+    )
+    stop: list[str] = Field(default_factory=list, description="Strings that end a teacher answer (with prompt_template).")
     n_ctx: int = Field(2048, ge=128, description="Teacher context window (llama.cpp).")
     threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (None = all cores).")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_slot(cls, v: str | None) -> str | None:
+        if v is not None and "{prompt}" not in v:
+            raise ValueError("must contain {prompt} where the prompt text goes")
+        return v
 
 
 class LoraConfig(_Section):

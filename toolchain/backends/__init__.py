@@ -1,4 +1,8 @@
-"""Teacher/serving engines behind one small interface: ``chat(messages, ...) -> Completion``."""
+"""Teacher/serving engines behind one small interface.
+
+    chat(messages, max_tokens, temperature, top_p, seed) -> Completion      chat-templated turn
+    complete(text, max_tokens, temperature, top_p, seed, stop) -> Completion raw text (base models)
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,12 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text up to the first stop string (engines that cannot stop on strings themselves)."""
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def open_engine(ref, backend: str = "auto", *, n_ctx: int = 2048, threads: int | None = None, seed: int = 0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from toolchain.backends import Completion
+from toolchain.backends import Completion, cut_at_stop
 from toolchain.models import load_tokenizer, load_torch_model
 
 
@@ -15,10 +15,22 @@ class HFEngine:
         self.tok = tokenizer or load_tokenizer(ref)
         self.model = model or load_torch_model(ref)
 
-    @torch.inference_mode()
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None) -> Completion:
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        return self._generate(ids, max_tokens, temperature, top_p, seed)
+
+    def complete(self, text: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None) -> Completion:
+        ids = self.tok(text, return_tensors="pt").input_ids
+        c = self._generate(ids, max_tokens, temperature, top_p, seed)
+        cut, hit = cut_at_stop(c.text, stop or [])
+        if not hit:
+            return c
+        return Completion(cut, "stop", c.prompt_tokens, len(self.tok(cut, add_special_tokens=False).input_ids))
+
+    @torch.inference_mode()
+    def _generate(self, ids, max_tokens: int, temperature: float, top_p: float, seed: int | None) -> Completion:
         if seed is not None:
             torch.manual_seed(seed)
         sample = temperature > 0

@@ -23,21 +23,28 @@ class LlamaCppEngine:
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None) -> Completion:
-        out = self.llm.create_chat_completion(
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0 if temperature > 0 else 1,
-            seed=seed,
-        )
-        choice = out["choices"][0]
-        return Completion(
-            text=choice["message"]["content"] or "",
-            finish_reason=choice["finish_reason"] or "stop",
-            prompt_tokens=out["usage"]["prompt_tokens"],
-            completion_tokens=out["usage"]["completion_tokens"],
-        )
+        out = self.llm.create_chat_completion(messages=messages, **_sampling(max_tokens, temperature, top_p, seed))
+        return _completion(out, out["choices"][0]["message"]["content"])
+
+    def complete(self, text: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None) -> Completion:
+        out = self.llm.create_completion(text, stop=stop or None, **_sampling(max_tokens, temperature, top_p, seed))
+        return _completion(out, out["choices"][0]["text"])
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> dict:
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+            "top_k": 0 if temperature > 0 else 1, "seed": seed}
+
+
+def _completion(out: dict, text: str | None) -> Completion:
+    choice = out["choices"][0]
+    return Completion(
+        text=text or "",
+        finish_reason=choice["finish_reason"] or "stop",
+        prompt_tokens=out["usage"]["prompt_tokens"],
+        completion_tokens=out["usage"]["completion_tokens"],
+    )

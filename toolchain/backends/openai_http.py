@@ -24,14 +24,25 @@ class OpenAIEngine:
             model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             seed=seed,
         )
-        choice = out.choices[0]
-        usage = out.usage
-        return Completion(
-            text=choice.message.content or "",
-            finish_reason=choice.finish_reason or "stop",
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+        return _completion(out, out.choices[0].message.content)
+
+    def complete(self, text: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None) -> Completion:
+        out = self.client.completions.create(
+            model=self.model, prompt=text, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, stop=stop or None,
         )
+        return _completion(out, out.choices[0].text)
 
     def close(self) -> None:
         self.client.close()
+
+
+def _completion(out, text: str | None) -> Completion:
+    usage = out.usage
+    return Completion(
+        text=text or "",
+        finish_reason=out.choices[0].finish_reason or "stop",
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+    )

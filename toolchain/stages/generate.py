@@ -60,8 +60,12 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> None:
         task = bar.add_task("generate", total=len(jobs), completed=len(done), info="")
         for p, s in todo:
             asked = with_instruction(p.prompt, cfg.reasoning.instruction if reasoning else None)
-            c = engine.chat(messages_for(asked, g.system_prompt), max_tokens=g.max_new_tokens,
-                            temperature=g.temperature, top_p=g.top_p, seed=_sample_seed(g.seed, p.id, s))
+            sampling = {"max_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+                        "seed": _sample_seed(g.seed, p.id, s)}
+            if g.prompt_template:
+                c = engine.complete(g.prompt_template.replace("{prompt}", asked), stop=g.stop, **sampling)
+            else:
+                c = engine.chat(messages_for(asked, g.system_prompt), **sampling)
             row = {
                 "id": p.id, "split": p.split, "sample": s, "task": p.task, "prompt": p.prompt, "gold": p.gold,
                 "response": c.text.strip(), "finish_reason": c.finish_reason,
