@@ -5,7 +5,8 @@
 
 Both sides train the same student (the embedded teacher pruned to --keep-layers evenly spaced layers) from
 the same teacher on the same teacher answers, with generalized JSD(beta) at temperature 1 (TRL's GKD loss
-uses T=1), AdamW at the same learning rate, float32, the same torch threads. TRL runs offline (lmbda=0: the
+uses T=1), AdamW at the same learning rate, the same precision (float32, or bf16 autocast on both sides with
+--bf16), the same torch threads. TRL runs offline (lmbda=0: the
 dataset's answers, no student sampling). Tokens/s counts the non-padding tokens each side actually fed to
 the models, over the wall time of all its steps; the ratio is printed from one run, side by side.
 """
@@ -63,11 +64,12 @@ def bench_distillery(student, teacher, tok, pairs, args, cached=None) -> tuple[f
     tokens, started = 0, time.perf_counter()
     for b in batches:
         batch = collate([pairs[i] for i in b], tok.pad_token_id)
-        if cached:
-            topk = (torch.cat([cached[i][0] for i in b]), torch.cat([cached[i][1] for i in b]))
-            loss, _, _ = step_loss(student, batch, soft, topk=topk)
-        else:
-            loss, _, _ = step_loss(student, batch, soft, teacher=teacher)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            if cached:
+                topk = (torch.cat([cached[i][0] for i in b]), torch.cat([cached[i][1] for i in b]))
+                loss, _, _ = step_loss(student, batch, soft, topk=topk)
+            else:
+                loss, _, _ = step_loss(student, batch, soft, teacher=teacher)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,7 +87,7 @@ def bench_trl(student, teacher, tok, rows, args) -> tuple[float, int]:
         cfg = GKDConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps, lmbda=0.0,
                         beta=args.beta, learning_rate=args.lr, max_length=args.seq_len, save_strategy="no",
                         report_to=[], logging_steps=10_000, use_cpu=True, seed=0, lr_scheduler_type="constant",
-                        warmup_steps=0, dataloader_num_workers=0, bf16=False, fp16=False)
+                        warmup_steps=0, dataloader_num_workers=0, bf16=args.bf16, fp16=False)
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=data,
                              processing_class=tok)
         counted = {"tokens": 0}
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=32, help="k of the cached run")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (TRL: bf16=True)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -125,7 +128,8 @@ def main() -> None:
     keep = choose_layers(len(teacher.model.layers), args.keep_layers, "even", None)
     base = prune(teacher, keep)
     print(f"student: {len(keep)} of {len(teacher.model.layers)} layers; {len(rows)} examples; batch {args.batch}; "
-          f"{args.steps} steps; JSD beta={args.beta}, T=1; {args.threads} threads", flush=True)
+          f"{args.steps} steps; JSD beta={args.beta}, T=1; {args.threads} threads; "
+          f"{'bf16 autocast' if args.bf16 else 'float32'} on both sides", flush=True)
 
     cached, build_s = _topk_rows(teacher, pairs, args.top_k)
     runs = (("distillery-online", lambda s: bench_distillery(s, teacher, tok, pairs, args)),

@@ -77,7 +77,7 @@ def test_validate_prints_resolved_defaults():
     assert parse(printed, "roundtrip").name == "ci"
 
 
-@pytest.mark.parametrize("cmd", ["validate", "status", "run", "generate", "distill", "merge", "score"])
+@pytest.mark.parametrize("cmd", ["validate", "status", "run", "generate", "distill", "merge", "eval"])
 def test_help_explains_each_command(cmd):
     r = CliRunner().invoke(main, [cmd, "--help"])
     assert r.exit_code == 0

@@ -65,3 +65,31 @@ def test_batches_are_a_function_of_seed_and_epoch():
     assert a == batches_for_epoch(10, 3, seed=1, epoch=0, lengths=lengths)
     assert a != batches_for_epoch(10, 3, seed=1, epoch=1, lengths=lengths)
     assert sorted(i for b in a for i in b) == list(range(10))
+
+
+def test_lora_with_train_norms_trains_and_merges_the_norm_weights(tiny_llama):
+    """distill.train_norms: RMSNorm weights train in full next to the adapters and survive merge_and_unload."""
+    import copy
+
+    import torch
+
+    from toolchain.recipe import parse
+    from toolchain.stages.distill import _trainable
+
+    cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": ["t.jsonl"]},
+                 "distill": {"method": "lora", "train_norms": True, "lora": {"r": 2, "alpha": 4}}}, "test")
+    model = _trainable(copy.deepcopy(tiny_llama), cfg)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("input_layernorm" in n for n in trained) and any(n.endswith("norm.modules_to_save.default.weight") for n in trained)
+    assert not any("embed_tokens" in n or ("q_proj.base_layer" in n) for n in trained)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, 128, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    merged = model.merge_and_unload()
+    before = tiny_llama.model.layers[0].input_layernorm.weight
+    assert not torch.equal(merged.model.layers[0].input_layernorm.weight, before)
+    off = {n for n, p in _trainable(copy.deepcopy(tiny_llama), parse(
+        {"name": "t", "teacher": "x.gguf", "data": {"train": ["t.jsonl"]}, "distill": {"method": "lora"}}, "test"
+    )).named_parameters() if p.requires_grad}
+    assert not any("norm" in n for n in off)

@@ -25,6 +25,12 @@ class UsageFailure(click.ClickException):
     exit_code = 2
 
 
+class GateFailure(click.ClickException):
+    """The quality gate: the student kept less of the teacher than eval.min_retention. Exit code 3."""
+
+    exit_code = 3
+
+
 def _user_errors():
     """Exception types that are the user's to fix: shown as one line, never a traceback."""
     from toolchain.data import DataError
@@ -41,11 +47,15 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from toolchain.pipeline import GateError
+
         usage, runtime = _user_errors()
         try:
             return fn(*args, **kwargs)
         except usage as err:
             raise UsageFailure(str(err)) from None
+        except GateError as err:
+            raise GateFailure(str(err)) from None
         except runtime as err:
             raise click.ClickException(str(err)) from None
         except KeyboardInterrupt:
@@ -66,6 +76,7 @@ def _load(recipe_path: str):
 
 
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
+no_gate_opt = click.option("--no-gate", is_flag=True, help="Report retention without failing on eval.min_retention.")
 runs_opt = click.option("--runs", "runs_root", default=lambda: os.environ.get("DISTILLERY_RUNS", "runs"),
                         show_default="runs", help=RUNS_HELP)
 
@@ -76,7 +87,7 @@ def main() -> None:
     """Distill a small student model from an open-weight teacher, offline.
 
     A recipe (YAML) says which teacher, which student, what data and how to train. Stages run in order
-    (generate → distill → merge); each writes runs/<recipe>/<stage>-<key>/ with a manifest, and a stage
+    (generate → distill → merge → eval); each writes runs/<recipe>/<stage>-<key>/ with a manifest, and a stage
     whose inputs and settings have not changed is skipped.
     """
 
@@ -137,46 +148,41 @@ _stage_command("merge", "Merge LoRA into a standalone student directory and chec
 @main.command()
 @recipe_arg
 @runs_opt
-@click.option("--until", type=click.Choice(["generate", "distill", "merge"]), default=None,
+@click.option("--until", type=click.Choice(["generate", "distill", "merge", "eval"]), default=None,
               help="Stop after this stage.")
+@no_gate_opt
 @friendly
-def run(recipe: str, runs_root: str, until: str | None) -> None:
-    """Run every stage of RECIPE in order, skipping the ones already done."""
+def run(recipe: str, runs_root: str, until: str | None, no_gate: bool) -> None:
+    """Run every stage of RECIPE in order, skipping the ones already done (exit 3: quality gate failed)."""
     from toolchain.pipeline import run_stages
 
     cfg = _load(recipe)
-    out = run_stages(cfg, runs_root, until=until)
+    out = run_stages(cfg, runs_root, until=until, gate=not no_gate)
     for stage, path in out.items():
         click.echo(f"{stage:10s} {path}")
 
 
-@main.command()
+@main.command(name="eval")
 @recipe_arg
 @runs_opt
-@click.option("--limit", type=int, default=None, help="Score only the first N held-out prompts.")
+@no_gate_opt
+@click.option("--log-samples", is_flag=True, help="Keep every sample of every model in samples.jsonl.")
+@click.option("--force", is_flag=True, help="Re-run the evaluation even if it is up to date.")
 @friendly
-def score(recipe: str, runs_root: str, limit: int | None) -> None:
-    """Score the merged student on RECIPE's held-out prompts next to the teacher (gold accuracy, agreement)."""
-    import json
+def eval_(recipe: str, runs_root: str, no_gate: bool, log_samples: bool, force: bool) -> None:
+    """lm-eval the teacher, the student and the student before distillation on RECIPE's held-out prompts.
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from toolchain.heldout import evaluate
+    Prints gold accuracy, retention (student / teacher), agreement and perplexity per task; writes eval.json
+    and eval.md. Exit 3 when retention is below eval.min_retention (the quality gate), unless --no-gate.
+    Needs merge.
+    """
     from toolchain.pipeline import run_stages
 
     cfg = _load(recipe)
-    out = run_stages(cfg, runs_root, only="merge")
-    model_dir = out["merge"] / "model"
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    result, _, _ = evaluate(model, tok, out["generate"] / "heldout.jsonl", cfg.generate.system_prompt,
-                            cfg.eval.max_new_tokens, limit or cfg.eval.limit)
-    click.echo(f"{'task':10s} {'n':>4s} {'teacher gold':>13s} {'student gold':>13s} {'agree':>6s}")
-    for task, t in sorted(result["tasks"].items()) + [("total", result["total"])]:
-        gold = f"{t['teacher_gold']}/{t['gold_n']}" if t["gold_n"] else "-"
-        sgold = f"{t['student_gold']}/{t['gold_n']}" if t["gold_n"] else "-"
-        click.echo(f"{task:10s} {t['n']:4d} {gold:>13s} {sgold:>13s} {t['agree']:6d}")
-    click.echo(json.dumps(result["total"]))
+    if log_samples:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"log_samples": True})})
+    out = run_stages(cfg, runs_root, only="eval", force=force, gate=not no_gate)
+    click.echo(out["eval"] / "eval.md")
 
 
 if __name__ == "__main__":

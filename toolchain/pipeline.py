@@ -13,7 +13,7 @@ from toolchain import licenses
 from toolchain.models import file_sha256, resolve
 from toolchain.runs import RunDir, execute, read_manifest, stage_key
 
-STAGES = ("generate", "distill", "merge")
+STAGES = ("generate", "distill", "merge", "eval")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,14 @@ PLANS = {
                    "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
         "toolchain.stages.merge",
     ),
+    "eval": StagePlan(
+        "eval", ("generate", "distill", "merge"),
+        # min_retention is the gate, applied to the results afterwards: changing it re-runs nothing.
+        lambda c: {**_teacher_io(c), "eval": {k: v for k, v in c.section("eval").items() if k != "min_retention"},
+                   "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
+                   "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
+        "toolchain.stages.eval",
+    ),
 }
 
 
@@ -92,9 +100,13 @@ def _inputs(cfg, run: RunDir, stage: str, finished: dict[str, Path]) -> dict[str
 
 
 def preflight(cfg) -> None:
-    """Checks that need the model files, run before any stage (and by ``distillery validate``)."""
+    """Checks that need the files, run before any stage (and by ``distillery validate``): every prompt file
+    parses (a bad line is named by file and line number) and soft-label teachers share the student's vocabulary."""
     from toolchain.models import vocabulary
     from toolchain.recipe import RecipeError
+    from toolchain.stages.generate import load_prompts
+
+    load_prompts(cfg, limits=False)
 
     if cfg.distill.flavour == "soft" and cfg.student.from_ != "teacher":
         teacher, student = resolve(cfg.teacher), resolve(cfg.student.from_)
@@ -109,9 +121,34 @@ def licence_decision(cfg) -> licenses.LicenceDecision:
     return licenses.decide(resolve(cfg.teacher), cfg.licence.teacher, cfg.licence.acknowledge)
 
 
+class GateError(RuntimeError):
+    """The student kept less of the teacher than the recipe's eval.min_retention."""
+
+
+def quality_gate(cfg, eval_dir: Path, enforce: bool = True) -> list[str]:
+    """Print the eval table; return (or, enforced, raise on) the tasks whose retention is below the gate."""
+    import json
+
+    from toolchain.eval_metrics import gate_failures
+    from toolchain.stages.eval import render_table
+    from toolchain.ui import console
+
+    report = json.loads((eval_dir / "eval.json").read_text(encoding="utf-8"))
+    console.print(render_table(report), highlight=False)
+    failed = gate_failures(report["retention"], cfg.eval.min_retention)
+    if failed and enforce:
+        raise GateError(f"quality gate failed (eval.min_retention {cfg.eval.min_retention}; report: "
+                        f"{eval_dir / 'eval.md'}): " + "; ".join(failed))
+    return failed
+
+
 def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str | None = None,
-               force: bool = False) -> dict[str, Path]:
-    """Run stages in order up to ``until`` (or just ``only``, whose upstream must then be done)."""
+               force: bool = False, gate: bool = True) -> dict[str, Path]:
+    """Run stages in order up to ``until`` (or just ``only``, whose upstream must then be done).
+
+    After eval, the quality gate prints the table and stops the run (GateError) when the student kept too
+    little of the teacher, unless ``gate`` is False.
+    """
     import importlib
 
     run = RunDir.for_recipe(runs_root, cfg.name)
@@ -133,6 +170,8 @@ def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str |
         fn = importlib.import_module(plan.module).run
         finished[stage] = execute(run, stage, fn, cfg, plan.config(cfg), inputs, licence=decision,
                                   force=force and (only is None or stage == only))
+        if stage == "eval":
+            quality_gate(cfg, finished[stage], enforce=gate)
     return finished
 
 

@@ -161,6 +161,9 @@ class DistillConfig(_Section):
     seed: int = 0
     checkpoint_every: int = Field(25, ge=1, description="Optimizer steps between resumable checkpoints.")
     train_embeddings: bool = Field(False, description="Also train the (tied) embedding matrix in full fine-tune.")
+    train_norms: bool = Field(
+        False, description="LoRA: also train every RMSNorm weight in full (tiny; saved with the adapter, merged)."
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = all cores).")
     bf16: bool = Field(False, description="bfloat16 autocast for the forward passes (fast on recent CPUs and GPUs).")
 
@@ -171,9 +174,17 @@ class MergeConfig(_Section):
 
 
 class EvalConfig(_Section):
-    min_retention: float = Field(0.9, ge=0.0, le=2.0, description="Student/teacher score below which eval fails.")
-    max_new_tokens: int = Field(128, ge=1)
-    limit: int | None = Field(None, ge=1, description="Score only the first N held-out prompts.")
+    min_retention: float = Field(
+        0.9, ge=0.0, le=2.0,
+        description="Quality gate: student/teacher gold accuracy, per task and overall, below which eval fails "
+        "(and `make` stops before export). Applied to the results, so changing it re-runs nothing.",
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Longest answer generated per held-out prompt.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N held-out prompts.")
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size (the same for every model).")
+    seed: int = Field(1234, description="lm-eval's random, numpy and torch seeds.")
+    base: bool = Field(True, description="Also evaluate the student before distillation (pruned or pretrained).")
+    log_samples: bool = Field(False, description="Keep every sample in samples.jsonl (also: eval --log-samples).")
 
 
 class ExportConfig(_Section):

@@ -10,10 +10,10 @@ from tests.conftest import distillery, recipe_copy, stage_dirs
 pytestmark = pytest.mark.integration
 
 
-def _run(tmp_path_factory, base: str):
+def _run(tmp_path_factory, base: str, until: str = "merge"):
     tmp = tmp_path_factory.mktemp(base)
     recipe, runs = recipe_copy(tmp, base, base=base), tmp / "runs"
-    distillery("run", str(recipe), "--runs", str(runs))
+    distillery("run", str(recipe), "--runs", str(runs), "--until", until)
     return recipe, runs
 
 
@@ -71,7 +71,7 @@ def test_real_teacher_cached_top32_against_online(soft_run):
 
 @pytest.fixture(scope="module")
 def reasoning_run(tmp_path_factory):
-    return _run(tmp_path_factory, "ci-reasoning")
+    return _run(tmp_path_factory, "ci-reasoning", until="eval")
 
 
 def test_reasoning_keeps_only_verified_traces(reasoning_run):
@@ -92,6 +92,15 @@ def test_reasoning_keeps_only_verified_traces(reasoning_run):
     assert any(r["verified"] is False for r in all_rows)  # this teacher gets many wrong: they are dropped
     settings = json.loads((dirs["merge"] / "model" / "distillery.json").read_text())
     assert settings["flavour"] == "reasoning" and settings["reasoning"]["served_output"] == "strip"
+    # eval asks the teacher as generate did (with the instruction) and the student as it was trained (without),
+    # and scores only the final answer against the gold
+    teacher_doc = json.loads((dirs["eval"] / "tasks" / "teacher" / "math.jsonl").read_text().splitlines()[0])
+    student_doc = json.loads((dirs["eval"] / "tasks" / "student" / "math.jsonl").read_text().splitlines()[0])
+    instruction = settings["reasoning"]["instruction"]
+    assert teacher_doc["prompt"].endswith(instruction) and not student_doc["prompt"].endswith(instruction)
+    assert student_doc["answer_pattern"] == settings["reasoning"]["answer_pattern"]
+    report = json.loads((dirs["eval"] / "eval.json").read_text())
+    assert report["gold_docs"] == {"math": 2}
 
 
 def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
@@ -108,7 +117,7 @@ def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
                          generate__max_new_tokens=32, distill__max_steps=2, distill__batch_size=4,
                          distill__lora={"r": 4, "alpha": 8})
     runs = tmp_path / "runs"
-    distillery("run", str(recipe), "--runs", str(runs))
+    distillery("run", str(recipe), "--runs", str(runs), "--until", "merge")
     dirs = stage_dirs(runs, "gemma-ci")
     rows = [json.loads(l) for l in (dirs["generate"] / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 10

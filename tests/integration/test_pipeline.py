@@ -24,10 +24,10 @@ def ci_run(tmp_path_factory):
     return recipe, runs, proc
 
 
-def test_chain_generate_distill_merge(ci_run):
+def test_chain_generate_distill_merge_eval(ci_run):
     recipe, runs, proc = ci_run
     dirs = _stage_dirs(runs, "ci")
-    assert set(dirs) == {"generate", "distill", "merge"}
+    assert set(dirs) == {"generate", "distill", "merge", "eval"}
     gen = json.loads((dirs["generate"] / "manifest.json").read_text())
     assert gen["metrics"]["answers"] == 12 + 4
     assert gen["metrics"]["kept"] + gen["metrics"]["dropped_empty"] + gen["metrics"]["dropped_truncated"] == 12
@@ -53,6 +53,68 @@ def test_chain_generate_distill_merge(ci_run):
     assert "apache-2.0" in card and "8 of the teacher's 30" in card
 
 
+def test_eval_reports_teacher_student_and_base_with_lm_eval(ci_run):
+    _, runs, proc = ci_run
+    out = _stage_dirs(runs, "ci")["eval"]
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["scores"]) == {"teacher", "student", "base"}
+    assert report["docs"] == {"fact": 1, "formal": 2, "extract": 1} and report["gold_docs"]["formal"] == 0
+    for role in ("teacher", "student", "base"):
+        fact = report["scores"][role]["fact"]
+        assert fact["gold"] in (0.0, 1.0) and 0 <= fact["chrf"] <= 100 and fact["perplexity"] > 1
+        assert report["scores"][role]["formal"]["gold"] is None
+    assert report["versions"]["lm_eval"] and len(report["models"]["student"]["sha256"]) == 64
+    # the teacher is best at reproducing its own answers
+    assert report["scores"]["teacher"]["extract"]["perplexity"] < report["scores"]["base"]["extract"]["perplexity"]
+    md = (out / "eval.md").read_text()
+    assert "| task | docs | teacher | student | student before distillation | retention |" in md
+    assert "## formal: samples" in md and "- teacher: " in md and "- student: " in md
+    tasks = {p.name for p in (out / "tasks" / "student").iterdir()}
+    assert {"fact.jsonl", "fact.yaml", "fact_ppl.yaml"} <= tasks
+    assert "retention" in proc.stdout + proc.stderr  # the table is printed
+
+
+def test_quality_gate_fails_below_and_passes_at_the_measured_retention(ci_run, tmp_path):
+    """Real models: the teacher against a student 8 of its 30 layers deep trained for 3 steps. Changing the
+    threshold re-runs nothing; a threshold above what the student reaches exits 3 naming the failing tasks."""
+    _, runs, _ = ci_run
+    eval_dir = _stage_dirs(runs, "ci")["eval"]
+    measured = json.loads((eval_dir / "eval.json").read_text())["retention"]["overall"]["retention"]
+    assert measured is not None and measured < 1.5
+    above = _recipe(tmp_path, "ci", eval__min_retention=round(measured + 0.01, 4))
+    proc = distillery("eval", str(above), "--runs", str(runs), check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "quality gate failed" in proc.stderr and "overall: retention" in proc.stderr
+    assert "Traceback" not in proc.stderr and "eval: up to date" in proc.stderr
+    assert distillery("eval", str(above), "--runs", str(runs), "--no-gate").returncode == 0
+    at = _recipe(tmp_path, "ci", eval__min_retention=max(0.0, round(measured, 4) - 0.0001))
+    assert distillery("eval", str(at), "--runs", str(runs)).returncode == 0
+    assert [p.name for p in (runs / "ci").glob("eval-*")] == [eval_dir.name]
+
+
+def test_eval_is_reproducible(ci_run, tmp_path):
+    _, runs, _ = ci_run
+    first = json.loads((_stage_dirs(runs, "ci")["eval"] / "eval.json").read_text())
+    recipe = _recipe(tmp_path, "ci")
+    distillery("eval", str(recipe), "--runs", str(runs), "--force", "--no-gate", "--log-samples")
+    dirs = sorted((runs / "ci").glob("eval-*"), key=lambda p: (p / "manifest.json").stat().st_mtime)
+    second = json.loads((dirs[-1] / "eval.json").read_text())
+    assert second["scores"] == first["scores"] and second["retention"] == first["retention"]
+    samples = [json.loads(l) for l in (dirs[-1] / "samples.jsonl").read_text().splitlines()]
+    assert {s["model"] for s in samples} == {"teacher", "student", "base"} and len(samples) == 3 * 4 * 2
+
+
+def test_malformed_heldout_line_is_named_by_file_and_line(ci_run, tmp_path):
+    _, runs, _ = ci_run
+    bad = tmp_path / "heldout.jsonl"
+    lines = (ROOT / "recipes/data/heldout.jsonl").read_text().splitlines()[:4]
+    bad.write_text("\n".join(lines[:2] + ['{"id": "x", "prompt": '] + lines[2:]) + "\n")
+    recipe = _recipe(tmp_path, "ci", data__heldout=[str(bad)])
+    proc = distillery("eval", str(recipe), "--runs", str(runs), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and f"{bad}:3" in proc.stderr, proc.stderr
+
+
 def test_merged_student_loads_and_stops_on_im_end(ci_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,12 +137,12 @@ def test_rerun_skips_and_one_distill_field_reruns_only_downstream(ci_run, tmp_pa
     recipe, runs, _ = ci_run
     before = _stage_dirs(runs, "ci")
     again = distillery("run", str(recipe), "--runs", str(runs))
-    assert again.stderr.count("up to date") == 3
+    assert again.stderr.count("up to date") == 4
     changed = _recipe(recipe.parent, "ci", distill__lr=3e-4)
     st = distillery("status", str(changed), "--runs", str(runs)).stdout.split("\n")
     states = {line.split()[0]: line.split()[1] for line in st if line.strip()}
-    assert states == {"generate": "done", "distill": "stale", "merge": "stale"}
-    proc = distillery("run", str(changed), "--runs", str(runs))
+    assert states == {"generate": "done", "distill": "stale", "merge": "stale", "eval": "stale"}
+    proc = distillery("run", str(changed), "--runs", str(runs), "--until", "merge")
     assert "generate: up to date" in proc.stderr
     assert "▶ distill" in proc.stderr and "▶ merge" in proc.stderr
     after = {p.name for p in (runs / "ci").glob("*-*")}
@@ -195,7 +257,7 @@ def test_pretrained_student_from_a_local_directory_with_lora(ci_run, tmp_path):
     runs = tmp_path / "runs"
     (runs / "ci").mkdir(parents=True)
     subprocess.run(["cp", "-r", str(dirs["generate"]), str(runs / "ci" / dirs["generate"].name)], check=True)
-    distillery("run", str(recipe), "--runs", str(runs))
+    distillery("run", str(recipe), "--runs", str(runs), "--until", "merge")
     out = _stage_dirs(runs, "ci")
     info = json.loads((out["distill"] / "student.json").read_text())
     assert info["from"] == str(local) and len(info["kept_layers"]) == 8

@@ -136,8 +136,10 @@ def _trainable(model, cfg):
     if d.method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        norms = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "norm" in type(m).__name__.lower()})
         lcfg = LoraConfig(r=d.lora.r, lora_alpha=d.lora.alpha, lora_dropout=d.lora.dropout,
-                          target_modules=list(d.lora.targets), bias="none", task_type="CAUSAL_LM")
+                          target_modules=list(d.lora.targets), bias="none", task_type="CAUSAL_LM",
+                          modules_to_save=norms if d.train_norms else None)
         return get_peft_model(model, lcfg)
     tied = students.embeddings_tied(model)
     for name, p in model.named_parameters():

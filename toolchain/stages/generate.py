@@ -35,9 +35,11 @@ def _sample_seed(seed: int, pid: str, sample: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{pid}:{sample}".encode()).digest()[:4], "little")
 
 
-def load_all_prompts(cfg):
-    train = read_prompts([cfg.data_path(p) for p in cfg.data.train], "train", cfg.data.limit)
-    heldout = read_prompts([cfg.data_path(p) for p in cfg.data.heldout], "heldout", cfg.data.heldout_limit)
+def load_prompts(cfg, limits: bool = True):
+    """(train, held-out) prompts; with limits=False every line of every file is read (and so checked)."""
+    train = read_prompts([cfg.data_path(p) for p in cfg.data.train], "train", cfg.data.limit if limits else None)
+    heldout = read_prompts([cfg.data_path(p) for p in cfg.data.heldout], "heldout",
+                           cfg.data.heldout_limit if limits else None)
     ids = {p.id for p in train}
     clash = next((p.id for p in heldout if p.id in ids), None)
     if clash:
@@ -132,7 +134,7 @@ def _write_topk_cache(cfg, out_dir: Path) -> dict:
 
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     g = cfg.generate
-    train, heldout = load_all_prompts(cfg)
+    train, heldout = load_prompts(cfg)
     jobs = [(p, s) for p in train for s in range(g.n)] + [(p, 0) for p in heldout]
     out_path = out_dir / "responses.jsonl"
     _ask_teacher(cfg, jobs, out_path)

@@ -1,0 +1,64 @@
+"""Retention, the quality gate and lm-eval's per-doc hooks, on hand-made numbers."""
+
+import math
+
+import pytest
+
+from toolchain import eval_metrics as em
+
+
+def _scores(teacher: dict, student: dict) -> dict:
+    return {"teacher": {t: {"gold": g} for t, g in teacher.items()},
+            "student": {t: {"gold": g} for t, g in student.items()}}
+
+
+def test_retention_per_task_and_pooled_overall():
+    table = em.retention_table(_scores({"a": 0.8, "b": 1.0, "c": None}, {"a": 0.6, "b": 1.0, "c": None}),
+                               {"a": 10, "b": 30, "c": 0})
+    assert table["tasks"]["a"]["retention"] == pytest.approx(0.75)
+    assert table["tasks"]["b"]["retention"] == pytest.approx(1.0)
+    assert table["tasks"]["c"]["retention"] is None  # no gold: reported, never gated
+    # pooled over 40 gold docs: teacher 38/40, student 36/40
+    assert table["overall"]["teacher"] == pytest.approx(38 / 40)
+    assert table["overall"]["retention"] == pytest.approx(36 / 38)
+
+
+def test_gate_names_each_failing_task_and_passes_at_the_threshold():
+    table = em.retention_table(_scores({"a": 0.8, "b": 1.0}, {"a": 0.6, "b": 1.0}), {"a": 10, "b": 10})
+    failed = em.gate_failures(table, 0.9)
+    assert len(failed) == 2 and failed[0].startswith("a: retention 0.750") and failed[1].startswith("overall")
+    assert em.gate_failures(table, 0.75) == []  # at the threshold passes
+    assert em.gate_failures(table, 0.0) == []
+
+
+def test_quality_ceiling_flags_a_weak_teacher():
+    table = em.retention_table(_scores({"a": 0.3, "b": 0.9}, {"a": 0.3, "b": 0.9}), {"a": 5, "b": 5})
+    assert table["tasks"]["a"]["ceiling"] and not table["tasks"]["b"]["ceiling"]
+    assert em.gate_failures(table, 0.9) == []
+
+
+def test_teacher_at_zero():
+    assert em.ratio(0.0, 0.0) is None and em.ratio(0.5, 0.0) == math.inf
+
+
+def test_generation_hook_scores_gold_and_agreement():
+    doc = {"task": "fact", "gold": "Madrid", "teacher_response": "The capital of Spain is Madrid.", "answer_pattern": None}
+    same = em.process_generation(doc, ["The capital of Spain is Madrid."])
+    assert same["gold"] == 1.0 and same["exact"] == 1.0 and same["chrf"] == pytest.approx(100.0)
+    other = em.process_generation(doc, ["Barcelona."])
+    assert other["gold"] == 0.0 and other["exact"] == 0.0 and other["chrf"] < 20
+    assert em.process_generation({**doc, "gold": None}, ["x"])["gold"] is None
+
+
+def test_reasoning_gold_uses_only_the_final_answer():
+    doc = {"task": "math", "gold": "64", "teacher_response": "", "answer_pattern": r"(?i)answer:\s*([^\n]+)"}
+    assert em.gold_check(doc, "25 + 39 = 64, not 65.\nAnswer: 64") is True
+    assert em.gold_check(doc, "64 apples... Answer: 65") is False
+    assert em.gold_check(doc, "it is 64") is False  # no answer line
+
+
+def test_aggregations():
+    assert em.mean_known([1.0, None, 0.0]) == 0.5 and em.mean_known([None]) is None
+    # two docs: log-likelihoods -2 and -4 over 2 and 4 tokens -> exp(6/6)
+    assert em.token_perplexity([(-2.0, 2), (-4.0, 4)]) == pytest.approx(math.e)
+    assert em.process_likelihood({"target_tokens": 3}, [(-1.5, True)]) == {"perplexity": (-1.5, 3), "greedy": 1.0}
