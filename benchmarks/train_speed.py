@@ -33,7 +33,7 @@ from toolchain.chat import messages_for, tokenize_pairs  # noqa: E402
 from toolchain.data import iter_jsonl  # noqa: E402
 from toolchain.models import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve  # noqa: E402
 from toolchain.recipe import SoftConfig  # noqa: E402
-from toolchain.stages.distill import batches_for_epoch, collate, step_loss  # noqa: E402
+from toolchain.stages.distill import OnlineTeacher, batches_for_epoch, collate, common_prefix, step_loss  # noqa: E402
 from toolchain.student import choose_layers, prune  # noqa: E402
 from toolchain.topk_cache import teacher_topk  # noqa: E402
 
@@ -132,7 +132,8 @@ def main() -> None:
           f"{'bf16 autocast' if args.bf16 else 'float32'} on both sides", flush=True)
 
     cached, build_s = _topk_rows(teacher, pairs, args.top_k)
-    runs = (("distillery-online", lambda s: bench_distillery(s, teacher, tok, pairs, args)),
+    online_teacher = OnlineTeacher(teacher, common_prefix([ids for ids, _ in pairs]))  # what distill builds
+    runs = (("distillery-online", lambda s: bench_distillery(s, online_teacher, tok, pairs, args)),
             ("distillery-cached", lambda s: bench_distillery(s, teacher, tok, pairs, args, cached)),
             ("trl-gkd", lambda s: bench_trl(s, teacher, tok, rows, args)))
     results = {}

@@ -80,3 +80,21 @@ def test_licence_policy(tmp_path):
 ])
 def test_scoring(task, answer, gold, ok):
     assert score(task, answer, gold) == ok
+
+
+def test_stop_strings_cut_at_the_first_one():
+    from toolchain.backends import cut_at_stop
+
+    assert cut_at_stop(" Madrid\nQuestion: next", ["\nQuestion:", "\n\n"]) == (" Madrid", True)
+    assert cut_at_stop("a\n\nb\nQuestion:", ["\nQuestion:", "\n\n"]) == ("a", True)
+    assert cut_at_stop("no stop here", ["\n\n"]) == ("no stop here", False)
+    assert cut_at_stop("text", []) == ("text", False)
+
+
+def test_prompt_template_needs_its_slot():
+    from toolchain.recipe import RecipeError, parse
+
+    base = {"name": "t", "teacher": "x.gguf", "data": {"train": ["t.jsonl"]}}
+    assert parse({**base, "generate": {"prompt_template": "Q: {prompt}\nA:"}}).generate.stop == []
+    with pytest.raises(RecipeError, match="prompt_template"):
+        parse({**base, "generate": {"prompt_template": "Q: no slot"}})

@@ -9,7 +9,7 @@ import torch
 from toolchain.chat import IGNORE
 from toolchain.recipe import SoftConfig
 from toolchain.scoring import answers_match
-from toolchain.stages.distill import _cached_rows, collate, step_loss
+from toolchain.stages.distill import OnlineTeacher, _cached_rows, collate, common_prefix, step_loss
 from toolchain.chat import final_answer
 from toolchain.topk_cache import CacheError, TopKCache, TopKWriter, teacher_topk
 
@@ -36,7 +36,7 @@ def test_cached_full_vocab_equals_online_and_top32_is_bounded(tiny_llama, tmp_pa
             p.add_(0.05 * torch.randn_like(p))
     soft = SoftConfig(loss=kind, temperature=2.0, alpha=1.0, beta=0.5)
     batch = collate(EXAMPLES, pad_id=0)
-    online = step_loss(student, batch, soft, teacher=teacher)[0].detach()
+    online = step_loss(student, batch, soft, teacher=OnlineTeacher(teacher, []))[0].detach()
 
     full = _cache(tmp_path / "full", teacher, 128, 2.0)
     cached = step_loss(student, batch, soft, topk=_cached_rows(full, ["ex0", "ex1"], batch))[0].detach()
@@ -107,3 +107,22 @@ def test_served_text_strips_reasoning_only_when_asked():
     assert served_text(trace, keep) == trace
     assert served_text("no answer line", strip) == "no answer line"
     assert served_text(trace, {"reasoning": None}) == trace
+
+
+def test_online_teacher_reuses_the_shared_prefix_with_the_same_logits(tiny_llama):
+    """The prompt prefix all examples share runs once; the teacher's logits are those of a full forward pass."""
+    prefix = [3, 17, 17, 40, 5, 9]
+    examples = [(prefix + [11, 12, 13, 14, 15], [IGNORE] * 8 + [13, 14, 15]),
+                (prefix + [20, 21, 22], [IGNORE] * 7 + [21, 22]),
+                (prefix + [30, 31, 32, 33, 34, 35, 36], [IGNORE] * 9 + [33, 34, 35, 36])]
+    assert common_prefix([ids for ids, _ in examples]) == prefix
+    batch = collate(examples, pad_id=0)
+    keep = batch["labels"][:, 1:] != IGNORE
+    full = OnlineTeacher(tiny_llama, []).logits_at(batch, keep)
+    shared = OnlineTeacher(tiny_llama, prefix)
+    assert shared.cache is not None and len(shared.prefix) == len(prefix) - 1
+    torch.testing.assert_close(shared.logits_at(batch, keep), full, atol=1e-5, rtol=1e-5)
+    # a batch that does not start with the prefix falls back to the full pass
+    other = collate([([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4])], pad_id=0)
+    k2 = other["labels"][:, 1:] != IGNORE
+    torch.testing.assert_close(shared.logits_at(other, k2), OnlineTeacher(tiny_llama, []).logits_at(other, k2))

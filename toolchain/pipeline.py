@@ -134,7 +134,7 @@ def quality_gate(cfg, eval_dir: Path, enforce: bool = True) -> list[str]:
     from toolchain.ui import console
 
     report = json.loads((eval_dir / "eval.json").read_text(encoding="utf-8"))
-    console.print(render_table(report), highlight=False)
+    console.print(render_table(report), highlight=False, soft_wrap=True)
     failed = gate_failures(report["retention"], cfg.eval.min_retention)
     if failed and enforce:
         raise GateError(f"quality gate failed (eval.min_retention {cfg.eval.min_retention}; report: "

@@ -78,15 +78,61 @@ def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, to
     if soft is None:
         return ce, int(keep.sum()), {"ce": float(ce.detach())}
     if teacher is not None:
-        with torch.no_grad():
-            t_hidden = teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                             use_cache=False).last_hidden_state
-            t_logits = teacher.get_output_embeddings()(t_hidden[:, :-1][keep]).float()
+        t_logits = teacher.logits_at(batch, keep)
         kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_logits=t_logits)
     else:
         kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_topk=topk)
     loss = soft.alpha * kd + (1 - soft.alpha) * ce
     return loss, int(keep.sum()), {"ce": float(ce.detach()), "kd": float(kd.detach())}
+
+
+def common_prefix(sequences: list[list[int]]) -> list[int]:
+    """The longest token prefix every sequence shares (with a chat template: system prompt + user header)."""
+    if not sequences:
+        return []
+    first = sequences[0]
+    n = min(len(x) for x in sequences)
+    for seq in sequences[1:]:
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return first[:n]
+
+
+class OnlineTeacher:
+    """The frozen teacher of online soft-label KD.
+
+    Every training sequence starts with the same tokens (the chat template's system prompt and user header: 24
+    of SmolLM2's ~75 tokens per example). The teacher runs that prefix once; each step reuses its KV cache and
+    runs only the rest, then projects to the vocabulary only where there is a label.
+    """
+
+    def __init__(self, model, prefix: list[int]):
+        self.model = model
+        device = next(model.parameters()).device
+        self.prefix = torch.tensor(prefix[:-1] if prefix else [], dtype=torch.long, device=device)  # >= 1 token left
+        self.cache = None
+        if len(self.prefix):
+            with torch.inference_mode():
+                out = model.get_decoder()(input_ids=self.prefix[None], use_cache=True)
+            self.cache = [(k.clone(), v.clone()) for k, v in out.past_key_values.to_legacy_cache()]
+
+    @torch.no_grad()
+    def logits_at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        """Teacher logits (float32) at the positions ``keep`` marks, as ``step_loss`` orders them."""
+        from transformers import DynamicCache
+
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        p = len(self.prefix)
+        decoder = self.model.get_decoder()
+        if self.cache is None or ids.shape[1] <= p or keep[:, :p].any() or not torch.equal(ids[:, :p], self.prefix.expand(len(ids), -1)):
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+            return self.model.get_output_embeddings()(hidden[keep]).float()
+        b = len(ids)
+        past = DynamicCache.from_legacy_cache(tuple((k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous())
+                                                    for k, v in self.cache))
+        positions = torch.arange(p, ids.shape[1]).expand(b, -1)
+        hidden = decoder(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, position_ids=positions,
+                         use_cache=True).last_hidden_state[:, :-1]
+        return self.model.get_output_embeddings()(hidden[keep[:, p:]]).float()
 
 
 def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -200,6 +246,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model, opt = accelerator.prepare(model, opt)
+    if teacher is not None:
+        teacher = OnlineTeacher(teacher.to(accelerator.device), common_prefix([ids for ids, _ in pairs]))
 
     resume_dir = out_dir / RESUME_DIR
     resume_dir.mkdir(exist_ok=True)

@@ -81,7 +81,11 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
 
 
 def _lm_eval(cfg, model, tok, task_dir: Path, names: list[str], chat: bool) -> dict:
+    import logging
+
     import lm_eval
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that an in-memory model was passed
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
