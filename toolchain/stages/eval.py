@@ -108,6 +108,23 @@ def _lm_eval(cfg, model, tok, task_dir: Path, names: list[str], chat: bool) -> d
     return {"metrics": metrics, "samples": samples}
 
 
+def _answers_as_given(cfg, rows: list[dict], role: str) -> dict:
+    """A teacher behind an API cannot be loaded: score the held-out answers it gave in generate with the same
+    per-doc hooks (its likelihood of its own answers is not available)."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    pattern = cfg.reasoning.answer_pattern if cfg.distill.flavour == "reasoning" else None
+    for r in rows:
+        doc = {"task": r["task"], "gold": r["gold"], "teacher_response": r["response"], "answer_pattern": pattern}
+        by_task[r["task"]].append({"id": r["id"], "response": r["response"], **em.process_generation(doc, [r["response"]])})
+    metrics, samples = {}, {}
+    for task, ss in by_task.items():
+        metrics[task] = {k: em.mean_known([s[k] for s in ss]) for k in ("gold", "exact", "chrf")}
+        metrics[f"{task}_ppl"] = {"perplexity": None, "greedy": None}
+        samples[task] = ss
+        samples[f"{task}_ppl"] = []
+    return {"metrics": metrics, "samples": samples, "source": "generate (answers given by the endpoint)"}
+
+
 def _response(sample: dict):
     r = sample["filtered_resps"][0]
     return r if isinstance(r, str) else None
@@ -123,6 +140,8 @@ def _models(cfg, inputs: dict[str, Path]):
     student_sha = file_sha256(merged / "model.safetensors")
 
     def teacher():
+        if not teacher_ref.local:  # an endpoint: its held-out answers from generate are what it is scored on
+            return None, None
         return load_torch_model(teacher_ref), load_tokenizer(teacher_ref)
 
     def student():
@@ -150,8 +169,6 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     if not rows:
         raise ValueError("eval needs held-out prompts: the recipe's data.heldout is empty")
     student_tok = AutoTokenizer.from_pretrained(inputs["merge"] / "model")
-    if not resolve(cfg.teacher).local:
-        raise ValueError(f"{cfg.teacher}: eval runs the teacher in-memory and needs its weights (a local model)")
     resume = out_dir / RESUME_DIR
     resume.mkdir(exist_ok=True)
     models = _models(cfg, inputs)
@@ -167,7 +184,10 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             bar.update(task, info=role)
             names = write_tasks(cfg, rows, student_tok, out_dir / "tasks", role)
             model, tok = load()
-            results[role] = _lm_eval(cfg, model, tok, out_dir / "tasks" / role, names, chat=not _raw_teacher(cfg, role))
+            if model is None:
+                results[role] = _answers_as_given(cfg, rows, role)
+            else:
+                results[role] = _lm_eval(cfg, model, tok, out_dir / "tasks" / role, names, chat=not _raw_teacher(cfg, role))
             del model
             saved.write_text(json.dumps(results[role]), encoding="utf-8")
             bar.update(task, advance=1)
@@ -227,7 +247,7 @@ def render_table(report: dict) -> str:
     for task, row in ret["tasks"].items():
         cells = " ".join(f"{_fmt(scores[r][task].get('gold')):>13s}" for r in roles)
         s = scores["student"][task]
-        ppl = f"{s['perplexity']:.2f}/{scores['teacher'][task]['perplexity']:.2f}"
+        ppl = f"{_fmt(s['perplexity'], False)}/{_fmt(scores['teacher'][task]['perplexity'], False)}"
         flag = "  ceiling" if row["ceiling"] else ""
         lines.append(f"{task:12s} {report['docs'][task]:4d} {cells} {_fmt(row['retention'], False):>9s} "
                      f"{_fmt(s['exact']):>6s} {s['chrf']:6.1f} {ppl:>13s}{flag}")
@@ -262,7 +282,7 @@ def render_markdown(report: dict, rows: list[dict], results: dict[str, dict]) ->
         out.append(f"| {task}{' (ceiling)' if row['ceiling'] else ''} | {report['docs'][task]} | "
                    + " | ".join(_fmt(scores[r][task].get("gold")) for r in roles)
                    + f" | {_fmt(row['retention'], False)} | {_fmt(s['exact'])} | {s['chrf']:.1f} | "
-                     f"{s['perplexity']:.2f} / {t['perplexity']:.2f} |")
+                     f"{_fmt(s['perplexity'], False)} / {_fmt(t['perplexity'], False)} |")
     o = ret["overall"]
     out.append(f"| **overall** | {o['gold_docs']} | " + " | ".join(
         _fmt(o[r]) if r in ("teacher", "student") else "" for r in roles) + f" | **{_fmt(o['retention'], False)}** | | | |")

@@ -18,6 +18,8 @@ order, so a resumed run gives the same data as an uninterrupted one. The cache r
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from toolchain.backends import open_engine
 from toolchain.chat import final_answer, messages_for, tokenize_pairs, with_instruction
 from toolchain.data import DataError, JsonlAppender, iter_jsonl, read_jsonl_resumable, read_prompts, write_jsonl
 from toolchain.models import load_tokenizer, load_torch_model, resolve
-from toolchain.runs import Manifest
+from toolchain.runs import Manifest, canonical, semantic_config
 from toolchain.scoring import answers_match
 from toolchain.topk_cache import TopKWriter, example_key, teacher_topk
 from toolchain.ui import console, progress
@@ -132,11 +134,38 @@ def _write_topk_cache(cfg, out_dir: Path) -> dict:
     return {"topk_k": writer.k, "topk_positions": writer.rows, "topk_bytes_per_position": writer.bytes_per_position}
 
 
+def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
+    """Seed a fresh run with the answers of a finished generate run that asked the same teacher the same
+    prompts with the same settings and differs only in the top-k cache (hard-label first, soft-label next:
+    the teacher is not asked again). The usual resume path then keeps them."""
+    from toolchain.pipeline import PLANS, _external_inputs
+    from toolchain.runs import read_manifest
+
+    if out_path.exists():
+        return
+
+    def answers_only(config: dict) -> dict:  # compared as stage keys compare them (speed-only fields left out)
+        return json.loads(canonical(semantic_config({k: v for k, v in config.items() if k != "topk"})))
+
+    want = answers_only(PLANS["generate"].config(cfg))
+    digests = {k: d for k, (d, _) in _external_inputs(cfg, "generate").items()}
+    for sibling in sorted(out_dir.parent.parent.glob("generate-*"), reverse=True):
+        try:
+            m = read_manifest(sibling, verify=False)
+        except Exception:
+            continue
+        if answers_only(m.get("config", {})) == want and m.get("inputs") == digests:
+            shutil.copyfile(sibling / "responses.jsonl", out_path)
+            console.print(f"  reusing the teacher's answers from {sibling.name} (same prompts and settings)")
+            return
+
+
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     g = cfg.generate
     train, heldout = load_prompts(cfg)
     jobs = [(p, s) for p in train for s in range(g.n)] + [(p, 0) for p in heldout]
     out_path = out_dir / "responses.jsonl"
+    _reuse_answers(cfg, out_dir, out_path)
     _ask_teacher(cfg, jobs, out_path)
 
     rows = read_jsonl_resumable(out_path)
