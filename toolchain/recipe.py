@@ -170,7 +170,12 @@ class DistillConfig(_Section):
 
 class MergeConfig(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Saved weight dtype.")
-    tolerance: float = Field(1e-4, gt=0, description="Max |logit diff| between adapter and merged model.")
+    tolerance: float = Field(
+        5e-4, gt=0,
+        description="Max |logit diff| between adapter and merged model. Storing float32 weights alone moves the "
+        "logits of a 30-layer SmolLM2 student by up to 1.2e-4 (measured); a broken merge moves them by the adapter's "
+        "whole effect.",
+    )
 
 
 class EvalConfig(_Section):
