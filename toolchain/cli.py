@@ -61,10 +61,10 @@ def friendly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; finished work is kept and the stage resumes on the next run", err=True)
             sys.exit(130)
-        except (RuntimeError, ValueError, OSError) as err:
+        except Exception as err:  # anything else: one line (and the work done so far is kept); the trace on request
             if os.environ.get("DISTILLERY_DEBUG"):
                 raise
-            raise click.ClickException(f"{type(err).__name__}: {err}") from None
+            raise click.ClickException(f"{type(err).__name__}: {err} (set DISTILLERY_DEBUG=1 for the trace)") from None
 
     return wrapper
 

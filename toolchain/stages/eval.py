@@ -66,10 +66,14 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
         })
     names = []
     for task, docs in sorted(by_task.items()):
-        data = folder / f"{task}.jsonl"
-        write_jsonl(data, docs)
-        for kind, template in (("", "distillery_generate.yaml"), ("_ppl", "distillery_likelihood.yaml")):
+        answered = [d for d in docs if d["teacher_response"].strip()]  # no likelihood of an empty answer
+        for kind, template, subset in (("", "distillery_generate.yaml", docs),
+                                       ("_ppl", "distillery_likelihood.yaml", answered)):
+            if not subset:
+                continue
             name = f"{task}{kind}"
+            data = folder / f"{name}.jsonl"
+            write_jsonl(data, subset)
             body = {"include": str(EVALS / template), "task": name,
                     "dataset_kwargs": {"data_files": {"test": str(data)}}}
             if not kind:
@@ -212,7 +216,8 @@ def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str
     from importlib.metadata import version
 
     tasks = sorted({r["task"] for r in rows})
-    scores = {role: {t: {**res["metrics"][t], **res["metrics"][f"{t}_ppl"]} for t in tasks}
+    no_ppl = {"perplexity": None, "greedy": None}
+    scores = {role: {t: {**res["metrics"][t], **res["metrics"].get(f"{t}_ppl", no_ppl)} for t in tasks}
               for role, res in results.items()}
     counts = {t: sum(1 for r in rows if r["task"] == t and r["gold"] is not None) for t in tasks}
     return {
