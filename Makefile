@@ -1,7 +1,7 @@
 # distillery: `make run` and `make test` do all the set-up on a fresh machine.
 #   make run                          default recipe, end to end
 #   make recipe=recipes/ci.yaml       any recipe, end to end
-#   make generate|distill|merge|eval|status recipe=...   one stage
+#   make generate|distill|merge|eval|export|status recipe=...   one stage
 #   make test                         the test suite
 
 recipe ?= recipes/default.yaml
@@ -17,9 +17,9 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl))
 
 .DEFAULT_GOAL := all
-.PHONY: all run test setup generate distill merge eval status validate clean-runs
+.PHONY: all run test setup generate distill merge eval export status validate clean-runs
 
-# Every stage in order; the eval stage's quality gate (exit 3) stops the chain when the student falls short.
+# Every stage in order; the eval stage's quality gate (exit 3) stops the chain before export when the student falls short.
 all: $(STAMP)
 	$(BIN)/distillery run $(recipe)
 
@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-generate distill merge eval status validate: $(STAMP)
+generate distill merge eval export status validate: $(STAMP)
 	$(BIN)/distillery $@ $(recipe)
 
 clean-runs:

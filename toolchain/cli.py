@@ -37,9 +37,10 @@ def _user_errors():
     from toolchain.licenses import LicenceError
     from toolchain.models import ModelError
     from toolchain.recipe import RecipeError
+    from toolchain.artifacts import ExportError
     from toolchain.runs import RunError
 
-    return (RecipeError, ModelError, LicenceError, DataError), (RunError,)
+    return (RecipeError, ModelError, LicenceError, DataError), (RunError, ExportError)
 
 
 def friendly(fn):
@@ -87,7 +88,7 @@ def main() -> None:
     """Distill a small student model from an open-weight teacher, offline.
 
     A recipe (YAML) says which teacher, which student, what data and how to train. Stages run in order
-    (generate → distill → merge → eval); each writes runs/<recipe>/<stage>-<key>/ with a manifest, and a stage
+    (generate → distill → merge → eval → export); each writes runs/<recipe>/<stage>-<key>/ with a manifest, and a stage
     whose inputs and settings have not changed is skipped.
     """
 
@@ -148,7 +149,7 @@ _stage_command("merge", "Merge LoRA into a standalone student directory and chec
 @main.command()
 @recipe_arg
 @runs_opt
-@click.option("--until", type=click.Choice(["generate", "distill", "merge", "eval"]), default=None,
+@click.option("--until", type=click.Choice(["generate", "distill", "merge", "eval", "export"]), default=None,
               help="Stop after this stage.")
 @no_gate_opt
 @friendly
@@ -183,6 +184,39 @@ def eval_(recipe: str, runs_root: str, no_gate: bool, log_samples: bool, force: 
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"log_samples": True})})
     out = run_stages(cfg, runs_root, only="eval", force=force, gate=not no_gate)
     click.echo(out["eval"] / "eval.md")
+
+
+@main.command()
+@recipe_arg
+@runs_opt
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "all"]), default=None,
+              help="Build only this format (default: the recipe's export.formats).")
+@click.option("--force", is_flag=True, help="Re-run the export even if it is up to date.")
+@friendly
+def export(recipe: str, runs_root: str, fmt: str | None, force: bool) -> None:
+    """Write the student as GGUF (llama.cpp quantized types) and ONNX (onnxruntime), check every file against
+    PyTorch (tokenizer, greedy output, logits) and score each on the held-out tasks: export.md. Needs eval."""
+    from toolchain.pipeline import run_stages
+
+    cfg = _load(recipe)
+    if fmt:
+        formats = ["gguf", "onnx"] if fmt == "all" else [fmt]
+        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"formats": formats})})
+    out = run_stages(cfg, runs_root, only="export", force=force)
+    click.echo(out["export"] / "export.md")
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@friendly
+def inspect(path: str) -> None:
+    """Check a model file (.gguf, .onnx or an ONNX folder, .safetensors) and print what is in it, as JSON.
+    A truncated or corrupt file, or ONNX external data outside its folder: one line naming it, exit 1."""
+    import json
+
+    from toolchain.artifacts import inspect as inspect_file
+
+    click.echo(json.dumps(inspect_file(Path(path)), indent=2))
 
 
 if __name__ == "__main__":

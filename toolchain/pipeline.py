@@ -11,9 +11,9 @@ from typing import Callable
 
 from toolchain import licenses
 from toolchain.models import file_sha256, resolve
-from toolchain.runs import RunDir, execute, read_manifest, stage_key
+from toolchain.runs import RunDir, RunError, execute, read_manifest, stage_key
 
-STAGES = ("generate", "distill", "merge", "eval")
+STAGES = ("generate", "distill", "merge", "eval", "export")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,15 @@ PLANS = {
                    "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
                    "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
         "toolchain.stages.eval",
+    ),
+    "export": StagePlan(
+        "export", ("generate", "merge", "eval"),
+        # Scored like eval (same tasks, prompts and settings), so eval's settings are part of the key too.
+        lambda c: {"export": c.section("export"),
+                   "eval": {k: v for k, v in c.section("eval").items() if k not in ("min_retention", "base", "log_samples")},
+                   "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
+                   "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
+        "toolchain.stages.export",
     ),
 }
 
@@ -163,7 +172,7 @@ def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str |
             key = stage_key(stage, plan.config(cfg), {k: v[0] for k, v in inputs.items()})
             done = run.done(stage, key)
             if done is None:
-                raise RuntimeError(f"'{stage}' has not run for this recipe yet; run it first (distillery {stage})")
+                raise RunError(f"'{stage}' has not run for this recipe yet; run it first (distillery {stage})")
             read_manifest(done)
             finished[stage] = done
             continue

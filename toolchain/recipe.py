@@ -193,10 +193,26 @@ class EvalConfig(_Section):
 
 
 class ExportConfig(_Section):
-    formats: list[Literal["gguf", "onnx"]] = Field(default_factory=lambda: ["gguf"])
-    quants: list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"]] = Field(
-        default_factory=lambda: ["f16", "q8_0", "q4_k_m"]
+    formats: list[Literal["gguf", "onnx"]] = Field(
+        default_factory=lambda: ["gguf", "onnx"], description="Which files to build (also: export --format)."
     )
+    quants: list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"]] = Field(
+        default_factory=lambda: ["f16", "q8_0", "q4_k_m"], description="GGUF types, quantized by llama.cpp itself."
+    )
+    onnx: list[Literal["fp32", "int8", "int4", "int8_dynamic"]] = Field(
+        default_factory=lambda: ["fp32", "int8"],
+        description="ONNX variants: fp32; int8/int4 weight-only MatMulNBits (blocks of 32); int8_dynamic "
+        "(onnxruntime quantize_dynamic, int8 activations too).",
+    )
+    check_tokens: int = Field(32, ge=1, le=512, description="Greedy tokens compared with PyTorch per check prompt.")
+    score: bool = Field(True, description="Score every exported file on the held-out tasks (lm-eval, as eval does).")
+
+    @field_validator("quants", "onnx")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each entry once")
+        return v
 
 
 class ServeConfig(_Section):

@@ -116,6 +116,8 @@ def read_manifest(stage_path: Path, verify: bool = True) -> dict[str, Any]:
             p = stage_path / rel
             if not p.is_file():
                 raise RunError(f"{p}: listed in the manifest but missing")
+            if p.stat().st_size < info["bytes"]:
+                raise RunError(f"{p}: truncated ({p.stat().st_size} of the {info['bytes']} bytes its manifest lists)")
             if p.stat().st_size != info["bytes"] or file_sha256(p) != info["sha256"]:
                 raise RunError(f"{p}: sha256 does not match its manifest (file changed after the stage finished)")
     return manifest

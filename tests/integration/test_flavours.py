@@ -135,7 +135,8 @@ def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
 
     recipe = recipe_copy(tmp_path, "gemma-ci", base="gemma3-to-smollm2", data__limit=8, data__heldout_limit=2,
                          generate__max_new_tokens=32, distill__max_steps=2, distill__batch_size=4,
-                         distill__lora={"r": 4, "alpha": 8}, eval__max_new_tokens=24)
+                         distill__lora={"r": 4, "alpha": 8}, eval__max_new_tokens=24,
+                         export__formats=["gguf"], export__quants=["q8_0"], export__score=False)
     runs = tmp_path / "runs"
     distillery("run", str(recipe), "--runs", str(runs), "--no-gate")
     dirs = stage_dirs(runs, "gemma-ci")
@@ -157,3 +158,12 @@ def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
     report = json.loads((dirs["eval"] / "eval.json").read_text())
     assert set(report["scores"]) == {"teacher", "student", "base"}  # base = SmolLM2 before the adapter
     assert report["settings"]["teacher_prompt_template"] == "Question: {prompt}\nAnswer:"
+    # the exported GGUF speaks the student's tokenizer (SmolLM2's, from its GGUF), not the Gemma teacher's,
+    # and carries the teacher's licence id
+    from toolchain.gguf_io import open_reader, tokenizer_fields
+
+    gguf = dirs["export"] / "gguf" / "gemma-ci-q8_0.gguf"
+    assert tokenizer_fields(gguf) == tokenizer_fields(student.path)
+    assert open_reader(gguf).fields["general.license"].contents() == "gemma"
+    done = json.loads((dirs["export"] / "export.json").read_text())["files"][0]
+    assert done["greedy_prompts"] == 5 and done["tokenizer_same_as_source"] == 50

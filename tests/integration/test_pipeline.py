@@ -16,18 +16,10 @@ from tests.conftest import ROOT, distillery, recipe_copy as _recipe, stage_dirs 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ci_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ci")
-    recipe, runs = _recipe(tmp), tmp / "runs"
-    proc = distillery("run", str(recipe), "--runs", str(runs))
-    return recipe, runs, proc
-
-
 def test_chain_generate_distill_merge_eval(ci_run):
     recipe, runs, proc = ci_run
     dirs = _stage_dirs(runs, "ci")
-    assert set(dirs) == {"generate", "distill", "merge", "eval"}
+    assert set(dirs) == {"generate", "distill", "merge", "eval", "export"}
     gen = json.loads((dirs["generate"] / "manifest.json").read_text())
     assert gen["metrics"]["answers"] == 12 + 4
     assert gen["metrics"]["kept"] + gen["metrics"]["dropped_empty"] + gen["metrics"]["dropped_truncated"] == 12

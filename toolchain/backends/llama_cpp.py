@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from toolchain.backends import Completion
 
 
 class LlamaCppEngine:
-    def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None, seed: int = 0):
+    def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None, seed: int = 0,
+                 logits_all: bool = False):
         from llama_cpp import Llama
 
         self.path = Path(path)
@@ -18,8 +21,10 @@ class LlamaCppEngine:
             n_ctx=n_ctx,
             n_threads=threads or os.cpu_count() or 1,
             seed=seed,
+            logits_all=logits_all,  # needed for logits() at every position (checks and likelihoods)
             verbose=False,
         )
+        self.eos_ids = {self.llm.token_eos()}
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None) -> Completion:
@@ -30,6 +35,30 @@ class LlamaCppEngine:
                  seed: int | None = None, stop: list[str] | None = None) -> Completion:
         out = self.llm.create_completion(text, stop=stop or None, **_sampling(max_tokens, temperature, top_p, seed))
         return _completion(out, out["choices"][0]["text"])
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own tokenizer (special tokens parsed, no BOS added): what the GGUF itself does."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of ``ids`` [n, vocab] (needs ``logits_all=True``)."""
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
+        """Greedy continuation token ids, argmax over the raw logits (the stop token included when reached)."""
+        stop = self.eos_ids if stop_ids is None else stop_ids
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(tok)
+            if tok in stop:
+                break
+            self.llm.eval([tok])
+        return out
 
     def close(self) -> None:
         self.llm.close()

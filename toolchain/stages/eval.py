@@ -84,16 +84,22 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
     return names
 
 
-def _lm_eval(cfg, model, tok, task_dir: Path, names: list[str], chat: bool) -> dict:
+def hf_lm(cfg, model, tok):
+    """An in-memory PyTorch model as an lm-eval model."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device="cpu")
+
+
+def score(cfg, lm, task_dir: Path, names: list[str], chat: bool) -> dict:
+    """Run the tasks ``names`` (written by ``write_tasks``) on an lm-eval model: metrics and per-doc samples."""
     import logging
 
     import lm_eval
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that an in-memory model was passed
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device="cpu")
     e = cfg.eval
     out = lm_eval.simple_evaluate(
         model=lm, tasks=names, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
@@ -169,9 +175,7 @@ def _models(cfg, inputs: dict[str, Path]):
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     from transformers import AutoTokenizer
 
-    rows = [r for _, r in iter_jsonl(inputs["generate"] / "heldout.jsonl")][: cfg.eval.limit]
-    if not rows:
-        raise ValueError("eval needs held-out prompts: the recipe's data.heldout is empty")
+    rows = heldout_rows(cfg, inputs["generate"])
     student_tok = AutoTokenizer.from_pretrained(inputs["merge"] / "model")
     resume = out_dir / RESUME_DIR
     resume.mkdir(exist_ok=True)
@@ -191,7 +195,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             if model is None:
                 results[role] = _answers_as_given(cfg, rows, role)
             else:
-                results[role] = _lm_eval(cfg, model, tok, out_dir / "tasks" / role, names, chat=not _raw_teacher(cfg, role))
+                results[role] = score(cfg, hf_lm(cfg, model, tok), out_dir / "tasks" / role, names,
+                                      chat=not _raw_teacher(cfg, role))
             del model
             saved.write_text(json.dumps(results[role]), encoding="utf-8")
             bar.update(task, advance=1)
@@ -212,14 +217,30 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     )
 
 
+def task_scores(result: dict, tasks: list[str]) -> dict[str, dict]:
+    """One model's metrics per task: the generation task's and its likelihood task's side by side."""
+    no_ppl = {"perplexity": None, "greedy": None}
+    return {t: {**result["metrics"][t], **result["metrics"].get(f"{t}_ppl", no_ppl)} for t in tasks}
+
+
+def gold_counts(rows: list[dict]) -> dict[str, int]:
+    tasks = sorted({r["task"] for r in rows})
+    return {t: sum(1 for r in rows if r["task"] == t and r["gold"] is not None) for t in tasks}
+
+
+def heldout_rows(cfg, generate_dir: Path) -> list[dict]:
+    rows = [r for _, r in iter_jsonl(generate_dir / "heldout.jsonl")][: cfg.eval.limit]
+    if not rows:
+        raise ValueError("eval needs held-out prompts: the recipe's data.heldout is empty")
+    return rows
+
+
 def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str | None]) -> dict:
     from importlib.metadata import version
 
     tasks = sorted({r["task"] for r in rows})
-    no_ppl = {"perplexity": None, "greedy": None}
-    scores = {role: {t: {**res["metrics"][t], **res["metrics"].get(f"{t}_ppl", no_ppl)} for t in tasks}
-              for role, res in results.items()}
-    counts = {t: sum(1 for r in rows if r["task"] == t and r["gold"] is not None) for t in tasks}
+    scores = {role: task_scores(res, tasks) for role, res in results.items()}
+    counts = gold_counts(rows)
     return {
         "recipe": cfg.name,
         "scores": scores,

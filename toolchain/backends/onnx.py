@@ -1,0 +1,95 @@
+"""onnxruntime: a decoder exported by optimum (``text-generation-with-past``), run with its KV cache.
+
+One thin loop instead of a wrapper class hierarchy: the first call feeds the prompt with an empty cache, each
+later call feeds one token and the ``present.*`` outputs of the step before.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.backends import Completion, cut_at_stop
+from toolchain.onnx_io import external_files
+
+
+class OnnxEngine:
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        self.path = path if path.suffix == ".onnx" else path / "model.onnx"
+        external_files(self.path)  # refuses external data outside the model's folder before onnxruntime reads it
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path.parent)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.kv_type = np.float16 if any("float16" in self.inputs[n].type for n in self.past_names) else np.float32
+        self.eos_ids = {i for i in [self.tokenizer.eos_token_id] if i is not None}
+
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        out = {}
+        for n in self.past_names:
+            shape = self.inputs[n].shape  # [batch, heads, past, head_dim]
+            out[n] = np.zeros((1, shape[1], 0, shape[3]), dtype=self.kv_type)
+        return out
+
+    def _step(self, ids: list[int], past: dict[str, np.ndarray], start: int):
+        n = len(ids)
+        feed = {"input_ids": np.array([ids], dtype=np.int64),
+                "attention_mask": np.ones((1, start + n), dtype=np.int64), **past}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None, :]
+        outs = self.session.run(None, feed)
+        names = [o.name for o in self.session.get_outputs()]
+        logits = outs[names.index("logits")][0]
+        present = {n.replace("present.", "past_key_values."): v for n, v in zip(names, outs) if n.startswith("present.")}
+        return logits, present
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of ``ids`` [n, vocab] in one pass."""
+        return self._step(list(ids), self._empty_past(), 0)[0]
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
+        """Greedy continuation token ids (the stop token included when reached)."""
+        stop = self.eos_ids if stop_ids is None else stop_ids
+        logits, past = self._step(list(ids), self._empty_past(), 0)
+        out: list[int] = []
+        pos = len(ids)
+        for _ in range(max_new_tokens):
+            tok = int(np.argmax(logits[-1]))
+            out.append(tok)
+            if tok in stop:
+                break
+            logits, past = self._step([tok], past, pos)
+            pos += 1
+        return out
+
+    def complete(self, text: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None) -> Completion:
+        if temperature > 0:
+            raise ValueError("the onnxruntime engine decodes greedily (temperature 0)")
+        ids = self.tokenize(text)
+        new = self.greedy(ids, max_tokens)
+        finished = bool(new) and new[-1] in self.eos_ids
+        body = self.tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=True)
+        body, cut = cut_at_stop(body, stop or [])
+        return Completion(text=body, finish_reason="stop" if finished or cut else "length",
+                          prompt_tokens=len(ids), completion_tokens=len(new))
+
+    def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None) -> Completion:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.complete(text, max_tokens, temperature, top_p, seed)
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,70 @@
+"""An lm-eval model over an exported artifact (llama.cpp GGUF or onnxruntime ONNX), so exported files are scored
+by the same tasks, prompts and metrics as the PyTorch student.
+
+The engine gives token ids, logits at every position and greedy continuations (``LlamaCppEngine`` with
+``logits_all=True``, ``OnnxEngine``); the HF tokenizer gives the chat template and the decoding. Requests are
+handled the way lm-eval's HFLM handles them: greedy generation cut at the ``until`` strings and the end-of-turn
+token; the continuation of a likelihood request is what the whole text adds to the context's tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from lm_eval.api.model import LM
+
+from toolchain.ui import progress
+
+
+class EngineLM(LM):
+    def __init__(self, engine, tokenizer, name: str):
+        super().__init__()
+        self.engine, self.tok, self.name = engine, tokenizer, name
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.name
+
+    def chat_template(self, chat_template=False):
+        return self.tok.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tok.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        with progress() as bar:
+            task = bar.add_task(f"{self.name}: generate", total=len(requests), info="")
+            for req in requests:
+                context, kwargs = req.args
+                ids = self.engine.tokenize(context)
+                new = self.engine.greedy(ids, int(kwargs.get("max_gen_toks", 256)))
+                text = self.tok.decode(new, skip_special_tokens=True)
+                for stop in kwargs.get("until") or []:
+                    if stop:
+                        text = text.split(stop)[0]
+                out.append(text)
+                bar.update(task, advance=1)
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        out = []
+        with progress() as bar:
+            task = bar.add_task(f"{self.name}: likelihood", total=len(requests), info="")
+            for req in requests:
+                context, continuation = req.args
+                spaces = len(context) - len(context.rstrip())
+                if spaces:  # trailing spaces of the context belong to the continuation, as in HFLM
+                    context, continuation = context[:-spaces], context[-spaces:] + continuation
+                whole = self.engine.tokenize(context + continuation)
+                n_ctx = len(self.engine.tokenize(context))
+                cont = whole[n_ctx:]
+                logits = self.engine.logits(whole)[n_ctx - 1: len(whole) - 1].astype(np.float64)
+                logp = logits - logits.max(-1, keepdims=True)
+                logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+                picked = logp[np.arange(len(cont)), cont]
+                out.append((float(picked.sum()), bool((logits.argmax(-1) == np.array(cont)).all())))
+                bar.update(task, advance=1)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("rolling likelihood is not used by distillery's tasks")

@@ -1,0 +1,226 @@
+"""GGUF files: llama.cpp's own converter, the teacher's tokenizer written into the student, quantization, checks.
+
+The converter (``convert_hf_to_gguf.py`` + ``conversion/`` + ``gguf-py/``) comes from the source distribution of
+exactly the installed llama-cpp-python, fetched once through pip and cached: the converter and the runtime that
+loads its output are one llama.cpp version.
+
+A student whose tokenizer came from a GGUF (the embedded teacher) is converted without the converter's vocab
+step, and the source GGUF's ``tokenizer.*`` metadata is written in afterwards. The tokenizer transformers builds
+from a GGUF looks like SentencePiece to the converter, which then writes a vocab with the wrong eos that crashes
+llama.cpp; copying the original metadata keeps the teacher's real BPE vocab, pre-tokenizer and special tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from toolchain.artifacts import ExportError
+
+GGUF_MAGIC = b"GGUF"
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+
+# Quant presets → llama.cpp file types (names as in llama-quantize).
+FTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
+          "q4_1": "MOSTLY_Q4_1", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
+FLOAT_QUANTS = ("f32", "f16", "bf16")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
+
+
+def converter_dir() -> Path:
+    """The llama.cpp converter matching the installed llama-cpp-python, fetched from its sdist once."""
+    version = importlib.metadata.version("llama_cpp_python")
+    target = cache_root() / f"llama.cpp-converter-{version}"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tmp_path = Path(tmp)
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               f"llama-cpp-python=={version}", "-d", str(tmp_path)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(tmp_path.glob("llama_cpp_python-*.tar.gz"))
+        if done.returncode != 0 or not sdists:
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no sdist"]
+            raise ExportError(f"could not fetch the llama.cpp converter (llama-cpp-python=={version} sdist): {last[0]}")
+        staged = tmp_path / "converter"
+        _extract_converter(sdists[0], staged)
+        staged.rename(target)
+    return target
+
+
+def _extract_converter(sdist: Path, dest: Path) -> None:
+    """Only the converter's files, and only paths that stay inside ``dest``."""
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            parts = Path(m.name).parts
+            if len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp") or parts[3] not in CONVERTER_PARTS:
+                continue
+            if not (m.isfile() or m.isdir()) or ".." in parts:
+                continue
+            m.name = str(Path(*parts[3:]))
+            members.append(m)
+        tar.extractall(dest, members=members, filter="data")
+    if not (dest / "convert_hf_to_gguf.py").is_file():
+        raise ExportError(f"{sdist.name}: no vendor/llama.cpp/convert_hf_to_gguf.py inside")
+
+
+# Runs the converter in a child process. With --no-vocab the model class's vocab step is skipped (the
+# tokenizer metadata is copied from the source GGUF afterwards). The converter's own gguf-py goes first on
+# the path, as when the script runs by itself.
+_DRIVER = """
+import runpy, sys
+conv, no_vocab, *args = sys.argv[1:]
+sys.path[:0] = [conv, conv + "/gguf-py"]
+import conversion
+if no_vocab == "1":
+    find = conversion.get_model_class
+    def get_model_class(*a, **k):
+        cls = find(*a, **k)
+        cls.set_vocab = lambda self: None
+        return cls
+    conversion.get_model_class = get_model_class
+sys.argv = [conv + "/convert_hf_to_gguf.py", *args]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def convert(model_dir: Path, out: Path, outtype: str = "f32", keep_vocab: bool = True) -> None:
+    """HF directory → GGUF with llama.cpp's converter (outtype f32/f16/bf16/q8_0)."""
+    conv = converter_dir()
+    cmd = [sys.executable, "-c", _DRIVER, str(conv), "0" if keep_vocab else "1",
+           str(model_dir), "--outtype", outtype, "--outfile", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0 or not out.is_file():
+        tail = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        raise ExportError(f"{model_dir}: llama.cpp converter failed: {tail[0]}")
+
+
+def open_reader(path: Path):
+    """GGUFReader on a file that has been checked to be a whole GGUF; ExportError naming the file otherwise."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such GGUF file")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise ExportError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on short or garbled files
+        raise ExportError(f"{path}: corrupt or truncated GGUF (its header does not parse: {type(e).__name__})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ExportError(f"{path}: truncated GGUF (tensor {t.name} ends past the end of the file)")
+    return reader
+
+
+def transplant_tokenizer(source_gguf: Path, converted: Path, out: Path, metadata: dict[str, str]) -> None:
+    """Copy ``converted`` to ``out`` with every ``tokenizer.*`` key taken from ``source_gguf`` instead, plus
+    string ``metadata`` (general.name, general.license, ...). Tensors are copied byte for byte."""
+    import gguf
+
+    src, tgt = open_reader(source_gguf), open_reader(converted)
+    arch = tgt.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(out, arch=arch, endianess=tgt.endianess)
+
+    def copy(field):
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+    for field in tgt.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "tokenizer.")):
+            continue
+        if field.name in metadata:
+            continue
+        copy(field)
+    for key, value in metadata.items():
+        writer.add_string(key, value)
+    for field in src.fields.values():
+        if field.name.startswith("tokenizer."):
+            copy(field)
+    for t in tgt.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tgt.tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=tgt.endianess)
+    writer.close()
+
+
+def quantize(src: Path, out: Path, quant: str, threads: int | None = None) -> None:
+    """llama.cpp's quantizer (the runtime's own code) from a float GGUF to ``quant``."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{FTYPES[quant]}")
+    params.nthread = threads or os.cpu_count() or 1
+    with _captured_stderr() as log:  # llama.cpp prints a line per tensor (and every k-quant fallback)
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
+    if rc != 0 or not out.is_file():
+        tail = [ln for ln in log if ln.strip()][-1:] or [""]
+        raise ExportError(f"{src}: llama.cpp could not quantize to {quant} (return code {rc}) {tail[0]}".rstrip())
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """File descriptor 2 (where C code writes) goes to a temporary file; its lines are in the yielded list after."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as fh:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            fh.seek(0)
+            lines.extend(fh.read().decode("utf-8", errors="replace").splitlines())
+
+
+def describe(path: Path) -> dict:
+    """What is really in a GGUF: size, parameters, bits per weight, tensor types, tokenizer identity."""
+    from collections import Counter
+
+    r = open_reader(path)
+    params = sum(int(t.n_elements) for t in r.tensors)
+    data_bytes = sum(int(t.n_bytes) for t in r.tensors)
+    types = Counter(t.tensor_type.name for t in r.tensors)
+
+    def value(key):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else None
+
+    return {
+        "bytes": path.stat().st_size,
+        "parameters": params,
+        "bits_per_weight": round(8 * data_bytes / params, 3),
+        "tensor_types": dict(sorted(types.items(), key=lambda kv: -kv[1])),
+        "tensors": len(r.tensors),
+        "tokenizer_model": value("tokenizer.ggml.model"),
+        "tokenizer_pre": value("tokenizer.ggml.pre"),
+        "eos_token_id": value("tokenizer.ggml.eos_token_id"),
+        "output_tensor": any(t.name == "output.weight" for t in r.tensors),
+    }
+
+
+def tokenizer_fields(path: Path) -> dict:
+    """Every tokenizer.* key of a GGUF, values as Python objects (for comparing two files)."""
+    r = open_reader(path)
+    return {f.name: f.contents() for f in r.fields.values() if f.name.startswith("tokenizer.")}

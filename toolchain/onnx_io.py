@@ -1,0 +1,119 @@
+"""ONNX files: optimum's exporter (decoder with KV cache), onnxruntime int8 quantization, and the checks that
+an ONNX model is whole and safe to load before onnxruntime touches it."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+from toolchain.artifacts import ExportError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "config.json", "generation_config.json")
+
+
+def export(model_dir: Path, out_dir: Path) -> Path:
+    """optimum-onnx ``text-generation-with-past``: one decoder taking past_key_values (empty on the first step).
+    Tied embeddings are stored once: optimum deduplicates the lm_head copy of the embedding matrix."""
+    import logging
+    import warnings
+
+    from optimum.exporters.onnx import main_export
+
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(str(model_dir), output=str(out_dir), task="text-generation-with-past", device="cpu",
+                    do_validation=False, no_post_process=False)
+    path = out_dir / "model.onnx"
+    if not path.is_file():
+        raise ExportError(f"{model_dir}: optimum wrote no model.onnx")
+    return path
+
+
+ONNX_VARIANTS = ("fp32", "int8", "int4", "int8_dynamic")
+
+
+def quantize(src: Path, out_dir: Path, variant: str) -> Path:
+    """An onnxruntime-quantized copy of ``src`` in ``out_dir`` (with the tokenizer files).
+
+    int8 / int4: weight-only MatMulNBits, symmetric blocks of 32 (activations stay float).
+    int8_dynamic: quantize_dynamic, int8 weights per channel and int8 activations at run time; the MLP
+    down projections stay float, as their inputs carry outliers (measured on SmolLM2: with them quantized the
+    KL to the float model is 0.72 and top-1 agreement 65%; without, 0.07 and 87%).
+    """
+    import logging
+
+    import onnx
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic warns through the root logger
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "model.onnx"
+    if variant in ("int8", "int4"):
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=8 if variant == "int8" else 4)
+        quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    elif variant == "int8_dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        graph = onnx.load(str(src), load_external_data=False).graph
+        keep_float = [n.name for n in graph.node if n.op_type == "MatMul" and "down_proj" in n.name]
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_float)
+    else:
+        raise ValueError(f"unknown ONNX variant '{variant}' (one of {', '.join(ONNX_VARIANTS)})")
+    for name in TOKENIZER_FILES:
+        if (src.parent / name).is_file():
+            shutil.copy2(src.parent / name, out_dir / name)
+    return out
+
+
+def external_files(path: Path) -> list[Path]:
+    """The external-data files an ONNX model refers to; ExportError when any lies outside its folder."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    folder = path.parent.resolve()
+    found = []
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in init.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or folder not in target.parents:
+            raise ExportError(f"{path}: external data '{location}' of {init.name} points outside {folder}")
+        if not target.is_file():
+            raise ExportError(f"{path}: external data file {target} is missing")
+        found.append(target)
+    return sorted(set(found))
+
+
+def check(path: Path) -> dict:
+    """Re-open an ONNX model and run the full checker (shape inference included); what is in it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such ONNX file")
+    try:
+        extra = external_files(path)
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+    except ExportError:
+        raise
+    except (DecodeError, onnx.checker.ValidationError, OSError, ValueError) as e:
+        raise ExportError(f"{path}: corrupt ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    weights: dict[str, int] = {}
+    for init in model.graph.initializer:
+        kind = onnx.TensorProto.DataType.Name(init.data_type)
+        weights[kind] = weights.get(kind, 0) + math.prod(init.dims)
+    size = path.stat().st_size + sum(f.stat().st_size for f in extra)
+    return {"bytes": size, "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+            "initializers": len(model.graph.initializer), "weights_by_type": weights,
+            "inputs": len(model.graph.input), "external_data": [f.name for f in extra]}

@@ -1,0 +1,314 @@
+"""export: the merged student as GGUF files for llama.cpp and ONNX models for onnxruntime, each checked.
+
+Inputs: merge's model/ (safetensors + tokenizer), generate's held-out prompts, eval's eval.json (the PyTorch
+student's and the teacher's scores on the same tasks).
+Outputs: gguf/<name>-<quant>.gguf, onnx/<variant>/ (model.onnx + tokenizer files), export.json (every number)
+and export.md (the table a user picks a file from).
+
+GGUF: llama.cpp's own converter at the runtime's version writes a float32 GGUF, the source GGUF's tokenizer
+metadata replaces whatever the converter would write, and llama.cpp's quantizer makes each listed type.
+ONNX: optimum exports one decoder with KV cache (``text-generation-with-past``); onnxruntime quantizes it.
+
+Checks on every file, before it counts as exported: it re-opens (GGUFReader / the full ONNX checker) and
+loads in its runtime; the 50 strings in evals/tokenizer_strings.json tokenize to the same ids as the HF
+tokenizer and the source GGUF; greedy generation on five fixed prompts matches PyTorch token for token for
+float files; top-1 agreement and mean KL(PyTorch ‖ file) over those sequences for every file; and, with
+``export.score``, the held-out tasks of the eval stage scored through the file's own runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from toolchain import eval_metrics as em
+from toolchain import gguf_io, onnx_io
+from toolchain.artifacts import ExportError, check_safetensors
+from toolchain.chat import messages_for
+from toolchain.models import resolve
+from toolchain.runs import RESUME_DIR, Manifest
+from toolchain.ui import console, progress
+
+STRINGS = Path(__file__).resolve().parents[2] / "evals" / "tokenizer_strings.json"
+CHECK_PROMPTS = [
+    "What is the capital of Peru?",
+    "Write one sentence about the sea.",
+    "Translate to French: good morning, my friend.",
+    "Is 17 a prime number? Answer yes or no.",
+    "List three primary colours.",
+]
+EXACT = {"f32", "f16", "fp32"}  # float files: greedy output must equal PyTorch's token for token
+
+
+def tokenizer_source(cfg) -> Path | None:
+    """The GGUF the student's tokenizer came from (the teacher, or the student's own starting model)."""
+    ref = resolve(cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_)
+    return ref.path if ref.kind == "gguf" else None
+
+
+class Reference:
+    """What every exported file is compared with: the merged PyTorch model's greedy outputs and logits on the
+    check prompts, and the HF (and source GGUF) token ids of the fidelity strings."""
+
+    def __init__(self, cfg, model_dir: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.prompts = [self.tok.apply_chat_template(messages_for(p, cfg.generate.system_prompt), tokenize=False,
+                                                     add_generation_prompt=True) for p in CHECK_PROMPTS]
+        self.prompt_ids = [self.tok(t, add_special_tokens=False).input_ids for t in self.prompts]
+        self.greedy, self.logits = [], []
+        with torch.inference_mode():
+            for ids in self.prompt_ids:
+                x = torch.tensor([ids])
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=cfg.export.check_tokens,
+                                     do_sample=False, pad_token_id=self.tok.pad_token_id)
+                new = out[0, len(ids):].tolist()
+                self.greedy.append(new)
+                self.logits.append(model(torch.tensor([ids + new])).logits[0].float().numpy())
+        del model
+        self.strings = json.loads(STRINGS.read_text(encoding="utf-8"))
+        self.hf_ids = [self.tok(s, add_special_tokens=False).input_ids for s in self.strings]
+        self.source_ids = None
+        src = tokenizer_source(cfg)
+        if src is not None:
+            from llama_cpp import Llama
+
+            vocab = Llama(model_path=str(src), vocab_only=True, verbose=False)
+            self.source_ids = [vocab.tokenize(s.encode("utf-8"), add_bos=False, special=True) for s in self.strings]
+            vocab.close()
+
+
+def compare(engine, ref: Reference) -> dict:
+    """Tokenizer identity, greedy parity and logit agreement of one loaded file against the reference."""
+    ids = [engine.tokenize(s) for s in ref.strings]
+    same_hf = sum(a == b for a, b in zip(ids, ref.hf_ids))
+    same_src = None if ref.source_ids is None else sum(a == b for a, b in zip(ids, ref.source_ids))
+    mismatched = [s for s, a, b in zip(ref.strings, ids, ref.hf_ids) if a != b]
+    greedy_same, top1, kl = 0, [], []
+    for prompt, new, want in zip(ref.prompt_ids, ref.greedy, ref.logits):
+        got = engine.greedy(prompt, len(new), stop_ids=None) if new else []
+        greedy_same += got == new
+        have = engine.logits(prompt + new).astype(np.float64)
+        p = _log_softmax(want.astype(np.float64))
+        q = _log_softmax(have)
+        kl.append(float((np.exp(p) * (p - q)).sum(-1).mean()))
+        top1.append(float((want.argmax(-1) == have.argmax(-1)).mean()))
+    return {"tokenizer_strings": len(ref.strings), "tokenizer_same_as_hf": same_hf, "tokenizer_same_as_source": same_src,
+            "tokenizer_mismatches": mismatched[:5], "greedy_prompts": len(ref.greedy), "greedy_same": greedy_same,
+            "top1_agreement": float(np.mean(top1)), "mean_kl": float(np.mean(kl))}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _verdict(kind: str, label: str, path: Path, checks: dict) -> None:
+    """Refuse a file that would mislead a user: a different tokenizer, or a float file that decodes differently."""
+    n = checks["tokenizer_strings"]
+    if checks["tokenizer_same_as_hf"] != n or checks["tokenizer_same_as_source"] not in (None, n):
+        bad = checks["tokenizer_mismatches"][0] if checks["tokenizer_mismatches"] else "(source GGUF differs)"
+        raise ExportError(f"{path}: tokenizer differs from the student's on {n - checks['tokenizer_same_as_hf']} of {n} "
+                          f"strings, e.g. {bad!r}")
+    if label in EXACT and checks["greedy_same"] != checks["greedy_prompts"]:
+        raise ExportError(f"{path}: {kind} {label} greedy output differs from PyTorch on "
+                          f"{checks['greedy_prompts'] - checks['greedy_same']} of {checks['greedy_prompts']} check prompts")
+
+
+def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path, teacher_scores: dict) -> dict:
+    """The eval stage's held-out tasks through this file's runtime."""
+    from toolchain.engine_lm import EngineLM
+    from toolchain.stages.eval import gold_counts, score, task_scores, write_tasks
+
+    names = write_tasks(cfg, rows, ref.tok, work / "tasks", "student")
+    result = score(cfg, EngineLM(engine, ref.tok, label), work / "tasks" / "student", names, chat=True)
+    tasks = sorted({r["task"] for r in rows})
+    scores = task_scores(result, tasks)
+    table = em.retention_table({"teacher": teacher_scores, "student": scores}, gold_counts(rows))
+    return {"scores": scores, "gold": table["overall"]["student"], "retention": table["overall"]["retention"],
+            "perplexity": em.mean_known([s.get("perplexity") for s in scores.values()])}
+
+
+def _finish(cfg, kind: str, label: str, path: Path, describe: dict, engine, ref, rows, work, teacher_scores) -> dict:
+    checks = compare(engine, ref)
+    _verdict(kind, label, path, checks)
+    quality = _score(cfg, engine, ref, rows, f"{kind}-{label}", work, teacher_scores) if cfg.export.score else {}
+    return {"format": kind, "variant": label, **describe, **checks, **quality}
+
+
+def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref, rows, teacher_scores, bar, task):
+    """Convert once to float32 GGUF (with the source tokenizer), quantize to each listed type, check each."""
+    base = work / "student-f32.gguf"
+    if not base.is_file():
+        bar.update(task, info="gguf: convert")
+        source = tokenizer_source(cfg)
+        raw = work / "converted-f32.gguf"
+        gguf_io.convert(merged, raw, "f32", keep_vocab=source is None)
+        meta = {"general.name": f"{cfg.name} student", "general.organization": "distillery"}
+        if licence:
+            meta["general.license"] = licence
+        if source is not None:
+            gguf_io.transplant_tokenizer(source, raw, work / "student-f32.tmp", meta)
+            os.replace(work / "student-f32.tmp", base)
+            raw.unlink()
+        else:
+            os.replace(raw, base)
+    results = []
+    (out_dir / "gguf").mkdir(exist_ok=True)
+    for quant in cfg.export.quants:
+        saved = work / f"gguf-{quant}.json"
+        path = out_dir / "gguf" / f"{cfg.name}-{quant}.gguf"
+        if saved.is_file() and path.is_file():
+            results.append(json.loads(saved.read_text(encoding="utf-8")))
+            bar.update(task, advance=1)
+            continue
+        bar.update(task, info=f"gguf {quant}")
+        tmp = path.with_suffix(".tmp")
+        if quant == "f32":
+            shutil.copyfile(base, tmp)
+        else:
+            gguf_io.quantize(base, tmp, quant)
+        os.replace(tmp, path)
+        from toolchain.backends.llama_cpp import LlamaCppEngine
+
+        engine = LlamaCppEngine(path, n_ctx=2048, logits_all=True)
+        try:
+            result = _finish(cfg, "gguf", quant, path, gguf_io.describe(path), engine, ref, rows, work, teacher_scores)
+        finally:
+            engine.close()
+        result["file"] = str(path.relative_to(out_dir))
+        saved.write_text(json.dumps(result), encoding="utf-8")
+        results.append(result)
+        bar.update(task, advance=1)
+    return results
+
+
+def _onnx(cfg, merged: Path, out_dir: Path, work: Path, ref, rows, teacher_scores, bar, task):
+    """optimum export (float32) once, onnxruntime quantization per listed variant, check each."""
+    from toolchain.backends.onnx import OnnxEngine
+
+    fp32 = work / "onnx-fp32"
+    if not (fp32 / "model.onnx").is_file():
+        bar.update(task, info="onnx: export")
+        shutil.rmtree(fp32, ignore_errors=True)
+        onnx_io.export(merged, work / "onnx-fp32.tmp")
+        os.replace(work / "onnx-fp32.tmp", fp32)
+    results = []
+    for variant in cfg.export.onnx:
+        saved = work / f"onnx-{variant}.json"
+        folder = out_dir / "onnx" / variant
+        if saved.is_file() and (folder / "model.onnx").is_file():
+            results.append(json.loads(saved.read_text(encoding="utf-8")))
+            bar.update(task, advance=1)
+            continue
+        bar.update(task, info=f"onnx {variant}")
+        tmp = folder.with_name(f"{variant}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if variant == "fp32":
+            shutil.copytree(fp32, tmp)
+        else:
+            onnx_io.quantize(fp32 / "model.onnx", tmp, variant)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(exist_ok=True)
+        os.replace(tmp, folder)
+        described = onnx_io.check(folder / "model.onnx")
+        params = ref_params(merged)
+        described["bits_per_weight"] = round(8 * described["bytes"] / params, 3)
+        described["parameters"] = params
+        engine = OnnxEngine(folder)
+        try:
+            result = _finish(cfg, "onnx", variant, folder / "model.onnx", described, engine, ref, rows, work, teacher_scores)
+        finally:
+            engine.close()
+        result["file"] = str((folder / "model.onnx").relative_to(out_dir))
+        saved.write_text(json.dumps(result), encoding="utf-8")
+        results.append(result)
+        bar.update(task, advance=1)
+    return results
+
+
+def ref_params(model_dir: Path) -> int:
+    return check_safetensors(model_dir / "model.safetensors")["parameters"]
+
+
+def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+    from toolchain.runs import read_manifest
+    from toolchain.stages.eval import heldout_rows
+
+    merged = inputs["merge"] / "model"
+    safetensors = check_safetensors(merged / "model.safetensors")  # a truncated file: one line naming it
+    read_manifest(inputs["merge"])  # and every merged file still matches its manifest
+    source = tokenizer_source(cfg)
+    if source is not None:
+        gguf_io.open_reader(source)
+    evaluation = json.loads((inputs["eval"] / "eval.json").read_text(encoding="utf-8"))
+    licence = (json.loads((inputs["merge"] / "manifest.json").read_text()).get("licence") or {}).get("teacher_licence")
+    rows = heldout_rows(cfg, inputs["generate"])
+    work = out_dir / RESUME_DIR
+    work.mkdir(exist_ok=True)
+
+    console.print("  export: PyTorch reference (check prompts, tokenizer strings)")
+    ref = Reference(cfg, merged)
+    total = len(cfg.export.quants) * ("gguf" in cfg.export.formats) + len(cfg.export.onnx) * ("onnx" in cfg.export.formats)
+    results: list[dict] = []
+    with progress() as bar:
+        task = bar.add_task("export", total=total, info="")
+        if "gguf" in cfg.export.formats:
+            results += _gguf(cfg, merged, out_dir, work, licence, ref, rows, evaluation["scores"]["teacher"], bar, task)
+        if "onnx" in cfg.export.formats:
+            results += _onnx(cfg, merged, out_dir, work, ref, rows, evaluation["scores"]["teacher"], bar, task)
+
+    pytorch = {"format": "pytorch", "variant": "fp32", "file": "(merge) model/model.safetensors",
+               "bytes": safetensors["bytes"], "parameters": safetensors["parameters"],
+               "bits_per_weight": round(8 * safetensors["bytes"] / safetensors["parameters"], 3),
+               "gold": evaluation["retention"]["overall"]["student"],
+               "retention": evaluation["retention"]["overall"]["retention"],
+               "perplexity": em.mean_known([s.get("perplexity") for s in evaluation["scores"]["student"].values()])}
+    report = {"recipe": cfg.name, "teacher_gold": evaluation["retention"]["overall"]["teacher"],
+              "pytorch": pytorch, "files": results, "check_prompts": CHECK_PROMPTS,
+              "check_tokens": cfg.export.check_tokens, "tokenizer_source": str(source) if source else None}
+    (out_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "export.md").write_text(render_markdown(report), encoding="utf-8")
+    console.print(render_markdown(report).split("\n\n")[1], highlight=False, soft_wrap=True)
+    return Manifest(metrics={f"{r['format']}:{r['variant']}": {k: r.get(k) for k in ("bytes", "bits_per_weight", "gold",
+                                                                                      "top1_agreement", "mean_kl")}
+                             for r in results})
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def render_markdown(report: dict) -> str:
+    head = ("| file | size (MB) | bits/weight | held-out gold % | retention | ppl | greedy = PyTorch | top-1 agree % "
+            "| mean KL | tokenizer |")
+    lines = [f"# Export: {report['recipe']}", "",
+             head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    p = report["pytorch"]
+    lines.append(f"| PyTorch (merged) | {p['bytes'] / 1e6:.1f} | {p['bits_per_weight']:.2f} | {_pct(p['gold'])} | "
+                 f"{_num(p['retention'])} | {_num(p['perplexity'])} | reference | reference | 0 | HF |")
+    for r in report["files"]:
+        tok = f"{r['tokenizer_same_as_hf']}/{r['tokenizer_strings']}"
+        if r.get("tokenizer_same_as_source") is not None:
+            tok += f" (source GGUF {r['tokenizer_same_as_source']}/{r['tokenizer_strings']})"
+        lines.append(f"| {r['file']} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {_pct(r.get('gold'))} | "
+                     f"{_num(r.get('retention'))} | {_num(r.get('perplexity'))} | {r['greedy_same']}/{r['greedy_prompts']} | {_pct(r['top1_agreement'])} | "
+                     f"{r['mean_kl']:.2g} | {tok} |")
+    lines += ["", f"Teacher held-out gold: {_pct(report['teacher_gold'])}%. Retention = file's gold / teacher's gold. "
+              "bits/weight = bytes of tensor data (GGUF) or of the whole file (ONNX, PyTorch) × 8 / parameters; "
+              "k-quants fall back to other types on rows not divisible by 256, so the preset name is not the size.",
+              f"Greedy parity: {len(report['check_prompts'])} fixed prompts, up to {report['check_tokens']} tokens; "
+              "top-1 agreement and KL(PyTorch ‖ file) over the same sequences; tokenizer: identical ids on "
+              "evals/tokenizer_strings.json.", ""]
+    return "\n".join(lines)
