@@ -170,7 +170,7 @@ def quantize(src: Path, out: Path, quant: str, threads: int | None = None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{FTYPES[quant]}")
     params.nthread = threads or os.cpu_count() or 1
-    with _captured_stderr() as log:  # llama.cpp prints a line per tensor (and every k-quant fallback)
+    with captured_stderr() as log:  # llama.cpp prints a line per tensor (and every k-quant fallback)
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
     if rc != 0 or not out.is_file():
         tail = [ln for ln in log if ln.strip()][-1:] or [""]
@@ -178,7 +178,7 @@ def quantize(src: Path, out: Path, quant: str, threads: int | None = None) -> No
 
 
 @contextlib.contextmanager
-def _captured_stderr():
+def captured_stderr():
     """File descriptor 2 (where C code writes) goes to a temporary file; its lines are in the yielded list after."""
     lines: list[str] = []
     with tempfile.TemporaryFile() as fh:

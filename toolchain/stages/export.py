@@ -80,7 +80,8 @@ class Reference:
         if src is not None:
             from llama_cpp import Llama
 
-            vocab = Llama(model_path=str(src), vocab_only=True, verbose=False)
+            with gguf_io.captured_stderr():  # llama.cpp warns about the context size of a vocab-only load
+                vocab = Llama(model_path=str(src), vocab_only=True, verbose=False)
             self.source_ids = [vocab.tokenize(s.encode("utf-8"), add_bos=False, special=True) for s in self.strings]
             vocab.close()
 

@@ -1,0 +1,151 @@
+"""Export building blocks on tiny files and a tiny random model (no real model needed)."""
+
+import json
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from toolchain.artifacts import ExportError, check_safetensors, inspect
+
+
+class TorchEngine:
+    """The engine interface (tokenize / logits / greedy) over a tiny torch model, one character per token."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def tokenize(self, text):
+        return [ord(c) % 100 + 1 for c in text]
+
+    @torch.no_grad()
+    def logits(self, ids):
+        return self.model(torch.tensor([ids])).logits[0].numpy()
+
+    def greedy(self, ids, max_new_tokens, stop_ids=None):
+        out = []
+        for _ in range(max_new_tokens):
+            out.append(int(self.logits(ids + out)[-1].argmax()))
+        return out
+
+
+class CharTokenizer:
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def _request(*args):
+    return SimpleNamespace(args=args)
+
+
+def test_engine_lm_likelihood_scores_exactly_the_continuation(tiny_llama):
+    from toolchain.engine_lm import EngineLM
+
+    engine = TorchEngine(tiny_llama)
+    lm = EngineLM(engine, CharTokenizer(), "tiny")
+    (ll, greedy), = lm.loglikelihood([_request("question: ", "answer")])
+    # by hand: the trailing space moves to the continuation, and only continuation tokens are summed
+    ctx, cont = engine.tokenize("question:"), engine.tokenize(" answer")
+    logp = torch.log_softmax(torch.tensor(engine.logits(ctx + cont), dtype=torch.float64), -1)
+    want = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    assert ll == pytest.approx(want, rel=1e-6)
+    assert greedy == all(int(logp[len(ctx) - 1 + i].argmax()) == t for i, t in enumerate(cont))
+
+
+def test_engine_lm_generation_is_greedy_and_cut_at_until(tiny_llama):
+    from toolchain.engine_lm import EngineLM
+
+    engine = TorchEngine(tiny_llama)
+    lm = EngineLM(engine, CharTokenizer(), "tiny")
+    full = CharTokenizer().decode(engine.greedy(engine.tokenize("hi"), 12))
+    stop = full[5:7]
+    out = lm.generate_until([_request("hi", {"max_gen_toks": 12, "until": []}),
+                             _request("hi", {"max_gen_toks": 12, "until": [stop]})])
+    assert out[0] == full
+    assert out[1] == full.split(stop)[0] and len(out[1]) <= 5
+
+
+def _safetensors(path, n_floats=16):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n_floats], "data_offsets": [0, 4 * n_floats]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + np.zeros(n_floats, np.float32).tobytes())
+    return path
+
+
+def test_safetensors_check_names_truncation(tmp_path):
+    good = _safetensors(tmp_path / "good.safetensors")
+    assert check_safetensors(good) == {"bytes": good.stat().st_size, "tensors": 1, "parameters": 16}
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-8])
+    with pytest.raises(ExportError, match=r"cut\.safetensors: truncated safetensors \(tensor data ends"):
+        check_safetensors(cut)
+    (tmp_path / "head.safetensors").write_bytes(good.read_bytes()[:20])
+    with pytest.raises(ExportError, match="truncated safetensors"):
+        check_safetensors(tmp_path / "head.safetensors")
+
+
+def _tiny_gguf(path):
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch="llama")
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_tensor("t", np.arange(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_reader_refuses_bad_magic_and_truncation(tmp_path):
+    from toolchain.gguf_io import describe, open_reader
+
+    good = _tiny_gguf(tmp_path / "good.gguf")
+    info = describe(good)
+    assert info["parameters"] == 64 and info["bits_per_weight"] == 32.0 and info["tokenizer_model"] == "gpt2"
+    (tmp_path / "magic.gguf").write_bytes(b"GGML" + good.read_bytes()[4:])
+    with pytest.raises(ExportError, match=r"magic\.gguf: not a GGUF file"):
+        open_reader(tmp_path / "magic.gguf")
+    (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(ExportError, match=r"cut\.gguf: .*truncated"):
+        open_reader(tmp_path / "cut.gguf")
+    with pytest.raises(ExportError, match="unknown model file type"):
+        inspect(tmp_path / "weights.bin")
+
+
+def test_tokenizer_transplant_replaces_only_tokenizer_keys(tmp_path):
+    import gguf
+
+    from toolchain.gguf_io import open_reader, tokenizer_fields, transplant_tokenizer
+
+    converted = _tiny_gguf(tmp_path / "converted.gguf")
+    source = tmp_path / "source.gguf"
+    w = gguf.GGUFWriter(source, arch="llama")
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "smollm")
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "<|im_end|>"])
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    w.add_tensor("other", np.zeros(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "out.gguf"
+    transplant_tokenizer(source, converted, out, {"general.license": "apache-2.0"})
+    assert tokenizer_fields(out) == tokenizer_fields(source)
+    r = open_reader(out)
+    assert [t.name for t in r.tensors] == ["t"] and np.array_equal(r.tensors[0].data, np.arange(64, dtype=np.float32))
+    assert r.fields["general.license"].contents() == "apache-2.0"
+
+
+def test_recipe_export_lists_are_checked():
+    from toolchain.recipe import ExportConfig
+
+    assert ExportConfig().formats == ["gguf", "onnx"] and ExportConfig().onnx == ["fp32", "int8"]
+    with pytest.raises(ValueError, match="each entry once"):
+        ExportConfig(quants=["q8_0", "q8_0"])
+    with pytest.raises(ValueError):
+        ExportConfig(onnx=["int3"])
