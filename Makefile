@@ -1,7 +1,8 @@
 # distillery: `make run` and `make test` do all the set-up on a fresh machine.
 #   make run                          default recipe, end to end
 #   make recipe=recipes/ci.yaml       any recipe, end to end
-#   make generate|distill|merge|eval|export|status recipe=...   one stage
+#   make generate|distill|merge|eval|export|bench|report|status recipe=...   one stage (or the report)
+#   make serve recipe=...             the student behind an OpenAI-compatible API on 127.0.0.1
 #   make test                         the test suite
 
 recipe ?= recipes/default.yaml
@@ -17,7 +18,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 LLAMA_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl))
 
 .DEFAULT_GOAL := all
-.PHONY: all run test setup generate distill merge eval export status validate clean-runs
+.PHONY: all run test setup generate distill merge eval export bench report serve status validate clean-runs
 
 # Every stage in order; the eval stage's quality gate (exit 3) stops the chain before export when the student falls short.
 all: $(STAMP)
@@ -38,12 +39,16 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	fi
 	$(BIN)/pip install --quiet --no-deps --force-reinstall $$(ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl | head -1)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@# Chromium (Debian package) renders report.html in the report test; installed when running as root.
+	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: install chromium (apt-get install chromium) for the report screenshot test"; fi; }
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-generate distill merge eval export status validate: $(STAMP)
+generate distill merge eval export bench report serve status validate: $(STAMP)
 	$(BIN)/distillery $@ $(recipe)
 
 clean-runs:

@@ -88,7 +88,7 @@ def main() -> None:
     """Distill a small student model from an open-weight teacher, offline.
 
     A recipe (YAML) says which teacher, which student, what data and how to train. Stages run in order
-    (generate → distill → merge → eval → export); each writes runs/<recipe>/<stage>-<key>/ with a manifest, and a stage
+    (generate → distill → merge → eval → export → bench); each writes runs/<recipe>/<stage>-<key>/ with a manifest, and a stage
     whose inputs and settings have not changed is skipped.
     """
 
@@ -149,7 +149,7 @@ _stage_command("merge", "Merge LoRA into a standalone student directory and chec
 @main.command()
 @recipe_arg
 @runs_opt
-@click.option("--until", type=click.Choice(["generate", "distill", "merge", "eval", "export"]), default=None,
+@click.option("--until", type=click.Choice(["generate", "distill", "merge", "eval", "export", "bench"]), default=None,
               help="Stop after this stage.")
 @no_gate_opt
 @friendly
@@ -161,6 +161,10 @@ def run(recipe: str, runs_root: str, until: str | None, no_gate: bool) -> None:
     out = run_stages(cfg, runs_root, until=until, gate=not no_gate)
     for stage, path in out.items():
         click.echo(f"{stage:10s} {path}")
+    if until in (None, "bench"):
+        from toolchain.report import write
+
+        click.echo(f"{'report':10s} {write(cfg, runs_root)}")
 
 
 @main.command(name="eval")
@@ -204,6 +208,95 @@ def export(recipe: str, runs_root: str, fmt: str | None, force: bool) -> None:
         cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"formats": formats})})
     out = run_stages(cfg, runs_root, only="export", force=force)
     click.echo(out["export"] / "export.md")
+
+
+_stage_command("bench", "Teacher vs student on this machine at the same quantization: decode and prompt tokens/s, time "
+               "to first token, peak RSS, size, $ per 1M output tokens, quality, ratios, break-even (needs export).")
+
+
+@main.command()
+@recipe_arg
+@runs_opt
+@friendly
+def report(recipe: str, runs_root: str) -> None:
+    """Write runs/<recipe>/report/report.md and a self-contained report.html (charts: quality vs speed for
+    teacher, student and every exported file, $ per 1M tokens, retention per task; the sweep when one ran)."""
+    from toolchain.report import write
+
+    click.echo(write(_load(recipe), runs_root))
+
+
+@main.command()
+@recipe_arg
+@runs_opt
+@click.option("--keep-layers", required=True, help="Comma-separated depths to try, e.g. 6,10,15,20.")
+@friendly
+def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:
+    """Build one student per depth (distill, eval, export, bench each) and add the retention-vs-speed Pareto
+    front to the report."""
+    from toolchain.pipeline import sweep as run_sweep
+    from toolchain.recipe import RecipeError
+    from toolchain.report import write
+
+    try:
+        depths = sorted({int(x) for x in keep_layers.split(",") if x.strip()})
+    except ValueError:
+        raise RecipeError(f"--keep-layers: expected comma-separated integers, got '{keep_layers}'") from None
+    if not depths or depths[0] < 1:
+        raise RecipeError("--keep-layers: give at least one depth, each 1 or more")
+    cfg = _load(recipe)
+    click.echo(run_sweep(cfg, runs_root, depths))
+    click.echo(write(cfg, runs_root))
+
+
+@main.command()
+@recipe_arg
+@runs_opt
+@click.option("--model", "role", type=click.Choice(["student", "teacher"]), default="student", show_default=True)
+@click.option("--backend", type=click.Choice(["llama_cpp", "onnxruntime"]), default="llama_cpp", show_default=True)
+@click.option("--quant", default=None,
+              help="GGUF type (q8_0, q4_k_m, ...) or ONNX variant (fp32, int8, ...). Default: q8_0 / int8 when exported; "
+                   "a teacher is rebuilt at this type once to compare like with like.")
+@click.option("--file", "model_file", type=click.Path(), default=None, help="Serve this .gguf file or ONNX folder instead.")
+@click.option("--host", default=None, help="Bind address (default: the recipe's serve.host, 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default: the recipe's serve.port).")
+@click.option("--api-key", envvar="DISTILLERY_API_KEY", default=None,
+              help="Clients must send 'Authorization: Bearer KEY' (also $DISTILLERY_API_KEY). Required off loopback.")
+@friendly
+def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | None, model_file: str | None,
+          host: str | None, port: int | None, api_key: str | None) -> None:
+    """Serve the student (or the teacher) behind an OpenAI-compatible API with per-request cost.
+
+    POST /v1/chat/completions and /v1/completions (stream: true for server-sent events), GET /v1/models,
+    /health and /metrics. Each response adds a `cost` object (time to first token, decode tokens/s, USD at
+    cost.usd_per_hour, and the reference API's price for the same tokens). Needs export for the student.
+    """
+    from toolchain import served
+    from toolchain.recipe import RecipeError
+    from toolchain.server import Settings, is_loopback
+    from toolchain.server import serve as run_server
+
+    cfg = _load(recipe)
+    host = host or cfg.serve.host
+    if not is_loopback(host) and not api_key:
+        raise RecipeError(f"refusing to listen on {host} without an API key (--api-key or DISTILLERY_API_KEY)")
+    if model_file:
+        target = served.from_file(Path(model_file), backend)
+    elif role == "student":
+        target = served.student(cfg, runs_root, backend, quant)
+    else:
+        target = served.teacher(cfg, backend, quant)
+    engine = served.open_engine(target, n_ctx=cfg.serve.n_ctx)
+    s, c = cfg.serve, cfg.cost
+    settings = Settings(model_id=target.model_id, max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens,
+                        max_body_bytes=s.max_body_bytes, max_queue=s.max_queue, temperature=s.temperature,
+                        api_key=api_key, usd_per_hour=c.usd_per_hour,
+                        reference_usd_per_1m_input=c.reference_api_usd_per_1m_input,
+                        reference_usd_per_1m_output=c.reference_api_usd_per_1m_output,
+                        system_prompt=cfg.generate.system_prompt)
+    port = port or s.port
+    click.echo(f"serving {target.model_id} ({target.path}) on http://{host}:{port}/v1", err=True)
+    run_server(engine, settings, host, port)
 
 
 @main.command()

@@ -106,6 +106,33 @@ def convert(model_dir: Path, out: Path, outtype: str = "f32", keep_vocab: bool =
         raise ExportError(f"{model_dir}: llama.cpp converter failed: {tail[0]}")
 
 
+def build_float(model_dir: Path, out: Path, tokenizer_gguf: Path | None, metadata: dict[str, str]) -> Path:
+    """HF directory → float32 GGUF at ``out`` (written whole, then renamed). With ``tokenizer_gguf``, the converter
+    skips its vocab step and that GGUF's tokenizer metadata is written in instead."""
+    raw = out.with_name(out.name + ".converted")
+    convert(model_dir, raw, "f32", keep_vocab=tokenizer_gguf is None)
+    tmp = out.with_name(out.name + ".tmp")
+    if tokenizer_gguf is not None:
+        transplant_tokenizer(tokenizer_gguf, raw, tmp, metadata)
+        raw.unlink()
+    else:
+        os.replace(raw, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def file_type(path: Path) -> str | None:
+    """The preset name (f16, q8_0, q4_1, ...) a GGUF says it was written as, if it is one we know."""
+    r = open_reader(path)
+    field = r.fields.get("general.file_type")
+    if field is None:
+        return None
+    import llama_cpp
+
+    number = int(field.contents())
+    return next((q for q, name in FTYPES.items() if getattr(llama_cpp, f"LLAMA_FTYPE_{name}") == number), None)
+
+
 def open_reader(path: Path):
     """GGUFReader on a file that has been checked to be a whole GGUF; ExportError naming the file otherwise."""
     from gguf import GGUFReader

@@ -13,7 +13,7 @@ from toolchain import licenses
 from toolchain.models import file_sha256, resolve
 from toolchain.runs import RunDir, RunError, execute, read_manifest, stage_key
 
-STAGES = ("generate", "distill", "merge", "eval", "export")
+STAGES = ("generate", "distill", "merge", "eval", "export", "bench")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,12 @@ PLANS = {
                    "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
                    "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
         "toolchain.stages.export",
+    ),
+    "bench": StagePlan(
+        "bench", ("generate", "distill", "merge", "eval", "export"),
+        lambda c: {**_teacher_io(c), "bench": c.section("bench"), "cost": c.section("cost"),
+                   "system_prompt": c.generate.system_prompt},
+        "toolchain.stages.bench",
     ),
 }
 
@@ -206,3 +212,60 @@ def status(cfg, runs_root: str | Path) -> list[tuple[str, str, Path | None]]:
         else:
             rows.append((stage, "missing", run.final(stage, key)))
     return rows
+
+
+def finished(cfg, runs_root: str | Path, stage: str) -> Path:
+    """The finished directory of ``stage`` for the recipe as it is now (RunError naming what to run otherwise)."""
+    for name, state, path in status(cfg, runs_root):
+        if name == stage:
+            if state != "done" or path is None:
+                raise RunError(f"'{stage}' is {state} for {cfg.name}; run it first (distillery {stage} {cfg.source or ''})".rstrip())
+            return path
+    raise RunError(f"unknown stage '{stage}'")
+
+
+def sweep(cfg, runs_root: str | Path, keep_layers: list[int]) -> Path:
+    """One student per depth in ``keep_layers`` (the recipe otherwise unchanged), each distilled, evaluated,
+    exported at the bench type and benched once; runs/<recipe>/sweep.json holds the retention-vs-speed points.
+
+    The students share the recipe's run directory, so the teacher's answers are generated once; each depth is
+    its own distill/merge/eval/export/bench key. Per student, eval skips the before-distillation model, export
+    writes only the GGUF type bench runs, and bench runs once without the served or per-file timings.
+    """
+    import json
+
+    from toolchain.recipe import RecipeError
+    from toolchain.served import default_quant
+    from toolchain.ui import console
+
+    if cfg.student.from_ != "teacher":
+        raise RecipeError(f"{cfg.source}: sweep varies how many teacher layers the student keeps; student.from must be 'teacher'")
+    if isinstance(cfg.student.select, list):
+        raise RecipeError(f"{cfg.source}: sweep needs student.select 'influence' or 'even', not explicit indices")
+    quant = cfg.bench.quant or default_quant(cfg, "llama_cpp")
+    students = []
+    for k in keep_layers:
+        console.print(f"[bold]sweep: {k} layers[/]")
+        variant = cfg.model_copy(update={
+            "student": cfg.student.model_copy(update={"keep_layers": k}),
+            "eval": cfg.eval.model_copy(update={"base": False}),
+            "export": cfg.export.model_copy(update={"formats": ["gguf"], "quants": [quant], "score": False}),
+            "bench": cfg.bench.model_copy(update={"backend": "llama_cpp", "quant": quant, "repeats": 1,
+                                                  "served": False, "each_file": False}),
+        })
+        done = run_stages(variant, runs_root, until="bench", gate=False)
+        ev = json.loads((done["eval"] / "eval.json").read_text(encoding="utf-8"))["retention"]["overall"]
+        bench = json.loads((done["bench"] / "bench.json").read_text(encoding="utf-8"))
+        merge = json.loads((done["merge"] / "merge_check.json").read_text(encoding="utf-8"))
+        students.append({"keep_layers": k, "parameters": merge["student_params"], "teacher_gold": ev["teacher"],
+                         "student_gold": ev["student"], "retention": ev["retention"],
+                         "decode_tps": bench["summary"]["student"]["decode_tps"]["median"],
+                         "teacher_decode_tps": bench["summary"]["teacher"]["decode_tps"]["median"],
+                         "bytes": bench["bytes"]["student"], "quant": quant,
+                         "dirs": {s: str(p) for s, p in done.items()}})
+    out = RunDir.for_recipe(runs_root, cfg.name).root / "sweep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"recipe": cfg.name, "quant": quant, "students": students}, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out

@@ -216,15 +216,33 @@ class ExportConfig(_Section):
 
 
 class ServeConfig(_Section):
-    host: str = Field("127.0.0.1", description="Bind address; non-loopback needs an API key.")
+    host: str = Field("127.0.0.1", description="Bind address; a non-loopback address needs an API key.")
     port: int = Field(8088, ge=1, le=65535)
-    max_prompt_tokens: int = Field(2048, ge=1)
-    max_new_tokens: int = Field(512, ge=1)
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longer prompts get 400 (context_length_exceeded).")
+    max_new_tokens: int = Field(512, ge=1, description="The most tokens one request may ask for (400 beyond).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    max_queue: int = Field(64, ge=1, description="Requests waiting or running at once; more get 429.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Used when a request does not say (0 = greedy).")
+    n_ctx: int = Field(4096, ge=256, description="llama.cpp context size.")
+
+
+class BenchConfig(_Section):
+    prompts: int = Field(16, ge=1, description="Held-out prompts per model and repeat.")
+    max_new_tokens: int = Field(128, ge=8, description="Tokens generated per prompt.")
+    repeats: int = Field(3, ge=1, description="Runs per model (teacher and student alternate); medians and spread reported.")
+    backend: Literal["llama_cpp", "onnxruntime"] = "llama_cpp"
+    quant: str | None = Field(None, description="Type both models run at (default q8_0 / int8); the teacher is rebuilt at it.")
+    served: bool = Field(True, description="Also measure the student through `distillery serve` (streamed) against raw.")
+    each_file: bool = Field(True, description="Also time every exported file once (speed per quantization, for the report).")
 
 
 class CostConfig(_Section):
     usd_per_hour: float = Field(0.10, ge=0.0, description="What the serving hardware costs per hour.")
     reference_api_usd_per_1m_output: float = Field(10.0, ge=0.0, description="Frontier API price being replaced.")
+    reference_api_usd_per_1m_input: float = Field(2.5, ge=0.0, description="Its price per 1M prompt tokens.")
+    distill_hardware_usd_per_hour: float = Field(
+        0.10, ge=0.0, description="What the machine that ran generate + distill costs per hour (one-time cost, for ROI)."
+    )
 
 
 class LicenceConfig(_Section):
@@ -248,6 +266,7 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     licence: LicenceConfig = Field(default_factory=LicenceConfig)
 

@@ -138,7 +138,7 @@ def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
                          distill__lora={"r": 4, "alpha": 8}, eval__max_new_tokens=24,
                          export__formats=["gguf"], export__quants=["q8_0"], export__score=False)
     runs = tmp_path / "runs"
-    distillery("run", str(recipe), "--runs", str(runs), "--no-gate")
+    distillery("run", str(recipe), "--runs", str(runs), "--no-gate", "--until", "export")
     dirs = stage_dirs(runs, "gemma-ci")
     rows = [json.loads(l) for l in (dirs["generate"] / "responses.jsonl").read_text().splitlines()]
     assert len(rows) == 10

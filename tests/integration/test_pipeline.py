@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 def test_chain_generate_distill_merge_eval(ci_run):
     recipe, runs, proc = ci_run
     dirs = _stage_dirs(runs, "ci")
-    assert set(dirs) == {"generate", "distill", "merge", "eval", "export"}
+    assert set(dirs) == {"generate", "distill", "merge", "eval", "export", "bench"}
     gen = json.loads((dirs["generate"] / "manifest.json").read_text())
     assert gen["metrics"]["answers"] == 12 + 4
     assert gen["metrics"]["kept"] + gen["metrics"]["dropped_empty"] + gen["metrics"]["dropped_truncated"] == 12
@@ -129,11 +129,12 @@ def test_rerun_skips_and_one_distill_field_reruns_only_downstream(ci_run, tmp_pa
     recipe, runs, _ = ci_run
     before = _stage_dirs(runs, "ci")
     again = distillery("run", str(recipe), "--runs", str(runs))
-    assert again.stderr.count("up to date") == 4
+    assert again.stderr.count("up to date") == 6  # generate, distill, merge, eval, export, bench
     changed = _recipe(recipe.parent, "ci", distill__lr=3e-4)
     st = distillery("status", str(changed), "--runs", str(runs)).stdout.split("\n")
     states = {line.split()[0]: line.split()[1] for line in st if line.strip()}
-    assert states == {"generate": "done", "distill": "stale", "merge": "stale", "eval": "stale"}
+    assert states == {"generate": "done", "distill": "stale", "merge": "stale", "eval": "stale", "export": "stale",
+                      "bench": "stale"}
     proc = distillery("run", str(changed), "--runs", str(runs), "--until", "merge")
     assert "generate: up to date" in proc.stderr
     assert "▶ distill" in proc.stderr and "▶ merge" in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,37 @@ class LlamaCppEngine:
                 break
             self.llm.eval([tok])
         return out
+
+    def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None) -> Iterator[int]:
+        """Sampled (or, at temperature 0, greedy) token ids until end of turn or ``max_tokens``; the end-of-turn
+        token is not yielded. llama.cpp reuses the KV cache of the longest prefix shared with the last call."""
+        if seed is not None:
+            self.llm.set_seed(seed)
+        count = 0
+        for tok in self.llm.generate(list(ids), temp=temperature, top_p=top_p, top_k=0 if temperature > 0 else 1,
+                                     min_p=0.0, reset=True):
+            if tok in self.eos_ids or count >= max_tokens:
+                return
+            yield tok
+            count += 1
+            if count >= max_tokens:
+                return
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    def chat_text(self, messages: list[dict]) -> str:
+        """The GGUF's own chat template (``tokenizer.chat_template``) applied to ``messages``."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{self.path.name} has no chat template; use /v1/completions")
+        vocab = self.llm
+        formatter = Jinja2ChatFormatter(template, eos_token=vocab.detokenize([vocab.token_eos()]).decode(),
+                                        bos_token=vocab.detokenize([vocab.token_bos()]).decode())
+        return formatter(messages=messages).prompt
 
     def close(self) -> None:
         self.llm.close()

@@ -7,6 +7,7 @@ later call feeds one token and the ``present.*`` outputs of the step before.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,20 +60,37 @@ class OnnxEngine:
         """Logits at every position of ``ids`` [n, vocab] in one pass."""
         return self._step(list(ids), self._empty_past(), 0)[0]
 
-    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
-        """Greedy continuation token ids (the stop token included when reached)."""
-        stop = self.eos_ids if stop_ids is None else stop_ids
+    def _tokens(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
+                stop: set[int]) -> Iterator[int]:
+        """Token ids, the stop token included when reached: the prompt in one pass, then one token per step."""
+        rng = np.random.default_rng(seed)
         logits, past = self._step(list(ids), self._empty_past(), 0)
-        out: list[int] = []
         pos = len(ids)
-        for _ in range(max_new_tokens):
-            tok = int(np.argmax(logits[-1]))
-            out.append(tok)
+        for _ in range(max_tokens):
+            tok = _pick(logits[-1], temperature, top_p, rng)
+            yield tok
             if tok in stop:
-                break
+                return
             logits, past = self._step([tok], past, pos)
             pos += 1
-        return out
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
+        """Greedy continuation token ids (the stop token included when reached)."""
+        return list(self._tokens(ids, max_new_tokens, 0.0, 1.0, None, self.eos_ids if stop_ids is None else stop_ids))
+
+    def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None) -> Iterator[int]:
+        """Sampled (greedy at temperature 0) token ids until end of turn (not yielded) or ``max_tokens``."""
+        for tok in self._tokens(ids, max_tokens, temperature, top_p, seed, self.eos_ids):
+            if tok in self.eos_ids:
+                return
+            yield tok
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def chat_text(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def complete(self, text: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: list[str] | None = None) -> Completion:
@@ -88,8 +106,23 @@ class OnnxEngine:
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None) -> Completion:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.complete(text, max_tokens, temperature, top_p, seed)
+        return self.complete(self.chat_text(messages), max_tokens, temperature, top_p, seed)
 
     def close(self) -> None:
         self.session = None
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Argmax at temperature 0; otherwise a sample from the tempered distribution cut to its top-p mass."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int(rng.choice(len(p), p=p))

@@ -149,18 +149,10 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref
     base = work / "student-f32.gguf"
     if not base.is_file():
         bar.update(task, info="gguf: convert")
-        source = tokenizer_source(cfg)
-        raw = work / "converted-f32.gguf"
-        gguf_io.convert(merged, raw, "f32", keep_vocab=source is None)
         meta = {"general.name": f"{cfg.name} student", "general.organization": "distillery"}
         if licence:
             meta["general.license"] = licence
-        if source is not None:
-            gguf_io.transplant_tokenizer(source, raw, work / "student-f32.tmp", meta)
-            os.replace(work / "student-f32.tmp", base)
-            raw.unlink()
-        else:
-            os.replace(raw, base)
+        gguf_io.build_float(merged, base, tokenizer_source(cfg), meta)
     results = []
     (out_dir / "gguf").mkdir(exist_ok=True)
     for quant in cfg.export.quants:

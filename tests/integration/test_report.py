@@ -1,0 +1,72 @@
+"""bench, report and sweep on the CI recipe: the numbers are there and consistent, the report opens in a real
+headless browser, and a sweep adds its students and Pareto front."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import distillery
+
+pytestmark = pytest.mark.integration
+
+
+def _bench(runs: Path) -> dict:
+    return json.loads((sorted((runs / "ci").glob("bench-*"))[0] / "bench.json").read_text())
+
+
+def test_bench_compares_teacher_and_student_at_the_same_quant(ci_run):
+    _, runs, _ = ci_run
+    b = _bench(runs)
+    assert b["quant"] == "q8_0" and b["files"]["teacher"].endswith("-q8_0.gguf")  # the teacher rebuilt at q8_0
+    for role in ("teacher", "student"):
+        s = b["summary"][role]
+        assert len(s["decode_tps"]["runs"]) == b["repeats"] == 2
+        assert s["decode_tps"]["min"] <= s["decode_tps"]["median"] <= s["decode_tps"]["max"]
+        assert s["peak_rss_bytes"]["median"] > 50e6 and s["ttft_ms"]["median"] > 0
+    r = b["ratios"]
+    assert r["decode_tps"] == pytest.approx(b["summary"]["student"]["decode_tps"]["median"]
+                                            / b["summary"]["teacher"]["decode_tps"]["median"])
+    assert r["size"] < 0.6  # 8 of 30 layers
+    usd = b["usd_per_1m_output_tokens"]
+    assert usd["student"] == pytest.approx(0.10 / 3600 * b["summary"]["student"]["seconds_per_output_token"]["median"] * 1e6)
+    assert r["student_cost_vs_api"] == pytest.approx(usd["student"] / 10.0)
+    assert b["break_even"]["one_time_seconds"] > 0 and b["break_even"]["output_tokens"] > 0
+    assert 0 < b["served"]["decode_ratio_vs_raw"] < 5
+    assert {(f["format"], f["variant"]) for f in b["per_file"]} == {
+        ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8")}
+
+
+def test_report_html_renders_in_headless_chromium(ci_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from toolchain.report import screenshot
+
+    _, runs, proc = ci_run
+    page = runs / "ci" / "report" / "report.html"
+    assert str(page) in proc.stdout  # `distillery run` wrote it
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 3 and "http" not in text.split("<body>")[1].split("Teacher")[0]
+    for heading in ("Speed and cost", "Quality (lm-eval", "Exported files"):
+        assert heading in text
+    png = screenshot(page, tmp_path / "report.png", height=2400)
+    image = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
+    assert image.shape == (2400, 1200)
+    assert image.std() > 20  # text, tables and charts, not a blank page
+    assert (image < 128).mean() > 0.01
+
+
+def test_sweep_adds_students_and_a_pareto_front(ci_run):
+    recipe, runs, _ = ci_run
+    proc = distillery("sweep", str(recipe), "--runs", str(runs), "--keep-layers", "4,8", timeout=1800)
+    sweep = json.loads((runs / "ci" / "sweep.json").read_text())
+    depths = [s["keep_layers"] for s in sweep["students"]]
+    assert depths == [4, 8]
+    four, eight = sweep["students"]
+    assert four["parameters"] < eight["parameters"] and four["bytes"] < eight["bytes"]
+    assert all(s["decode_tps"] > 0 for s in sweep["students"])
+    html = (runs / "ci" / "report" / "report.html").read_text()
+    assert "Sweep: layers kept" in html and "Pareto" in html and str(runs / "ci" / "report" / "report.html") in proc.stdout
+    bad = distillery("sweep", str(recipe), "--runs", str(runs), "--keep-layers", "4,x", check=False)
+    assert bad.returncode == 2 and "--keep-layers" in bad.stderr

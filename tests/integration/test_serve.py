@@ -1,0 +1,185 @@
+"""distillery serve on the CI recipe's exported student GGUF, talked to with the official openai client and
+lm-eval's API models: what a user's own tools see."""
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT, distillery, recipe_copy
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-test-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, recipe, runs, *extra):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "toolchain.cli", "serve", str(recipe), "--runs", str(runs), "--port", str(self.port),
+             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "DISTILLERY_NO_PROGRESS": "1"})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if json.loads(r.read())["status"] == "ok":
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError("server did not come up")
+
+    def client(self, key=KEY):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def post(self, path, body: bytes, key=KEY):
+        req = urllib.request.Request(f"{self.url}{path}", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(ci_run, tmp_path_factory):
+    recipe, runs, _ = ci_run
+    limited = recipe_copy(tmp_path_factory.mktemp("serve"), "ci", serve__max_queue=8, serve__max_prompt_tokens=200,
+                          serve__max_new_tokens=64, serve__max_body_bytes=20000)
+    srv = Running(limited, runs, "--api-key", KEY)
+    yield srv
+    srv.stop()
+
+
+def test_chat_completion_and_streaming_with_usage_and_cost(server):
+    client = server.client()
+    assert [m.id for m in client.models.list()] == ["ci-student-q8_0"]
+    r = client.chat.completions.create(model="ci-student-q8_0", max_tokens=16,
+                                       messages=[{"role": "user", "content": "What is the capital of Peru?"}])
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+    u = r.usage
+    assert u.prompt_tokens > 5 and 1 <= u.completion_tokens <= 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    cost = r.model_extra["cost"]
+    assert cost["wall_ms"] >= cost["ttft_ms"] > 0 and cost["usd"] > 0 and cost["reference_usd"] > 0
+    assert cost["usd"] == pytest.approx(cost["wall_ms"] / 1000 / 3600 * 0.10, rel=1e-3)  # wall_ms is rounded
+    assert cost["reference_usd"] == pytest.approx((u.prompt_tokens * 2.5 + u.completion_tokens * 10.0) / 1e6)
+
+    stream = client.chat.completions.create(model="x", max_tokens=16, stream=True, stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "What is the capital of Peru?"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content  # greedy by default: the same answer streamed
+    assert chunks[-1].usage.completion_tokens == u.completion_tokens and "cost" in chunks[-1].model_extra
+
+
+def test_completion_endpoint_plain_and_streamed(server):
+    client = server.client()
+    r = client.completions.create(model="m", prompt="The capital of France is", max_tokens=8)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="m", prompt="The capital of France is",
+                                                                            max_tokens=8, stream=True))
+    assert r.choices[0].text == streamed and r.usage.completion_tokens >= 1
+    # a stop string taken from the unconstrained answer: the answer ends just before it
+    free = client.completions.create(model="m", prompt="Count: 1, 2, 3,", max_tokens=20).choices[0].text
+    word = next(w for w in free.split()[1:] if w not in free.split()[0])
+    cut = client.completions.create(model="m", prompt="Count: 1, 2, 3,", max_tokens=20, stop=[word])
+    assert cut.choices[0].text == free[: free.index(word)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_requests_get_answers_or_clean_429(server):
+    from openai import RateLimitError
+
+    client = server.client()
+
+    def ask(i):
+        try:
+            r = client.chat.completions.create(model="m", max_tokens=8,
+                                               messages=[{"role": "user", "content": f"Say the number {i}."}])
+            return 200 if r.usage.completion_tokens >= 1 else -1
+        except RateLimitError:
+            return 429
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(ask, range(32)))
+    assert set(codes) <= {200, 429} and codes.count(200) >= 8  # max_queue 8: the rest are turned away cleanly
+    assert server.proc.poll() is None
+    with urllib.request.urlopen(f"{server.url}/health") as r:
+        assert json.loads(r.read())["status"] == "ok"
+    req = urllib.request.Request(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    metrics = urllib.request.urlopen(req).read().decode()
+    served = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("distillery_generations_total"))
+    assert served >= codes.count(200) and "distillery_cost_usd_total" in metrics
+    assert 'status="429"' in metrics or codes.count(429) == 0
+
+
+def test_bad_requests_are_4xx_with_a_message(server):
+    from openai import AuthenticationError, BadRequestError
+
+    with pytest.raises(AuthenticationError):
+        server.client(key="wrong").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(BadRequestError, match="context_length_exceeded|at most 200"):
+        server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 400}])
+    status, body = server.post("/v1/chat/completions", b'{"messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = server.post("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": 7}).encode())
+    assert status == 400 and "temperature" in body["error"]["message"]
+    status, body = server.post("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}).encode())
+    assert status == 400 and "max_tokens" in body["error"]["message"]
+    status, body = server.post("/v1/completions", json.dumps({"prompt": "x" * 30000}).encode())
+    assert status == 413 and "limit" in body["error"]["message"]
+    assert server.proc.poll() is None
+
+
+def test_lm_eval_api_models_evaluate_a_task_against_the_server(server, ci_run, tmp_path, monkeypatch):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from toolchain.recipe import load
+    from toolchain.stages.eval import heldout_rows, write_tasks
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # lm-eval's API models send this as the bearer token
+    recipe, runs, _ = ci_run
+    cfg = load(recipe)
+    gen = sorted((runs / "ci").glob("generate-*"))[0]
+    merge = sorted((runs / "ci").glob("merge-*"))[0]
+    names = write_tasks(cfg, heldout_rows(cfg, gen), AutoTokenizer.from_pretrained(merge / "model"), tmp_path, "student")
+    generation = [n for n in names if not n.endswith("_ppl")]
+    out = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args=f"base_url={server.url}/v1/chat/completions,model=ci-student-q8_0,max_gen_toks=32",
+        tasks=generation, task_manager=TaskManager(include_path=str(tmp_path / "student"), include_defaults=False),
+        apply_chat_template=True, limit=2)
+    for name in generation:
+        assert "exact,none" in out["results"][name] and "chrf,none" in out["results"][name]
+
+
+def test_non_loopback_without_a_key_refuses_to_start(ci_run):
+    recipe, runs, _ = ci_run
+    proc = distillery("serve", str(recipe), "--runs", str(runs), "--host", "0.0.0.0", check=False, timeout=60)
+    assert proc.returncode == 2 and "without an API key" in proc.stderr and "Traceback" not in proc.stderr

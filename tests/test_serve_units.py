@@ -1,0 +1,72 @@
+"""Server and report pieces that need no model: text assembly, request checks, the Pareto front, the HTML."""
+
+import pytest
+
+from toolchain.server import ChatRequest, CompletionRequest, RequestError, TextStream, _parse, is_loopback
+
+
+class ByteEngine:
+    """Token id = one UTF-8 byte: multi-byte characters span tokens, as with a byte-level BPE."""
+
+    def detokenize(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _feed(stop, text):
+    out = TextStream(ByteEngine(), stop)
+    pieces = []
+    for b in text.encode():
+        pieces.append(out.push(b))
+        if out.stopped:
+            break
+    pieces.append(out.flush())
+    return pieces, out
+
+
+def test_text_stream_never_splits_a_character_and_cuts_at_stop():
+    pieces, out = _feed([], "naïve 😀 ok")
+    assert "".join(pieces) == "naïve 😀 ok" and all("\ufffd" not in p for p in pieces)
+    pieces, out = _feed(["\nQ:"], "answer\nQ: next")
+    assert "".join(pieces) == "answer" and out.stopped
+    # a tail that could still become the stop string is held back, then released when it does not
+    out = TextStream(ByteEngine(), ["END"])
+    emitted = "".join(out.push(b) for b in b"x EN")
+    assert emitted == "x "  # "EN" might be the start of "END"
+    emitted += "".join(out.push(b) for b in b" y") + out.flush()
+    assert emitted == "x EN y" and not out.stopped
+
+
+def test_requests_are_checked_with_messages_naming_the_field():
+    ok = _parse(ChatRequest, b'{"messages": [{"role": "user", "content": "hi"}], "stop": "x"}')
+    assert ok.stop == ["x"] and ok.temperature is None and ok.n == 1
+    for body, field in ((b'{"messages": []}', "messages"), (b'{"messages": [{"role": "robot", "content": "hi"}]}', "role"),
+                        (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 0}', "top_p"),
+                        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
+                        (b'{"prompt": "a", "stop": ["", "b"]}', "stop"), (b"[1, 2]", "JSON object"),
+                        (b"{nope", "not valid JSON")):
+        with pytest.raises(RequestError) as err:
+            _parse(CompletionRequest if b"prompt" in body else ChatRequest, body)
+        assert err.value.status == 400 and field in err.value.message
+    content_parts = _parse(ChatRequest, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},'
+                                        b' {"type": "text", "text": "b"}]}]}')
+    assert content_parts.messages[0].text() == "ab"
+
+
+def test_loopback_detection():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.com")
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from toolchain.report import pareto
+
+    points = [(100, 0.5), (150, 0.4), (120, 0.3), (90, 0.6), (150, 0.45)]
+    assert pareto(points) == [3, 0, 4]
+
+
+def test_markdown_to_html_tables_code_and_images():
+    from toolchain.report import _md_to_html
+
+    page = _md_to_html("# T\n\n| a | b |\n|---|---:|\n| 1 | **2** |\n\n```\nx < y\n```\n![c](data:image/png;base64,AA==)\n")
+    assert "<h1>T</h1>" in page and "<td><b>2</b></td>" in page and "<th>a</th>" in page
+    assert "<pre>x &lt; y</pre>" in page and '<img alt="c" src="data:image/png;base64,AA==">' in page

@@ -1,0 +1,146 @@
+"""Which file ``serve`` and ``bench`` load: the student from the recipe's finished export, the teacher from its own
+file or, to compare at the same quantization, rebuilt through the same export path and cached.
+
+    student, llama_cpp      runs/<recipe>/export-<key>/gguf/<recipe>-<quant>.gguf
+    student, onnxruntime    runs/<recipe>/export-<key>/onnx/<variant>/
+    teacher, llama_cpp      the teacher GGUF when it already is <quant>; otherwise converted + quantized once
+    teacher, onnxruntime    the teacher exported by optimum (+ quantized) once
+Rebuilt teachers live in ~/.cache/distillery/teachers/<sha256 of the teacher>-<quant>.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolchain import gguf_io, onnx_io
+from toolchain.models import ModelError, load_tokenizer, load_torch_model, resolve
+
+BACKENDS = ("llama_cpp", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Served:
+    path: Path  # a .gguf file or an ONNX folder
+    backend: str
+    model_id: str
+    role: str
+    quant: str
+
+
+def default_quant(cfg, backend: str) -> str:
+    if backend == "llama_cpp":
+        return "q8_0" if "q8_0" in cfg.export.quants else cfg.export.quants[0]
+    return "int8" if "int8" in cfg.export.onnx else cfg.export.onnx[0]
+
+
+def student(cfg, runs_root, backend: str, quant: str | None) -> Served:
+    from toolchain.pipeline import finished
+
+    quant = quant or default_quant(cfg, backend)
+    export = finished(cfg, runs_root, "export")
+    if backend == "llama_cpp":
+        path = export / "gguf" / f"{cfg.name}-{quant}.gguf"
+        listed = cfg.export.quants
+    else:
+        path = export / "onnx" / quant
+        listed = cfg.export.onnx
+    if not path.exists():
+        raise ModelError(f"{path}: not exported; the recipe's export lists {', '.join(listed)} for {backend}")
+    return Served(path, backend, f"{cfg.name}-student-{quant}", "student", quant)
+
+
+def teacher(cfg, backend: str, quant: str | None) -> Served:
+    ref = resolve(cfg.teacher)
+    if not ref.local:
+        raise ModelError(f"{cfg.teacher}: an endpoint teacher is already served; point clients at it")
+    if backend == "llama_cpp":
+        own = gguf_io.file_type(ref.path) if ref.kind == "gguf" else None
+        if quant is None or quant == own:
+            if ref.kind != "gguf":
+                quant = quant or "q8_0"
+            else:
+                return Served(ref.path, backend, f"{cfg.name}-teacher-{own}", "teacher", own or "gguf")
+        if quant not in gguf_io.FTYPES:
+            raise ModelError(f"unknown GGUF type '{quant}' (one of {', '.join(gguf_io.FTYPES)})")
+        return Served(_teacher_gguf(ref, quant), backend, f"{cfg.name}-teacher-{quant}", "teacher", quant)
+    quant = quant or "int8"
+    if quant not in onnx_io.ONNX_VARIANTS:
+        raise ModelError(f"unknown ONNX variant '{quant}' (one of {', '.join(onnx_io.ONNX_VARIANTS)})")
+    return Served(_teacher_onnx(ref, quant), backend, f"{cfg.name}-teacher-{quant}", "teacher", quant)
+
+
+def _cache(ref, suffix: str) -> Path:
+    folder = gguf_io.cache_root() / "teachers"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{ref.sha256()[:16]}-{suffix}"
+
+
+def _save_hf(ref, folder: Path) -> Path:
+    """The teacher as an HF directory (a GGUF teacher dequantized by transformers, as distill sees it)."""
+    model, tok = load_torch_model(ref), load_tokenizer(ref)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _teacher_gguf(ref, quant: str) -> Path:
+    out = _cache(ref, f"{quant}.gguf")
+    if out.is_file():
+        return out
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        hf = _save_hf(ref, Path(tmp) / "hf")
+        f32 = gguf_io.build_float(hf, Path(tmp) / "f32.gguf", ref.path if ref.kind == "gguf" else None,
+                                  {"general.name": "teacher", "general.organization": "distillery"})
+        staged = Path(tmp) / "out.gguf"
+        if quant == "f32":
+            shutil.copyfile(f32, staged)
+        else:
+            gguf_io.quantize(f32, staged, quant)
+        os.replace(staged, out)
+    return out
+
+
+def _teacher_onnx(ref, variant: str) -> Path:
+    out = _cache(ref, f"onnx-{variant}")
+    if (out / "model.onnx").is_file():
+        return out
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        hf = _save_hf(ref, Path(tmp) / "hf")
+        fp32 = onnx_io.export(hf, Path(tmp) / "fp32")
+        staged = Path(tmp) / "out"
+        if variant == "fp32":
+            shutil.copytree(fp32.parent, staged)
+        else:
+            onnx_io.quantize(fp32, staged, variant)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(staged, out)
+    return out
+
+
+def open_engine(served: Served, threads: int | None = None, n_ctx: int = 4096):
+    if served.backend == "llama_cpp":
+        from toolchain.backends.llama_cpp import LlamaCppEngine
+
+        return LlamaCppEngine(served.path, n_ctx=n_ctx, threads=threads)
+    from toolchain.backends.onnx import OnnxEngine
+
+    return OnnxEngine(served.path, threads=threads)
+
+
+def from_file(path: Path, backend: str | None) -> Served:
+    """Any .gguf file or ONNX folder, checked first."""
+    from toolchain.artifacts import inspect
+
+    path = Path(path)
+    kind = inspect(path)["format"]
+    if kind == "safetensors":
+        raise ModelError(f"{path}: serve a .gguf file or an ONNX folder (export the model first)")
+    want = "llama_cpp" if kind == "gguf" else "onnxruntime"
+    if backend and backend != want:
+        raise ModelError(f"{path}: a {kind} file runs on the {want} backend, not {backend}")
+    folder = path.parent if path.suffix == ".onnx" else path
+    return Served(folder if kind == "onnx" else path, want, path.stem if kind == "gguf" else folder.name, "file", kind)

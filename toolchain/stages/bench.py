@@ -1,0 +1,327 @@
+"""bench: teacher and student side by side on this machine, same prompts, same runtime, same quantization.
+
+Inputs: export (the student's files and their held-out scores), eval (the teacher's), generate (the held-out
+prompts), distill/generate manifests (what distillation cost, for the break-even).
+Outputs: bench.json (every run), bench.md (medians, spread, ratios, $/1M tokens, break-even).
+
+Each model runs in its own child process (so peak RSS is that model's), teacher and student alternating over
+``bench.repeats`` runs: load, one warm-up prompt, then ``bench.prompts`` chat prompts, greedy, up to
+``bench.max_new_tokens`` tokens each. Per prompt: time to first token, prompt tokens/s, decode tokens/s. With
+``bench.served`` the student is also asked through ``distillery serve`` (streamed, one request at a time) to
+show what the HTTP layer costs against the raw runtime.
+
+Cost: $/1M output tokens = hardware $/hour × the seconds this machine spends per output token (prompt
+processing included) at one request at a time. Break-even: the one-time cost of distillation (generate +
+distill + eval + export wall time at ``cost.distill_hardware_usd_per_hour``) divided by what each 1M output
+tokens saves against the reference API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from toolchain import served
+from toolchain.chat import messages_for
+from toolchain.runs import Manifest
+from toolchain.ui import console, progress
+
+HOURS_PER_MONTH = 730
+
+
+def child() -> None:
+    """Entry point of a measuring process: JSON settings on stdin, JSON results on stdout."""
+    args = json.loads(sys.stdin.read())
+    target = served.Served(Path(args["path"]), args["backend"], "bench", args["role"], args["quant"])
+    t0 = time.perf_counter()
+    engine = served.open_engine(target, n_ctx=4096)
+    load_s = time.perf_counter() - t0
+    prompts = [engine.tokenize(engine.chat_text(m["messages"]) if "messages" in m else m["text"]) for m in args["asks"]]
+    list(engine.stream(prompts[0], 8))  # warm-up: first-call allocations are not the model's speed
+    rows = []
+    for ids in prompts:
+        start = time.perf_counter()
+        first, n = None, 0
+        for _ in engine.stream(ids, args["max_new_tokens"]):
+            n += 1
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        rows.append(_timing(len(ids), n, start, first, end))
+    engine.close()
+    print(json.dumps({"load_s": load_s, "requests": rows, "peak_rss_bytes": _peak_rss()}))
+
+
+def _peak_rss() -> int:
+    """This process's high-water resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over from
+    the parent across fork + exec, so a child of a large process would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _timing(prompt_tokens: int, n: int, start: float, first: float | None, end: float) -> dict:
+    first = first or end
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "ttft_s": first - start, "wall_s": end - start,
+            "prompt_tps": prompt_tokens / (first - start) if first > start else None,
+            "decode_tps": (n - 1) / (end - first) if n > 1 and end > first else None}
+
+
+def _asks(cfg, role: str, prompts: list[str]) -> list[dict]:
+    """What each model is asked: a chat turn, or for a base teacher its plain-text prompt template (as generate)."""
+    if role == "teacher" and cfg.generate.prompt_template:
+        return [{"text": cfg.generate.prompt_template.replace("{prompt}", p)} for p in prompts]
+    return [{"messages": messages_for(p, cfg.generate.system_prompt)} for p in prompts]
+
+
+def _measure(target: served.Served, asks: list[dict], max_new_tokens: int) -> dict:
+    payload = json.dumps({"path": str(target.path), "backend": target.backend, "role": target.role,
+                          "quant": target.quant, "asks": asks, "max_new_tokens": max_new_tokens})
+    done = subprocess.run([sys.executable, "-c", "from toolchain.stages.bench import child; child()"], input=payload,
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        tail = [ln for ln in done.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
+        raise RuntimeError(f"bench of {target.path} failed: {tail[0]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Per-run aggregates (tokens over time, not a mean of ratios), then median and spread over runs."""
+    per_run = []
+    for r in runs:
+        reqs = r["requests"]
+        decode_tokens = sum(q["completion_tokens"] - 1 for q in reqs if q["completion_tokens"] > 1)
+        decode_time = sum(q["wall_s"] - q["ttft_s"] for q in reqs if q["completion_tokens"] > 1)
+        per_run.append({
+            "decode_tps": decode_tokens / decode_time if decode_time else None,
+            "prompt_tps": sum(q["prompt_tokens"] for q in reqs) / sum(q["ttft_s"] for q in reqs),
+            "ttft_ms": 1000 * statistics.median(q["ttft_s"] for q in reqs),
+            "seconds_per_output_token": sum(q["wall_s"] for q in reqs) / max(1, sum(q["completion_tokens"] for q in reqs)),
+            "output_tokens": sum(q["completion_tokens"] for q in reqs),
+            "peak_rss_bytes": r.get("peak_rss_bytes"),
+            "load_s": r.get("load_s"),
+        })
+    out = {}
+    for key in per_run[0]:
+        values = [p[key] for p in per_run if p[key] is not None]
+        if values:
+            out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+    return out
+
+
+def _served(target: served.Served, messages: list, max_new_tokens: int) -> dict:
+    """The student through the real server (a child process), streamed, one request at a time."""
+    from openai import OpenAI
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import sys; from toolchain import served; from toolchain.server import Settings, serve; "
+            f"t = served.Served(__import__('pathlib').Path({str(target.path)!r}), {target.backend!r}, 'bench', 'student', {target.quant!r}); "
+            f"serve(served.open_engine(t, n_ctx=4096), Settings(model_id='bench', max_new_tokens={max_new_tokens}, "
+            f"system_prompt=None), '127.0.0.1', {port})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0, timeout=600)
+        deadline = time.time() + 120
+        while True:
+            try:
+                client.models.list()
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"bench server did not start: {proc.stderr.read()[-300:]}")
+                time.sleep(0.3)
+        rows = []
+        for i, m in enumerate([messages[0]] + messages):
+            start = time.perf_counter()
+            first, n = None, 0
+            for chunk in client.chat.completions.create(model="bench", messages=m, max_tokens=max_new_tokens,
+                                                        temperature=0, stream=True, stream_options={"include_usage": True}):
+                if chunk.usage is not None:
+                    n = chunk.usage.completion_tokens
+                elif chunk.choices and chunk.choices[0].delta.content and first is None:
+                    first = time.perf_counter()
+            end = time.perf_counter()
+            if i:  # the first request warms up, as in the raw runs
+                rows.append(_timing(0, n, start, first, end))
+        return {"requests": rows}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _quality(export_report: dict, eval_report: dict, backend: str, quant: str) -> tuple[float | None, float | None]:
+    fmt = "gguf" if backend == "llama_cpp" else "onnx"
+    row = next((r for r in export_report["files"] if r["format"] == fmt and r["variant"] == quant), None)
+    student = row.get("gold") if row and row.get("gold") is not None else eval_report["retention"]["overall"]["student"]
+    return eval_report["retention"]["overall"]["teacher"], student
+
+
+def _distill_cost_s(inputs: dict[str, Path]) -> float:
+    """Wall seconds the distillation itself took: generate, distill, eval and export, from their manifests."""
+    total = 0.0
+    for stage in ("generate", "distill", "merge", "eval", "export"):
+        if stage in inputs and (inputs[stage] / "manifest.json").is_file():
+            total += json.loads((inputs[stage] / "manifest.json").read_text())["timings"]["wall_s"]
+    return total
+
+
+def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+    from toolchain.stages.eval import heldout_rows
+
+    b = cfg.bench
+    quant = b.quant or served.default_quant(cfg, b.backend)
+    export_report = json.loads((inputs["export"] / "export.json").read_text(encoding="utf-8"))
+    eval_report = json.loads((inputs["eval"] / "eval.json").read_text(encoding="utf-8"))
+    folder = "gguf" if b.backend == "llama_cpp" else "onnx"
+    path = inputs["export"] / folder / (f"{cfg.name}-{quant}.gguf" if folder == "gguf" else quant)
+    if not path.exists():
+        raise ValueError(f"bench: the student was not exported as {quant} for {b.backend} (see export.quants / export.onnx)")
+    student = served.Served(path, b.backend, f"{cfg.name}-student-{quant}", "student", quant)
+    console.print(f"  bench: teacher at {quant} ({b.backend})")
+    teacher = served.teacher(cfg, b.backend, quant)
+    rows = heldout_rows(cfg, inputs["generate"])[: b.prompts]
+    prompts = [rows[0]["prompt"]] + [r["prompt"] for r in rows]  # the first prompt is the child's warm-up
+    asks = {role: _asks(cfg, role, prompts) for role in ("teacher", "student")}
+
+    runs: dict[str, list] = {"teacher": [], "student": []}
+    with progress() as bar:
+        task = bar.add_task("bench", total=2 * b.repeats + int(b.served), info="")
+        for rep in range(b.repeats):
+            order = (teacher, student) if rep % 2 == 0 else (student, teacher)
+            for target in order:
+                bar.update(task, info=f"{target.role} run {rep + 1}")
+                runs[target.role].append(_measure(target, asks[target.role], b.max_new_tokens))
+                bar.update(task, advance=1)
+        files = _exported(inputs["export"], export_report) if b.each_file else []
+        bar.update(task, total=2 * b.repeats + int(b.served) + len(files))
+        per_file = []
+        for target, row in files:
+            bar.update(task, info=f"{row['format']} {row['variant']}")
+            speed = _summary([_measure(target, asks["student"], b.max_new_tokens)])
+            per_file.append({"format": row["format"], "variant": row["variant"], "bytes": row["bytes"],
+                             "gold": row.get("gold"), "retention": row.get("retention"),
+                             "decode_tps": speed["decode_tps"]["median"] if "decode_tps" in speed else None,
+                             "seconds_per_output_token": speed["seconds_per_output_token"]["median"]})
+            bar.update(task, advance=1)
+        served_runs = []
+        if b.served:
+            bar.update(task, info="student served")
+            served_runs.append(_served(student, [a["messages"] for a in asks["student"][1:]], b.max_new_tokens))
+            bar.update(task, advance=1)
+
+    sizes = {"teacher": _size(teacher.path), "student": _size(student.path)}
+    summary = {role: _summary(r) for role, r in runs.items()}
+    teacher_gold, student_gold = _quality(export_report, eval_report, b.backend, quant)
+    c = cfg.cost
+    usd = {role: c.usd_per_hour / 3600 * summary[role]["seconds_per_output_token"]["median"] * 1e6 for role in runs}
+    one_time_s = _distill_cost_s(inputs)
+    one_time_usd = one_time_s / 3600 * c.distill_hardware_usd_per_hour
+    saving = c.reference_api_usd_per_1m_output - usd["student"]
+    report = {
+        "recipe": cfg.name, "backend": b.backend, "quant": quant, "prompts": len(rows), "repeats": b.repeats,
+        "max_new_tokens": b.max_new_tokens, "threads": os.cpu_count(),
+        "files": {"teacher": str(teacher.path), "student": str(student.path)}, "bytes": sizes,
+        "summary": summary, "runs": runs, "per_file": per_file,
+        "quality": {"teacher_gold": teacher_gold, "student_gold": student_gold,
+                    "retention": student_gold / teacher_gold if teacher_gold and student_gold is not None else None},
+        "usd_per_1m_output_tokens": usd,
+        "reference_api_usd_per_1m_output": c.reference_api_usd_per_1m_output,
+        "ratios": _ratios(summary, sizes, usd, c.reference_api_usd_per_1m_output),
+        "break_even": {"one_time_seconds": one_time_s, "one_time_usd": one_time_usd,
+                       "saving_usd_per_1m_output": saving,
+                       "output_tokens": one_time_usd / saving * 1e6 if saving > 0 else None,
+                       "capacity_tokens_per_month": 3600 * HOURS_PER_MONTH / summary["student"]["seconds_per_output_token"]["median"],
+                       "hardware_usd_per_month": c.usd_per_hour * HOURS_PER_MONTH},
+        "settings": {"usd_per_hour": c.usd_per_hour, "distill_hardware_usd_per_hour": c.distill_hardware_usd_per_hour},
+    }
+    if served_runs:
+        raw = summary["student"]["decode_tps"]["median"]
+        srv = _summary(served_runs)
+        report["served"] = {"summary": srv, "decode_ratio_vs_raw": srv["decode_tps"]["median"] / raw if raw else None}
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "bench.md").write_text(render_markdown(report), encoding="utf-8")
+    console.print(render_markdown(report).split("\n\n", 2)[1], highlight=False, soft_wrap=True)
+    r = report["ratios"]
+    return Manifest(metrics={"decode_speedup": r["decode_tps"], "cost_ratio_vs_api": r["student_cost_vs_api"],
+                             "served_vs_raw": report.get("served", {}).get("decode_ratio_vs_raw")})
+
+
+def _exported(export_dir: Path, export_report: dict) -> list[tuple[served.Served, dict]]:
+    """Every file export wrote, with its export.md row (one bench run each: speed per quantization)."""
+    out = []
+    for row in export_report["files"]:
+        path = export_dir / row["file"]
+        if row["format"] == "gguf":
+            out.append((served.Served(path, "llama_cpp", row["variant"], "student", row["variant"]), row))
+        else:
+            out.append((served.Served(path.parent, "onnxruntime", row["variant"], "student", row["variant"]), row))
+    return out
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _ratios(summary: dict, sizes: dict, usd: dict, api: float) -> dict:
+    def ratio(key):
+        t, s = summary["teacher"].get(key), summary["student"].get(key)
+        return s["median"] / t["median"] if s and t and t["median"] else None
+
+    return {"decode_tps": ratio("decode_tps"), "prompt_tps": ratio("prompt_tps"),
+            "ttft": ratio("ttft_ms"), "peak_rss": ratio("peak_rss_bytes"),
+            "size": sizes["student"] / sizes["teacher"], "usd_per_1m": usd["student"] / usd["teacher"],
+            "student_cost_vs_api": usd["student"] / api if api else None}
+
+
+def _cell(stat: dict | None, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+    if not stat:
+        return "-"
+    return f"{fmt.format(stat['median'] * scale)} ({fmt.format(stat['min'] * scale)}–{fmt.format(stat['max'] * scale)})"
+
+
+def render_markdown(report: dict) -> str:
+    s, r, q = report["summary"], report["ratios"], report["quality"]
+    usd = report["usd_per_1m_output_tokens"]
+
+    def num(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    lines = [f"# Bench: {report['recipe']} ({report['backend']}, {report['quant']}, {report['threads']} threads)", "",
+             "| | teacher | student | student / teacher |", "|---|---:|---:|---:|",
+             f"| decode tokens/s | {_cell(s['teacher'].get('decode_tps'))} | {_cell(s['student'].get('decode_tps'))} | **{num(r['decode_tps'])}×** |",
+             f"| prompt tokens/s | {_cell(s['teacher'].get('prompt_tps'))} | {_cell(s['student'].get('prompt_tps'))} | {num(r['prompt_tps'])}× |",
+             f"| time to first token (ms) | {_cell(s['teacher'].get('ttft_ms'))} | {_cell(s['student'].get('ttft_ms'))} | {num(r['ttft'])}× |",
+             f"| peak RSS (MB) | {_cell(s['teacher'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | {_cell(s['student'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | {num(r['peak_rss'])}× |",
+             f"| size on disk (MB) | {report['bytes']['teacher'] / 1e6:.1f} | {report['bytes']['student'] / 1e6:.1f} | {num(r['size'])}× |",
+             f"| $ per 1M output tokens | {usd['teacher']:.4f} | {usd['student']:.4f} | {num(r['usd_per_1m'])}× |",
+             f"| held-out gold % | {num(q['teacher_gold'] and 100 * q['teacher_gold'], '{:.1f}')} | "
+             f"{num(q['student_gold'] and 100 * q['student_gold'], '{:.1f}')} | {num(q['retention'])} (retention) |",
+             "",
+             f"Median (min–max) over {report['repeats']} runs of {report['prompts']} held-out prompts, up to "
+             f"{report['max_new_tokens']} new tokens, greedy, teacher and student alternating, each in its own process.",
+             f"$ per 1M output tokens at ${report['settings']['usd_per_hour']}/hour, one request at a time, prompt "
+             f"processing included. Reference API: ${report['reference_api_usd_per_1m_output']}/1M output tokens → the "
+             f"student costs **1/{1 / r['student_cost_vs_api']:.0f}** of it." if r["student_cost_vs_api"] else "", ""]
+    be = report["break_even"]
+    if be["output_tokens"]:
+        lines.append(f"Break-even: distillation took {be['one_time_seconds'] / 60:.1f} machine-minutes "
+                     f"(${be['one_time_usd']:.4f} at ${report['settings']['distill_hardware_usd_per_hour']}/hour); each 1M "
+                     f"output tokens saves ${be['saving_usd_per_1m_output']:.2f}, so it pays back after "
+                     f"{be['output_tokens']:,.0f} output tokens. A dedicated machine (${be['hardware_usd_per_month']:.0f}/month) "
+                     f"serves up to {be['capacity_tokens_per_month'] / 1e6:,.0f}M output tokens a month at this speed.")
+    if "served" in report:
+        sv = report["served"]
+        lines += ["", f"Served through `distillery serve` (HTTP, streamed): decode {_cell(sv['summary'].get('decode_tps'))} "
+                      f"tokens/s = **{num(sv['decode_ratio_vs_raw'])}×** raw llama-cpp-python on the same file."]
+    return "\n".join(lines) + "\n"
