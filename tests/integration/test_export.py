@@ -57,7 +57,7 @@ def test_every_format_is_written_reloaded_and_checked(ci_run):
     assert 15.9 < files["gguf", "f16"]["bits_per_weight"] < 16.1
     assert 8.4 < files["gguf", "q8_0"]["bits_per_weight"] < 8.6
     assert files["gguf", "q4_k_m"]["bits_per_weight"] > 5.0
-    assert files["onnx", "int8"]["bytes"] < 0.7 * files["onnx", "fp32"]["bytes"]
+    assert files["onnx", "int8"]["bytes"] < 0.8 * files["onnx", "fp32"]["bytes"]
 
     teacher = resolve(TEACHER).path
     for q in ("f16", "q8_0", "q4_k_m"):

@@ -183,3 +183,27 @@ def test_non_loopback_without_a_key_refuses_to_start(ci_run):
     recipe, runs, _ = ci_run
     proc = distillery("serve", str(recipe), "--runs", str(runs), "--host", "0.0.0.0", check=False, timeout=60)
     assert proc.returncode == 2 and "without an API key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_onnxruntime_backend_serves_the_same_api(ci_run):
+    """The same app over the exported ONNX int8 student (in-process, through Starlette's test client)."""
+    from fastapi.testclient import TestClient
+
+    from toolchain import served
+    from toolchain.recipe import load
+    from toolchain.server import Settings, create_app
+
+    recipe, runs, _ = ci_run
+    target = served.student(load(recipe), runs, "onnxruntime", None)
+    assert target.quant == "int8" and (target.path / "model.onnx").is_file()
+    app = create_app(served.open_engine(target), Settings(model_id=target.model_id, max_new_tokens=16))
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "ci-student-int8" and 1 <= body["usage"]["completion_tokens"] <= 8
+        assert body["cost"]["decode_tokens_per_s"] is None or body["cost"]["decode_tokens_per_s"] > 0
+        with client.stream("POST", "/v1/completions", json={"prompt": "The sky is", "max_tokens": 6, "stream": True}) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) >= 3
+        assert client.post("/v1/completions", json={"prompt": "x", "temperature": -1}).status_code == 400
