@@ -15,6 +15,11 @@ from lm_eval.api.model import LM
 from toolchain.ui import progress
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 class EngineLM(LM):
     def __init__(self, engine, tokenizer, name: str):
         super().__init__()
@@ -59,8 +64,7 @@ class EngineLM(LM):
                 n_ctx = len(self.engine.tokenize(context))
                 cont = whole[n_ctx:]
                 logits = self.engine.logits(whole)[n_ctx - 1: len(whole) - 1].astype(np.float64)
-                logp = logits - logits.max(-1, keepdims=True)
-                logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+                logp = log_softmax(logits)
                 picked = logp[np.arange(len(cont)), cont]
                 out.append((float(picked.sum()), bool((logits.argmax(-1) == np.array(cont)).all())))
                 bar.update(task, advance=1)

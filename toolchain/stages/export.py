@@ -29,6 +29,7 @@ from toolchain import eval_metrics as em
 from toolchain import gguf_io, onnx_io
 from toolchain.artifacts import ExportError, check_safetensors
 from toolchain.chat import messages_for
+from toolchain.engine_lm import log_softmax
 from toolchain.models import resolve
 from toolchain.runs import RESUME_DIR, Manifest
 from toolchain.ui import console, progress
@@ -97,18 +98,13 @@ def compare(engine, ref: Reference) -> dict:
         got = engine.greedy(prompt, len(new), stop_ids=None) if new else []
         greedy_same += got == new
         have = engine.logits(prompt + new).astype(np.float64)
-        p = _log_softmax(want.astype(np.float64))
-        q = _log_softmax(have)
+        p = log_softmax(want.astype(np.float64))
+        q = log_softmax(have)
         kl.append(float((np.exp(p) * (p - q)).sum(-1).mean()))
         top1.append(float((want.argmax(-1) == have.argmax(-1)).mean()))
     return {"tokenizer_strings": len(ref.strings), "tokenizer_same_as_hf": same_hf, "tokenizer_same_as_source": same_src,
             "tokenizer_mismatches": mismatched[:5], "greedy_prompts": len(ref.greedy), "greedy_same": greedy_same,
             "top1_agreement": float(np.mean(top1)), "mean_kl": float(np.mean(kl))}
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def _verdict(kind: str, label: str, path: Path, checks: dict) -> None:
@@ -183,7 +179,7 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref
     return results
 
 
-def _onnx(cfg, merged: Path, out_dir: Path, work: Path, ref, rows, teacher_scores, bar, task):
+def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, teacher_scores, bar, task):
     """optimum export (float32) once, onnxruntime quantization per listed variant, check each."""
     from toolchain.backends.onnx import OnnxEngine
 
@@ -212,7 +208,6 @@ def _onnx(cfg, merged: Path, out_dir: Path, work: Path, ref, rows, teacher_score
         folder.parent.mkdir(exist_ok=True)
         os.replace(tmp, folder)
         described = onnx_io.check(folder / "model.onnx")
-        params = ref_params(merged)
         described["bits_per_weight"] = round(8 * described["bytes"] / params, 3)
         described["parameters"] = params
         engine = OnnxEngine(folder)
@@ -225,10 +220,6 @@ def _onnx(cfg, merged: Path, out_dir: Path, work: Path, ref, rows, teacher_score
         results.append(result)
         bar.update(task, advance=1)
     return results
-
-
-def ref_params(model_dir: Path) -> int:
-    return check_safetensors(model_dir / "model.safetensors")["parameters"]
 
 
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
@@ -256,7 +247,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         if "gguf" in cfg.export.formats:
             results += _gguf(cfg, merged, out_dir, work, licence, ref, rows, evaluation["scores"]["teacher"], bar, task)
         if "onnx" in cfg.export.formats:
-            results += _onnx(cfg, merged, out_dir, work, ref, rows, evaluation["scores"]["teacher"], bar, task)
+            results += _onnx(cfg, merged, safetensors["parameters"], out_dir, work, ref, rows,
+                             evaluation["scores"]["teacher"], bar, task)
 
     pytorch = {"format": "pytorch", "variant": "fp32", "file": "(merge) model/model.safetensors",
                "bytes": safetensors["bytes"], "parameters": safetensors["parameters"],
