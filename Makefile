@@ -10,11 +10,15 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-WHEELS ?= $(HOME)/.cache/distillery/wheels
 LLAMA_VERSION := 0.3.36
-# Portable x86-64 build of llama.cpp: a -march=native build enables AMX on Sapphire Rapids hosts, and its
-# batched prompt path then segfaults in virtual machines that do not grant AMX tile state.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON
+# Portable x86-64 build of llama.cpp (AVX2/FMA/F16C: Intel since Haswell, AMD since Zen 1). A -march=native
+# build enables AMX on Sapphire Rapids hosts, whose batched prompt path segfaults in virtual machines that do
+# not grant AMX tile state; an AVX512 + AVX-VNNI build dies with "Illegal instruction" on AMD Zen 4 (no
+# AVX-VNNI) and on laptops without AVX512. The wheel cache is per instruction-set level, so a wheel built
+# with other flags is never picked up.
+LLAMA_ISA ?= x86-64-v3
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF
+WHEELS ?= $(HOME)/.cache/distillery/wheels/$(LLAMA_ISA)
 LLAMA_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl))
 
 .DEFAULT_GOAL := all

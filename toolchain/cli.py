@@ -38,9 +38,10 @@ def _user_errors():
     from toolchain.models import ModelError
     from toolchain.recipe import RecipeError
     from toolchain.artifacts import ExportError
+    from toolchain.backends.openai_http import EndpointError
     from toolchain.runs import RunError
 
-    return (RecipeError, ModelError, LicenceError, DataError), (RunError, ExportError)
+    return (RecipeError, ModelError, LicenceError, DataError), (RunError, ExportError, EndpointError)
 
 
 def friendly(fn):
@@ -142,7 +143,37 @@ def _stage_command(name: str, doc: str):
 
 
 _stage_command("generate", "Have the teacher answer RECIPE's prompts (resumes after a kill).")
-_stage_command("distill", "Train the student on the teacher's answers (needs generate; resumes after a kill).")
+@main.command()
+@recipe_arg
+@runs_opt
+@click.option("--force", is_flag=True, help="Re-run this stage even if it is up to date.")
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="Train in N processes under accelerate (DDP; gloo on a CPU). distill.batch_size stays the global batch.")
+@click.option("--accelerate-config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An accelerate config file (several GPUs or machines, FSDP, mixed precision); see configs/accelerate/.")
+@friendly
+def distill(recipe: str, runs_root: str, force: bool, processes: int | None, accelerate_config: str | None) -> None:
+    """Train the student on the teacher's answers (needs generate; resumes after a kill, with any number of
+    processes). Also runs as `accelerate launch -m toolchain.cli distill RECIPE`."""
+    from toolchain.distributed import launch, world_size
+    from toolchain.pipeline import run_stages
+
+    cfg = _load(recipe)
+    if ((processes or 1) > 1 or accelerate_config) and world_size() == 1 and not os.environ.get("DISTILLERY_LAUNCHED"):
+        from toolchain.pipeline import finished
+
+        finished(cfg, runs_root, "generate")  # a usage error here, not in every process
+        args = ["distill", recipe, "--runs", runs_root] + (["--force"] if force else [])
+        rc = launch(args, processes or 0, accelerate_config)
+        if rc:
+            raise click.ClickException(f"distill failed under accelerate (exit {rc}); finished steps are kept and "
+                                       "the next run resumes from the last checkpoint")
+        return
+    out = run_stages(cfg, runs_root, only="distill", force=force)
+    from toolchain.distributed import is_main
+
+    if is_main():
+        click.echo(out["distill"])
 _stage_command("merge", "Merge LoRA into a standalone student directory and check it (needs distill).")
 
 

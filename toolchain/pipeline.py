@@ -166,6 +166,11 @@ def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str |
     """
     import importlib
 
+    from toolchain.distributed import world_size
+
+    if world_size() > 1 and only != "distill":
+        raise RunError(f"only the distill stage runs in several processes (WORLD_SIZE={world_size()}); "
+                       "run the other stages without accelerate")
     run = RunDir.for_recipe(runs_root, cfg.name)
     preflight(cfg)
     decision = licence_decision(cfg).as_dict()

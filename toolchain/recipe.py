@@ -72,6 +72,37 @@ class GenerateConfig(_Section):
     stop: list[str] = Field(default_factory=list, description="Strings that end a teacher answer (with prompt_template).")
     n_ctx: int = Field(2048, ge=128, description="Teacher context window (llama.cpp).")
     threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (None = all cores).")
+    # An openai: teacher (vLLM, TGI, llama-server, a hosted API). None of these change the answers.
+    concurrency: int = Field(
+        1, ge=1, le=512, description="openai: teacher: requests in flight at once (local engines answer one at a time)."
+    )
+    requests_per_minute: float | None = Field(None, gt=0, description="openai: teacher: most requests started per minute.")
+    timeout_s: float = Field(120.0, gt=0, description="openai: teacher: seconds before a request is abandoned and retried.")
+    max_retries: int = Field(
+        8, ge=0, le=100,
+        description="openai: teacher: retries per prompt on 429, 5xx, timeouts and refused connections, with "
+        "exponential backoff (honouring Retry-After). A prompt that still fails stops the stage; answers so far are kept.",
+    )
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="openai: teacher: the environment variable holding the API key (default DISTILLERY_API_KEY, then "
+        "OPENAI_API_KEY). The key itself never goes in a recipe.",
+    )
+    logprobs: int | None = Field(
+        None, ge=1, le=20, description="openai: teacher: record the top-k log-probs of every answer token when the server returns them."
+    )
+    usd_per_1m_input: float | None = Field(
+        None, ge=0.0, description="openai: teacher: the endpoint's price per 1M prompt tokens (default: cost.reference_api_*)."
+    )
+    usd_per_1m_output: float | None = Field(None, ge=0.0, description="openai: teacher: its price per 1M answer tokens.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_keys(cls, data):
+        if isinstance(data, dict) and any(k in data for k in ("api_key", "key", "token")):
+            raise ValueError("API keys never go in a recipe: put the key in an environment variable and name the "
+                             "variable in generate.api_key_env")
+        return data
 
     @field_validator("prompt_template")
     @classmethod

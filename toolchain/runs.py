@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from toolchain import __version__
+from toolchain.distributed import is_main
 from toolchain.models import file_sha256
 
 MANIFEST = "manifest.json"
@@ -29,7 +30,8 @@ RESUME_DIR = ".resume"  # stage-private checkpoints; deleted before publish, nev
 
 # Fields that change how fast a stage runs, not what it produces: they do not enter the key. Nor do unset
 # fields (None or empty): an option added later, left off, leaves earlier runs' keys as they were.
-NON_SEMANTIC = {"threads", "checkpoint_every"}
+NON_SEMANTIC = {"threads", "checkpoint_every", "concurrency", "requests_per_minute", "timeout_s", "max_retries",
+                "api_key_env", "usd_per_1m_input", "usd_per_1m_output"}
 
 
 class RunError(RuntimeError):
@@ -178,6 +180,11 @@ def execute(
         return final
     work = run.work(stage, key)
     work.mkdir(parents=True, exist_ok=True)
+    if not is_main():
+        # One of several training processes (accelerate): it trains alongside rank 0, which alone holds the
+        # lock, writes the files and publishes.
+        fn(cfg, {k: v[1] for k, v in inputs.items() if v[1] is not None}, work)
+        return final
     with _exclusive(run.root / ".work" / f"{stage_dir_name(stage, key)}.lock", stage):
         if final.exists():
             shutil.rmtree(final)

@@ -89,12 +89,20 @@ class _Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[_Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 class RequestError(Exception):
@@ -244,8 +252,8 @@ class Server:
             except ValueError as e:
                 raise RequestError(400, str(e)) from None
         else:
-            if req.echo or req.logprobs:
-                raise RequestError(400, "echo and logprobs are not supported", param="logprobs")
+            if req.echo:
+                raise RequestError(400, "echo is not supported", param="echo")
             p = req.prompt
             if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
                 return list(p), ""
@@ -268,8 +276,20 @@ class Server:
                                param="max_tokens")
         return asked or self.s.max_new_tokens
 
+    def token_logprobs(self, tok: int, k: int) -> dict:
+        """The chosen token's log-probability and the k most likely tokens, from the raw logits of this step."""
+        import numpy as np
+
+        z = self.engine.step_logits().astype(np.float64)
+        lse = float(np.log(np.exp(z - z.max()).sum()) + z.max())
+        top = np.argpartition(-z, k)[:k] if 0 < k < len(z) else np.arange(len(z) if k else 0)
+        top = top[np.argsort(-z[top])]
+        name = self.engine.detokenize
+        return {"token": name([tok]), "logprob": float(z[tok] - lse),
+                "top_logprobs": [{"token": name([int(t)]), "logprob": float(z[t] - lse)} for t in top]}
+
     async def generate(self, req, ids: list[int], max_tokens: int):
-        """Yields ("text", piece) as tokens arrive, then ("done", (finish_reason, usage, cost))."""
+        """Yields ("text", piece) as tokens arrive, then ("done", (finish_reason, usage, cost, logprobs or None))."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -282,11 +302,15 @@ class Server:
             out = TextStream(self.engine, req.stop)
             n = 0
             finish = "length"
+            k = req.logprobs_k()
+            logprobs = [] if k is not None else None
             try:
                 for tok in self.engine.stream(ids, max_tokens, temperature, req.top_p, req.seed):
                     n += 1
                     if t_first is None:
                         t_first = time.perf_counter()
+                    if logprobs is not None:
+                        logprobs.append(self.token_logprobs(tok, k))
                     piece = out.push(tok)
                     if piece:
                         loop.call_soon_threadsafe(events.put_nowait, ("text", piece))
@@ -303,7 +327,7 @@ class Server:
                 usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
                 cost = self.cost(len(ids), n, t_queued, t_start, t_first, t_end)
                 self.metrics.add(usage, cost)
-                loop.call_soon_threadsafe(events.put_nowait, ("done", (finish, usage, cost)))
+                loop.call_soon_threadsafe(events.put_nowait, ("done", (finish, usage, cost, logprobs)))
             except Exception as e:  # an engine failure ends this request, not the server
                 loop.call_soon_threadsafe(events.put_nowait, ("error", f"{type(e).__name__}: {e}"))
 
@@ -360,6 +384,8 @@ def create_app(engine, settings: Settings):
             req = _parse(ChatRequest if kind == "chat" else CompletionRequest, await body_of(request))
             max_tokens = server.max_tokens(req)
             ids, _ = server.prompt_ids(req)
+            if req.logprobs_k() is not None and (req.stream or not hasattr(engine, "step_logits")):
+                raise RequestError(400, "logprobs are served without streaming only", param="logprobs")
         except RequestError as e:
             return fail(e.status, e.message, endpoint, e.param, e.code)
         if server.metrics.waiting >= settings.max_queue:
@@ -370,12 +396,16 @@ def create_app(engine, settings: Settings):
         obj = "chat.completion" if kind == "chat" else "text_completion"
         server.metrics.count(endpoint, 200)
 
-        def choice(text: str | None, finish: str | None, delta: bool) -> dict:
+        def choice(text: str | None, finish: str | None, delta: bool, logprobs: list | None = None) -> dict:
             if kind == "chat":
                 key = "delta" if delta else "message"
                 body = ({"content": text} if text is not None else {}) if delta else {"role": "assistant", "content": text}
-                return {"index": 0, key: body, "finish_reason": finish, "logprobs": None}
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+                return {"index": 0, key: body, "finish_reason": finish,
+                        "logprobs": None if logprobs is None else {"content": logprobs}}
+            return {"index": 0, "text": text or "", "finish_reason": finish,
+                    "logprobs": None if logprobs is None else {
+                        "tokens": [t["token"] for t in logprobs], "token_logprobs": [t["logprob"] for t in logprobs],
+                        "top_logprobs": [{x["token"]: x["logprob"] for x in t["top_logprobs"]} for t in logprobs]}}
 
         if not req.stream:
             parts = []
@@ -385,9 +415,10 @@ def create_app(engine, settings: Settings):
                 elif ev == "error":
                     return fail(503, f"generation failed: {value}", endpoint)
                 else:
-                    finish, usage, cost = value
+                    finish, usage, cost, logprobs = value
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": settings.model_id,
-                                 "choices": [choice("".join(parts), finish, False)], "usage": usage, "cost": cost})
+                                 "choices": [choice("".join(parts), finish, False, logprobs)], "usage": usage,
+                                 "cost": cost})
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -407,7 +438,7 @@ def create_app(engine, settings: Settings):
                     yield sse({"error": _error_body(503, f"generation failed: {value}")["error"]})
                     break
                 else:
-                    finish, usage, cost = value
+                    finish, usage, cost, _ = value
                     yield sse({**base, "choices": [choice(None if kind == "chat" else "", finish, True)], "cost": cost})
                     if include_usage:
                         yield sse({**base, "choices": [], "usage": usage, "cost": cost})

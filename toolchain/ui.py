@@ -7,7 +7,10 @@ import os
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+from toolchain.distributed import is_main
+
+# With several training processes only the first one talks.
+console = Console(stderr=True, highlight=False, quiet=not is_main())
 
 
 def progress(transient: bool = False) -> Progress:
@@ -21,5 +24,5 @@ def progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
-        disable=os.environ.get("DISTILLERY_NO_PROGRESS") == "1",
+        disable=os.environ.get("DISTILLERY_NO_PROGRESS") == "1" or not is_main(),
     )

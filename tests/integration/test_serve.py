@@ -26,8 +26,8 @@ def _free_port() -> int:
 
 
 class Running:
-    def __init__(self, recipe, runs, *extra):
-        self.port = _free_port()
+    def __init__(self, recipe, runs, *extra, port: int | None = None):
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "toolchain.cli", "serve", str(recipe), "--runs", str(runs), "--port", str(self.port),

@@ -15,6 +15,8 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    # Per answer token, when asked for and the engine gives them: {"token", "logprob", "top": [[token, logprob], ...]}
+    logprobs: list[dict] | None = None
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -23,8 +25,9 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def open_engine(ref, backend: str = "auto", *, n_ctx: int = 2048, threads: int | None = None, seed: int = 0):
-    """Pick the engine for a resolved model reference."""
+def open_engine(ref, backend: str = "auto", *, n_ctx: int = 2048, threads: int | None = None, seed: int = 0,
+                endpoint: dict | None = None):
+    """Pick the engine for a resolved model reference (``endpoint``: OpenAIEngine options for openai:)."""
     if backend == "auto":
         backend = {"gguf": "llama_cpp", "hf_dir": "hf", "openai": "openai"}[ref.kind]
     if backend == "llama_cpp":
@@ -42,5 +45,5 @@ def open_engine(ref, backend: str = "auto", *, n_ctx: int = 2048, threads: int |
 
         if ref.kind != "openai":
             raise ValueError(f"{ref.ref}: the openai backend needs an openai:<base_url>#<model> reference")
-        return OpenAIEngine(ref.base_url, ref.model)
+        return OpenAIEngine(ref.base_url, ref.model, **(endpoint or {}))
     raise ValueError(f"unknown backend '{backend}'")

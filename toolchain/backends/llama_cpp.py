@@ -77,6 +77,11 @@ class LlamaCppEngine:
             if count >= max_tokens:
                 return
 
+    def step_logits(self) -> np.ndarray:
+        """While ``stream`` runs: the logits the token just yielded was sampled from (llama.cpp keeps the last
+        position's logits even without ``logits_all``)."""
+        return np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 

@@ -67,6 +67,7 @@ class OnnxEngine:
         logits, past = self._step(list(ids), self._empty_past(), 0)
         pos = len(ids)
         for _ in range(max_tokens):
+            self._last = logits[-1]
             tok = _pick(logits[-1], temperature, top_p, rng)
             yield tok
             if tok in stop:
@@ -85,6 +86,10 @@ class OnnxEngine:
             if tok in self.eos_ids:
                 return
             yield tok
+
+    def step_logits(self) -> np.ndarray:
+        """While ``stream`` runs: the logits the token just yielded was picked from."""
+        return self._last
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -27,6 +27,7 @@ import torch
 
 from toolchain import student as students
 from toolchain.data import iter_jsonl
+from toolchain.distributed import local_world_size
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import RESUME_DIR, Manifest
 from toolchain.chat import IGNORE, tokenize_pairs
@@ -135,6 +136,28 @@ class OnlineTeacher:
         return self.model.get_output_embeddings()(hidden[keep[:, p:]]).float()
 
 
+class TrainStep(torch.nn.Module):
+    """The student's loss as one module. DDP and FSDP synchronise gradients through the forward of the module
+    they wrap, so the whole of ``step_loss`` (decoder, then the vocabulary projection at labelled positions
+    only) runs inside it. The frozen teacher is not a submodule: it is never wrapped or synchronised."""
+
+    def __init__(self, model, soft=None, teacher=None):
+        super().__init__()
+        self.model = model
+        self.soft = soft
+        self._teacher = [teacher]
+
+    def forward(self, batch: dict[str, torch.Tensor], topk=None):
+        return step_loss(self.model, batch, self.soft, self._teacher[0], topk)
+
+
+def shard(batch_ids: list[int], rank: int, world: int) -> tuple[list[int], bool]:
+    """This process's share of a global batch, and whether it is real. A process left without examples (a
+    last batch smaller than the number of processes) still runs one, with weight 0, so the collectives match."""
+    mine = batch_ids[rank::world]
+    return (mine, True) if mine else (batch_ids[:1], False)
+
+
 def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Hard-label loss (mean cross-entropy over response tokens)."""
     loss, n, _ = step_loss(model, batch)
@@ -194,6 +217,14 @@ def _trainable(model, cfg):
     return model
 
 
+def _total(accelerator, values: list[float]) -> list[float]:
+    """Sums over every process (the values themselves with one process)."""
+    if accelerator.num_processes == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").tolist()
+
+
 def _save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict]) -> None:
     state = {
         "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
@@ -209,7 +240,7 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict]) 
 
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     d = cfg.distill
-    torch.set_num_threads(d.threads or os.cpu_count() or 1)
+    torch.set_num_threads(d.threads or max(1, (os.cpu_count() or 1) // local_world_size()))
     torch.manual_seed(d.seed)
     rows = [r for _, r in iter_jsonl(inputs["generate"] / "train.jsonl")]
     if not rows:
@@ -231,6 +262,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     model = _trainable(model, cfg)
     model.train()
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -245,9 +277,15 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model, opt = accelerator.prepare(model, opt)
     if teacher is not None:
         teacher = OnlineTeacher(teacher.to(accelerator.device), common_prefix([ids for ids, _ in pairs]))
+    train_step, opt = accelerator.prepare(TrainStep(model, soft, teacher), opt)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # FSDP shards the weights: resume checkpoints (whole trainable weights from rank 0) are DDP/1-process only.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if world > 1:
+        console.print(f"  {world} processes ({accelerator.distributed_type.value}), "
+                      f"{d.batch_size} sequences per step in all")
 
     resume_dir = out_dir / RESUME_DIR
     resume_dir.mkdir(exist_ok=True)
@@ -255,7 +293,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     step, log = 0, []
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        named = dict(accelerator.unwrap_model(model).named_parameters())
+        named = dict(model.named_parameters())
         with torch.no_grad():
             for n, w in state["weights"].items():
                 named[n].copy_(w)
@@ -271,37 +309,50 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         task = bar.add_task("distill", total=total, completed=step, info="")
         while step < total:
             epoch, index = divmod(step, steps_per_epoch)
-            batch_ids = batches_for_epoch(len(pairs), d.batch_size, d.seed, epoch, lengths)[index]
+            batch_ids, real = shard(batches_for_epoch(len(pairs), d.batch_size, d.seed, epoch, lengths)[index], rank, world)
             batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in batch_ids], pad_id).items()}
             topk = _cached_rows(cache, [keys[i] for i in batch_ids], batch) if cache is not None else None
+            n_local = int((batch["labels"][:, 1:] != IGNORE).sum()) if real else 0
+            n_global = _total(accelerator, [n_local])[0] if world > 1 else n_local
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=d.bf16):
-                loss, n_tok, parts = step_loss(model, batch, soft, teacher, topk)
-            accelerator.backward(loss)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+                loss, _, parts = train_step(batch, topk)
+            # Every label token of the global batch weighs the same, however the batch was split: this
+            # process's mean × its share of the tokens × the number of processes (DDP averages the gradients).
+            accelerator.backward(loss * (n_local * world / n_global))
+            accelerator.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            loss = float(loss.detach())
-            tokens_seen += int(batch["attention_mask"].sum())
+            names = sorted(parts)
+            sums = _total(accelerator, [float(loss.detach()) * n_local, *(parts[k] * n_local for k in names),
+                                        int(batch["attention_mask"].sum()) if real else 0])
+            loss = sums[0] / n_global
+            parts = {k: v / n_global for k, v in zip(names, sums[1:-1])}
+            tokens_seen += int(sums[-1])
             rate = tokens_seen / max(time.time() - started, 1e-9)
             log.append({"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": sched.get_last_lr()[0],
-                        "tokens": n_tok, **{k: round(v, 5) for k, v in parts.items()}})
+                        "tokens": int(n_global), **{k: round(v, 5) for k, v in parts.items()}})
             bar.update(task, advance=1, info=f"loss {loss:.3f} · {rate:.0f} tok/s")
-            if accelerator.is_main_process and (step % d.checkpoint_every == 0 and step < total):
-                _save_checkpoint(ckpt, accelerator.unwrap_model(model), opt, sched, step, log)
+            if accelerator.is_main_process and not fsdp and (step % d.checkpoint_every == 0 and step < total):
+                _save_checkpoint(ckpt, model, opt, sched, step, log)
 
-    model = accelerator.unwrap_model(model)
+    accelerator.wait_for_everyone()
+    full_state = None
+    if fsdp:  # sharded weights: every process takes part in gathering them, rank 0 writes them
+        full_state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(train_step).items()}
+    if not accelerator.is_main_process:
+        return Manifest()
     model.eval()
     if d.method == "lora":
         base = model.get_base_model()
-        model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
+        model.save_pretrained(out_dir / "adapter", save_embedding_layers=False, state_dict=full_state)
         # The base weights must be saved without the adapter layers injected: unload a copy.
         clean = model.unload() if hasattr(model, "unload") else base
         clean.save_pretrained(out_dir / "base", safe_serialization=True)
         tok.save_pretrained(out_dir / "base")
     else:
-        model.save_pretrained(out_dir / "model", safe_serialization=True)
+        model.save_pretrained(out_dir / "model", safe_serialization=True, state_dict=full_state)
         tok.save_pretrained(out_dir / "model")
     (out_dir / "student.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     with open(out_dir / "train_log.jsonl", "w", encoding="utf-8") as fh:

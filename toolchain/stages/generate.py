@@ -49,7 +49,21 @@ def load_prompts(cfg, limits: bool = True):
     return train, heldout
 
 
-def _ask_teacher(cfg, jobs, out_path: Path) -> None:
+def _endpoint_options(g) -> dict:
+    return {"timeout_s": g.timeout_s, "max_retries": g.max_retries, "requests_per_minute": g.requests_per_minute,
+            "api_key_env": g.api_key_env, "logprobs": g.logprobs}
+
+
+def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
+    """Ask for every (prompt, sample) not yet in responses.jsonl; one line per answer, appended as it arrives.
+
+    An openai: teacher gets up to generate.concurrency requests at once (answers land in arrival order; the
+    file is put back in job order afterwards); local engines answer one at a time. A request that fails for
+    good stops the stage after the answers already received are written, so a re-run asks only for the rest.
+    Returns this call's throughput figures.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     g = cfg.generate
     reasoning = cfg.distill.flavour == "reasoning"
     done = {(r["id"], r["sample"]) for r in read_jsonl_resumable(out_path)}
@@ -57,33 +71,81 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> None:
     if done:
         console.print(f"  resuming: {len(done)} answers kept from the interrupted run, {len(todo)} to go")
     if not todo:
-        return
-    engine = open_engine(resolve(cfg.teacher), g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=g.seed)
-    started, new_tokens = time.time(), 0
-    with JsonlAppender(out_path) as sink, progress() as bar:
+        return {}
+    ref = resolve(cfg.teacher)
+    endpoint = ref.kind == "openai"
+    engine = open_engine(ref, g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=g.seed,
+                         endpoint=_endpoint_options(g) if endpoint else None)
+    workers = g.concurrency if endpoint else 1
+
+    def ask(job) -> dict:
+        p, s = job
+        asked = with_instruction(p.prompt, cfg.reasoning.instruction if reasoning else None)
+        sampling = {"max_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+                    "seed": _sample_seed(g.seed, p.id, s)}
+        if g.prompt_template:
+            c = engine.complete(g.prompt_template.replace("{prompt}", asked), stop=g.stop, **sampling)
+        else:
+            c = engine.chat(messages_for(asked, g.system_prompt), **sampling)
+        row = {
+            "id": p.id, "split": p.split, "sample": s, "task": p.task, "prompt": p.prompt, "gold": p.gold,
+            "response": c.text.strip(), "finish_reason": c.finish_reason,
+            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+        }
+        if reasoning:
+            row["answer"] = final_answer(row["response"], cfg.reasoning.answer_pattern)
+            row["verified"] = None if p.gold is None or row["answer"] is None else answers_match(row["answer"], p.gold)
+        if c.logprobs is not None:
+            row["logprobs"] = c.logprobs
+        return row
+
+    started, new_tokens, failure = time.time(), 0, None
+    stats = getattr(engine, "stats", None)
+    with JsonlAppender(out_path) as sink, progress() as bar, ThreadPoolExecutor(workers) as pool:
         task = bar.add_task("generate", total=len(jobs), completed=len(done), info="")
-        for p, s in todo:
-            asked = with_instruction(p.prompt, cfg.reasoning.instruction if reasoning else None)
-            sampling = {"max_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                        "seed": _sample_seed(g.seed, p.id, s)}
-            if g.prompt_template:
-                c = engine.complete(g.prompt_template.replace("{prompt}", asked), stop=g.stop, **sampling)
-            else:
-                c = engine.chat(messages_for(asked, g.system_prompt), **sampling)
-            row = {
-                "id": p.id, "split": p.split, "sample": s, "task": p.task, "prompt": p.prompt, "gold": p.gold,
-                "response": c.text.strip(), "finish_reason": c.finish_reason,
-                "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            }
-            if reasoning:
-                row["answer"] = final_answer(row["response"], cfg.reasoning.answer_pattern)
-                row["verified"] = None if p.gold is None or row["answer"] is None else answers_match(row["answer"], p.gold)
-            sink.write(row)
-            new_tokens += c.completion_tokens
-            bar.update(task, advance=1, info=f"{new_tokens / max(time.time() - started, 1e-9):.0f} tok/s")
+        queue = iter(todo)
+        running = {pool.submit(ask, job) for job in _take(queue, workers)}
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                try:
+                    row = fut.result()
+                except Exception as err:  # the first failure stops new requests; answers in flight still land
+                    failure = failure or err
+                    continue
+                sink.write(row)
+                new_tokens += row["completion_tokens"]
+                retried = f" · {stats['retries']} retries" if stats and stats["retries"] else ""
+                bar.update(task, advance=1,
+                           info=f"{new_tokens / max(time.time() - started, 1e-9):.0f} tok/s{retried}")
+            if failure is None:
+                running |= {pool.submit(ask, job) for job in _take(queue, workers - len(running))}
     engine.close()
     wall = time.time() - started
-    console.print(f"  teacher: {new_tokens} tokens in {wall:.0f}s ({new_tokens / max(wall, 1e-9):.0f} tok/s)")
+    if failure is not None:
+        raise failure
+    console.print(f"  teacher: {new_tokens} tokens in {wall:.0f}s ({new_tokens / max(wall, 1e-9):.0f} tok/s"
+                  + (f", {workers} in flight, {stats['retries']} retries)" if endpoint else ")"))
+    out = {"teacher_wall_s": round(wall, 2), "teacher_tokens_per_s": round(new_tokens / max(wall, 1e-9), 2)}
+    if endpoint:
+        out.update(endpoint_concurrency=workers, endpoint_requests=stats["requests"],
+                   endpoint_retries=stats["retries"], endpoint_failures=dict(stats["failures"]))
+    return out
+
+
+def _take(queue, n: int) -> list:
+    return [job for _, job in zip(range(max(0, n)), queue)]
+
+
+def _endpoint_cost(cfg, rows: list[dict]) -> dict:
+    """What the teacher's answers cost at the endpoint's price (a hosted teacher; 0 for a free local one)."""
+    g, c = cfg.generate, cfg.cost
+    usd_in = c.reference_api_usd_per_1m_input if g.usd_per_1m_input is None else g.usd_per_1m_input
+    usd_out = c.reference_api_usd_per_1m_output if g.usd_per_1m_output is None else g.usd_per_1m_output
+    prompt = sum(r["prompt_tokens"] for r in rows)
+    answer = sum(r["completion_tokens"] for r in rows)
+    return {"prompt_tokens": prompt, "endpoint_usd": round(prompt * usd_in / 1e6 + answer * usd_out / 1e6, 6),
+            "endpoint_usd_per_1m_input": usd_in, "endpoint_usd_per_1m_output": usd_out}
 
 
 def _keep(cfg, rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
@@ -166,7 +228,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     jobs = [(p, s) for p in train for s in range(g.n)] + [(p, 0) for p in heldout]
     out_path = out_dir / "responses.jsonl"
     _reuse_answers(cfg, out_dir, out_path)
-    _ask_teacher(cfg, jobs, out_path)
+    speed = _ask_teacher(cfg, jobs, out_path)
 
     rows = read_jsonl_resumable(out_path)
     order = {(p.id, s): i for i, (p, s) in enumerate(jobs)}
@@ -181,8 +243,12 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     metrics = {
         "prompts_train": len(train), "prompts_heldout": len(heldout), "answers": len(rows), "kept": len(kept),
         **{f"dropped_{k}": n for k, n in why.items()},
-        "completion_tokens": sum(r["completion_tokens"] for r in rows),
+        "completion_tokens": sum(r["completion_tokens"] for r in rows), **speed,
     }
+    if resolve(cfg.teacher).kind == "openai":
+        metrics.update(_endpoint_cost(cfg, rows))
+        console.print(f"  at the endpoint's price: ${metrics['endpoint_usd']:.4f} for {metrics['prompt_tokens']} prompt "
+                      f"+ {metrics['completion_tokens']} answer tokens")
     if cfg.distill.flavour == "reasoning":
         graded = [r for r in rows if r["split"] == "train" and r["gold"] is not None]
         metrics["teacher_traces_correct"] = sum(bool(r.get("verified")) for r in graded)

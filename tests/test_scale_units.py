@@ -1,0 +1,155 @@
+"""Pieces of the multi-process and endpoint paths that need no model: batch sharding, the launch command, the
+endpoint engine's retries, pacing and error lines against a scripted local HTTP server, logprobs, recipe rules."""
+
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from toolchain.backends.openai_http import EndpointError, OpenAIEngine
+from toolchain.distributed import launch_command
+from toolchain.stages.distill import shard
+
+
+def test_a_global_batch_is_shared_out_and_every_process_gets_work():
+    batch = [7, 3, 9, 1, 4]
+    parts = [shard(batch, r, 2) for r in range(2)]
+    assert parts == [([7, 9, 4], True), ([3, 1], True)]
+    assert sorted(i for p, _ in parts for i in p) == sorted(batch)
+    # More processes than sequences: the spare one runs a copy with weight 0 (the collectives must match).
+    assert shard([5], 1, 2) == ([5], False)
+    assert shard(batch, 0, 1) == (batch, True)
+
+
+def test_launch_command_uses_torchrun_path_for_several_cpu_processes():
+    cmd = launch_command(["distill", "r.yaml"], 2)
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[-4:] == ["-m", "toolchain.cli", "distill", "r.yaml"]
+    with_config = launch_command(["distill", "r.yaml"], 0, "configs/accelerate/fsdp-8gpu.yaml")
+    assert "--multi_gpu" not in with_config and "--num_processes" not in with_config
+    assert with_config[with_config.index("--config_file") + 1] == "configs/accelerate/fsdp-8gpu.yaml"
+
+
+class Scripted:
+    """An OpenAI-shaped server that answers from a script of (status, headers) per request, then 200s."""
+
+    def __init__(self, script):
+        self.script, self.seen, self.times = list(script), [], []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                owner.seen.append(body)
+                owner.times.append(time.monotonic())
+                status, headers = owner.script.pop(0) if owner.script else (200, {})
+                if status == 200:
+                    lp = {"content": [{"token": "ok", "logprob": -0.1, "bytes": None,
+                                       "top_logprobs": [{"token": "ok", "logprob": -0.1, "bytes": None},
+                                                        {"token": "no", "logprob": -2.5, "bytes": None}]}]}
+                    data = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                         "finish_reason": "stop", "logprobs": lp if body.get("logprobs") else None}],
+                            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+                else:
+                    data = {"error": {"message": f"scripted {status}", "type": "x"}}
+                raw = json.dumps(data).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+
+
+def _ask(engine):
+    return engine.chat([{"role": "user", "content": "hi"}], max_tokens=4)
+
+
+def test_retries_429_and_5xx_with_retry_after_then_succeeds():
+    with Scripted([(503, {"Retry-After": "0"}), (429, {"Retry-After": "0"}), (500, {})]) as srv:
+        engine = OpenAIEngine(srv.url, "m", max_retries=3, backoff_s=0.01)
+        out = _ask(engine)
+    assert out.text == "ok" and out.completion_tokens == 1
+    assert len(srv.seen) == 4 and engine.stats["retries"] == 3
+    assert engine.stats["failures"] == {"503": 1, "429": 1, "500": 1}
+
+
+def test_gives_up_after_max_retries_and_does_not_retry_a_bad_request():
+    with Scripted([(503, {"Retry-After": "0"})] * 5) as srv:
+        engine = OpenAIEngine(srv.url, "m", max_retries=2, backoff_s=0.01)
+        with pytest.raises(EndpointError, match="still failing after 2 retries .*503"):
+            _ask(engine)
+        assert len(srv.seen) == 3
+    with Scripted([(400, {})]) as srv:
+        with pytest.raises(EndpointError, match="HTTP 400: scripted 400"):
+            _ask(OpenAIEngine(srv.url, "m", max_retries=5, backoff_s=0.01))
+        assert len(srv.seen) == 1
+
+
+def test_refused_connections_are_retried():
+    engine = OpenAIEngine("http://127.0.0.1:9/v1", "m", max_retries=2, backoff_s=0.01, timeout_s=2)
+    with pytest.raises(EndpointError, match="still failing after 2 retries"):
+        _ask(engine)
+    assert engine.stats["requests"] == 3
+
+
+def test_requests_per_minute_spaces_request_starts_across_threads():
+    with Scripted([]) as srv:
+        engine = OpenAIEngine(srv.url, "m", requests_per_minute=600)  # one start every 0.1 s
+        threads = [threading.Thread(target=_ask, args=(engine,)) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    gaps = [b - a for a, b in zip(sorted(srv.times), sorted(srv.times)[1:])]
+    assert len(gaps) == 4 and min(gaps) > 0.08
+
+
+def test_top_logprobs_are_asked_for_and_kept():
+    with Scripted([]) as srv:
+        out = _ask(OpenAIEngine(srv.url, "m", logprobs=2))
+        assert srv.seen[0]["logprobs"] is True and srv.seen[0]["top_logprobs"] == 2
+    assert out.logprobs == [{"token": "ok", "logprob": -0.1, "top": [["ok", -0.1], ["no", -2.5]]}]
+
+
+def test_api_key_comes_from_the_named_variable(monkeypatch):
+    monkeypatch.delenv("MY_TEACHER_KEY", raising=False)
+    with pytest.raises(EndpointError, match="MY_TEACHER_KEY is not set"):
+        OpenAIEngine("http://127.0.0.1:9/v1", "m", api_key_env="MY_TEACHER_KEY")
+    monkeypatch.setenv("MY_TEACHER_KEY", "k-123")
+    assert OpenAIEngine("http://127.0.0.1:9/v1", "m", api_key_env="MY_TEACHER_KEY").client.api_key == "k-123"
+
+
+def test_endpoint_speed_settings_do_not_change_the_generate_key(tmp_path):
+    from tests.conftest import recipe_copy
+    from toolchain.pipeline import PLANS
+    from toolchain.recipe import load
+    from toolchain.runs import stage_key
+
+    keys = set()
+    for i, extra in enumerate([{}, {"generate__concurrency": 16, "generate__max_retries": 2,
+                                    "generate__requests_per_minute": 60.0, "generate__api_key_env": "K"}]):
+        cfg = load(str(recipe_copy(tmp_path, f"k{i}", teacher="openai:http://h/v1#m", **extra)))
+        keys.add(stage_key("generate", PLANS["generate"].config(cfg), {}))
+    assert len(keys) == 1
+    with pytest.raises(Exception, match="API keys never go in a recipe"):
+        load(str(recipe_copy(tmp_path, "bad", generate__api_key="sk-1")))

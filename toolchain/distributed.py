@@ -1,0 +1,66 @@
+"""Several training processes (accelerate / torchrun): who is who, and how distillery starts them.
+
+Under ``accelerate launch`` (or torchrun) every process runs the same command; RANK / WORLD_SIZE say which one
+it is. All of them train; only rank 0 prints, writes checkpoints and files, and publishes the stage.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launch_command(args: list[str], processes: int, config_file: str | None = None) -> list[str]:
+    """``accelerate launch`` for ``python -m toolchain.cli ARGS`` on ``processes`` processes.
+
+    Without a config file, several processes need accelerate's torchrun path (--multi_gpu): plain
+    ``--num_processes N`` with no GPU silently starts one process. On a machine without CUDA the processes
+    then train on the CPU over gloo. A config file (FSDP, several machines, mixed precision) decides the rest.
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        cmd += ["--config_file", config_file]
+    elif processes > 1:
+        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes:
+        cmd += ["--num_processes", str(processes)]
+    return cmd + ["-m", "toolchain.cli", *args]
+
+
+def launch(args: list[str], processes: int, config_file: str | None = None) -> int:
+    """Run the command under accelerate; return its exit code.
+
+    The processes' own output passes through. When one fails it has already said why in one line; the
+    launcher's Python traceback after that (torchrun's ChildFailedError) is dropped unless DISTILLERY_DEBUG is set.
+    """
+    env = {**os.environ, "DISTILLERY_LAUNCHED": "1"}
+    if processes > 1 and "OMP_NUM_THREADS" not in env:  # the cores shared out, instead of torchrun's 1 thread each
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    if os.environ.get("DISTILLERY_DEBUG"):
+        return subprocess.call(launch_command(args, processes, config_file), env=env)
+    proc = subprocess.Popen(launch_command(args, processes, config_file), env=env, stderr=subprocess.PIPE,
+                            text=True, errors="replace")
+    dropping = False
+    for line in proc.stderr:
+        dropping = dropping or line.startswith("Traceback (most recent call last)") or "ChildFailedError" in line
+        if not dropping:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    return proc.wait()
