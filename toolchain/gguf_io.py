@@ -113,7 +113,7 @@ def build_float(model_dir: Path, out: Path, tokenizer_gguf: Path | None, metadat
     convert(model_dir, raw, "f32", keep_vocab=tokenizer_gguf is None)
     tmp = out.with_name(out.name + ".tmp")
     if tokenizer_gguf is not None:
-        transplant_tokenizer(tokenizer_gguf, raw, tmp, metadata)
+        transplant_tokenizer(tokenizer_gguf, raw, tmp, metadata, vocab_of=model_dir)
         raw.unlink()
     else:
         os.replace(raw, tmp)
@@ -155,19 +155,62 @@ def open_reader(path: Path):
     return reader
 
 
-def transplant_tokenizer(source_gguf: Path, converted: Path, out: Path, metadata: dict[str, str]) -> None:
+def _kept_ids(source_tokens: list[str], model_dir: Path | None) -> list[int] | None:
+    """For a student with a trimmed vocabulary (toolchain.vocab): the source GGUF's id of each of its tokens, in
+    the student's order. None when the student has the source's whole vocabulary."""
+    if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    n = tk.get_vocab_size(with_added_tokens=True)
+    if n == len(source_tokens):
+        return None
+    index = {t: i for i, t in enumerate(source_tokens)}
+    missing = [tk.id_to_token(i) for i in range(n) if tk.id_to_token(i) not in index]
+    if missing:
+        raise ExportError(f"{model_dir}: token {missing[0]!r} is not in the source GGUF's vocabulary")
+    return [index[tk.id_to_token(i)] for i in range(n)]
+
+
+def _subset_tokenizer_field(name: str, value, kept: list[int], kept_tokens: set[str]):
+    """One tokenizer.* value restricted to the kept token ids (renumbered in kept order); merges whose parts
+    and result are all kept. None: a special token id the trimmed vocabulary does not have."""
+    new_id = {old: new for new, old in enumerate(kept)}
+    if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        return [value[i] for i in kept]
+    if name == "tokenizer.ggml.merges":
+        pairs = [(m, *m.split(" ", 1)) for m in value]
+        return [m for m, a, b in pairs if a in kept_tokens and b in kept_tokens and a + b in kept_tokens]
+    if name.endswith("_token_id"):
+        return new_id.get(int(value))
+    return value
+
+
+def transplant_tokenizer(source_gguf: Path, converted: Path, out: Path, metadata: dict[str, str],
+                         vocab_of: Path | None = None) -> None:
     """Copy ``converted`` to ``out`` with every ``tokenizer.*`` key taken from ``source_gguf`` instead, plus
-    string ``metadata`` (general.name, general.license, ...). Tensors are copied byte for byte."""
+    string ``metadata`` (general.name, general.license, ...). Tensors are copied byte for byte. When the model
+    directory ``vocab_of`` holds a trimmed vocabulary, the source's token tables are cut to its tokens and
+    its merges to those whose parts and result are kept."""
     import gguf
 
     src, tgt = open_reader(source_gguf), open_reader(converted)
+    tokens = src.fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in src.fields else []
+    kept = _kept_ids(tokens, vocab_of) if tokens else None
+    kept_set = {tokens[i] for i in kept} if kept else None
     arch = tgt.fields[gguf.Keys.General.ARCHITECTURE].contents()
     writer = gguf.GGUFWriter(out, arch=arch, endianess=tgt.endianess)
 
     def copy(field):
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        value = field.contents()
+        if kept is not None and field.name.startswith("tokenizer.ggml."):
+            value = _subset_tokenizer_field(field.name, value, kept, kept_set)
+            if value is None:
+                return
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
 
     for field in tgt.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "tokenizer.")):

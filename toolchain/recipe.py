@@ -36,6 +36,13 @@ class StudentConfig(_Section):
         description="Which layers to keep: 'influence' (block influence, 1 - cos(in, out)), 'even', or explicit indices.",
     )
     influence_samples: int = Field(48, ge=1, description="Teacher responses used to score block influence.")
+    vocab: int | None = Field(
+        None, ge=0,
+        description="Trim the student's vocabulary (see toolchain/vocab.py): keep the teacher's first N BPE tokens, "
+        "every token of the recipe's prompts, the teacher's answers and the chat template (with the tokens they are "
+        "built from), the byte tokens and the special tokens. Task text tokenizes exactly as before; the output "
+        "layer shrinks (decode speed). None keeps the whole vocabulary. Not with soft-label (one vocabulary).",
+    )
 
     @model_validator(mode="after")
     def _check_select(self) -> "StudentConfig":
@@ -316,6 +323,9 @@ class Recipe(_Section):
     def _student_vs_distill(self) -> "Recipe":
         if self.student.from_ != "teacher" and self.student.keep_layers is not None:
             raise ValueError("student.keep_layers only applies when student.from is 'teacher'")
+        if self.distill.flavour == "soft" and self.student.vocab is not None:
+            raise ValueError("student.vocab: soft-label matches the teacher's distribution token by token and needs "
+                             "its whole vocabulary; trim the vocabulary with flavour hard or reasoning")
         if self.distill.flavour == "soft" and self.teacher.startswith("openai:"):
             raise ValueError("distill.flavour: soft-label needs the teacher's logits, which an openai: endpoint does "
                              "not give; use flavour: hard (or reasoning)")

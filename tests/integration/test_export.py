@@ -48,7 +48,8 @@ def test_every_format_is_written_reloaded_and_checked(ci_run):
         assert r["tokenizer_same_as_hf"] == r["tokenizer_strings"] == 50
         assert r["tokenizer_same_as_source"] == 50  # the teacher GGUF's own tokenizer
         if variant in ("f16", "fp32"):
-            assert r["greedy_same"] == r["greedy_prompts"] == 5  # token for token with PyTorch
+            # token for token with PyTorch, except where PyTorch itself was at a near tie (float rounding)
+            assert r["greedy_same"] + r["greedy_near_ties"] == r["greedy_prompts"] == 5 and r["greedy_same"] >= 4
             assert r["top1_agreement"] > 0.98 and r["mean_kl"] < 1e-3
         else:
             assert 0.3 < r["top1_agreement"] <= 1.0 and r["mean_kl"] > 0
@@ -185,3 +186,32 @@ def test_onnx_external_data_outside_its_folder_is_refused(tmp_path):
 
     with pytest.raises(ExportError, match="outside"):
         OnnxEngine(folder)
+
+
+def test_trimmed_vocabulary_student_exports_with_its_own_tokenizer(ci_run, tmp_path):
+    """student.vocab: a student over a few thousand of the teacher's 49,152 tokens, through distill → export."""
+    import gguf
+
+    _, ci_runs, _ = ci_run
+    runs = tmp_path / "runs"
+    src = _dirs(ci_runs)["generate"]
+    (runs / "ci").mkdir(parents=True)
+    shutil.copytree(src, runs / "ci" / src.name)
+    recipe = recipe_copy(tmp_path, "ci", student__vocab=2048, eval__base=False, export__quants=["q8_0"],
+                         export__formats=["gguf"])
+    distillery("run", str(recipe), "--runs", str(runs), "--until", "export")
+    d = _dirs(runs)
+    info = json.loads((d["distill"] / "student.json").read_text())
+    assert 2048 < info["vocab_size"] < 8000 and info["teacher_vocab_size"] == 49152
+    report = json.loads((d["export"] / "export.json").read_text())
+    (r,) = report["files"]
+    assert r["tokenizer_same_as_hf"] == r["tokenizer_strings"] == 50  # unicode, emoji, code: same ids as HF
+    assert r["top1_agreement"] > 0.5
+    reader = gguf.GGUFReader(d["export"] / r["file"])
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == info["vocab_size"]
+    eos = reader.fields["tokenizer.ggml.eos_token_id"].contents()
+    assert tokens[eos] == "<|im_end|>"
+    full = json.loads((_dirs(ci_runs)["export"] / "export.json").read_text())
+    untrimmed = next(f for f in full["files"] if f["variant"] == "q8_0")
+    assert r["bytes"] < 0.7 * untrimmed["bytes"]  # the 8-layer CI student is mostly its embedding

@@ -200,6 +200,29 @@ def _build_student(cfg, tok, pairs):
     return model, (teacher if online else None), info
 
 
+def _trim_vocabulary(cfg, model, tok, pairs, rows, info):
+    """The student over a trimmed vocabulary (toolchain.vocab): the kept tokens cover every training sequence,
+    every prompt of the recipe's files (train and held-out, chat-templated) and the teacher's answers."""
+    from toolchain import vocab
+    from toolchain.chat import messages_for
+    from toolchain.stages.generate import load_prompts
+
+    train, heldout = load_prompts(cfg, limits=False)
+    prompts = [tok.apply_chat_template(messages_for(p.prompt, cfg.generate.system_prompt), tokenize=False,
+                                       add_generation_prompt=True) for p in train + heldout]
+    sequences = [ids for ids, _ in pairs] + [tok(t, add_special_tokens=False).input_ids for t in prompts]
+    keep = vocab.plan(tok, sequences, cfg.student.vocab)
+    before = len(tok)
+    model, tok = vocab.model(model, keep), vocab.tokenizer(tok, keep)
+    new_pairs, _, _ = tokenize_pairs(tok, rows, cfg.generate.system_prompt, cfg.distill.seq_len)
+    old_to_new = {old: new for new, old in enumerate(keep)}
+    if len(new_pairs) != len(pairs) or any([old_to_new[i] for i in a] != b for (a, _), (b, _) in zip(pairs, new_pairs)):
+        raise RuntimeError("vocabulary trimming changed how a training sequence tokenizes")
+    info.update(vocab_size=len(keep), teacher_vocab_size=before, student_params=students.parameter_count(model))
+    console.print(f"  vocabulary: {len(keep)} of {before} tokens kept")
+    return model, tok, new_pairs
+
+
 def _trainable(model, cfg):
     d = cfg.distill
     if d.method == "lora":
@@ -258,6 +281,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     console.print(f"  {len(pairs)} examples ({cut} cut to seq_len={d.seq_len})")
 
     model, teacher, info = _build_student(cfg, tok, pairs)
+    if cfg.student.vocab is not None:
+        model, tok, pairs = _trim_vocabulary(cfg, model, tok, pairs, rows, info)
     console.print(f"  student: {len(info['kept_layers'])} layers, {info['student_params'] / 1e6:.1f}M parameters")
     model = _trainable(model, cfg)
     model.train()

@@ -78,7 +78,7 @@ class Reference:
         self.hf_ids = [self.tok(s, add_special_tokens=False).input_ids for s in self.strings]
         self.source_ids = None
         src = tokenizer_source(cfg)
-        if src is not None:
+        if src is not None and cfg.student.vocab is None:  # a trimmed vocabulary differs from its source by design
             from llama_cpp import Llama
 
             with gguf_io.captured_stderr():  # llama.cpp warns about the context size of a vocab-only load
@@ -93,18 +93,40 @@ def compare(engine, ref: Reference) -> dict:
     same_hf = sum(a == b for a, b in zip(ids, ref.hf_ids))
     same_src = None if ref.source_ids is None else sum(a == b for a, b in zip(ids, ref.source_ids))
     mismatched = [s for s, a, b in zip(ref.strings, ids, ref.hf_ids) if a != b]
-    greedy_same, top1, kl = 0, [], []
+    greedy_same, near_ties, top1, kl = 0, 0, [], []
     for prompt, new, want in zip(ref.prompt_ids, ref.greedy, ref.logits):
         got = engine.greedy(prompt, len(new), stop_ids=None) if new else []
         greedy_same += got == new
         have = engine.logits(prompt + new).astype(np.float64)
+        if got != new:
+            near_ties += _near_tie(prompt, new, got, want, have)
         p = log_softmax(want.astype(np.float64))
         q = log_softmax(have)
         kl.append(float((np.exp(p) * (p - q)).sum(-1).mean()))
         top1.append(float((want.argmax(-1) == have.argmax(-1)).mean()))
     return {"tokenizer_strings": len(ref.strings), "tokenizer_same_as_hf": same_hf, "tokenizer_same_as_source": same_src,
             "tokenizer_mismatches": mismatched[:5], "greedy_prompts": len(ref.greedy), "greedy_same": greedy_same,
+            "greedy_near_ties": near_ties,
             "top1_agreement": float(np.mean(top1)), "mean_kl": float(np.mean(kl))}
+
+
+def _greedy(r: dict) -> str:
+    ties = r.get("greedy_near_ties", 0)
+    return f"{r['greedy_same']}/{r['greedy_prompts']}" + (f" (+{ties} near tie)" if ties else "")
+
+
+def _near_tie(prompt: list[int], new: list[int], got: list[int], want: np.ndarray, have: np.ndarray) -> bool:
+    """Whether a float file's greedy output left PyTorch's at a near tie: where they first differ, PyTorch
+    prefers its token over the file's by less than twice the largest logit difference between the two on the
+    sequence so far. Float rounding (f16 weights, another CPU kernel) legitimately flips such a step; a wrong
+    weight or tokenizer does not stay that close."""
+    j = next((i for i, (a, b) in enumerate(zip(new, got)) if a != b), min(len(new), len(got)))
+    if j >= len(new) or j >= len(got):
+        return False
+    row = len(prompt) + j - 1
+    margin = float(want[row, new[j]] - want[row, got[j]])
+    noise = float(np.abs(want[: row + 1] - have[: row + 1]).max())
+    return margin < 2 * noise
 
 
 def _verdict(kind: str, label: str, path: Path, checks: dict) -> None:
@@ -114,9 +136,10 @@ def _verdict(kind: str, label: str, path: Path, checks: dict) -> None:
         bad = checks["tokenizer_mismatches"][0] if checks["tokenizer_mismatches"] else "(source GGUF differs)"
         raise ExportError(f"{path}: tokenizer differs from the student's on {n - checks['tokenizer_same_as_hf']} of {n} "
                           f"strings, e.g. {bad!r}")
-    if label in EXACT and checks["greedy_same"] != checks["greedy_prompts"]:
+    if label in EXACT and checks["greedy_same"] + checks.get("greedy_near_ties", 0) != checks["greedy_prompts"]:
         raise ExportError(f"{path}: {kind} {label} greedy output differs from PyTorch on "
-                          f"{checks['greedy_prompts'] - checks['greedy_same']} of {checks['greedy_prompts']} check prompts")
+                          f"{checks['greedy_prompts'] - checks['greedy_same']} of {checks['greedy_prompts']} check prompts "
+                          "(not at a near tie)")
 
 
 def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path, teacher_scores: dict) -> dict:
@@ -288,12 +311,13 @@ def render_markdown(report: dict) -> str:
         if r.get("tokenizer_same_as_source") is not None:
             tok += f" (source GGUF {r['tokenizer_same_as_source']}/{r['tokenizer_strings']})"
         lines.append(f"| {r['file']} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {_pct(r.get('gold'))} | "
-                     f"{_num(r.get('retention'))} | {_num(r.get('perplexity'))} | {r['greedy_same']}/{r['greedy_prompts']} | {_pct(r['top1_agreement'])} | "
+                     f"{_num(r.get('retention'))} | {_num(r.get('perplexity'))} | {_greedy(r)} | {_pct(r['top1_agreement'])} | "
                      f"{r['mean_kl']:.2g} | {tok} |")
     lines += ["", f"Teacher held-out gold: {_pct(report['teacher_gold'])}%. Retention = file's gold / teacher's gold. "
               "bits/weight = bytes of tensor data (GGUF) or of the whole file (ONNX, PyTorch) × 8 / parameters; "
               "k-quants fall back to other types on rows not divisible by 256, so the preset name is not the size.",
               f"Greedy parity: {len(report['check_prompts'])} fixed prompts, up to {report['check_tokens']} tokens; "
               "top-1 agreement and KL(PyTorch ‖ file) over the same sequences; tokenizer: identical ids on "
-              "evals/tokenizer_strings.json.", ""]
+              "evals/tokenizer_strings.json. A near tie: the outputs part where PyTorch's own margin between the two "
+              "tokens is under twice the largest logit difference between PyTorch and the file (float rounding).", ""]
     return "\n".join(lines)
