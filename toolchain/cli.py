@@ -60,6 +60,8 @@ def friendly(fn):
             raise GateFailure(str(err)) from None
         except runtime as err:
             raise click.ClickException(str(err)) from None
+        except click.ClickException:
+            raise
         except KeyboardInterrupt:
             click.echo("interrupted; finished work is kept and the stage resumes on the next run", err=True)
             sys.exit(130)

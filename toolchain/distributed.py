@@ -48,7 +48,8 @@ def launch(args: list[str], processes: int, config_file: str | None = None) -> i
     """Run the command under accelerate; return its exit code.
 
     The processes' own output passes through. When one fails it has already said why in one line; the
-    launcher's Python traceback after that (torchrun's ChildFailedError) is dropped unless DISTILLERY_DEBUG is set.
+    launcher's log lines and its Python traceback after that (torchrun's ChildFailedError) are dropped unless
+    DISTILLERY_DEBUG is set.
     """
     env = {**os.environ, "DISTILLERY_LAUNCHED": "1"}
     if processes > 1 and "OMP_NUM_THREADS" not in env:  # the cores shared out, instead of torchrun's 1 thread each
@@ -60,7 +61,7 @@ def launch(args: list[str], processes: int, config_file: str | None = None) -> i
     dropping = False
     for line in proc.stderr:
         dropping = dropping or line.startswith("Traceback (most recent call last)") or "ChildFailedError" in line
-        if not dropping:
+        if not dropping and "torch/distributed/elastic" not in line:  # torchrun's own log lines
             sys.stderr.write(line)
             sys.stderr.flush()
     return proc.wait()
