@@ -70,3 +70,25 @@ def test_markdown_to_html_tables_code_and_images():
     page = _md_to_html("# T\n\n| a | b |\n|---|---:|\n| 1 | **2** |\n\n```\nx < y\n```\n![c](data:image/png;base64,AA==)\n")
     assert "<h1>T</h1>" in page and "<td><b>2</b></td>" in page and "<th>a</th>" in page
     assert "<pre>x &lt; y</pre>" in page and '<img alt="c" src="data:image/png;base64,AA==">' in page
+
+
+def test_token_logprobs_are_a_normalised_top_k_of_the_step_logits():
+    import math
+
+    import numpy as np
+
+    from toolchain.server import Server, Settings
+
+    class StepEngine:
+        def step_logits(self):
+            return np.array([0.0, 2.0, 1.0, -1.0], dtype=np.float32)
+
+        def detokenize(self, ids):
+            return "".join("abcd"[i] for i in ids)
+
+    out = Server(StepEngine(), Settings(model_id="m")).token_logprobs(2, 2)
+    norm = math.log(sum(math.exp(x) for x in (0.0, 2.0, 1.0, -1.0)))
+    assert out["token"] == "c" and out["logprob"] == pytest.approx(1.0 - norm)
+    assert [t["token"] for t in out["top_logprobs"]] == ["b", "c"]
+    assert out["top_logprobs"][0]["logprob"] == pytest.approx(2.0 - norm)
+    assert Server(StepEngine(), Settings(model_id="m")).token_logprobs(1, 0)["top_logprobs"] == []
