@@ -197,7 +197,7 @@ def test_trimmed_vocabulary_student_exports_with_its_own_tokenizer(ci_run, tmp_p
     src = _dirs(ci_runs)["generate"]
     (runs / "ci").mkdir(parents=True)
     shutil.copytree(src, runs / "ci" / src.name)
-    recipe = recipe_copy(tmp_path, "ci", student__vocab=2048, eval__base=False, export__quants=["q8_0"],
+    recipe = recipe_copy(tmp_path, "ci", student__vocab=2048, export__quants=["q8_0"],
                          export__formats=["gguf"])
     distillery("run", str(recipe), "--runs", str(runs), "--until", "export")
     d = _dirs(runs)

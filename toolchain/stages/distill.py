@@ -5,7 +5,7 @@ the pruned teacher or soft-label runs online.
 Outputs:
     model/            full fine-tune: the trained student (safetensors + tokenizer)
     base/ + adapter/  LoRA: the (pruned) student base and the peft adapter; merge joins them
-    student.json      kept layers, block-influence scores, parameter counts
+    student.json      kept layers, block-influence scores, parameter counts, kept token ids (student.vocab)
     train_log.jsonl   loss and tokens/s per optimizer step
 
 The loss is cross-entropy on response tokens only, and the vocabulary projection is computed only at those
@@ -218,7 +218,8 @@ def _trim_vocabulary(cfg, model, tok, pairs, rows, info):
     old_to_new = {old: new for new, old in enumerate(keep)}
     if len(new_pairs) != len(pairs) or any([old_to_new[i] for i in a] != b for (a, _), (b, _) in zip(pairs, new_pairs)):
         raise RuntimeError("vocabulary trimming changed how a training sequence tokenizes")
-    info.update(vocab_size=len(keep), teacher_vocab_size=before, student_params=students.parameter_count(model))
+    info.update(vocab_size=len(keep), teacher_vocab_size=before, student_params=students.parameter_count(model),
+                vocab_kept=keep)
     console.print(f"  vocabulary: {len(keep)} of {before} tokens kept")
     return model, tok, new_pairs
 

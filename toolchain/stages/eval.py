@@ -162,8 +162,14 @@ def _models(cfg, inputs: dict[str, Path]):
         if cfg.student.from_ == "teacher":
             full = load_torch_model(teacher_ref)
             keep = info["kept_layers"]
-            return (students.prune(full, keep) if len(keep) < len(students.decoder_layers(full)) else full), tok
-        return load_torch_model(resolve(cfg.student.from_)), tok
+            model = students.prune(full, keep) if len(keep) < len(students.decoder_layers(full)) else full
+        else:
+            model = load_torch_model(resolve(cfg.student.from_))
+        if info.get("vocab_kept"):  # the same trimmed vocabulary as the student, before training
+            from toolchain import vocab
+
+            model = vocab.model(model, info["vocab_kept"])
+        return model, tok
 
     out = [("teacher", teacher, teacher_ref.sha256() if teacher_ref.local else None), ("student", student, student_sha)]
     if cfg.eval.base:
