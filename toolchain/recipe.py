@@ -262,6 +262,11 @@ class ServeConfig(_Section):
     max_queue: int = Field(64, ge=1, description="Requests waiting or running at once; more get 429.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Used when a request does not say (0 = greedy).")
     n_ctx: int = Field(4096, ge=256, description="llama.cpp context size.")
+    batch: int = Field(
+        1, ge=1, le=64,
+        description="llama.cpp: requests decoded together (continuous batching; each step's time is shared out in "
+        "the per-request cost). 1 = one request at a time, bit-identical to llama-cpp-python.",
+    )
 
 
 class BenchConfig(_Section):

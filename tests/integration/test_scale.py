@@ -169,12 +169,16 @@ def test_generate_with_an_endpoint_teacher_at_concurrency_4(endpoint_run, ci_run
     local = {r["id"]: r["response"] for r in _rows(ci_runs, "ci")}
     assert {r["id"]: r["response"] for r in rows} == local
     # Top-3 log-probs of every answer token, as the server returned them.
+    chosen = []
     for r in rows:
         assert len(r["logprobs"]) == r["completion_tokens"]
         for t in r["logprobs"]:
             assert len(t["top"]) == 3 and t["logprob"] <= 0
             assert t["top"][0][1] >= t["top"][1][1] >= t["top"][2][1]
             assert t["logprob"] == pytest.approx(t["top"][0][1], abs=1e-4)  # greedy: the chosen token is the top one
+            chosen.append(t["logprob"])
+    # A real distribution, not a flat one (log 1/49152 = -10.8): the teacher is mostly sure of its greedy tokens.
+    assert sum(chosen) / len(chosen) > -1.5 and max(chosen) > -0.05
     m = json.loads((stage_dirs(runs, "endpoint")["generate"] / "manifest.json").read_text())["metrics"]
     assert m["endpoint_concurrency"] == 4 and m["teacher_tokens_per_s"] > 0
     tokens_in, tokens_out = m["prompt_tokens"], m["completion_tokens"]

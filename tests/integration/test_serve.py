@@ -84,7 +84,8 @@ def test_chat_completion_and_streaming_with_usage_and_cost(server):
     assert u.prompt_tokens > 5 and 1 <= u.completion_tokens <= 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens
     cost = r.model_extra["cost"]
     assert cost["wall_ms"] >= cost["ttft_ms"] > 0 and cost["usd"] > 0 and cost["reference_usd"] > 0
-    assert cost["usd"] == pytest.approx(cost["wall_ms"] / 1000 / 3600 * 0.10, rel=1e-3)  # wall_ms is rounded
+    assert cost["usd"] == pytest.approx(cost["engine_ms"] / 1000 / 3600 * 0.10, rel=1e-3)  # engine_ms is rounded
+    assert cost["engine_ms"] == pytest.approx(cost["wall_ms"], rel=0.05)  # alone on the engine: its whole wall time
     assert cost["reference_usd"] == pytest.approx((u.prompt_tokens * 2.5 + u.completion_tokens * 10.0) / 1e6)
 
     stream = client.chat.completions.create(model="x", max_tokens=16, stream=True, stream_options={"include_usage": True},
@@ -207,3 +208,48 @@ def test_onnxruntime_backend_serves_the_same_api(ci_run):
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and len(events) >= 3
         assert client.post("/v1/completions", json={"prompt": "x", "temperature": -1}).status_code == 400
+
+
+def test_batched_server_answers_concurrent_requests_and_shares_the_cost(ci_run, tmp_path):
+    """serve.batch 4: requests decode together in one llama.cpp context; each pays its share of every step."""
+    recipe, runs, _ = ci_run
+    batched = recipe_copy(tmp_path, "ci", serve__batch=4, serve__max_new_tokens=32)
+    srv = Running(batched, runs)
+    try:
+        client = srv.client()
+        alone = client.chat.completions.create(model="m", max_tokens=24,
+                                               messages=[{"role": "user", "content": "Name a colour."}])
+
+        def ask(i):
+            return client.chat.completions.create(model="m", max_tokens=24,
+                                                  messages=[{"role": "user", "content": f"Say the number {i}."}])
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+        # streamed and logprobs requests go through the batch too
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="m", max_tokens=24, stream=True, messages=[{"role": "user", "content": "Name a colour."}]) if c.choices)
+        lp = client.chat.completions.create(model="m", max_tokens=6, logprobs=True, top_logprobs=2,
+                                            messages=[{"role": "user", "content": "Name a colour."}])
+    finally:
+        srv.stop()
+    # One request in a batched slot decodes exactly as llama-cpp-python alone (greedy, same context settings).
+    raw = subprocess.run([sys.executable, "-c", (
+        "import sys; from toolchain import served; "
+        f"t = served.from_file(__import__('pathlib').Path({str(_student_gguf(runs))!r}), 'llama_cpp'); "
+        "e = served.open_engine(t, n_ctx=4096); "
+        "ids = e.tokenize(e.chat_text([{'role': 'user', 'content': 'Name a colour.'}])); "
+        "print(e.detokenize(list(e.stream(ids, 24))))")], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert alone.choices[0].message.content == streamed == raw.stdout.rstrip("\n")
+    for a in answers:
+        cost = a.model_extra["cost"]
+        assert a.usage.completion_tokens >= 1 and cost["usd"] > 0
+        assert cost["usd"] == pytest.approx(cost["engine_ms"] / 1000 / 3600 * 0.10, rel=1e-3)
+        assert cost["engine_ms"] <= cost["wall_ms"] + 1  # a share of the time it was in flight, never more
+    shared = [a.model_extra["cost"] for a in answers]
+    assert sum(c["engine_ms"] for c in shared) < sum(c["wall_ms"] for c in shared)  # the steps were shared
+    assert len(lp.choices[0].logprobs.content) == lp.usage.completion_tokens
+
+
+def _student_gguf(runs):
+    return next(runs.glob("ci/export-*/gguf/ci-q8_0.gguf"))

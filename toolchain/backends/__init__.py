@@ -19,6 +19,24 @@ class Completion:
     logprobs: list[dict] | None = None
 
 
+def pick(logits, temperature: float, top_p: float, rng) -> int:
+    """Argmax at temperature 0; otherwise a sample from the tempered distribution cut to its top-p mass."""
+    import numpy as np
+
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int(rng.choice(len(p), p=p))
+
+
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Text up to the first stop string (engines that cannot stop on strings themselves)."""
     cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]

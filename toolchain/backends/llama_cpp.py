@@ -54,7 +54,7 @@ class LlamaCppEngine:
         self.llm.eval(list(ids))
         out: list[int] = []
         for _ in range(max_new_tokens):
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tok = int(np.argmax(self.step_logits()))
             out.append(tok)
             if tok in stop:
                 break
@@ -78,9 +78,14 @@ class LlamaCppEngine:
                 return
 
     def step_logits(self) -> np.ndarray:
-        """While ``stream`` runs: the logits the token just yielded was sampled from (llama.cpp keeps the last
-        position's logits even without ``logits_all``)."""
-        return np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+        """The logits after the last evaluated token: while ``stream`` runs, those the token just yielded was
+        sampled from. Read from the context (``Llama.scores`` is only filled with ``logits_all``)."""
+        import ctypes
+
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.llm.n_vocab(),)).copy()
 
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")

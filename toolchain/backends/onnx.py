@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.backends import Completion, cut_at_stop
+from toolchain.backends import Completion, cut_at_stop, pick
 from toolchain.onnx_io import external_files
 
 
@@ -68,7 +68,7 @@ class OnnxEngine:
         pos = len(ids)
         for _ in range(max_tokens):
             self._last = logits[-1]
-            tok = _pick(logits[-1], temperature, top_p, rng)
+            tok = pick(logits[-1], temperature, top_p, rng)
             yield tok
             if tok in stop:
                 return
@@ -115,19 +115,3 @@ class OnnxEngine:
 
     def close(self) -> None:
         self.session = None
-
-
-def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Argmax at temperature 0; otherwise a sample from the tempered distribution cut to its top-p mass."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p)
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
-        mask = np.zeros_like(p)
-        mask[keep] = p[keep]
-        p = mask / mask.sum()
-    return int(rng.choice(len(p), p=p))

@@ -58,6 +58,44 @@ def child() -> None:
     print(json.dumps({"load_s": load_s, "requests": rows, "peak_rss_bytes": _peak_rss()}))
 
 
+def loaded(engine, prompts: list[list[int]], max_new_tokens: int, slots: int) -> dict:
+    """Throughput of a busy server: ``slots`` requests always in flight (continuous batching, as `distillery
+    serve` with serve.batch), greedy, until every prompt is answered. Output tokens over wall time."""
+    import numpy as np
+
+    from toolchain.backends.llama_batch import BatchDecoder
+
+    decoder = BatchDecoder(engine, slots, max(len(p) for p in prompts) + max_new_tokens + 8)
+    queue, live, tokens = list(prompts), [], 0
+    start = time.perf_counter()
+    while queue or live:
+        while queue and len(live) < slots:
+            ids = queue.pop(0)
+            slot = decoder.acquire()
+            first = int(np.argmax(decoder.prefill(slot, ids)))
+            if first in engine.eos_ids:
+                decoder.release(slot)
+                continue
+            live.append([slot, first, len(ids), 1])
+            tokens += 1
+        if not live:
+            continue
+        rows = decoder.step([(slot, tok, pos) for slot, tok, pos, _ in live])
+        still = []
+        for entry, logits in zip(live, rows):
+            entry[1], entry[2] = int(np.argmax(logits)), entry[2] + 1
+            if entry[1] not in engine.eos_ids:
+                tokens, entry[3] = tokens + 1, entry[3] + 1
+            if entry[1] in engine.eos_ids or entry[3] >= max_new_tokens:
+                decoder.release(entry[0])
+            else:
+                still.append(entry)
+        live = still
+    wall = time.perf_counter() - start
+    decoder.close()
+    return {"slots": slots, "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
 def _peak_rss() -> int:
     """This process's high-water resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over from
     the parent across fork + exec, so a child of a large process would report the parent's size."""
