@@ -277,6 +277,11 @@ class BenchConfig(_Section):
     quant: str | None = Field(None, description="Type both models run at (default q8_0 / int8); the teacher is rebuilt at it.")
     served: bool = Field(True, description="Also measure the student through `distillery serve` (streamed) against raw.")
     each_file: bool = Field(True, description="Also time every exported file once (speed per quantization, for the report).")
+    concurrency: int = Field(
+        4, ge=0, le=64,
+        description="llama.cpp: also measure a busy server, this many requests decoding together (serve.batch); its "
+        "tokens/s gives $ per 1M tokens at full load. 0 skips it.",
+    )
 
 
 class CostConfig(_Section):

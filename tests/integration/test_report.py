@@ -33,6 +33,13 @@ def test_bench_compares_teacher_and_student_at_the_same_quant(ci_run):
     assert r["student_cost_vs_api"] == pytest.approx(usd["student"] / 10.0)
     assert b["break_even"]["one_time_seconds"] > 0 and b["break_even"]["output_tokens"] > 0
     assert 0 < b["served"]["decode_ratio_vs_raw"] < 5
+    # A busy server: 4 requests decoding together; $ per 1M at full load from that throughput.
+    ld = b["loaded"]
+    assert ld["concurrency"] == 4
+    for role in ("teacher", "student"):
+        tps = b["summary"][role]["loaded_tps"]["median"]
+        assert tps > 0 and all(run["loaded"]["output_tokens"] > 0 for run in b["runs"][role])
+        assert ld["usd_per_1m_output_tokens"][role] == pytest.approx(0.10 / 3600 / tps * 1e6)
     assert {(f["format"], f["variant"]) for f in b["per_file"]} == {
         ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8")}
 

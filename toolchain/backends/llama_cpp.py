@@ -26,14 +26,18 @@ class LlamaCppEngine:
             verbose=False,
         )
         self.eos_ids = {self.llm.token_eos()}
+        self._kv: list[int] | None = None  # tokens in the KV cache after a greedy stream (None: unknown)
+        self._batch = None
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None) -> Completion:
+        self._kv = None
         out = self.llm.create_chat_completion(messages=messages, **_sampling(max_tokens, temperature, top_p, seed))
         return _completion(out, out["choices"][0]["message"]["content"])
 
     def complete(self, text: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: list[str] | None = None) -> Completion:
+        self._kv = None
         out = self.llm.create_completion(text, stop=stop or None, **_sampling(max_tokens, temperature, top_p, seed))
         return _completion(out, out["choices"][0]["text"])
 
@@ -43,6 +47,7 @@ class LlamaCppEngine:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of ``ids`` [n, vocab] (needs ``logits_all=True``)."""
+        self._kv = None
         self.llm.reset()
         self.llm.eval(list(ids))
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
@@ -50,6 +55,7 @@ class LlamaCppEngine:
     def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
         """Greedy continuation token ids, argmax over the raw logits (the stop token included when reached)."""
         stop = self.eos_ids if stop_ids is None else stop_ids
+        self._kv = None
         self.llm.reset()
         self.llm.eval(list(ids))
         out: list[int] = []
@@ -64,7 +70,11 @@ class LlamaCppEngine:
     def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None) -> Iterator[int]:
         """Sampled (or, at temperature 0, greedy) token ids until end of turn or ``max_tokens``; the end-of-turn
-        token is not yielded. llama.cpp reuses the KV cache of the longest prefix shared with the last call."""
+        token is not yielded. The KV cache of the longest prefix shared with the last call is reused."""
+        if temperature <= 0:
+            yield from self._greedy(list(ids), max_tokens)
+            return
+        self._kv = None
         if seed is not None:
             self.llm.set_seed(seed)
         count = 0
@@ -76,6 +86,49 @@ class LlamaCppEngine:
             count += 1
             if count >= max_tokens:
                 return
+
+    def _greedy(self, ids: list[int], max_tokens: int) -> Iterator[int]:
+        """Greedy decoding straight on llama.cpp's context: one ``llama_decode`` and one argmax per token, without
+        llama-cpp-python's per-token sampler and bookkeeping (measured: the same tokens, less time per token)."""
+        import llama_cpp as L
+
+        ctx = self.llm._ctx.ctx
+        kv = self._kv or []
+        common = 0
+        while common < min(len(kv), len(ids) - 1) and kv[common] == ids[common]:
+            common += 1
+        L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, common, -1)
+        self.llm.n_tokens = 0  # llama-cpp-python's own record of the cache no longer holds; it starts afresh
+        self._kv = ids[:common]
+        self._decode(ids[common:])
+        for _ in range(max_tokens):
+            tok = int(np.argmax(self.step_logits()))
+            if tok in self.eos_ids:
+                return
+            yield tok
+            if len(self._kv) + 1 >= self.llm.n_ctx():
+                return
+            self._decode([tok])
+
+    def _decode(self, tokens: list[int]) -> None:
+        """Evaluate ``tokens`` after what the cache holds (in chunks of n_batch); logits for the last one."""
+        import llama_cpp as L
+
+        n_batch = self.llm.n_batch
+        if self._batch is None:
+            self._batch = L.llama_batch_init(n_batch, 0, 1)
+        b = self._batch
+        for start in range(0, len(tokens), n_batch):
+            part = tokens[start:start + n_batch]
+            for k, tok in enumerate(part):
+                b.token[k], b.pos[k], b.n_seq_id[k] = tok, len(self._kv) + k, 1
+                b.seq_id[k][0] = 0
+                b.logits[k] = start + k == len(tokens) - 1
+            b.n_tokens = len(part)
+            if L.llama_decode(self.llm._ctx.ctx, b) != 0:
+                self._kv = None
+                raise RuntimeError("llama_decode failed (context full?)")
+            self._kv.extend(part)
 
     def step_logits(self) -> np.ndarray:
         """The logits after the last evaluated token: while ``stream`` runs, those the token just yielded was
@@ -103,6 +156,11 @@ class LlamaCppEngine:
         return formatter(messages=messages).prompt
 
     def close(self) -> None:
+        if self._batch is not None:
+            import llama_cpp as L
+
+            L.llama_batch_free(self._batch)
+            self._batch = None
         self.llm.close()
 
 

@@ -54,8 +54,11 @@ def child() -> None:
                 first = time.perf_counter()
         end = time.perf_counter()
         rows.append(_timing(len(ids), n, start, first, end))
+    out = {"load_s": load_s, "requests": rows}
+    if args.get("slots"):
+        out["loaded"] = loaded(engine, prompts[1:], args["max_new_tokens"], args["slots"])
     engine.close()
-    print(json.dumps({"load_s": load_s, "requests": rows, "peak_rss_bytes": _peak_rss()}))
+    print(json.dumps({**out, "peak_rss_bytes": _peak_rss()}))
 
 
 def loaded(engine, prompts: list[list[int]], max_new_tokens: int, slots: int) -> dict:
@@ -121,9 +124,10 @@ def _asks(cfg, role: str, prompts: list[str]) -> list[dict]:
     return [{"messages": messages_for(p, cfg.generate.system_prompt)} for p in prompts]
 
 
-def _measure(target: served.Served, asks: list[dict], max_new_tokens: int) -> dict:
+def _measure(target: served.Served, asks: list[dict], max_new_tokens: int, slots: int = 0) -> dict:
     payload = json.dumps({"path": str(target.path), "backend": target.backend, "role": target.role,
-                          "quant": target.quant, "asks": asks, "max_new_tokens": max_new_tokens})
+                          "quant": target.quant, "asks": asks, "max_new_tokens": max_new_tokens,
+                          "slots": slots if target.backend == "llama_cpp" else 0})
     done = subprocess.run([sys.executable, "-c", "from toolchain.stages.bench import child; child()"], input=payload,
                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode != 0:
@@ -147,6 +151,7 @@ def _summary(runs: list[dict]) -> dict:
             "output_tokens": sum(q["completion_tokens"] for q in reqs),
             "peak_rss_bytes": r.get("peak_rss_bytes"),
             "load_s": r.get("load_s"),
+            "loaded_tps": r["loaded"]["tokens_per_s"] if r.get("loaded") else None,
         })
     out = {}
     for key in per_run[0]:
@@ -239,7 +244,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             order = (teacher, student) if rep % 2 == 0 else (student, teacher)
             for target in order:
                 bar.update(task, info=f"{target.role} run {rep + 1}")
-                runs[target.role].append(_measure(target, asks[target.role], b.max_new_tokens))
+                runs[target.role].append(_measure(target, asks[target.role], b.max_new_tokens, b.concurrency))
                 bar.update(task, advance=1)
         files = _exported(inputs["export"], export_report) if b.each_file else []
         bar.update(task, total=2 * b.repeats + int(b.served) + len(files))
@@ -266,6 +271,14 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     one_time_s = _distill_cost_s(inputs)
     one_time_usd = one_time_s / 3600 * c.distill_hardware_usd_per_hour
     saving = c.reference_api_usd_per_1m_output - usd["student"]
+    if all("loaded_tps" in summary[role] for role in runs):  # a busy server: requests decoding together
+        busy = {role: c.usd_per_hour / 3600 / summary[role]["loaded_tps"]["median"] * 1e6 for role in runs}
+        loaded_report = {"concurrency": b.concurrency, "usd_per_1m_output_tokens": busy,
+                         "tps_ratio": summary["student"]["loaded_tps"]["median"] / summary["teacher"]["loaded_tps"]["median"],
+                         "student_cost_vs_api": busy["student"] / c.reference_api_usd_per_1m_output
+                         if c.reference_api_usd_per_1m_output else None}
+    else:
+        loaded_report = None
     report = {
         "recipe": cfg.name, "backend": b.backend, "quant": quant, "prompts": len(rows), "repeats": b.repeats,
         "max_new_tokens": b.max_new_tokens, "threads": os.cpu_count(),
@@ -282,6 +295,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                        "capacity_tokens_per_month": 3600 * HOURS_PER_MONTH / summary["student"]["seconds_per_output_token"]["median"],
                        "hardware_usd_per_month": c.usd_per_hour * HOURS_PER_MONTH},
         "settings": {"usd_per_hour": c.usd_per_hour, "distill_hardware_usd_per_hour": c.distill_hardware_usd_per_hour},
+        "loaded": loaded_report,
     }
     if served_runs:
         raw = summary["student"]["decode_tps"]["median"]
@@ -358,6 +372,14 @@ def render_markdown(report: dict) -> str:
                      f"output tokens saves ${be['saving_usd_per_1m_output']:.2f}, so it pays back after "
                      f"{be['output_tokens']:,.0f} output tokens. A dedicated machine (${be['hardware_usd_per_month']:.0f}/month) "
                      f"serves up to {be['capacity_tokens_per_month'] / 1e6:,.0f}M output tokens a month at this speed.")
+    ld = report.get("loaded")
+    if ld:
+        lines += ["", f"A busy server ({ld['concurrency']} requests decoding together, `serve.batch: "
+                      f"{ld['concurrency']}`): {_cell(s['teacher'].get('loaded_tps'))} tokens/s teacher, "
+                      f"{_cell(s['student'].get('loaded_tps'))} student (**{num(ld['tps_ratio'])}×**); $ per 1M output "
+                      f"tokens at full load {ld['usd_per_1m_output_tokens']['teacher']:.4f} vs "
+                      f"{ld['usd_per_1m_output_tokens']['student']:.4f}"
+                      + (f" → **1/{1 / ld['student_cost_vs_api']:.0f}** of the reference API." if ld["student_cost_vs_api"] else ".")]
     if "served" in report:
         sv = report["served"]
         lines += ["", f"Served through `distillery serve` (HTTP, streamed): decode {_cell(sv['summary'].get('decode_tps'))} "
