@@ -16,6 +16,17 @@ import ctypes
 import numpy as np
 
 
+def fill(batch, rows: list[tuple[int, int, int, bool]]) -> None:
+    """Write (sequence id, token, position, wants logits) rows into a ``llama_batch``."""
+    for k, (seq, tok, pos, logits) in enumerate(rows):
+        batch.token[k] = tok
+        batch.pos[k] = pos
+        batch.n_seq_id[k] = 1
+        batch.seq_id[k][0] = seq
+        batch.logits[k] = logits
+    batch.n_tokens = len(rows)
+
+
 class BatchDecoder:
     def __init__(self, engine, slots: int, n_ctx: int, threads: int | None = None):
         import os
@@ -66,14 +77,7 @@ class BatchDecoder:
         return self._decode(list(range(len(live))))
 
     def _fill(self, rows: list[tuple[int, int, int, bool]]) -> None:
-        b = self.batch
-        for k, (seq, tok, pos, logits) in enumerate(rows):
-            b.token[k] = tok
-            b.pos[k] = pos
-            b.n_seq_id[k] = 1
-            b.seq_id[k][0] = seq
-            b.logits[k] = logits
-        b.n_tokens = len(rows)
+        fill(self.batch, rows)
 
     def _decode(self, outputs: list[int]) -> list[np.ndarray]:
         rc = self.L.llama_decode(self.ctx, self.batch)

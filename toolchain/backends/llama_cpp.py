@@ -114,17 +114,15 @@ class LlamaCppEngine:
         """Evaluate ``tokens`` after what the cache holds (in chunks of n_batch); logits for the last one."""
         import llama_cpp as L
 
+        from toolchain.backends.llama_batch import fill
+
         n_batch = self.llm.n_batch
         if self._batch is None:
             self._batch = L.llama_batch_init(n_batch, 0, 1)
         b = self._batch
         for start in range(0, len(tokens), n_batch):
             part = tokens[start:start + n_batch]
-            for k, tok in enumerate(part):
-                b.token[k], b.pos[k], b.n_seq_id[k] = tok, len(self._kv) + k, 1
-                b.seq_id[k][0] = 0
-                b.logits[k] = start + k == len(tokens) - 1
-            b.n_tokens = len(part)
+            fill(b, [(0, tok, len(self._kv) + k, start + k == len(tokens) - 1) for k, tok in enumerate(part)])
             if L.llama_decode(self.llm._ctx.ctx, b) != 0:
                 self._kv = None
                 raise RuntimeError("llama_decode failed (context full?)")
