@@ -176,14 +176,13 @@ def _kept_ids(source_tokens: list[str], model_dir: Path | None) -> list[int] | N
 def _subset_tokenizer_field(name: str, value, kept: list[int], kept_tokens: set[str]):
     """One tokenizer.* value restricted to the kept token ids (renumbered in kept order); merges whose parts
     and result are all kept. None: a special token id the trimmed vocabulary does not have."""
-    new_id = {old: new for new, old in enumerate(kept)}
     if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
         return [value[i] for i in kept]
     if name == "tokenizer.ggml.merges":
         pairs = [(m, *m.split(" ", 1)) for m in value]
         return [m for m, a, b in pairs if a in kept_tokens and b in kept_tokens and a + b in kept_tokens]
     if name.endswith("_token_id"):
-        return new_id.get(int(value))
+        return kept.index(int(value)) if int(value) in kept else None
     return value
 
 

@@ -413,15 +413,7 @@ class Batcher:
 
         import numpy as np
 
-        from toolchain.backends import pick
-
-        eos = self.server.engine.eos_ids
         live: list[list] = []  # [job, slot, last token, position, rng]
-
-        def done(entry, ended: bool) -> None:
-            self.decoder.release(entry[1])
-            entry[0].finish(ended)
-
         while True:
             while len(live) < self.slots:  # admit: block only when there is nothing to decode
                 try:
@@ -439,7 +431,8 @@ class Batcher:
                     job.fail(e)
                     continue
                 entry = [job, slot, None, len(job.ids), np.random.default_rng(job.req.seed)]
-                self._take(entry, logits, eos, live, done, pick)
+                if self._take(entry, logits):
+                    live.append(entry)
             if not live:
                 continue
             t0 = time.perf_counter()
@@ -449,26 +442,27 @@ class Batcher:
                 for entry in live:
                     self.decoder.release(entry[1])
                     entry[0].fail(e)
-                live.clear()
+                live = []
                 continue
             share = (time.perf_counter() - t0) / len(live)
-            current, live[:] = list(live), []
-            for entry, logits in zip(current, rows):
+            for entry in live:
                 entry[0].machine_s += share
                 entry[3] += 1
-                self._take(entry, logits, eos, live, done, pick)
+            live = [entry for entry, logits in zip(live, rows) if self._take(entry, logits)]
 
-    @staticmethod
-    def _take(entry, logits, eos, live, done, pick) -> None:
+    def _take(self, entry: list, logits) -> bool:
+        """Pick a request's next token; False when the request is finished (and its slot freed)."""
+        from toolchain.backends import pick
+
         job = entry[0]
         tok = pick(logits, job.temperature, job.req.top_p, entry[4])
-        if tok in eos:
-            done(entry, True)
-        elif job.token(tok, lambda: logits):
-            done(entry, job.out.stopped)
-        else:
+        eos = tok in self.server.engine.eos_ids
+        if not eos and not job.token(tok, lambda: logits):
             entry[2] = tok
-            live.append(entry)
+            return True
+        self.decoder.release(entry[1])
+        job.finish(eos or job.out.stopped)
+        return False
 
 
 def create_app(engine, settings: Settings):

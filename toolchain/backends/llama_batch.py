@@ -1,8 +1,9 @@
 """Several sequences decoded together in one llama.cpp context (continuous batching), for the server.
 
-Decoding one token reads every weight of the model; on a CPU that read, not the arithmetic, bounds a single
-stream. Decoding the next token of S sequences in one ``llama_decode`` call reads the weights once for all S,
-so a busy server gets several times the tokens per second of one stream (measured by ``distillery bench``).
+Decoding the next token of S sequences in one ``llama_decode`` call reads the weights once for all S. Where a
+single stream is bound by reading the weights (memory bandwidth: many cores, larger models) that multiplies a
+busy server's tokens per second; where it is bound by arithmetic it does not: on 2 CPU cores, 4 sequences
+together measured 0.55–0.75× one stream's tokens/s (``distillery bench``, ``bench.concurrency``).
 
 Each sequence has a slot (a llama.cpp sequence id) in one shared KV cache. A new sequence's prompt is
 evaluated on its own (prefill), then every step decodes one token for every live sequence. Sampling happens
@@ -14,6 +15,12 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+
+
+def logits_row(L, ctx, i: int, n_vocab: int) -> np.ndarray:
+    """A copy of the logits llama.cpp computed for output ``i`` of the last decode (-1: the last output)."""
+    ptr = L.llama_get_logits_ith(ctx, i)
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).copy()
 
 
 def fill(batch, rows: list[tuple[int, int, int, bool]]) -> None:
@@ -67,28 +74,20 @@ class BatchDecoder:
         out = None
         for start in range(0, len(ids), self.chunk):
             part = ids[start:start + self.chunk]
-            self._fill([(seq, t, start + j, start + j == len(ids) - 1) for j, t in enumerate(part)])
+            fill(self.batch, [(seq, t, start + j, start + j == len(ids) - 1) for j, t in enumerate(part)])
             out = self._decode([len(part) - 1] if start + len(part) == len(ids) else [])
         return out[0]
 
     def step(self, live: list[tuple[int, int, int]]) -> list[np.ndarray]:
         """One token for each (slot, token, position): the logits that follow each, in the same order."""
-        self._fill([(seq, tok, pos, True) for seq, tok, pos in live])
+        fill(self.batch, [(seq, tok, pos, True) for seq, tok, pos in live])
         return self._decode(list(range(len(live))))
-
-    def _fill(self, rows: list[tuple[int, int, int, bool]]) -> None:
-        fill(self.batch, rows)
 
     def _decode(self, outputs: list[int]) -> list[np.ndarray]:
         rc = self.L.llama_decode(self.ctx, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}): KV cache full or bad batch")
-        rows = []
-        for i in outputs:
-            ptr = self.L.llama_get_logits_ith(self.ctx, i)
-            rows.append(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                              shape=(self.n_vocab,)).copy())
-        return rows
+        return [logits_row(self.L, self.ctx, i, self.n_vocab) for i in outputs]
 
     def close(self) -> None:
         if self.ctx:

@@ -131,12 +131,11 @@ class LlamaCppEngine:
     def step_logits(self) -> np.ndarray:
         """The logits after the last evaluated token: while ``stream`` runs, those the token just yielded was
         sampled from. Read from the context (``Llama.scores`` is only filled with ``logits_all``)."""
-        import ctypes
-
         import llama_cpp
 
-        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
-        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.llm.n_vocab(),)).copy()
+        from toolchain.backends.llama_batch import logits_row
+
+        return logits_row(llama_cpp, self.llm._ctx.ctx, -1, self.llm.n_vocab())
 
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")

@@ -138,7 +138,7 @@ def _take(queue, n: int) -> list:
 
 
 def _endpoint_cost(cfg, rows: list[dict]) -> dict:
-    """What the teacher's answers cost at the endpoint's price (a hosted teacher; 0 for a free local one)."""
+    """What an openai: teacher's answers cost at the endpoint's price."""
     g, c = cfg.generate, cfg.cost
     usd_in = c.reference_api_usd_per_1m_input if g.usd_per_1m_input is None else g.usd_per_1m_input
     usd_out = c.reference_api_usd_per_1m_output if g.usd_per_1m_output is None else g.usd_per_1m_output
@@ -245,7 +245,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         **{f"dropped_{k}": n for k, n in why.items()},
         "completion_tokens": sum(r["completion_tokens"] for r in rows), **speed,
     }
-    if resolve(cfg.teacher).kind == "openai":
+    if cfg.teacher.startswith("openai:"):
         metrics.update(_endpoint_cost(cfg, rows))
         console.print(f"  at the endpoint's price: ${metrics['endpoint_usd']:.4f} for {metrics['prompt_tokens']} prompt "
                       f"+ {metrics['completion_tokens']} answer tokens")
