@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.conftest import ROOT, distillery, recipe_copy, stage_dirs
+from tests.integration.test_pipeline import _spawn, _wait_for as _wait
 from tests.integration.test_serve import Running, _free_port
 
 pytestmark = pytest.mark.integration
@@ -31,23 +32,6 @@ def _with_generate(ci_runs, runs):
     (runs / "ci").mkdir(parents=True)
     subprocess.run(["cp", "-r", str(src), str(runs / "ci" / src.name)], check=True)
     return runs
-
-
-def _spawn(*args):
-    return subprocess.Popen([sys.executable, "-m", "toolchain.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "DISTILLERY_NO_PROGRESS": "1"})
-
-
-def _wait(pred, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended first:\n{proc.communicate()}")
-        time.sleep(0.05)
-    raise AssertionError("never reached")
 
 
 def _kill_tree(proc):
