@@ -81,3 +81,16 @@ def test_soft_label_refuses_a_trimmed_vocabulary(tmp_path):
 
     with pytest.raises(RecipeError, match="student.vocab"):
         load(str(recipe_copy(tmp_path, student__vocab=4096, distill__flavour="soft")))
+
+
+def test_a_word_kept_after_a_space_is_kept_at_the_start_of_an_answer_too(teacher_tok):
+    """' Asia' in the task's text keeps 'Asia' (how an answer starts), written as the teacher writes it."""
+    mid = teacher_tok("Thailand is in Asia", add_special_tokens=False).input_ids
+    start = teacher_tok("Asia", add_special_tokens=False).input_ids
+    assert len(start) == 1 and start[0] not in mid
+    keep = vocab.plan(teacher_tok, [mid], 0)
+    assert start[0] in keep
+    small = vocab.tokenizer(teacher_tok, keep)
+    assert [keep[i] for i in small("Asia", add_special_tokens=False).input_ids] == start
+    # Not for pieces that are not words.
+    assert vocab._other_form("Ġ12") is None and vocab._other_form("Ġa") is None and vocab._other_form("ĠAsia") == "Asia"

@@ -38,6 +38,15 @@ def _generate_extras(cfg) -> dict:
     return {}
 
 
+def _vocab_rules(cfg) -> dict:
+    """A trimmed vocabulary depends on the rules that choose it (toolchain.vocab.RULES), not only on its size."""
+    if cfg.student.vocab is None:
+        return {}
+    from toolchain.vocab import RULES
+
+    return {"vocab_rules": RULES}
+
+
 PLANS = {
     "generate": StagePlan(
         "generate", (),
@@ -51,7 +60,7 @@ PLANS = {
     "distill": StagePlan(
         "distill", ("generate",),
         lambda c: {**_teacher_io(c), "distill": c.section("distill"), "student": c.section("student"),
-                   "system_prompt": c.generate.system_prompt},
+                   "system_prompt": c.generate.system_prompt, **_vocab_rules(c)},
         "toolchain.stages.distill",
     ),
     "merge": StagePlan(

@@ -6,22 +6,31 @@ A student for one well-defined task uses a few thousand of them. ``plan`` keeps
 
   - the special (added) tokens and the single-character byte tokens (any text can still be written),
   - the first ``size`` tokens of the BPE (merge order: the most frequent pieces of the teacher's corpus),
-  - every token in the task's own token sequences, with the tokens its merges are built from,
+  - every token in the task's own token sequences,
+  - each kept word in its other form: after a space (``Ġword``) and at the start of a text or line (``word``),
+  - the tokens every kept token's merges are built from,
 
 and ``tokenizer`` rebuilds the BPE over that set: a merge survives when its two parts and its result are kept.
 A BPE applies, at each step, the lowest-ranked merge available; removing merges that never applied cannot
 change that choice, so every text whose tokens were kept tokenizes exactly as before (tested), and any other
 text still tokenizes, into smaller pieces. ``model`` takes the matching rows of the (tied) embedding.
+
+Why both forms of a word: a chat answer starts without a space, so a word the training answers only use
+mid-sentence (`` Asia``) is a different token at the start of an answer (``Asia``, a rare merge with a late
+id). Without it the student must spell the word from pieces it never produced. On the default recipe's
+held-out facts it makes 13 more of 48 gold answer forms writable as the teacher writes them, for 2,200 tokens.
 """
 
 from __future__ import annotations
 
 import json
 
+RULES = 2  # the version of what ``plan`` keeps: part of the distill stage's key when the vocabulary is trimmed
+
 
 def plan(tok, sequences, size: int) -> list[int]:
     """Old token ids to keep, ascending: specials, byte tokens, the first ``size`` ids, the ids in
-    ``sequences`` (lists of token ids) and what builds them."""
+    ``sequences`` (lists of token ids), the other space form of each kept word, and what builds them."""
     model = json.loads(tok.backend_tokenizer.to_str())["model"]
     vocab, merges = model["vocab"], [_pair(m) for m in model["merges"]]
     built_from = {a + b: (a, b) for a, b in merges}
@@ -29,6 +38,7 @@ def plan(tok, sequences, size: int) -> list[int]:
     keep: set[int] = {i for i in tok.all_special_ids} | set(tok.added_tokens_decoder)
     keep |= {i for t, i in vocab.items() if len(t) == 1 or i < size}
     keep |= {i for seq in sequences for i in seq if i in inverse}
+    keep |= {vocab[f] for f in (_other_form(inverse[i]) for i in keep if i in inverse) if f in vocab}
     stack, seen = [inverse[i] for i in keep if i in inverse], set()
     while stack:  # close over merges: the parts of every kept token are kept
         t = stack.pop()
@@ -95,6 +105,14 @@ def model(m, keep: list[int]):
             elif isinstance(value, list):
                 setattr(holder, name, [new_id[v] for v in value if v in new_id])
     return m
+
+
+def _other_form(token: str) -> str | None:
+    """``Ġword`` ↔ ``word`` for a token that is a word (letters after an optional byte-level space)."""
+    word = token[1:] if token.startswith("Ġ") else token
+    if len(word) < 2 or not word.isalpha():
+        return None
+    return word if token.startswith("Ġ") else "Ġ" + word
 
 
 def _pair(merge) -> tuple[str, str]:
