@@ -242,7 +242,7 @@ def test_batched_server_answers_concurrent_requests_and_shares_the_cost(ci_run, 
     # One sequence alone in a batched context decodes as llama-cpp-python's own context does, or parts from it
     # only at a near tie (the CI student is barely trained: its logits are nearly flat, and a KV cache laid
     # out for 4 sequences may round differently in the last bit).
-    assert got["noise"] < 0.05, got
+    assert got["noise"] < 0.01 * got["spread"], got  # rounding, not another computation
     assert got["plain"] == got["batched"] or got["near_tie"], got
     for a in answers:
         cost = a.model_extra["cost"]
@@ -284,8 +284,8 @@ def plain_and_batched(gguf: str, recipe: str, n: int = 24) -> dict:
     noise = float(max(np.abs(a - b).max() for a, b in zip(shared, rows)))
     near_tie = j is not None and float(plain_rows[j][plain[j]] - plain_rows[j][batched[j]]) < 2 * noise
     text = e.detokenize([t for t in batched if t not in e.eos_ids])
-    return {"plain": plain, "batched": batched, "batched_text": text, "noise": noise,
-            "near_tie": near_tie}
+    return {"plain": plain, "batched": batched, "batched_text": text, "noise": noise, "near_tie": near_tie,
+            "spread": float(plain_rows[0].max() - plain_rows[0].min())}
 
 
 def _student_gguf(runs):
