@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -233,8 +234,12 @@ def transplant_tokenizer(source_gguf: Path, converted: Path, out: Path, metadata
 
 
 def quantize(src: Path, out: Path, quant: str, threads: int | None = None) -> None:
-    """llama.cpp's quantizer (the runtime's own code) from a float GGUF to ``quant``."""
+    """llama.cpp's quantizer (the runtime's own code) from a float GGUF to ``quant`` (f32: the file as it is)."""
     import llama_cpp
+
+    if quant == "f32":
+        shutil.copyfile(src, out)
+        return
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{FTYPES[quant]}")

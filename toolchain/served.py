@@ -96,10 +96,7 @@ def _teacher_gguf(ref, quant: str) -> Path:
         f32 = gguf_io.build_float(hf, Path(tmp) / "f32.gguf", ref.path if ref.kind == "gguf" else None,
                                   {"general.name": "teacher", "general.organization": "distillery"})
         staged = Path(tmp) / "out.gguf"
-        if quant == "f32":
-            shutil.copyfile(f32, staged)
-        else:
-            gguf_io.quantize(f32, staged, quant)
+        gguf_io.quantize(f32, staged, quant)
         os.replace(staged, out)
     return out
 

@@ -56,12 +56,10 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
     """lm-eval task YAMLs + JSONL for one model under root/role; returns the task names."""
     folder = root / role
     folder.mkdir(parents=True, exist_ok=True)
-    pattern = cfg.reasoning.answer_pattern if cfg.distill.flavour == "reasoning" else None
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_task[r["task"]].append({
-            "id": r["id"], "task": r["task"], "prompt": _prompt_for(cfg, role, r["prompt"]), "gold": r["gold"],
-            "teacher_response": r["response"], "answer_pattern": pattern,
+            "id": r["id"], "prompt": _prompt_for(cfg, role, r["prompt"]), **_scored_doc(cfg, r),
             "target_tokens": len(student_tok(r["response"], add_special_tokens=False).input_ids),
         })
     names = []
@@ -82,6 +80,12 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
             (folder / f"{name}.yaml").write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
             names.append(name)
     return names
+
+
+def _scored_doc(cfg, r: dict) -> dict:
+    """What the per-doc metric hooks (toolchain.eval_metrics) read from a held-out row."""
+    pattern = cfg.reasoning.answer_pattern if cfg.distill.flavour == "reasoning" else None
+    return {"task": r["task"], "gold": r["gold"], "teacher_response": r["response"], "answer_pattern": pattern}
 
 
 def hf_lm(cfg, model, tok):
@@ -122,10 +126,9 @@ def _answers_as_given(cfg, rows: list[dict], role: str) -> dict:
     """A teacher behind an API cannot be loaded: score the held-out answers it gave in generate with the same
     per-doc hooks (its likelihood of its own answers is not available)."""
     by_task: dict[str, list[dict]] = defaultdict(list)
-    pattern = cfg.reasoning.answer_pattern if cfg.distill.flavour == "reasoning" else None
     for r in rows:
-        doc = {"task": r["task"], "gold": r["gold"], "teacher_response": r["response"], "answer_pattern": pattern}
-        by_task[r["task"]].append({"id": r["id"], "response": r["response"], **em.process_generation(doc, [r["response"]])})
+        scored = em.process_generation(_scored_doc(cfg, r), [r["response"]])
+        by_task[r["task"]].append({"id": r["id"], "response": r["response"], **scored})
     metrics, samples = {}, {}
     for task, ss in by_task.items():
         metrics[task] = {k: em.mean_known([s[k] for s in ss]) for k in ("gold", "exact", "chrf")}

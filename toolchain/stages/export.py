@@ -183,10 +183,7 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref
             continue
         bar.update(task, info=f"gguf {quant}")
         tmp = path.with_suffix(".tmp")
-        if quant == "f32":
-            shutil.copyfile(base, tmp)
-        else:
-            gguf_io.quantize(base, tmp, quant)
+        gguf_io.quantize(base, tmp, quant)
         os.replace(tmp, path)
         from toolchain.backends.llama_cpp import LlamaCppEngine
 
