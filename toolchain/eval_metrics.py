@@ -88,12 +88,17 @@ def retention_table(scores: dict[str, dict[str, dict]], counts: dict[str, int]) 
     return {"tasks": rows, "overall": overall}
 
 
-def gate_failures(table: dict, min_retention: float) -> list[str]:
-    """One line per task (and overall) whose retention is below the threshold; empty means the gate passes."""
+def gate_failures(table: dict, min_retention: float, per_task: dict[str, float] | None = None) -> list[str]:
+    """One line per task (and overall) whose retention is below its threshold (``per_task`` names tasks with
+    their own, ``min_retention`` is everyone else's); empty means the gate passes."""
+    unknown = sorted(set(per_task or {}) - set(table["tasks"]))
+    if unknown:
+        raise ValueError(f"eval.task_min_retention names {', '.join(unknown)}, not a held-out task "
+                         f"(tasks: {', '.join(sorted(table['tasks']))})")
     failed = []
     for name, row in [*table["tasks"].items(), ("overall", table["overall"])]:
-        r = row["retention"]
-        if r is not None and r < min_retention - 1e-9:  # a ratio of exact counts, compared as such
-            failed.append(f"{name}: retention {r:.3f} < {min_retention} "
+        r, floor = row["retention"], (per_task or {}).get(name, min_retention)
+        if r is not None and r < floor - 1e-9:  # a ratio of exact counts, compared as such
+            failed.append(f"{name}: retention {r:.3f} < {floor} "
                           f"(student {row['student']:.3f}, teacher {row['teacher']:.3f})")
     return failed

@@ -14,6 +14,7 @@ from toolchain.models import file_sha256, resolve
 from toolchain.runs import RunDir, RunError, execute, read_manifest, stage_key
 
 STAGES = ("generate", "distill", "merge", "eval", "export", "bench")
+GATE = ("min_retention", "task_min_retention")  # eval fields judged after the fact, never part of a stage key
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ PLANS = {
     ),
     "eval": StagePlan(
         "eval", ("generate", "distill", "merge"),
-        # min_retention is the gate, applied to the results afterwards: changing it re-runs nothing.
-        lambda c: {**_teacher_io(c), "eval": {k: v for k, v in c.section("eval").items() if k != "min_retention"},
+        # The gate (min_retention, task_min_retention) is applied to the results afterwards: changing it re-runs nothing.
+        lambda c: {**_teacher_io(c), "eval": {k: v for k, v in c.section("eval").items() if k not in GATE},
                    "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
                    "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
         "toolchain.stages.eval",
@@ -82,7 +83,7 @@ PLANS = {
         "export", ("generate", "merge", "eval"),
         # Scored like eval (same tasks, prompts and settings), so eval's settings are part of the key too.
         lambda c: {"export": c.section("export"),
-                   "eval": {k: v for k, v in c.section("eval").items() if k not in ("min_retention", "base", "log_samples")},
+                   "eval": {k: v for k, v in c.section("eval").items() if k not in (*GATE, "base", "log_samples")},
                    "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
                    "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
         "toolchain.stages.export",
@@ -154,12 +155,16 @@ def quality_gate(cfg, eval_dir: Path, enforce: bool = True) -> list[str]:
     import json
 
     from toolchain.eval_metrics import gate_failures
+    from toolchain.recipe import RecipeError
     from toolchain.stages.eval import render_table
     from toolchain.ui import console
 
     report = json.loads((eval_dir / "eval.json").read_text(encoding="utf-8"))
     console.print(render_table(report), highlight=False, soft_wrap=True)
-    failed = gate_failures(report["retention"], cfg.eval.min_retention)
+    try:
+        failed = gate_failures(report["retention"], cfg.eval.min_retention, cfg.eval.task_min_retention)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     if failed and enforce:
         raise GateError(f"quality gate failed (eval.min_retention {cfg.eval.min_retention}; report: "
                         f"{eval_dir / 'eval.md'}): " + "; ".join(failed))

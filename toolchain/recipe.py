@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -221,6 +221,11 @@ class EvalConfig(_Section):
         0.9, ge=0.0, le=2.0,
         description="Quality gate: student/teacher gold accuracy, per task and overall, below which eval fails "
         "(and `make` stops before export). Applied to the results, so changing it re-runs nothing.",
+    )
+    task_min_retention: dict[str, Annotated[float, Field(ge=0.0, le=2.0)]] = Field(
+        default_factory=dict,
+        description="Thresholds for named tasks instead of min_retention, e.g. {fact: 0.5} for a knowledge probe "
+        "outside the task being distilled: still measured and reported, judged by its own floor.",
     )
     max_new_tokens: int = Field(128, ge=1, description="Longest answer generated per held-out prompt.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N held-out prompts.")
