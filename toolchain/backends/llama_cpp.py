@@ -53,18 +53,13 @@ class LlamaCppEngine:
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
     def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
-        """Greedy continuation token ids, argmax over the raw logits (the stop token included when reached)."""
+        """Greedy continuation token ids, argmax over the raw logits (the stop token included when reached);
+        the prompt is evaluated afresh, so the same ids always give the same tokens."""
         stop = self.eos_ids if stop_ids is None else stop_ids
         self._kv = None
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            tok = int(np.argmax(self.step_logits()))
-            out.append(tok)
-            if tok in stop:
-                break
-            self.llm.eval([tok])
+        out = list(self._greedy(list(ids), max_new_tokens, stop))
+        if len(out) < max_new_tokens and int(np.argmax(self.step_logits())) in stop:
+            out.append(int(np.argmax(self.step_logits())))
         return out
 
     def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -87,7 +82,7 @@ class LlamaCppEngine:
             if count >= max_tokens:
                 return
 
-    def _greedy(self, ids: list[int], max_tokens: int) -> Iterator[int]:
+    def _greedy(self, ids: list[int], max_tokens: int, stop: set[int] | None = None) -> Iterator[int]:
         """Greedy decoding straight on llama.cpp's context: one ``llama_decode`` and one argmax per token, without
         llama-cpp-python's per-token sampler and bookkeeping (measured: the same tokens, less time per token)."""
         import llama_cpp as L
@@ -103,7 +98,7 @@ class LlamaCppEngine:
         self._decode(ids[common:])
         for _ in range(max_tokens):
             tok = int(np.argmax(self.step_logits()))
-            if tok in self.eos_ids:
+            if tok in (self.eos_ids if stop is None else stop):
                 return
             yield tok
             if len(self._kv) + 1 >= self.llm.n_ctx():

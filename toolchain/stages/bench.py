@@ -161,8 +161,9 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-def _served(target: served.Served, messages: list, max_new_tokens: int) -> dict:
-    """The student through the real server (a child process), streamed, one request at a time."""
+def _served(target: served.Served, messages: list, max_new_tokens: int, repeats: int) -> list[dict]:
+    """The student through the real server (a child process), streamed, one request at a time; the prompts
+    ``repeats`` times over (one run each, as the raw runs), after one request that warms the server up."""
     from openai import OpenAI
 
     with socket.socket() as s:
@@ -184,8 +185,8 @@ def _served(target: served.Served, messages: list, max_new_tokens: int) -> dict:
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"bench server did not start: {proc.stderr.read()[-300:]}")
                 time.sleep(0.3)
-        rows = []
-        for i, m in enumerate([messages[0]] + messages):
+        runs, rows = [], []
+        for i, m in enumerate([messages[0]] + messages * repeats):
             start = time.perf_counter()
             first, n = None, 0
             for chunk in client.chat.completions.create(model="bench", messages=m, max_tokens=max_new_tokens,
@@ -197,7 +198,9 @@ def _served(target: served.Served, messages: list, max_new_tokens: int) -> dict:
             end = time.perf_counter()
             if i:  # the first request warms up, as in the raw runs
                 rows.append(_timing(0, n, start, first, end))
-        return {"requests": rows}
+            if i and i % len(messages) == 0:
+                runs, rows = runs + [{"requests": rows}], []
+        return runs
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -260,7 +263,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         served_runs = []
         if b.served:
             bar.update(task, info="student served")
-            served_runs.append(_served(student, [a["messages"] for a in asks["student"][1:]], b.max_new_tokens))
+            served_runs = _served(student, [a["messages"] for a in asks["student"][1:]], b.max_new_tokens, b.repeats)
             bar.update(task, advance=1)
 
     sizes = {"teacher": _size(teacher.path), "student": _size(student.path)}
