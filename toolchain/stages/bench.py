@@ -162,49 +162,53 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-def _served(target: served.Served, messages: list, max_new_tokens: int, repeats: int) -> list[dict]:
-    """The student through the real server (a child process), streamed, one request at a time; the prompts
-    ``repeats`` times over (one run each, as the raw runs), after one request that warms the server up.
+class _Served:
+    """The student behind the real server (a child process), asked streamed, one request at a time.
 
     Read by a minimal HTTP client (``_stream_once``): the server's speed is what is measured, and on a small
     machine a client SDK that parses every event into objects (about 0.5 ms of CPU per token for the openai
     package, measured) takes that CPU from the engine it is measuring. The tests talk to the server with the
     official openai client."""
-    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = ("import sys; from toolchain import served; from toolchain.server import Settings, serve; "
-            f"t = served.Served(__import__('pathlib').Path({str(target.path)!r}), {target.backend!r}, 'bench', 'student', {target.quant!r}); "
-            f"serve(served.open_engine(t, n_ctx=4096), Settings(model_id='bench', max_new_tokens={max_new_tokens}, "
-            f"system_prompt=None), '127.0.0.1', {port})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    def __init__(self, target: served.Served, max_new_tokens: int):
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.max_new_tokens = max_new_tokens
+        code = ("import sys; from toolchain import served; from toolchain.server import Settings, serve; "
+                f"t = served.Served(__import__('pathlib').Path({str(target.path)!r}), {target.backend!r}, 'bench', "
+                f"'student', {target.quant!r}); serve(served.open_engine(t, n_ctx=4096), Settings(model_id='bench', "
+                f"max_new_tokens={max_new_tokens}, system_prompt=None), '127.0.0.1', {self.port})")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
         deadline = time.time() + 120
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return
             except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"bench server did not start: {proc.stderr.read()[-300:]}")
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.close()
+                    raise RuntimeError(f"bench server did not start: {self.proc.stderr.read()[-300:]}")
                 time.sleep(0.3)
-        runs, rows = [], []
-        for i, m in enumerate([messages[0]] + messages * repeats):
-            body = {"model": "bench", "messages": m, "max_tokens": max_new_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+
+    def run(self, messages: list) -> dict:
+        """One run: the first request warms up (as in the raw runs), the others are timed."""
+        rows = []
+        for i, m in enumerate([messages[0]] + messages):
+            body = {"model": "bench", "messages": m, "max_tokens": self.max_new_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
             start = time.perf_counter()
-            first, n = _stream_once(port, body)
-            end = time.perf_counter()
-            if i:  # the first request warms up, as in the raw runs
-                rows.append(_timing(0, n, start, first, end))
-            if i and i % len(messages) == 0:
-                runs, rows = runs + [{"requests": rows}], []
-        return runs
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+            first, n = _stream_once(self.port, body)
+            if i:
+                rows.append(_timing(0, n, start, first, time.perf_counter()))
+        return {"requests": rows}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 _CONTENT = re.compile(rb'"content": "[^"]')  # a text delta that is not empty (the role chunk's is)
@@ -269,16 +273,26 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     asks = {role: _asks(cfg, role, prompts) for role in ("teacher", "student")}
 
     runs: dict[str, list] = {"teacher": [], "student": []}
+    served_runs: list[dict] = []
     with progress() as bar:
-        task = bar.add_task("bench", total=2 * b.repeats + int(b.served), info="")
-        for rep in range(b.repeats):
-            order = (teacher, student) if rep % 2 == 0 else (student, teacher)
-            for target in order:
-                bar.update(task, info=f"{target.role} run {rep + 1}")
-                runs[target.role].append(_measure(target, asks[target.role], b.max_new_tokens, b.concurrency))
-                bar.update(task, advance=1)
+        task = bar.add_task("bench", total=b.repeats * (2 + int(b.served)), info="")
+        server = _Served(student, b.max_new_tokens) if b.served else None
+        try:
+            for rep in range(b.repeats):
+                order = (teacher, student) if rep % 2 == 0 else (student, teacher)
+                for target in order:
+                    bar.update(task, info=f"{target.role} run {rep + 1}")
+                    runs[target.role].append(_measure(target, asks[target.role], b.max_new_tokens, b.concurrency))
+                    bar.update(task, advance=1)
+                    if server is not None and target is student:  # served right after raw: a paired ratio
+                        bar.update(task, info=f"student served {rep + 1}")
+                        served_runs.append(server.run([a["messages"] for a in asks["student"][1:]]))
+                        bar.update(task, advance=1)
+        finally:
+            if server is not None:
+                server.close()
         files = _exported(inputs["export"], export_report) if b.each_file else []
-        bar.update(task, total=2 * b.repeats + int(b.served) + len(files))
+        bar.update(task, total=b.repeats * (2 + int(b.served)) + len(files))
         per_file = []
         for target, row in files:
             bar.update(task, info=f"{row['format']} {row['variant']}")
@@ -287,11 +301,6 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                              "gold": row.get("gold"), "retention": row.get("retention"),
                              "decode_tps": speed["decode_tps"]["median"] if "decode_tps" in speed else None,
                              "seconds_per_output_token": speed["seconds_per_output_token"]["median"]})
-            bar.update(task, advance=1)
-        served_runs = []
-        if b.served:
-            bar.update(task, info="student served")
-            served_runs = _served(student, [a["messages"] for a in asks["student"][1:]], b.max_new_tokens, b.repeats)
             bar.update(task, advance=1)
 
     sizes = {"teacher": _size(teacher.path), "student": _size(student.path)}
@@ -329,9 +338,12 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         "loaded": loaded_report,
     }
     if served_runs:
-        raw = summary["student"]["decode_tps"]["median"]
         srv = _summary(served_runs)
-        report["served"] = {"summary": srv, "decode_ratio_vs_raw": srv["decode_tps"]["median"] / raw if raw else None}
+        each = [(_summary([s]).get("decode_tps"), _summary([r]).get("decode_tps"))
+                for s, r in zip(served_runs, runs["student"])]  # each served run follows its raw run
+        pairs = [s["median"] / r["median"] for s, r in each if s and r]
+        report["served"] = {"summary": srv, "decode_ratio_vs_raw": statistics.median(pairs) if pairs else None,
+                            "decode_ratio_runs": pairs}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "bench.md").write_text(render_markdown(report), encoding="utf-8")
     console.print(render_markdown(report).split("\n\n", 2)[1], highlight=False, soft_wrap=True)
@@ -413,6 +425,9 @@ def render_markdown(report: dict) -> str:
                       + (f" → **1/{1 / ld['student_cost_vs_api']:.0f}** of the reference API." if ld["student_cost_vs_api"] else ".")]
     if "served" in report:
         sv = report["served"]
+        pairs = sv.get("decode_ratio_runs") or []
         lines += ["", f"Served through `distillery serve` (HTTP, streamed): decode {_cell(sv['summary'].get('decode_tps'))} "
-                      f"tokens/s = **{num(sv['decode_ratio_vs_raw'])}×** raw llama-cpp-python on the same file."]
+                      f"tokens/s = **{num(sv['decode_ratio_vs_raw'])}×** raw llama-cpp-python on the same file"
+                      + (f" (median of {len(pairs)} runs, each right after a raw run: "
+                         + ", ".join(f"{x:.2f}" for x in pairs) + ")." if pairs else ".")]
     return "\n".join(lines) + "\n"
