@@ -58,9 +58,8 @@ class LlamaCppEngine:
         stop = self.eos_ids if stop_ids is None else stop_ids
         self._kv = None
         out = list(self._greedy(list(ids), max_new_tokens, stop))
-        if len(out) < max_new_tokens and int(np.argmax(self.step_logits())) in stop:
-            out.append(int(np.argmax(self.step_logits())))
-        return out
+        last = int(np.argmax(self.step_logits()))  # what the final step chose: the stop token, if it ended there
+        return out + [last] if len(out) < max_new_tokens and last in stop else out
 
     def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None) -> Iterator[int]:
