@@ -332,7 +332,8 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
                         reference_usd_per_1m_input=c.reference_api_usd_per_1m_input,
                         reference_usd_per_1m_output=c.reference_api_usd_per_1m_output,
                         system_prompt=cfg.generate.system_prompt, batch=s.batch,
-                        n_ctx_per_slot=s.max_prompt_tokens + s.max_new_tokens + 8)
+                        n_ctx_per_slot=s.max_prompt_tokens + s.max_new_tokens + 8,
+                        stream_interval_ms=s.stream_interval_ms)
     port = port or s.port
     click.echo(f"serving {target.model_id} ({target.path}) on http://{host}:{port}/v1", err=True)
     run_server(engine, settings, host, port)

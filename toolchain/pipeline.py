@@ -91,7 +91,7 @@ PLANS = {
     "bench": StagePlan(
         "bench", ("generate", "distill", "merge", "eval", "export"),
         lambda c: {**_teacher_io(c), "bench": c.section("bench"), "cost": c.section("cost"),
-                   "system_prompt": c.generate.system_prompt},
+                   "system_prompt": c.generate.system_prompt, "stream_interval_ms": c.serve.stream_interval_ms},
         "toolchain.stages.bench",
     ),
 }

@@ -41,6 +41,7 @@ class Settings:
     system_prompt: str | None = None  # added to chat requests that bring no system message (as in training)
     batch: int = 1  # requests decoded together (llama.cpp); 1 = one at a time
     n_ctx_per_slot: int = 4096
+    stream_interval_ms: float = 0.0  # streamed text at most this often (first token at once); 0 = every token
 
 
 def is_loopback(host: str) -> bool:
@@ -246,6 +247,7 @@ class Job:
         self.t_queued = time.perf_counter()
         self.t_start = self.t_first = None
         self.machine_s = 0.0  # this request's share of the engine's time
+        self.held, self.t_sent = "", 0.0  # text not yet sent (stream_interval_ms), when text last went out
 
     def start(self) -> None:
         self.t_start = time.perf_counter()
@@ -257,15 +259,17 @@ class Job:
             self.t_first = time.perf_counter()
         if self.logprobs is not None:
             self.logprobs.append(self.server.token_logprobs(tok, self.k, logits()))
-        piece = self.out.push(tok)
-        if piece:
-            self.emit(("text", piece))
+        self.held += self.out.push(tok)
+        now = time.perf_counter()
+        if self.held and now - self.t_sent >= self.server.s.stream_interval_ms / 1000:
+            self.emit(("text", self.held))
+            self.held, self.t_sent = "", now
         return self.out.stopped or self.cancel.is_set() or self.n >= self.max_tokens
 
     def finish(self, ended: bool) -> None:
         """``ended``: the model ended its turn (EOS) or a stop string was met, rather than the token budget."""
         finish = "stop" if ended or self.out.stopped else "length"
-        rest = self.out.flush()
+        rest = self.held + self.out.flush()
         if rest:
             self.emit(("text", rest))
         t_end = time.perf_counter()

@@ -197,7 +197,8 @@ def test_onnxruntime_backend_serves_the_same_api(ci_run):
     recipe, runs, _ = ci_run
     target = served.student(load(recipe), runs, "onnxruntime", None)
     assert target.quant == "int8" and (target.path / "model.onnx").is_file()
-    app = create_app(served.open_engine(target), Settings(model_id=target.model_id, max_new_tokens=16))
+    engine = served.open_engine(target)
+    app = create_app(engine, Settings(model_id=target.model_id, max_new_tokens=16))
     with TestClient(app) as client:
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
         assert r.status_code == 200, r.text
@@ -208,6 +209,19 @@ def test_onnxruntime_backend_serves_the_same_api(ci_run):
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and len(events) >= 3
         assert client.post("/v1/completions", json={"prompt": "x", "temperature": -1}).status_code == 400
+        per_token = _texts(client, "The sky is")
+    # serve.stream_interval_ms: the first token at once, then at most one event per interval, the rest at the end
+    grouped = create_app(engine, Settings(model_id=target.model_id, max_new_tokens=16, stream_interval_ms=1000.0))
+    with TestClient(grouped) as client:
+        coarse = _texts(client, "The sky is")
+    assert len(per_token) >= 4 and len(coarse) == 2 and "".join(coarse) == "".join(per_token)
+
+
+def _texts(client, prompt: str) -> list[str]:
+    """The text of each streamed completion event."""
+    with client.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    return [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["text"]]
 
 
 def test_batched_server_answers_concurrent_requests_and_shares_the_cost(ci_run, tmp_path):

@@ -170,7 +170,7 @@ class _Served:
     package, measured) takes that CPU from the engine it is measuring. The tests talk to the server with the
     official openai client."""
 
-    def __init__(self, target: served.Served, max_new_tokens: int):
+    def __init__(self, target: served.Served, max_new_tokens: int, stream_interval_ms: float):
         import urllib.request
 
         with socket.socket() as s:
@@ -180,7 +180,8 @@ class _Served:
         code = ("import sys; from toolchain import served; from toolchain.server import Settings, serve; "
                 f"t = served.Served(__import__('pathlib').Path({str(target.path)!r}), {target.backend!r}, 'bench', "
                 f"'student', {target.quant!r}); serve(served.open_engine(t, n_ctx=4096), Settings(model_id='bench', "
-                f"max_new_tokens={max_new_tokens}, system_prompt=None), '127.0.0.1', {self.port})")
+                f"max_new_tokens={max_new_tokens}, system_prompt=None, stream_interval_ms={stream_interval_ms!r}), "
+                f"'127.0.0.1', {self.port})")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
         deadline = time.time() + 120
@@ -276,7 +277,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     served_runs: list[dict] = []
     with progress() as bar:
         task = bar.add_task("bench", total=b.repeats * (2 + int(b.served)), info="")
-        server = _Served(student, b.max_new_tokens) if b.served else None
+        server = _Served(student, b.max_new_tokens, cfg.serve.stream_interval_ms) if b.served else None
         try:
             for rep in range(b.repeats):
                 order = (teacher, student) if rep % 2 == 0 else (student, teacher)
