@@ -53,6 +53,53 @@ def test_cached_full_vocab_equals_online_and_top32_is_bounded(tiny_llama, tmp_pa
     assert float(folded) > 0
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_soft_label_over_a_trimmed_vocabulary_is_the_teacher_conditioned_on_the_kept_tokens(tiny_llama, tmp_path, kind):
+    """A student with a trimmed vocabulary matches the teacher's logits at the kept ids, renormalised: online
+    (the teacher reads the batch in its own ids), and from a top-k cache written in teacher ids."""
+    from toolchain import vocab
+    from toolchain.losses import divergence, log_probs
+
+    torch.manual_seed(2)
+    teacher = tiny_llama
+    keep = sorted({i for ids, _ in EXAMPLES for i in ids} | set(range(0, 128, 3)))
+    student = vocab.model(copy.deepcopy(teacher), keep)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    new = {old: n for n, old in enumerate(keep)}
+    small = [([new[i] for i in ids], [y if y == IGNORE else new[y] for y in labels]) for ids, labels in EXAMPLES]
+    batch = collate(small, pad_id=0)  # student pad 0 is teacher id keep[0] = 0, as in the teacher's batch
+    soft = SoftConfig(loss=kind, temperature=2.0, alpha=1.0, beta=0.5)
+    online = step_loss(student, batch, soft, teacher=OnlineTeacher(teacher, small[0][0][:3], keep))[0].detach()
+
+    full = collate(EXAMPLES, pad_id=0)
+    at = full["labels"][:, 1:] != IGNORE
+    with torch.no_grad():
+        t = teacher(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits[:, :-1][at][:, keep]
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][at]
+    expected = divergence(kind, log_probs(s, 2.0), log_probs(t, 2.0), 0.5) * 4.0
+    assert float(online) == pytest.approx(float(expected), rel=1e-4)
+
+    class Rows:  # the cache's rows in float32 (the file's float16 rounding is checked above, untrimmed)
+        def rows_for(self, key, n):
+            with torch.no_grad():
+                return teacher_topk(teacher, *EXAMPLES[int(key[2:])], 128, 2.0)
+
+    lookup = vocab.lookup(keep, 128)
+    cached = step_loss(student, batch, soft, topk=_cached_rows(Rows(), ["ex0", "ex1"], batch, lookup))[0].detach()
+    assert float(cached) == pytest.approx(float(online), rel=1e-4)
+
+    # top-32: slots of tokens the student lacks carry no mass on either side, and the gradient stays finite
+    top = _cached_rows(_cache(tmp_path / "k32", teacher, 32, 2.0), ["ex0", "ex1"], batch, lookup)
+    assert not top[2].all() and top[2].any()
+    student.zero_grad()
+    loss = step_loss(student, batch, soft, topk=top)[0]
+    loss.backward()
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
 def test_cache_resumes_after_a_partial_write(tiny_llama, tmp_path):
     w = TopKWriter(tmp_path, 8, 1.0, vocab_size=128)
     w.append("ex0", *teacher_topk(tiny_llama, *EXAMPLES[0], 8, 1.0))

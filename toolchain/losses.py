@@ -77,17 +77,28 @@ def _log1mexp(lse: torch.Tensor) -> torch.Tensor:
     return out.clamp(min=TAIL_FLOOR)
 
 
-def fold_topk(full_log: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """A full distribution (log-probs [N, V]) folded onto k ids + one tail bucket: [N, k+1]."""
+MASKED = -1e4  # the log-prob of a top-k slot the student's vocabulary lacks: exp() is exactly 0 in float32
+
+
+def fold_topk(full_log: torch.Tensor, ids: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """A full distribution (log-probs [N, V]) folded onto k ids + one tail bucket: [N, k+1]. Slots where
+    ``kept`` is False carry no mass (a teacher token missing from a trimmed student vocabulary)."""
     picked = full_log.gather(-1, ids)
+    if kept is not None:
+        picked = picked.masked_fill(~kept, MASKED)
     tail = _log1mexp(torch.logsumexp(picked, dim=-1, keepdim=True))
     return torch.cat([picked, tail], dim=-1)
 
 
-def with_tail(topk_log: torch.Tensor) -> torch.Tensor:
-    """Teacher top-k log-probs [N, k] plus the tail bucket holding the rest of the mass: [N, k+1]."""
+def with_tail(topk_log: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher top-k log-probs [N, k] plus the tail bucket holding the rest of the mass: [N, k+1].
+
+    With ``kept`` (a trimmed student vocabulary) the slots of tokens the student lacks are dropped and the rest
+    renormalised: the teacher conditioned on what the student can write (the tail is taken as writable)."""
     topk_log = topk_log.float()
     tail = _log1mexp(torch.logsumexp(topk_log, dim=-1, keepdim=True))
+    if kept is not None:
+        topk_log = topk_log.masked_fill(~kept, MASKED)
     out = torch.cat([topk_log, tail], dim=-1)
     # Cached log-probs are float16: renormalise so rounding cannot leave a total above one.
     return out - torch.logsumexp(out, dim=-1, keepdim=True)
@@ -99,14 +110,15 @@ def kd_loss(kind: str, student_logits: torch.Tensor, *, temperature: float = 1.0
     """T²-scaled divergence between student and teacher at the same positions.
 
     Give the teacher either as full logits [N, V] (online) or as (ids [N, k], log-probs at temperature T [N, k])
-    from the top-k cache.
+    from the top-k cache, optionally with a third [N, k] mask of the slots the student's vocabulary has.
     """
     s_log = log_probs(student_logits, temperature)
     if teacher_logits is not None:
         loss = divergence(kind, s_log, log_probs(teacher_logits, temperature), beta)
     elif teacher_topk is not None:
-        ids, t_topk = teacher_topk
-        loss = divergence(kind, fold_topk(s_log, ids.long()), with_tail(t_topk), beta)
+        ids, t_topk, *kept = teacher_topk
+        kept = kept[0] if kept else None
+        loss = divergence(kind, fold_topk(s_log, ids.long(), kept), with_tail(t_topk, kept), beta)
     else:
         raise ValueError("kd_loss needs teacher_logits or teacher_topk")
     return loss * temperature**2

@@ -41,7 +41,8 @@ class StudentConfig(_Section):
         description="Trim the student's vocabulary (see toolchain/vocab.py): keep the teacher's first N BPE tokens, "
         "every token of the recipe's prompts, the teacher's answers and the chat template (with the tokens they are "
         "built from), the byte tokens and the special tokens. Task text tokenizes exactly as before; the output "
-        "layer shrinks (decode speed). None keeps the whole vocabulary. Not with soft-label (one vocabulary).",
+        "layer shrinks (decode speed). None keeps the whole vocabulary. With soft-label the student matches the "
+        "teacher's distribution over the kept tokens.",
     )
 
     @model_validator(mode="after")
@@ -345,9 +346,6 @@ class Recipe(_Section):
     def _student_vs_distill(self) -> "Recipe":
         if self.student.from_ != "teacher" and self.student.keep_layers is not None:
             raise ValueError("student.keep_layers only applies when student.from is 'teacher'")
-        if self.distill.flavour == "soft" and self.student.vocab is not None:
-            raise ValueError("student.vocab: soft-label matches the teacher's distribution token by token and needs "
-                             "its whole vocabulary; trim the vocabulary with flavour hard or reasoning")
         if self.distill.flavour == "soft" and self.teacher.startswith("openai:"):
             raise ValueError("distill.flavour: soft-label needs the teacher's logits, which an openai: endpoint does "
                              "not give; use flavour: hard (or reasoning)")

@@ -19,6 +19,10 @@ Why both forms of a word: a chat answer starts without a space, so a word the tr
 mid-sentence (`` Asia``) is a different token at the start of an answer (``Asia``, a rare merge with a late
 id). Without it the student must spell the word from pieces it never produced. On the default recipe's
 held-out facts it makes 13 more of 48 gold answer forms writable as the teacher writes them, for 2,200 tokens.
+
+Soft-label over a trimmed vocabulary matches the teacher's distribution conditioned on the kept tokens (the
+teacher's logits at the kept ids, renormalised): what the student can write, in the teacher's proportions.
+``lookup`` maps a top-k cache's teacher ids to student ids.
 """
 
 from __future__ import annotations
@@ -105,6 +109,15 @@ def model(m, keep: list[int]):
             elif isinstance(value, list):
                 setattr(holder, name, [new_id[v] for v in value if v in new_id])
     return m
+
+
+def lookup(keep: list[int], teacher_vocab: int):
+    """Teacher id -> student id over a trimmed vocabulary, -1 for a token the student does not have."""
+    import torch
+
+    table = torch.full((teacher_vocab,), -1, dtype=torch.long)
+    table[torch.tensor(keep, dtype=torch.long)] = torch.arange(len(keep))
+    return table
 
 
 def _other_form(token: str) -> str | None:

@@ -89,6 +89,25 @@ def test_real_teacher_cached_top32_against_online(soft_run):
     assert cached >= 0.9 * online  # stated bound for k=32, T=1 on this teacher
 
 
+def test_soft_label_over_a_trimmed_vocabulary_end_to_end(soft_run, tmp_path):
+    """student.vocab with the teacher's top-32 cache: the cached slots are read in the student's ids."""
+    import shutil
+
+    _, runs = soft_run
+    gen = stage_dirs(runs, "ci-soft")["generate"]
+    mine = tmp_path / "runs"
+    shutil.copytree(gen, mine / "ci-soft" / gen.name)
+    recipe = recipe_copy(tmp_path, "ci-soft", base="ci-soft", student__vocab=256, distill__max_steps=3)
+    proc = distillery("run", str(recipe), "--runs", str(mine), "--until", "distill")
+    assert "generate: up to date" in proc.stdout + proc.stderr  # the cache written for the whole vocabulary serves
+    dirs = stage_dirs(mine, "ci-soft")
+    info = json.loads((dirs["distill"] / "student.json").read_text())
+    assert 256 < info["vocab_size"] < info["teacher_vocab_size"]
+    log = [json.loads(l) for l in (dirs["distill"] / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(0 < r["kd"] < 20 and r["loss"] == pytest.approx(0.5 * r["kd"] + 0.5 * r["ce"], rel=1e-3)
+                                 for r in log)
+
+
 @pytest.fixture(scope="module")
 def reasoning_run(tmp_path_factory):
     return _run(tmp_path_factory, "ci-reasoning", until="eval")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from toolchain import student as students
+from toolchain import vocab
 from toolchain.data import iter_jsonl
 from toolchain.distributed import local_world_size
 from toolchain.models import load_tokenizer, load_torch_model, resolve
@@ -106,9 +107,19 @@ class OnlineTeacher:
     runs only the rest, then projects to the vocabulary only where there is a label.
     """
 
-    def __init__(self, model, prefix: list[int]):
+    def __init__(self, model, prefix: list[int], to_teacher: list[int] | None = None):
+        """``to_teacher``: a trimmed student's kept token ids (student id -> teacher id). Batches then come in
+        student ids, and the logits are the teacher's at the kept ids only (the projection onto those rows)."""
         self.model = model
         device = next(model.parameters()).device
+        head = model.get_output_embeddings()
+        self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
+        self.to_teacher = None
+        if to_teacher is not None:
+            self.to_teacher = torch.tensor(to_teacher, dtype=torch.long, device=device)
+            prefix = [to_teacher[i] for i in prefix]
+            self.head_weight = head.weight.detach()[self.to_teacher].clone()
+            self.head_bias = None if self.head_bias is None else self.head_bias.detach()[self.to_teacher].clone()
         self.prefix = torch.tensor(prefix[:-1] if prefix else [], dtype=torch.long, device=device)  # >= 1 token left
         self.cache = None
         if len(self.prefix):
@@ -122,18 +133,23 @@ class OnlineTeacher:
         from transformers import DynamicCache
 
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.to_teacher is not None:
+            ids = self.to_teacher[ids]
         p = len(self.prefix)
         decoder = self.model.get_decoder()
         if self.cache is None or ids.shape[1] <= p or keep[:, :p].any() or not torch.equal(ids[:, :p], self.prefix.expand(len(ids), -1)):
             hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
-            return self.model.get_output_embeddings()(hidden[keep]).float()
+            return self._project(hidden[keep])
         b = len(ids)
         past = DynamicCache.from_legacy_cache(tuple((k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous())
                                                     for k, v in self.cache))
         positions = torch.arange(p, ids.shape[1]).expand(b, -1)
         hidden = decoder(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, position_ids=positions,
                          use_cache=True).last_hidden_state[:, :-1]
-        return self.model.get_output_embeddings()(hidden[keep[:, p:]]).float()
+        return self._project(hidden[keep[:, p:]])
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.head_weight, self.head_bias).float()
 
 
 class TrainStep(torch.nn.Module):
@@ -164,10 +180,16 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return loss, n
 
 
-def _cached_rows(cache, keys: list[str], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_rows(cache, keys: list[str], batch: dict[str, torch.Tensor], lookup: torch.Tensor | None = None) -> tuple:
+    """The cached teacher rows of a batch: (ids, log-probs), and with ``lookup`` (a trimmed student vocabulary,
+    toolchain.vocab.lookup) the ids in the student's numbering plus the mask of the slots it has."""
     counts = (batch["labels"][:, 1:] != IGNORE).sum(dim=1).tolist()
     parts = [cache.rows_for(k, n) for k, n in zip(keys, counts)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    ids, logp = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if lookup is None:
+        return ids, logp
+    mapped = lookup[ids.long()]
+    return mapped.clamp(min=0), logp, mapped >= 0
 
 
 def _build_student(cfg, tok, pairs):
@@ -203,7 +225,6 @@ def _build_student(cfg, tok, pairs):
 def _trim_vocabulary(cfg, model, tok, pairs, rows, info):
     """The student over a trimmed vocabulary (toolchain.vocab): the kept tokens cover every training sequence,
     every prompt of the recipe's files (train and held-out, chat-templated) and the teacher's answers."""
-    from toolchain import vocab
     from toolchain.chat import messages_for
     from toolchain.stages.generate import load_prompts
 
@@ -303,8 +324,10 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    kept = info.get("vocab_kept")
     if teacher is not None:
-        teacher = OnlineTeacher(teacher.to(accelerator.device), common_prefix([ids for ids, _ in pairs]))
+        teacher = OnlineTeacher(teacher.to(accelerator.device), common_prefix([ids for ids, _ in pairs]), kept)
+    lookup = None if cache is None or kept is None else vocab.lookup(kept, int(cache.header["vocab_size"]))
     train_step, opt = accelerator.prepare(TrainStep(model, soft, teacher), opt)
     rank, world = accelerator.process_index, accelerator.num_processes
     # FSDP shards the weights: resume checkpoints (whole trainable weights from rank 0) are DDP/1-process only.
@@ -337,7 +360,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             epoch, index = divmod(step, steps_per_epoch)
             batch_ids, real = shard(batches_for_epoch(len(pairs), d.batch_size, d.seed, epoch, lengths)[index], rank, world)
             batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in batch_ids], pad_id).items()}
-            topk = _cached_rows(cache, [keys[i] for i in batch_ids], batch) if cache is not None else None
+            topk = _cached_rows(cache, [keys[i] for i in batch_ids], batch, lookup) if cache is not None else None
             n_local = int((batch["labels"][:, 1:] != IGNORE).sum()) if real else 0
             n_global = _total(accelerator, [n_local])[0] if world > 1 else n_local
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=d.bf16):
