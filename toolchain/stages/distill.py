@@ -360,7 +360,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             epoch, index = divmod(step, steps_per_epoch)
             batch_ids, real = shard(batches_for_epoch(len(pairs), d.batch_size, d.seed, epoch, lengths)[index], rank, world)
             batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in batch_ids], pad_id).items()}
-            topk = _cached_rows(cache, [keys[i] for i in batch_ids], batch, lookup) if cache is not None else None
+            topk = None if cache is None else tuple(t.to(accelerator.device)
+                                                    for t in _cached_rows(cache, [keys[i] for i in batch_ids], batch, lookup))
             n_local = int((batch["labels"][:, 1:] != IGNORE).sum()) if real else 0
             n_global = _total(accelerator, [n_local])[0] if world > 1 else n_local
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=d.bf16):
