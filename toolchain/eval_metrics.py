@@ -8,10 +8,11 @@ the teacher's answers) and ``greedy`` (the teacher's whole answer is the model's
 
 from __future__ import annotations
 
+import json
 import math
 
 from toolchain.chat import final_answer
-from toolchain.scoring import answers_match, exact_agreement, score
+from toolchain.scoring import answers_match, check, exact_agreement
 
 QUALITY_CEILING = 0.5  # teacher gold accuracy below this: the teacher, not the student, limits the task
 
@@ -19,13 +20,13 @@ QUALITY_CEILING = 0.5  # teacher gold accuracy below this: the teacher, not the 
 # --- lm-eval hooks (evals/*.yaml) -------------------------------------------------------------------------
 
 def gold_check(doc: dict, response: str) -> bool | None:
-    """The response against the doc's gold answer; None when there is none."""
+    """The response against the doc's gold answer under the task's declared metric; None without a gold."""
     if doc.get("gold") is None:
         return None
     if doc.get("answer_pattern"):  # reasoning: only the final answer counts
         answer = final_answer(response, doc["answer_pattern"])
         return answer is not None and answers_match(answer, doc["gold"])
-    return score(doc["task"], response, doc["gold"])
+    return check(json.loads(doc["metric"]) if doc.get("metric") else {"metric": "exact"}, response, doc["gold"])
 
 
 def process_generation(doc: dict, results: list[str]) -> dict:
@@ -88,17 +89,47 @@ def retention_table(scores: dict[str, dict[str, dict]], counts: dict[str, int]) 
     return {"tasks": rows, "overall": overall}
 
 
-def gate_failures(table: dict, min_retention: float, per_task: dict[str, float] | None = None) -> list[str]:
-    """One line per task (and overall) whose retention is below its threshold (``per_task`` names tasks with
-    their own, ``min_retention`` is everyone else's); empty means the gate passes."""
-    unknown = sorted(set(per_task or {}) - set(table["tasks"]))
+def paired_tables(results: dict[str, dict], tasks: list[str]) -> dict[str, dict]:
+    """Per task with gold answers: the prompt ids and teacher's and student's 0/1 gold outcomes, paired by id
+    (the per-prompt table every interval and the gate are computed from)."""
+    out = {}
+    for task in tasks:
+        teacher = {s["id"]: s.get("gold") for s in results["teacher"]["samples"].get(task, [])}
+        student = {s["id"]: s.get("gold") for s in results["student"]["samples"].get(task, [])}
+        ids = [i for i in teacher if teacher[i] is not None and student.get(i) is not None]
+        if ids:
+            out[task] = {"ids": ids, "teacher": [int(teacher[i]) for i in ids], "student": [int(student[i]) for i in ids]}
+    return out
+
+
+def floors(tasks: list[str], min_retention: float, per_task: dict[str, float] | None = None) -> dict[str, float]:
+    """Each gold task's floor (``per_task`` names tasks with their own, ``min_retention`` is everyone else's)
+    and the pool's (``overall``)."""
+    unknown = sorted(set(per_task or {}) - set(tasks))
     if unknown:
-        raise ValueError(f"eval.task_min_retention names {', '.join(unknown)}, not a held-out task "
-                         f"(tasks: {', '.join(sorted(table['tasks']))})")
-    failed = []
-    for name, row in [*table["tasks"].items(), ("overall", table["overall"])]:
-        r, floor = row["retention"], (per_task or {}).get(name, min_retention)
-        if r is not None and r < floor - 1e-9:  # a ratio of exact counts, compared as such
-            failed.append(f"{name}: retention {r:.3f} < {floor} "
-                          f"(student {row['student']:.3f}, teacher {row['teacher']:.3f})")
-    return failed
+        raise ValueError(f"tasks.{unknown[0]}.min_retention: {unknown[0]} is not a held-out task with gold answers "
+                         f"(those are: {', '.join(sorted(tasks))})")
+    out = {t: (per_task or {}).get(t, min_retention) for t in tasks}
+    out["overall"] = min_retention
+    return out
+
+
+def gate(paired: dict[str, dict], e, seed: int, per_task: dict[str, float] | None = None) -> dict:
+    """The quality gate's verdict (toolchain.stats.decide) from the per-prompt table, the recipe's eval section
+    and the tasks' own floors."""
+    from toolchain.stats import decide
+
+    tables = {t: (v["teacher"], v["student"]) for t, v in paired.items()}
+    return decide(tables, floors(sorted(paired), e.min_retention, per_task), rule=e.gate,
+                  level=e.gate_level, margin=e.gate_margin, iters=e.bootstrap_iters, seed=seed)
+
+
+def gate_lines(verdict: dict) -> list[str]:
+    """One line per judged task: its decision and why, and what the prompts cannot tell."""
+    out = []
+    for name, v in verdict["tasks"].items():
+        ci = v["interval"]
+        span = f" (95% {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+        out.append(f"{name}: {'pass' if v['passed'] else 'FAIL'}, retention {v['retention']:.3f}{span} vs floor "
+                   f"{v['floor']:g}: {v['why']}" + (f"; {v['note']}" if v.get("note") else ""))
+    return out

@@ -175,6 +175,30 @@ def gguf_metadata(path: Path) -> dict[str, object]:
     return meta
 
 
+def dimensions(ref: ModelRef) -> dict[str, int | None]:
+    """Decoder layers, context length and vocabulary size of a local model, from its metadata only (GGUF header
+    or config.json; no weights are read). None for what the files do not say, and for an endpoint."""
+    if ref.kind == "gguf":
+        from gguf import GGUFReader
+
+        assert ref.path is not None
+        meta = gguf_metadata(ref.path)
+        arch = meta.get("general.architecture")
+        tokens = GGUFReader(str(ref.path), "r").fields.get("tokenizer.ggml.tokens")
+        vocab = meta.get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+        return {"layers": meta.get(f"{arch}.block_count"), "context": meta.get(f"{arch}.context_length"),
+                "vocab": int(vocab) if vocab is not None else None}
+    if ref.kind == "hf_dir":
+        import json
+
+        assert ref.path is not None
+        cfg = json.loads((ref.path / "config.json").read_text(encoding="utf-8"))
+        cfg = cfg.get("text_config", cfg)
+        return {"layers": cfg.get("num_hidden_layers"), "context": cfg.get("max_position_embeddings"),
+                "vocab": cfg.get("vocab_size")}
+    return {"layers": None, "context": None, "vocab": None}
+
+
 def quiet_transformers() -> None:
     """transformers' per-tensor GGUF progress bars and legacy-tokenizer notices drown the stage's own output."""
     import transformers

@@ -14,7 +14,7 @@ from toolchain.models import file_sha256, resolve
 from toolchain.runs import RunDir, RunError, execute, read_manifest, stage_key
 
 STAGES = ("generate", "distill", "merge", "eval", "export", "bench")
-GATE = ("min_retention", "task_min_retention")  # eval fields judged after the fact, never part of a stage key
+GATE = ("min_retention", "gate", "gate_level", "gate_margin")  # judged after the fact, never in a key (nor tasks.*.min_retention)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ def _generate_extras(cfg) -> dict:
     if d.flavour == "soft" and d.soft.teacher_logits == "cache":
         return {"topk": {"k": d.soft.top_k, "temperature": d.soft.temperature}}
     return {}
+
+
+def _scoring(cfg) -> dict:
+    """The tasks section as scoring sees it: each task's metric, without its gate floor (judged afterwards)."""
+    return {name: t.model_dump(exclude={"min_retention"}) for name, t in sorted(cfg.tasks.items())}
 
 
 def _vocab_rules(cfg) -> dict:
@@ -73,9 +78,9 @@ PLANS = {
     ),
     "eval": StagePlan(
         "eval", ("generate", "distill", "merge"),
-        # The gate (min_retention, task_min_retention) is applied to the results afterwards: changing it re-runs nothing.
+        # The gate (floors, rule, level) is applied to the results afterwards: changing it re-runs nothing.
         lambda c: {**_teacher_io(c), "eval": {k: v for k, v in c.section("eval").items() if k not in GATE},
-                   "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
+                   "tasks": _scoring(c), "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
                    "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
         "toolchain.stages.eval",
     ),
@@ -84,6 +89,7 @@ PLANS = {
         # Scored like eval (same tasks, prompts and settings), so eval's settings are part of the key too.
         lambda c: {"export": c.section("export"),
                    "eval": {k: v for k, v in c.section("eval").items() if k not in (*GATE, "base", "log_samples")},
+                   "tasks": _scoring(c),
                    "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
                    "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
         "toolchain.stages.export",
@@ -131,7 +137,13 @@ def preflight(cfg) -> None:
     from toolchain.recipe import RecipeError
     from toolchain.stages.generate import load_prompts
 
-    load_prompts(cfg, limits=False)
+    train, heldout = load_prompts(cfg, limits=False)
+    known = {p.task for p in train + heldout}
+    unknown = sorted(set(cfg.tasks) - known)
+    if unknown:
+        raise RecipeError(f"{cfg.source}: tasks: {', '.join(unknown)} is not a task of the prompt files "
+                          f"(their tasks: {', '.join(sorted(known))})")
+    check_dimensions(cfg)
 
     if cfg.distill.flavour == "soft" and cfg.student.from_ != "teacher":
         teacher, student = resolve(cfg.teacher), resolve(cfg.student.from_)
@@ -142,35 +154,78 @@ def preflight(cfg) -> None:
             )
 
 
+def check_dimensions(cfg) -> None:
+    """The recipe against the models it names, from their metadata only: layers kept and selected exist in the
+    teacher, a trimmed vocabulary is smaller than the tokenizer's, seq_len fits the student's context."""
+    from toolchain.models import dimensions
+    from toolchain.recipe import RecipeError
+
+    def dims(ref: str) -> dict:
+        if ref.startswith(("hf:", "openai:")):  # not fetched to validate; checked where the files are
+            return {"layers": None, "context": None, "vocab": None}
+        return dimensions(resolve(ref))
+
+    st = cfg.student
+    teacher = dims(cfg.teacher)
+    student = teacher if st.from_ == "teacher" else dims(st.from_)
+    where = f"{cfg.source}: "
+    layers = teacher["layers"]
+    if st.from_ == "teacher" and layers:
+        if st.keep_layers is not None and st.keep_layers > layers:
+            raise RecipeError(f"{where}student.keep_layers: {st.keep_layers} is more than the teacher's {layers} layers")
+        if isinstance(st.select, list) and max(st.select, default=-1) >= layers:
+            bad = sorted(i for i in st.select if i >= layers)
+            raise RecipeError(f"{where}student.select: layer {bad[0]} does not exist; the teacher has {layers} "
+                              f"layers (0-{layers - 1})")
+    vocab = student["vocab"]
+    if st.vocab is not None and vocab and st.vocab >= vocab:
+        raise RecipeError(f"{where}student.vocab: {st.vocab} keeps every one of the tokenizer's {vocab:,} tokens; "
+                          f"use a smaller number or remove the field")
+    context = student["context"]
+    if context and cfg.distill.seq_len > context:
+        raise RecipeError(f"{where}distill.seq_len: {cfg.distill.seq_len} is longer than the student's context of "
+                          f"{context} tokens")
+
+
 def licence_decision(cfg) -> licenses.LicenceDecision:
     return licenses.decide(resolve(cfg.teacher), cfg.licence.teacher, cfg.licence.acknowledge)
 
 
 class GateError(RuntimeError):
-    """The student kept less of the teacher than the recipe's eval.min_retention."""
+    """The student kept less of the teacher than the recipe's floors, by the recipe's gate rule."""
 
 
-def quality_gate(cfg, eval_dir: Path, enforce: bool = True) -> list[str]:
-    """Print the eval table; return (or, enforced, raise on) the tasks whose retention is below the gate."""
+def gate_verdict(cfg, report: dict) -> dict:
+    """The gate as the recipe says now (floors and rule are not part of eval's key): re-decided from eval.json's
+    per-prompt table, so editing a floor re-runs nothing."""
+    from toolchain.eval_metrics import gate
+    from toolchain.recipe import RecipeError
+
+    if "paired" not in report:
+        raise RunError("this eval.json has no per-prompt table (made by an older distillery); run eval --force")
+    try:
+        return gate(report["paired"], cfg.eval, report["intervals"]["seed"], cfg.task_floors())
+    except ValueError as e:
+        raise RecipeError(f"{cfg.source}: {e}") from None
+
+
+def quality_gate(cfg, eval_dir: Path, enforce: bool = True) -> dict:
+    """Print the eval table with the gate's decision per task; return the verdict, or (enforced) raise
+    GateError naming every task that failed and why."""
     import json
 
-    from toolchain.eval_metrics import gate_failures
-    from toolchain.recipe import RecipeError
+    from toolchain.eval_metrics import gate_lines
     from toolchain.stages.eval import render_table
     from toolchain.ui import console
 
     report = json.loads((eval_dir / "eval.json").read_text(encoding="utf-8"))
-    console.print(render_table(report), highlight=False, soft_wrap=True)
-    try:
-        failed = gate_failures(report["retention"], cfg.eval.min_retention, cfg.eval.task_min_retention)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
-    if failed and enforce:
-        floors = f"eval.min_retention {cfg.eval.min_retention}" + "".join(
-            f", {t} {v}" for t, v in sorted(cfg.eval.task_min_retention.items()))
-        raise GateError(f"quality gate failed ({floors}; report: "
-                        f"{eval_dir / 'eval.md'}): " + "; ".join(failed))
-    return failed
+    verdict = gate_verdict(cfg, report)
+    console.print(render_table(report, verdict), highlight=False, soft_wrap=True)
+    if not verdict["passed"] and enforce:
+        failed = [line for line in gate_lines(verdict) if ": FAIL" in line]
+        raise GateError(f"quality gate failed (eval.gate {verdict['rule']}; report: {eval_dir / 'eval.md'}): "
+                        + "; ".join(failed))
+    return verdict
 
 
 def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str | None = None,

@@ -217,23 +217,87 @@ class MergeConfig(_Section):
     )
 
 
+class TaskConfig(_Section):
+    """What a right answer is for one task of the prompt files (the ``task`` field of each row)."""
+
+    metric: Literal["exact", "contains", "label", "number", "keywords"] = Field(
+        "exact",
+        description="exact: the trimmed answer equals the gold; contains: the gold appears in it (word-bounded); "
+        "label: the first of `labels` the answer names is the gold; number: the last number equals the gold "
+        "within `tolerance`; keywords: every ';'-separated word of the gold appears ('|' between alternatives). "
+        "Case-insensitive, except golds of one or two characters.",
+    )
+    labels: list[str] | None = Field(
+        None, description="label: the label set (default: every distinct gold value of the task's prompts).")
+    tolerance: float = Field(1e-6, ge=0.0, description="number: relative tolerance.")
+    max_words: int | None = Field(
+        None, ge=1, description="An answer longer than this many words is wrong (a summary is not the input again).")
+    min_retention: float | None = Field(
+        None, ge=0.0, le=2.0,
+        description="This task's gate floor instead of eval.min_retention, e.g. 0.6 for a knowledge probe "
+        "outside the task being distilled. Applied to the results, so changing it re-runs nothing.",
+    )
+
+    @model_validator(mode="after")
+    def _labels_for_label(self) -> "TaskConfig":
+        if self.labels is not None and self.metric != "label":
+            raise ValueError("labels only apply to metric: label")
+        if self.labels is not None and len(self.labels) < 2:
+            raise ValueError("labels: a label task needs at least two labels")
+        return self
+
+    def spec(self, gold_values: list[str] = ()) -> dict:
+        """The scoring spec toolchain.scoring.check reads (labels inferred from ``gold_values`` when not given)."""
+        labels = self.labels if self.labels is not None else sorted(set(gold_values))
+        return {"metric": self.metric, "labels": labels if self.metric == "label" else None,
+                "tolerance": self.tolerance, "max_words": self.max_words}
+
+
 class EvalConfig(_Section):
     min_retention: float = Field(
         0.9, ge=0.0, le=2.0,
         description="Quality gate: student/teacher gold accuracy, per task and overall, below which eval fails "
-        "(and `make` stops before export). Applied to the results, so changing it re-runs nothing.",
-    )
-    task_min_retention: dict[str, Annotated[float, Field(ge=0.0, le=2.0)]] = Field(
-        default_factory=dict,
-        description="Thresholds for named tasks instead of min_retention, e.g. {fact: 0.5} for a knowledge probe "
-        "outside the task being distilled: still measured and reported, judged by its own floor.",
+        "(and `make` stops before export); tasks.<name>.min_retention overrides it per task. Applied to the "
+        "results, so changing it re-runs nothing.",
     )
     max_new_tokens: int = Field(128, ge=1, description="Longest answer generated per held-out prompt.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N held-out prompts.")
     batch_size: int = Field(8, ge=1, description="lm-eval batch size (the same for every model).")
     seed: int = Field(1234, description="lm-eval's random, numpy and torch seeds.")
-    base: bool = Field(True, description="Also evaluate the student before distillation (pruned or pretrained).")
+    base: bool | None = Field(
+        None,
+        description="Also evaluate the student before distillation. None (default): only for a pretrained "
+        "student (student.from a model); an untrained pruned copy of the teacher is skipped unless true.",
+    )
+    teacher_answers: Literal["auto", "generate", "regenerate"] = Field(
+        "auto",
+        description="Where the teacher's held-out answers come from. generate: the greedy answers it gave in the "
+        "generate stage, scored by the same per-prompt metrics (the teacher is not run again; its likelihood "
+        "tasks still run). regenerate: lm-eval generates them again. auto: generate where those answers are "
+        "what lm-eval would produce (greedy, and no shorter limit than eval.max_new_tokens) or the teacher is "
+        "an endpoint, else regenerate.",
+    )
+    gate: Literal["point", "confident"] = Field(
+        "confident",
+        description="point: a task fails when its retention is below its floor. confident: only when it is below "
+        "the floor and the shortfall is significant at gate_level (paired bootstrap); see docs/evaluation.md.",
+    )
+    gate_level: float = Field(0.05, gt=0.0, lt=0.5, description="Significance level of the confident gate (one-sided).")
+    gate_margin: float = Field(
+        0.1, gt=0.0, le=1.0,
+        description="A task whose 95% retention interval is wider than floor ± margin is reported as too few "
+        "prompts to judge (with how many would do), under either rule.",
+    )
+    bootstrap_iters: int = Field(10_000, ge=100, le=1_000_000, description="Bootstrap resamples for every interval.")
     log_samples: bool = Field(False, description="Keep every sample in samples.jsonl (also: eval --log-samples).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "task_min_retention" in data:
+            raise ValueError("task_min_retention moved to the tasks section: write "
+                             "tasks: {<task>: {min_retention: <floor>}}")
+        return data
 
 
 class ExportConfig(_Section):
@@ -324,6 +388,11 @@ class Recipe(_Section):
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    tasks: dict[str, TaskConfig] = Field(
+        default_factory=dict,
+        description="Per task of the prompt files: how a gold answer is checked and its own gate floor. A task "
+        "with gold answers and no entry is scored by exact match (eval.md says so).",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
@@ -356,6 +425,10 @@ class Recipe(_Section):
                     f"distill.lora.targets: {sorted(bad)} share weights in tied models; adapters there break tying"
                 )
         return self
+
+    def task_floors(self) -> dict[str, float]:
+        """The tasks that set their own gate floor."""
+        return {name: t.min_retention for name, t in self.tasks.items() if t.min_retention is not None}
 
     def section(self, name: str) -> dict:
         """A section as plain JSON-able data (used for stage keys)."""

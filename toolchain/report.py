@@ -34,8 +34,11 @@ def gather(cfg, runs_root) -> dict:
         from toolchain.runs import RunError
 
         raise RunError(f"report needs {', '.join(missing)} for {cfg.name}; run them first (distillery run {cfg.source or ''})")
+    from toolchain.pipeline import gate_verdict
+
     run_dir = Path(runs_root) / cfg.name
-    return {"recipe": cfg.name, "teacher": cfg.teacher, "eval": _load(done["eval"] / "eval.json"),
+    evaluation = _load(done["eval"] / "eval.json")
+    return {"recipe": cfg.name, "teacher": cfg.teacher, "eval": evaluation, "gate": gate_verdict(cfg, evaluation),
             "export": _load(done["export"] / "export.json"), "bench": _load(done["bench"] / "bench.json"),
             "sweep": _load(run_dir / "sweep.json"), "dirs": {k: str(v) for k, v in done.items()}}
 
@@ -125,11 +128,17 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
     from toolchain.stages.eval import render_table
     from toolchain.stages.export import render_markdown as export_md
 
+    from toolchain.eval_metrics import gate_lines
+
     lines = [f"# distillery report: {data['recipe']}", "", f"Teacher: `{data['teacher']}`.", ""]
+    verdict = data.get("gate")
+    if verdict:
+        lines += [f"**Quality gate: {'passed' if verdict['passed'] else 'FAILED'}** ({verdict['rule']} rule, level "
+                  f"{verdict['level']:g})", ""] + [f"- {line}" for line in gate_lines(verdict)] + [""]
     lines += ["## Speed and cost", "", bench_md(data["bench"]).split("\n", 2)[2]]
     if images:
         lines += [f"![quality vs speed]({images['quality_vs_speed']})", f"![cost]({images['cost']})", ""]
-    lines += ["## Quality (lm-eval, held-out prompts)", "", "```", render_table(data["eval"]), "```", ""]
+    lines += ["## Quality (lm-eval, held-out prompts)", "", "```", render_table(data["eval"], data.get("gate")), "```", ""]
     if images:
         lines += [f"![retention]({images['retention']})", ""]
     lines += ["## Exported files", "", export_md(data["export"]).split("\n", 2)[2]]
@@ -147,7 +156,7 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
 
 
 def _md_to_html(md: str) -> str:
-    """Enough Markdown for this report: headings, tables, code blocks, paragraphs, bold, images, inline code."""
+    """Enough Markdown for this report: headings, tables, lists, code blocks, paragraphs, bold, images, inline code."""
     import re
 
     def inline(text: str) -> str:
@@ -174,6 +183,13 @@ def _md_to_html(md: str) -> str:
             out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body)
                        + "</table>")
+            continue
+        if line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
             continue
         m = re.match(r"^(#{1,3}) (.*)", line)
         if m:

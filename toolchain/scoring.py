@@ -1,8 +1,15 @@
-"""Gold-answer scoring per task type: small, strict and explainable.
+"""Gold-answer scoring by the metric each task declares in the recipe (``tasks:``); no task name means anything here.
 
-    fact, extract, summary  the gold string appears in the answer (case- and accent-insensitive, word-bounded)
-    classify                the first label-like word of the answer equals the gold label
-    anything else           no gold check (scored by agreement with the teacher instead)
+    exact     the answer, trimmed of surrounding quotes, spaces and end punctuation, equals the gold
+              (case- and accent-insensitive): an echo of the input or an answer in a sentence is wrong
+    contains  the gold appears in the answer, word-bounded, case- and accent-insensitive; a gold of one or two
+              characters (a symbol, a unit) must match its case, so "he" is not helium's "He"
+    label     the first of the task's labels the answer names (word-bounded, case-insensitive) is the gold
+    number    the last number in the answer equals the gold within ``tolerance`` (relative, at least 1e-6)
+    keywords  every ';'-separated keyword of the gold appears in the answer (as ``contains``); '|' separates
+              alternatives within one keyword ("Maria; bakery|bread")
+
+Any metric takes ``max_words``: a longer answer is wrong, so copying the input back cannot pass a summary.
 """
 
 from __future__ import annotations
@@ -10,7 +17,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-LABELS = {"positive", "negative", "sports", "technology", "food", "politics"}
+METRICS = ("exact", "contains", "label", "number", "keywords")
+_TRIM = " \t\n\"'`“”‘’«».,;:!?*"
 
 
 def normalise(text: str) -> str:
@@ -20,30 +28,26 @@ def normalise(text: str) -> str:
 
 
 def contains(answer: str, gold: str) -> bool:
+    gold = gold.strip()
+    if len(gold) <= 2:  # a symbol or abbreviation: its case is what tells it from a word
+        return re.search(r"(?<![A-Za-z0-9])" + re.escape(gold) + r"(?![a-z0-9])", answer) is not None
     a, g = normalise(answer), normalise(gold)
     return re.search(r"(?<![a-z0-9])" + re.escape(g) + r"(?![a-z0-9])", a) is not None
 
 
-def first_label(answer: str) -> str | None:
-    for word in re.findall(r"[a-z]+", normalise(answer)):
-        if word in LABELS:
-            return word
-    return None
+def exact(answer: str, gold: str) -> bool:
+    return normalise(answer).strip(_TRIM) == normalise(gold).strip(_TRIM)
 
 
-def score(task: str, answer: str, gold: str | None) -> bool | None:
-    """True/False for a gold check, None where the task has no gold answer."""
-    if gold is None:
-        return None
-    if task == "classify":
-        return first_label(answer) == normalise(gold)
-    if task == "fact" and len(gold) <= 2:  # chemical symbols: must be the exact token, case-sensitive
-        return re.search(r"(?<![A-Za-z])" + re.escape(gold) + r"(?![a-z])", answer) is not None
-    return contains(answer, gold)
-
-
-def exact_agreement(a: str, b: str) -> bool:
-    return normalise(a) == normalise(b)
+def first_label(answer: str, labels: list[str]) -> str | None:
+    """The label named earliest in the answer (the longest where two start at the same place)."""
+    a = normalise(answer)
+    best: tuple[int, int, str] | None = None
+    for label in labels:
+        m = re.search(r"(?<![a-z0-9])" + re.escape(normalise(label)) + r"(?![a-z0-9])", a)
+        if m and (best is None or (m.start(), -len(label)) < best[:2]):
+            best = (m.start(), -len(label), normalise(label))
+    return best[2] if best else None
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -60,11 +64,36 @@ def _number(text: str) -> float | None:
         return None
 
 
+def numbers_match(answer: str, gold: str, tolerance: float = 1e-6) -> bool:
+    g, a = _number(gold), _number(answer)
+    return g is not None and a is not None and abs(a - g) <= max(tolerance, 1e-6) * max(1.0, abs(g))
+
+
+def check(spec: dict, answer: str, gold: str) -> bool:
+    """The answer against the gold under a task's metric ``spec`` (a recipe ``tasks:`` entry as a dict)."""
+    if spec.get("max_words") and len(answer.split()) > spec["max_words"]:
+        return False
+    metric = spec.get("metric", "exact")
+    if metric == "exact":
+        return exact(answer, gold)
+    if metric == "contains":
+        return contains(answer, gold)
+    if metric == "label":
+        return first_label(answer, spec.get("labels") or [gold]) == normalise(gold)
+    if metric == "number":
+        return numbers_match(answer, gold, spec.get("tolerance") or 1e-6)
+    if metric == "keywords":
+        return all(any(contains(answer, alt) for alt in k.split("|") if alt.strip()) for k in gold.split(";") if k.strip())
+    raise ValueError(f"unknown metric {metric!r} (one of {', '.join(METRICS)})")
+
+
+def exact_agreement(a: str, b: str) -> bool:
+    return normalise(a) == normalise(b)
+
+
 def answers_match(answer: str, gold: str) -> bool:
     """A reasoning trace's final answer against the gold answer: numerically when the gold is a number
     (last number in the answer, relative tolerance 1e-6), else normalised equality or word-bounded contains."""
-    g = _number(gold)
-    if g is not None and _NUMBER.fullmatch(gold.strip()):
-        a = _number(answer)
-        return a is not None and abs(a - g) <= 1e-6 * max(1.0, abs(g))
+    if _NUMBER.fullmatch(gold.strip()):
+        return numbers_match(answer, gold)
     return normalise(answer) == normalise(gold) or contains(answer, gold)

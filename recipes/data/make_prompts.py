@@ -2,12 +2,13 @@
 
     python recipes/data/make_prompts.py
 
-Five task types, each scored by toolchain.scoring where a gold answer exists:
-  fact      short factual questions (gold: the answer; scored by 'contains')
-  summary   one-sentence summary of a short paragraph (gold: the main person's name must appear)
+Five task types; the recipes' ``tasks:`` sections say how each gold answer is checked:
+  fact      short factual questions (gold: the answer; metric contains)
+  summary   one-sentence summary of a short paragraph (gold: the person's first name and the words the
+            achievement cannot be told without; metric keywords, at most 30 words)
   formal    rewrite an informal sentence formally (no gold: scored by agreement with the teacher)
-  extract   pull one entity out of a sentence (gold: the entity)
-  classify  sentiment or topic label (gold: the label)
+  extract   pull one entity out of a sentence (gold: the entity; metric exact, so an echo is wrong)
+  classify  sentiment or topic label (gold: the label; metric label)
 Held-out prompts use entities and sentences that never appear in train.
 """
 
@@ -91,20 +92,22 @@ CITIES = ["Lisbon", "Toronto", "Osaka", "Nairobi", "Lyon", "Krakow", "Austin", "
           "Boston", "Milan", "Zurich", "Manila", "Lima", "Athens", "Helsinki", "Prague", "Quito", "Perth"]
 JOBS = ["teacher", "nurse", "engineer", "chef", "farmer", "pilot", "baker", "librarian", "architect", "doctor",
         "painter", "mechanic", "scientist", "journalist", "firefighter", "gardener", "musician", "carpenter"]
-ACHIEVEMENTS = [
-    "opened a small bakery that now sells bread to the whole neighbourhood",
-    "built a community garden on an empty lot behind the train station",
-    "ran a marathon to raise money for the local children's hospital",
-    "won a regional prize for a design of a low-cost water filter",
-    "started a free evening class that teaches adults to read",
-    "repaired more than a hundred old bicycles and gave them to students",
-    "organised a festival that brought music to every park in the city",
-    "planted two thousand trees along the river with a group of volunteers",
-    "wrote a cookbook of family recipes collected from the whole street",
-    "designed an app that helps farmers share tractors and tools",
-    "cleaned up the beach every weekend for a year with friends",
-    "founded a choir for older people who live alone",
-]
+# Each achievement with the words a summary of it must keep ('|' separates alternatives): a summary's gold is
+# the person's first name and these, so restating the first sentence ("X is a nurse from Y") is not a summary.
+ACHIEVEMENTS = {
+    "opened a small bakery that now sells bread to the whole neighbourhood": "bakery|bread",
+    "built a community garden on an empty lot behind the train station": "garden",
+    "ran a marathon to raise money for the local children's hospital": "marathon",
+    "won a regional prize for a design of a low-cost water filter": "filter",
+    "started a free evening class that teaches adults to read": "class|classes|read|reading",
+    "repaired more than a hundred old bicycles and gave them to students": "bicycles|bicycle|bikes",
+    "organised a festival that brought music to every park in the city": "festival",
+    "planted two thousand trees along the river with a group of volunteers": "trees",
+    "wrote a cookbook of family recipes collected from the whole street": "cookbook|recipes",
+    "designed an app that helps farmers share tractors and tools": "app",
+    "cleaned up the beach every weekend for a year with friends": "beach",
+    "founded a choir for older people who live alone": "choir",
+}
 DETAILS = [
     "Local newspapers wrote about the project, and the mayor visited last spring.",
     "Neighbours say the project changed how people in the area talk to each other.",
@@ -168,13 +171,13 @@ COMPANIES = ["Northwind", "Bluepeak", "Solvera", "Quantix", "Greenfield Labs", "
              "Brightwave", "Cedar Systems", "Orbitel", "Pinecrest Bank", "Riverstone", "Lumina Health",
              "Ironclad Tools", "Silverline Air"]
 EXTRACT_TEMPLATES = [
-    ("person", "Extract the person's full name from this sentence: \"{s}\"",
+    ("person", "Extract the person's full name from this sentence: \"{s}\" Answer with the name only.",
      ["Yesterday {p} signed the contract in {c}.", "The award went to {p}, a {j} from {c}.",
       "According to {p}, the bridge in {c} will reopen soon.", "In {c}, {p} presented the new plan to {o}."]),
-    ("city", "Which city is mentioned in this sentence? \"{s}\"",
+    ("city", "Which city is mentioned in this sentence? \"{s}\" Answer with the city only.",
      ["{p} moved to {c} last year to work for {o}.", "{o} opened a new office in {c} this week.",
       "The conference in {c} was attended by {p}.", "After the storm, {c} asked {o} for help."]),
-    ("company", "Extract the company name from this sentence: \"{s}\"",
+    ("company", "Extract the company name from this sentence: \"{s}\" Answer with the company name only.",
      ["{o} hired {p} as its new {j} in {c}.", "Shares of {o} rose after {p} spoke in {c}.",
       "{p} said {o} will build a factory near {c}.", "A {j} from {c} sued {o} over unpaid wages."]),
 ]
@@ -199,12 +202,13 @@ def _summaries(rng: random.Random, n: int) -> list[dict]:
     items, seen = [], set()
     while len(items) < n:
         p = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-        c, j, a, d = rng.choice(CITIES), rng.choice(JOBS), rng.choice(ACHIEVEMENTS), rng.choice(DETAILS)
+        c, j, a, d = rng.choice(CITIES), rng.choice(JOBS), rng.choice(sorted(ACHIEVEMENTS)), rng.choice(DETAILS)
         if (p, a) in seen:
             continue
         seen.add((p, a))
         text = f"{p} is a {j} from {c}. Last year, {p.split()[0]} {a}. {d}"
-        items.append(("summary", f"Summarize the following text in one sentence.\n\n{text}", p.split()[0], f"summary:{p}:{a}"))
+        gold = f"{p.split()[0]}; {ACHIEVEMENTS[a]}"
+        items.append(("summary", f"Summarize the following text in one sentence.\n\n{text}", gold, f"summary:{p}:{a}"))
     return items
 
 
@@ -254,7 +258,14 @@ def _classify(rng: random.Random, n: int) -> list[dict]:
     return items
 
 
-def build(seed: int = 1234, heldout_per_task: int = 24) -> tuple[list[dict], list[dict]]:
+# Held-out prompts per task: 60 for each task with gold answers, so that a student that keeps about what the
+# teacher has is judged within about +-0.1 of retention (docs/evaluation.md); 24 for formal, which has no gold
+# answer and is reported, never gated.
+HELDOUT = {"fact": 60, "summary": 60, "extract": 60, "classify": 60, "formal": 24}
+
+
+def build(seed: int = 1234, heldout_per_task: dict[str, int] | None = None) -> tuple[list[dict], list[dict]]:
+    heldout_per_task = heldout_per_task or HELDOUT
     rng = random.Random(seed)
     pools = {
         "fact": _facts(rng),
@@ -270,7 +281,7 @@ def build(seed: int = 1234, heldout_per_task: int = 24) -> tuple[list[dict], lis
         rng.shuffle(groups)
         held_groups: set[str] = set()
         for g in groups:
-            if sum(1 for *_, gg in items if gg in held_groups) >= heldout_per_task:
+            if sum(1 for *_, gg in items if gg in held_groups) >= heldout_per_task[task]:
                 break
             held_groups.add(g)
         for t, prompt, gold, g in items:

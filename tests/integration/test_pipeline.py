@@ -50,17 +50,26 @@ def test_eval_reports_teacher_student_and_base_with_lm_eval(ci_run):
     out = _stage_dirs(runs, "ci")["eval"]
     report = json.loads((out / "eval.json").read_text())
     assert set(report["scores"]) == {"teacher", "student", "base"}
-    assert report["docs"] == {"fact": 1, "formal": 2, "extract": 1} and report["gold_docs"]["formal"] == 0
+    assert report["docs"] == {"fact": 2, "classify": 1, "extract": 1} and report["gold_docs"]["fact"] == 2
     for role in ("teacher", "student", "base"):
         fact = report["scores"][role]["fact"]
-        assert fact["gold"] in (0.0, 1.0) and 0 <= fact["chrf"] <= 100 and fact["perplexity"] > 1
-        assert report["scores"][role]["formal"]["gold"] is None
+        assert fact["gold"] in (0.0, 0.5, 1.0) and 0 <= fact["chrf"] <= 100 and fact["perplexity"] > 1
+    # the teacher's gold answers are the greedy ones it gave in generate, cut at eval.max_new_tokens
+    assert report["teacher_answers"].startswith("generate")
+    assert report["metrics"]["classify"]["metric"] == "label" and report["metrics"]["extract"]["metric"] == "exact"
     assert report["versions"]["lm_eval"] and len(report["models"]["student"]["sha256"]) == 64
     # the teacher is best at reproducing its own answers
     assert report["scores"]["teacher"]["extract"]["perplexity"] < report["scores"]["base"]["extract"]["perplexity"]
     md = (out / "eval.md").read_text()
-    assert "| task | docs | teacher | student | student before distillation | retention |" in md
-    assert "## formal: samples" in md and "- teacher: " in md and "- student: " in md
+    assert "| task | n | teacher | student | retention | p(s<t) | gate |" in md and "**Quality gate: passed**" in md
+    assert "| task | docs | teacher gold | student gold | student before distillation gold |" in md
+    iv = report["intervals"]
+    assert iv["seed"] == 1234 and iv["iters"] == 10_000 and set(iv["tasks"]) == set(report["paired"]) | {"overall"}
+    for task, v in report["paired"].items():
+        lo, hi = iv["tasks"][task]["teacher"]
+        assert lo <= report["scores"]["teacher"][task]["gold"] <= hi and len(v["teacher"]) == len(v["ids"])
+    assert report["gate"]["rule"] == "confident" and report["gate"]["passed"]
+    assert "## fact: samples" in md and "- teacher: " in md and "- student: " in md
     tasks = {p.name for p in (out / "tasks" / "student").iterdir()}
     assert {"fact.jsonl", "fact.yaml", "fact_ppl.yaml"} <= tasks
     assert "retention" in proc.stdout + proc.stderr  # the table is printed
@@ -73,13 +82,13 @@ def test_quality_gate_fails_below_and_passes_at_the_measured_retention(ci_run, t
     eval_dir = _stage_dirs(runs, "ci")["eval"]
     measured = json.loads((eval_dir / "eval.json").read_text())["retention"]["overall"]["retention"]
     assert measured is not None and measured < 1.5
-    above = _recipe(tmp_path, "ci", eval__min_retention=round(measured + 0.01, 4))
+    above = _recipe(tmp_path, "ci", eval__min_retention=round(measured + 0.01, 4), eval__gate="point")
     proc = distillery("eval", str(above), "--runs", str(runs), check=False)
     assert proc.returncode == 3, proc.stderr
-    assert "quality gate failed" in proc.stderr and "overall: retention" in proc.stderr
+    assert "quality gate failed (eval.gate point" in proc.stderr and "overall: FAIL, retention" in proc.stderr
     assert "Traceback" not in proc.stderr and "eval: up to date" in proc.stderr
     assert distillery("eval", str(above), "--runs", str(runs), "--no-gate").returncode == 0
-    at = _recipe(tmp_path, "ci", eval__min_retention=max(0.0, round(measured, 4) - 0.0001))
+    at = _recipe(tmp_path, "ci", eval__min_retention=max(0.0, round(measured, 4) - 0.0001), eval__gate="point")
     assert distillery("eval", str(at), "--runs", str(runs)).returncode == 0
     assert [p.name for p in (runs / "ci").glob("eval-*")] == [eval_dir.name]
 
@@ -94,6 +103,17 @@ def test_eval_is_reproducible(ci_run, tmp_path):
     assert second["scores"] == first["scores"] and second["retention"] == first["retention"]
     samples = [json.loads(l) for l in (dirs[-1] / "samples.jsonl").read_text().splitlines()]
     assert {s["model"] for s in samples} == {"teacher", "student", "base"} and len(samples) == 3 * 4 * 2
+
+
+def test_generate_is_reproducible(ci_run, tmp_path):
+    """The teacher asked again (--force) writes byte-identical training and held-out files on this machine."""
+    _, runs, _ = ci_run
+    gen = _stage_dirs(runs, "ci")["generate"]
+    before = {f: (gen / f).read_bytes() for f in ("train.jsonl", "heldout.jsonl")}
+    proc = distillery("generate", str(_recipe(tmp_path, "ci")), "--runs", str(runs), "--force")
+    assert "reusing" not in proc.stderr
+    after = _stage_dirs(runs, "ci")["generate"]
+    assert after.name == gen.name and {f: (after / f).read_bytes() for f in before} == before
 
 
 def test_malformed_heldout_line_is_named_by_file_and_line(ci_run, tmp_path):

@@ -57,9 +57,10 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
     folder = root / role
     folder.mkdir(parents=True, exist_ok=True)
     by_task: dict[str, list[dict]] = defaultdict(list)
+    specs = task_specs(cfg, rows)
     for r in rows:
         by_task[r["task"]].append({
-            "id": r["id"], "prompt": _prompt_for(cfg, role, r["prompt"]), **_scored_doc(cfg, r),
+            "id": r["id"], "prompt": _prompt_for(cfg, role, r["prompt"]), **_scored_doc(cfg, r, specs),
             "target_tokens": len(student_tok(r["response"], add_special_tokens=False).input_ids),
         })
     names = []
@@ -82,10 +83,27 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
     return names
 
 
-def _scored_doc(cfg, r: dict) -> dict:
+def task_specs(cfg, rows: list[dict]) -> dict[str, dict]:
+    """Each held-out task's scoring spec: its ``tasks:`` entry (labels inferred from its gold values where the
+    recipe gives none), or exact match for a task the recipe does not declare."""
+    from toolchain.recipe import TaskConfig
+
+    golds: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        golds[r["task"]] += [r["gold"]] if r["gold"] is not None else []
+    return {t: cfg.tasks.get(t, TaskConfig()).spec(g) for t, g in golds.items()}
+
+
+def undeclared_notes(cfg, rows: list[dict]) -> list[str]:
+    tasks = sorted({r["task"] for r in rows if r["gold"] is not None} - set(cfg.tasks))
+    return [f"'{t}' has gold answers but no tasks: entry in the recipe; scored by exact match" for t in tasks]
+
+
+def _scored_doc(cfg, r: dict, specs: dict[str, dict]) -> dict:
     """What the per-doc metric hooks (toolchain.eval_metrics) read from a held-out row."""
     pattern = cfg.reasoning.answer_pattern if cfg.distill.flavour == "reasoning" else None
-    return {"task": r["task"], "gold": r["gold"], "teacher_response": r["response"], "answer_pattern": pattern}
+    return {"task": r["task"], "gold": r["gold"], "teacher_response": r["response"], "answer_pattern": pattern,
+            "metric": json.dumps(specs[r["task"]])}
 
 
 def hf_lm(cfg, model, tok):
@@ -122,12 +140,33 @@ def score(cfg, lm, task_dir: Path, names: list[str], chat: bool) -> dict:
     return {"metrics": metrics, "samples": samples}
 
 
-def _answers_as_given(cfg, rows: list[dict], role: str) -> dict:
-    """A teacher behind an API cannot be loaded: score the held-out answers it gave in generate with the same
-    per-doc hooks (its likelihood of its own answers is not available)."""
-    by_task: dict[str, list[dict]] = defaultdict(list)
+def teacher_from_generate(cfg) -> bool:
+    """Score the teacher on the held-out answers it gave in generate instead of generating them again: always
+    for an endpoint (it cannot be loaded), on request, or (auto) where they are what lm-eval would produce —
+    greedy, with no shorter limit than eval's (longer ones are cut to eval.max_new_tokens)."""
+    e, g = cfg.eval, cfg.generate
+    if not resolve(cfg.teacher).local:
+        return True
+    if e.teacher_answers != "auto":
+        return e.teacher_answers == "generate"
+    return g.temperature == 0 and g.max_new_tokens >= e.max_new_tokens
+
+
+def _cut(rows: list[dict], tok, max_tokens: int) -> list[dict]:
+    out = []
     for r in rows:
-        scored = em.process_generation(_scored_doc(cfg, r), [r["response"]])
+        ids = tok(r["response"], add_special_tokens=False).input_ids
+        out.append({**r, "response": tok.decode(ids[:max_tokens])} if len(ids) > max_tokens else r)
+    return out
+
+
+def _answers_as_given(cfg, rows: list[dict], role: str) -> dict:
+    """Score the held-out answers the teacher gave in generate with the same per-doc hooks (the likelihood
+    tasks are filled in separately where the teacher can be loaded)."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    specs = task_specs(cfg, rows)
+    for r in rows:
+        scored = em.process_generation(_scored_doc(cfg, r, specs), [r["response"]])
         by_task[r["task"]].append({"id": r["id"], "response": r["response"], **scored})
     metrics, samples = {}, {}
     for task, ss in by_task.items():
@@ -135,7 +174,7 @@ def _answers_as_given(cfg, rows: list[dict], role: str) -> dict:
         metrics[f"{task}_ppl"] = {"perplexity": None, "greedy": None}
         samples[task] = ss
         samples[f"{task}_ppl"] = []
-    return {"metrics": metrics, "samples": samples, "source": "generate (answers given by the endpoint)"}
+    return {"metrics": metrics, "samples": samples, "source": "generate (the teacher's held-out answers)"}
 
 
 def _response(sample: dict):
@@ -175,10 +214,21 @@ def _models(cfg, inputs: dict[str, Path]):
         return model, tok
 
     out = [("teacher", teacher, teacher_ref.sha256() if teacher_ref.local else None), ("student", student, student_sha)]
-    if cfg.eval.base:
+    if evaluate_base(cfg):
         base_ref = teacher_ref if cfg.student.from_ == "teacher" else resolve(cfg.student.from_)
         out.append(("base", base, base_ref.sha256()))
     return out
+
+
+def evaluate_base(cfg) -> bool:
+    """The student before distillation is worth its time for a pretrained student; an untrained pruned copy of
+    the teacher only says what pruning alone leaves (measured: 0/96 gold at 16 of 30 layers), so it runs on
+    request (eval.base: true)."""
+    return cfg.eval.base if cfg.eval.base is not None else cfg.student.from_ != "teacher"
+
+
+BASE_SKIPPED = ("student before distillation: not evaluated (an untrained pruned copy of the teacher, which "
+                "scores near 0 before training; eval.base: true measures it)")
 
 
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
@@ -200,9 +250,16 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                 continue
             bar.update(task, info=role)
             names = write_tasks(cfg, rows, student_tok, out_dir / "tasks", role)
+            reuse = role == "teacher" and teacher_from_generate(cfg)
             model, tok = load()
-            if model is None:
-                results[role] = _answers_as_given(cfg, rows, role)
+            if reuse:  # its greedy answers from generate; only its likelihood of them is computed here
+                given = _cut(rows, tok, cfg.eval.max_new_tokens) if tok is not None else rows
+                results[role] = _answers_as_given(cfg, given, role)
+                ppl = [n for n in names if n.endswith("_ppl")]
+                if model is not None and ppl:
+                    lik = score(cfg, hf_lm(cfg, model, tok), out_dir / "tasks" / role, ppl, chat=not _raw_teacher(cfg, role))
+                    results[role]["metrics"].update(lik["metrics"])
+                    results[role]["samples"].update(lik["samples"])
             else:
                 results[role] = score(cfg, hf_lm(cfg, model, tok), out_dir / "tasks" / role, names,
                                       chat=not _raw_teacher(cfg, role))
@@ -247,13 +304,24 @@ def heldout_rows(cfg, generate_dir: Path) -> list[dict]:
 def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str | None]) -> dict:
     from importlib.metadata import version
 
+    from toolchain import stats
+
     tasks = sorted({r["task"] for r in rows})
     scores = {role: task_scores(res, tasks) for role, res in results.items()}
     counts = gold_counts(rows)
+    paired = em.paired_tables(results, tasks)
+    tables = {t: (v["teacher"], v["student"]) for t, v in paired.items()}
     return {
         "recipe": cfg.name,
         "scores": scores,
         "retention": em.retention_table(scores, counts),
+        "intervals": stats.summarize(tables, cfg.eval.bootstrap_iters, cfg.eval.seed),
+        "gate": em.gate(paired, cfg.eval, cfg.eval.seed, cfg.task_floors()),
+        "paired": paired,
+        "metrics": task_specs(cfg, rows),
+        "notes": undeclared_notes(cfg, rows),
+        "base": {"evaluated": "base" in results, "note": None if "base" in results else BASE_SKIPPED},
+        "teacher_answers": results["teacher"].get("source", "lm-eval (generated again)"),
         "docs": {t: sum(1 for r in rows if r["task"] == t) for t in tasks},
         "gold_docs": counts,
         "models": {role: {"sha256": sha} for role, sha in shas.items()},
@@ -272,25 +340,77 @@ def _fmt(x, pct: bool = True) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.2f}"
 
 
-def render_table(report: dict) -> str:
-    """The console table: gold accuracy per model, retention, agreement and perplexity per task."""
-    ret, scores = report["retention"], report["scores"]
-    roles = [r for r in ROLES if r in scores]
-    head = f"{'task':12s} {'n':>4s} " + " ".join(f"{r + ' gold':>13s}" for r in roles)
-    head += f" {'retention':>9s} {'agree':>6s} {'chrF':>6s} {'ppl s/t':>13s}"
-    lines = [head]
-    for task, row in ret["tasks"].items():
-        cells = " ".join(f"{_fmt(scores[r][task].get('gold')):>13s}" for r in roles)
+def _ci(lo_hi, pct: bool = True) -> str:
+    if not lo_hi:
+        return ""
+    lo, hi = lo_hi
+    return f"[{100 * lo:.0f}-{100 * hi:.0f}]" if pct else f"[{lo:.2f}-{hi:.2f}]"
+
+
+def _quality_rows(report: dict, verdict: dict | None):
+    """(task, n, teacher, student, retention, McNemar p, gate) cells per gold task and the pool, as strings."""
+    ret, iv = report["retention"], report.get("intervals", {}).get("tasks", {})
+    judged = (verdict or {}).get("tasks", {})
+    names = [t for t, r in ret["tasks"].items() if r["teacher"] is not None] + ["overall"]
+    for name in names:
+        row = ret["overall"] if name == "overall" else ret["tasks"][name]
+        if row["teacher"] is None:
+            continue
+        i = iv.get(name, {})
+        p = i.get("p_student_below")
+        g = judged.get(name)
+        gate = "" if g is None else ("pass" if g["passed"] else "FAIL") + f" ({g['why']}, floor {g['floor']:g})"
+        n = row["gold_docs"] if name != "overall" else ret["overall"]["gold_docs"]
+        yield (name, str(n), f"{_fmt(row['teacher'])} {_ci(i.get('teacher'))}".strip(),
+               f"{_fmt(row['student'])} {_ci(i.get('student'))}".strip(),
+               f"{_fmt(row['retention'], False)} {_ci(i.get('retention'), False)}".strip(),
+               "-" if p is None else f"{p:.3f}", gate)
+
+
+def render_table(report: dict, verdict: dict | None = None) -> str:
+    """The console table: gold accuracy of teacher and student with 95% intervals, retention, McNemar's p of
+    "student below teacher" and the gate's decision per task; then agreement with the teacher and perplexity."""
+    verdict = verdict if verdict is not None else report.get("gate")
+    lines = [f"{'task':12s} {'n':>4s}  {'teacher gold':17s} {'student gold':17s} {'retention':17s} {'p(s<t)':>7s}  gate"]
+    for name, n, t, s, r, p, g in _quality_rows(report, verdict):
+        lines.append(f"{name:12s} {n:>4s}  {t:17s} {s:17s} {r:17s} {p:>7s}  {g}")
+    scores = report["scores"]
+    lines += ["", f"{'task':12s} {'n':>4s} {'agree':>6s} {'chrF':>6s} {'ppl s/t':>13s}"
+              + (f" {'before':>7s}" if "base" in scores else "")]
+    for task in report["retention"]["tasks"]:
         s = scores["student"][task]
         ppl = f"{_fmt(s['perplexity'], False)}/{_fmt(scores['teacher'][task]['perplexity'], False)}"
-        flag = "  ceiling" if row["ceiling"] else ""
-        lines.append(f"{task:12s} {report['docs'][task]:4d} {cells} {_fmt(row['retention'], False):>9s} "
-                     f"{_fmt(s['exact']):>6s} {s['chrf']:6.1f} {ppl:>13s}{flag}")
-    o = ret["overall"]
-    lines.append(f"{'overall':12s} {o['gold_docs']:4d} " + " ".join(
-        f"{_fmt(o[r]) if r in ('teacher', 'student') else '':>13s}" for r in roles) + f" {_fmt(o['retention'], False):>9s}")
-    lines += ceiling_notes(report)
-    return "\n".join(lines)
+        before = f" {_fmt(scores['base'][task].get('gold')):>7s}" if "base" in scores else ""
+        lines.append(f"{task:12s} {report['docs'][task]:4d} {_fmt(s['exact']):>6s} {s['chrf']:6.1f} {ppl:>13s}{before}")
+    lines += [""] + interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)
+    return "\n".join(lines).rstrip()
+
+
+def interval_notes(report: dict) -> list[str]:
+    iv = report.get("intervals")
+    if not iv:
+        return []
+    out = [f"[..]: 95% intervals, {iv['method']}, {iv['iters']} resamples, seed {iv['seed']}; "
+           f"p(s<t): McNemar's exact one-sided test of \"student below teacher\""]
+    if str(report.get("teacher_answers", "")).startswith("generate"):
+        out.append("teacher gold: its greedy held-out answers from the generate stage (eval.teacher_answers)")
+    if report.get("base", {}).get("note"):
+        out.append(report["base"]["note"])
+    metrics = report.get("metrics", {})
+    if metrics:
+        out.append("gold checked by: " + ", ".join(
+            f"{t} {m['metric']}" + (f" (at most {m['max_words']} words)" if m.get("max_words") else "")
+            for t, m in sorted(metrics.items())))
+    return out + list(report.get("notes", []))
+
+
+def gate_notes(report: dict, verdict: dict | None) -> list[str]:
+    if not verdict:
+        return []
+    head = (f"gate ({verdict['rule']}, level {verdict['level']:g}): "
+            + ("passed" if verdict["passed"] else "FAILED: " + ", ".join(verdict["failed"])))
+    notes = [f"  {name}: {v['note']}" for name, v in verdict["tasks"].items() if v.get("note")]
+    return [head, *notes]
 
 
 def ceiling_notes(report: dict) -> list[str]:
@@ -305,23 +425,29 @@ def ceiling_notes(report: dict) -> list[str]:
 
 def render_markdown(report: dict, rows: list[dict], results: dict[str, dict]) -> str:
     ret, scores = report["retention"], report["scores"]
+    verdict = report.get("gate")
+    out = [f"# Evaluation: {report['recipe']}", ""]
+    if verdict:
+        out += [f"**Quality gate: {'passed' if verdict['passed'] else 'FAILED'}** ({verdict['rule']} rule, "
+                f"level {verdict['level']:g}; docs/evaluation.md explains it).", ""]
+    out += ["Gold accuracy (%) per task with 95% intervals; retention = student / teacher; p(s<t): McNemar's exact "
+            "test of \"student below teacher\".", "",
+            "| task | n | teacher | student | retention | p(s<t) | gate |", "|---|---:|---:|---:|---:|---:|---|"]
+    for name, n, t, s_, r, p, g in _quality_rows(report, verdict):
+        bold = "**" if name == "overall" else ""
+        out.append(f"| {bold}{name}{bold}{' (ceiling)' if name != 'overall' and ret['tasks'][name]['ceiling'] else ''} "
+                   f"| {n} | {t} | {s_} | {bold}{r}{bold} | {p} | {g} |")
     roles = [r for r in ROLES if r in scores]
     names = {"teacher": "teacher", "student": "student", "base": "student before distillation"}
-    out = [f"# Evaluation: {report['recipe']}", "",
-           "Gold accuracy (%) per task; retention = student / teacher; agreement and chrF against the teacher's "
-           "own held-out answers; perplexity of the teacher's answers per student token.", "",
-           "| task | docs | " + " | ".join(names[r] for r in roles) + " | retention | exact agree | chrF | ppl (student / teacher) |",
-           "|---|---:|" + "---:|" * len(roles) + "---:|---:|---:|---:|"]
-    for task, row in ret["tasks"].items():
-        s, t = scores["student"][task], scores["teacher"][task]
-        out.append(f"| {task}{' (ceiling)' if row['ceiling'] else ''} | {report['docs'][task]} | "
-                   + " | ".join(_fmt(scores[r][task].get("gold")) for r in roles)
-                   + f" | {_fmt(row['retention'], False)} | {_fmt(s['exact'])} | {s['chrf']:.1f} | "
-                     f"{_fmt(s['perplexity'], False)} / {_fmt(t['perplexity'], False)} |")
-    o = ret["overall"]
-    out.append(f"| **overall** | {o['gold_docs']} | " + " | ".join(
-        _fmt(o[r]) if r in ("teacher", "student") else "" for r in roles) + f" | **{_fmt(o['retention'], False)}** | | | |")
-    out += [""] + [f"> {n}" for n in ceiling_notes(report)]
+    out += ["", "Agreement and chrF against the teacher's own held-out answers; perplexity of the teacher's answers "
+            "per student token.", "",
+            "| task | docs | " + " | ".join(f"{names[r]} gold" for r in roles) + " | exact agree | chrF | ppl (student / teacher) |",
+            "|---|---:|" + "---:|" * len(roles) + "---:|---:|---:|"]
+    for task in ret["tasks"]:
+        s_, t = scores["student"][task], scores["teacher"][task]
+        out.append(f"| {task} | {report['docs'][task]} | " + " | ".join(_fmt(scores[r][task].get("gold")) for r in roles)
+                   + f" | {_fmt(s_['exact'])} | {s_['chrf']:.1f} | {_fmt(s_['perplexity'], False)} / {_fmt(t['perplexity'], False)} |")
+    out += [""] + [f"> {n}" for n in interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)]
     by_id = {r["id"]: r for r in rows}
     for task in ret["tasks"]:
         out += ["", f"## {task}: samples", ""]

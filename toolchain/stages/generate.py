@@ -212,6 +212,8 @@ def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
     want = answers_only(PLANS["generate"].config(cfg))
     digests = {k: d for k, (d, _) in _external_inputs(cfg, "generate").items()}
     for sibling in sorted(out_dir.parent.parent.glob("generate-*"), reverse=True):
+        if sibling.name == out_dir.name:  # this very stage, forced to run again: the teacher is asked again
+            continue
         try:
             m = read_manifest(sibling, verify=False)
         except Exception:
