@@ -89,3 +89,23 @@ def test_top_level_help():
     assert r.exit_code == 0
     for cmd in ("generate", "distill", "merge", "status", "validate"):
         assert cmd in r.output
+
+
+PREFLIGHT = [
+    (_with(student__keep_layers=999), "student.keep_layers: 999 is more than the teacher's 30 layers"),
+    (_with(student__keep_layers=3, student__select=[0, 5, 30]), "student.select: layer 30 does not exist; the teacher has 30 layers (0-29)"),
+    (_with(student__vocab=50_000), "student.vocab: 50000 keeps every one of the tokenizer's 49,152 tokens"),
+    (_with(distill__seq_len=9000), "distill.seq_len: 9000 is longer than the student's context of 8192 tokens"),
+    (_with(tasks={"clasify": {"metric": "label"}}), "tasks: clasify is not a task of the prompt files"),
+]
+
+
+@pytest.mark.parametrize("data,needle", PREFLIGHT, ids=[n.split(":")[0] for _, n in PREFLIGHT])
+def test_validate_checks_the_recipe_against_the_teacher_before_any_compute(tmp_path, data, needle):
+    """The teacher's dimensions come from its GGUF header: a recipe that cannot run fails at validate, exit 2."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and result.output.count("\n") == 1
+    assert "Traceback" not in result.output
