@@ -31,6 +31,8 @@ class Resampled:
     n: int
     teacher: np.ndarray  # (iters,) int
     student: np.ndarray
+    point_teacher: int  # right answers on the prompts as drawn (no resampling)
+    point_student: int
 
     def retention(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -59,12 +61,13 @@ def resample(tables: dict[str, tuple[list, list]], iters: int, seed: int) -> dic
             continue
         idx = rng.integers(0, n, size=(iters, n))
         rt, rs = t[idx].sum(1), s[idx].sum(1)
-        out[task] = Resampled(n, rt, rs)
+        out[task] = Resampled(n, rt, rs, int(t.sum()), int(s.sum()))
         tot_t += rt
         tot_s += rs
         n_all += n
     if n_all:
-        out["overall"] = Resampled(n_all, tot_t, tot_s)
+        out["overall"] = Resampled(n_all, tot_t, tot_s, sum(r.point_teacher for r in out.values()),
+                                   sum(r.point_student for r in out.values()))
     return out
 
 
@@ -140,13 +143,9 @@ def decide(tables: dict[str, tuple[list, list]], floors: dict[str, float], rule:
     tasks: dict[str, dict] = {}
     for name, floor in floors.items():
         r = res.get(name)
-        if r is None or r.teacher.size == 0:
+        if r is None or r.point_teacher == 0:  # no prompts, or the teacher never right: no retention to judge
             continue
-        t_right = sum(tables[name][0]) if name != "overall" else sum(sum(v[0]) for v in tables.values())
-        s_right = sum(tables[name][1]) if name != "overall" else sum(sum(v[1]) for v in tables.values())
-        if t_right == 0:
-            continue  # the teacher never answers right: no retention to judge
-        point = s_right / t_right
+        point = r.point_student / r.point_teacher
         samples = r.retention()
         finite = samples[np.isfinite(samples)]
         ci = interval(samples)
