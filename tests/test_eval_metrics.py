@@ -159,3 +159,22 @@ def test_the_pipeline_gate_reads_both_floors(tmp_path):
     assert v["passed"] and v["tasks"]["fact"]["floor"] == 0.1
     with pytest.raises(RecipeError, match="tasks.facts.min_retention: facts is not a held-out task"):
         quality_gate(parse({**base, "tasks": {"facts": {"min_retention": 0.5}}}), tmp_path)
+
+
+def test_exported_file_against_the_pytorch_student_prompt_by_prompt():
+    from toolchain.stages.export import quality_notes
+
+    paired = {"a": {"ids": [1, 2, 3, 4], "teacher": [1, 1, 1, 1], "student": [1, 1, 1, 0]},
+              "b": {"ids": [5, 6], "teacher": [1, 0], "student": [1, 1]}}
+    samples = {"a": [{"id": 1, "gold": 0.0}, {"id": 2, "gold": 0.0}, {"id": 3, "gold": 1.0}, {"id": 4, "gold": 1.0}],
+               "b": [{"id": 5, "gold": 0.0}, {"id": 6, "gold": None}]}
+    v = em.against(paired, samples)
+    # id 6 has no outcome for the file; PyTorch alone right on 1, 2, 5 (b=3), the file alone on 4 (c=1)
+    assert v == {"n": 5, "pytorch_only": 3, "file_only": 1, "p_below_pytorch": pytest.approx(5 / 16)}
+    worse = em.against({"a": {"ids": list(range(8)), "teacher": [1] * 8, "student": [1] * 8}},
+                       {"a": [{"id": i, "gold": 0.0} for i in range(8)]})
+    assert worse["p_below_pytorch"] == pytest.approx(1 / 256)
+    report = {"pytorch": {"gold": 1.0}, "gate_level": 0.05,
+              "files": [{"file": "x.gguf", "gold": 0.0, "vs_pytorch": worse}, {"file": "y.gguf", "gold": 0.8, "vs_pytorch": v}]}
+    notes = quality_notes(report)
+    assert len(notes) == 2 and "x.gguf is below the PyTorch student" in notes[0] and "p=0.004" in notes[0]

@@ -31,6 +31,20 @@ class TorchEngine:
         return out
 
 
+class BatchedTorchEngine(TorchEngine):
+    """The same engine with ``greedy_batch``, recording the batches it was asked for."""
+
+    batchable = True
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.batches = []
+
+    def greedy_batch(self, prompts, max_new_tokens, stop_ids=None):
+        self.batches.append([len(p) for p in prompts])
+        return [self.greedy(p, max_new_tokens) for p in prompts]
+
+
 class CharTokenizer:
     chat_template = None
 
@@ -67,6 +81,20 @@ def test_engine_lm_generation_is_greedy_and_cut_at_until(tiny_llama):
                              _request("hi", {"max_gen_toks": 12, "until": [stop]})])
     assert out[0] == full
     assert out[1] == full.split(stop)[0] and len(out[1]) <= 5
+
+
+def test_engine_lm_batched_generation_keeps_request_order(tiny_llama):
+    from toolchain.engine_lm import EngineLM
+
+    texts = ["a much longer prompt", "hi", "mid size", "x", "another long prompt here"]
+    reqs = [_request(t, {"max_gen_toks": 6 if i != 2 else 4, "until": []}) for i, t in enumerate(texts)]
+    one = EngineLM(TorchEngine(tiny_llama), CharTokenizer(), "tiny").generate_until(reqs)
+    engine = BatchedTorchEngine(tiny_llama)
+    batched = EngineLM(engine, CharTokenizer(), "tiny", batch=2).generate_until(reqs)
+    assert batched == one and len(one[2]) == 4 and len(one[0]) == 6
+    # batches of at most 2, one token limit each, shortest prompts first
+    assert all(len(b) <= 2 for b in engine.batches) and sum(map(len, engine.batches)) == 5
+    assert engine.batches[0] == sorted(engine.batches[0]) and [8] in engine.batches
 
 
 def _safetensors(path, n_floats=16):

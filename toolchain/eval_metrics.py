@@ -102,6 +102,23 @@ def paired_tables(results: dict[str, dict], tasks: list[str]) -> dict[str, dict]
     return out
 
 
+def against(paired: dict[str, dict], samples: dict[str, list[dict]]) -> dict:
+    """An exported file's per-prompt gold outcomes against the PyTorch student's (eval's ``paired`` tables),
+    pooled over the gold tasks: McNemar's exact test of "the file is below the PyTorch student"."""
+    from toolchain.stats import mcnemar
+
+    ref, got = [], []
+    for task, table in paired.items():
+        mine = {s["id"]: s.get("gold") for s in samples.get(task, [])}
+        for i, s in zip(table["ids"], table["student"]):
+            if mine.get(i) is not None:
+                ref.append(s)
+                got.append(int(mine[i]))
+    test = mcnemar(ref, got)
+    return {"n": len(ref), "pytorch_only": test["teacher_only"], "file_only": test["student_only"],
+            "p_below_pytorch": test["p_student_below"]}
+
+
 def floors(tasks: list[str], min_retention: float, per_task: dict[str, float] | None = None) -> dict[str, float]:
     """Each gold task's floor (``per_task`` names tasks with their own, ``min_retention`` is everyone else's)
     and the pool's (``overall``)."""

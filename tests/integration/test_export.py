@@ -54,6 +54,10 @@ def test_every_format_is_written_reloaded_and_checked(ci_run):
         else:
             assert 0.3 < r["top1_agreement"] <= 1.0 and r["mean_kl"] > 0
         assert r["gold"] is not None and r["perplexity"] > 0  # scored on the held-out tasks
+        v = r["vs_pytorch"]  # paired with the PyTorch student on every held-out prompt with a gold answer
+        assert v["n"] > 0 and 0 <= v["p_below_pytorch"] <= 1
+        if variant in ("f16", "fp32"):
+            assert v["pytorch_only"] + v["file_only"] <= 1  # the same answers, but for a near tie
     # real sizes, not preset names: q4_k_m falls back on 576-wide rows, so it is well above 4.5 bits/weight
     assert 15.9 < files["gguf", "f16"]["bits_per_weight"] < 16.1
     assert 8.4 < files["gguf", "q8_0"]["bits_per_weight"] < 8.6
@@ -76,6 +80,15 @@ def test_every_format_is_written_reloaded_and_checked(ci_run):
         engine = OnnxEngine(d["export"] / "onnx" / variant)
         done = engine.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=8)
         assert done.completion_tokens > 0 and done.prompt_tokens > 5
+    # scoring decodes several prompts together (left-padded): each answer as the prompt alone gives it; a
+    # dynamically quantized model (activation scales shared by the batch) is never batched
+    assert not engine.batchable  # int8: quantize_dynamic
+    fp32 = OnnxEngine(d["export"] / "onnx" / "fp32")
+    assert fp32.batchable
+    prompts = [fp32.tokenize(fp32.chat_text([{"role": "user", "content": q}]))
+               for q in ("Hi", "Name three colours of the rainbow, please.", "What is 2 + 2?")]
+    assert len({len(p) for p in prompts}) == 3
+    assert fp32.greedy_batch(prompts, 12) == [fp32.greedy(p, 12) for p in prompts]
 
     table = (d["export"] / "export.md").read_text()
     for name in ("gguf/ci-f16.gguf", "gguf/ci-q8_0.gguf", "gguf/ci-q4_k_m.gguf", "onnx/fp32/model.onnx", "PyTorch"):

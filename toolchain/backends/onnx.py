@@ -16,6 +16,16 @@ from toolchain.backends import Completion, cut_at_stop, pick
 from toolchain.onnx_io import external_files
 
 
+DYNAMIC = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+
+def dynamic_ops(path: Path) -> set[str]:
+    """The op types of the model's graph (weights not loaded)."""
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
 class OnnxEngine:
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
@@ -33,25 +43,63 @@ class OnnxEngine:
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.kv_type = np.float16 if any("float16" in self.inputs[n].type for n in self.past_names) else np.float32
         self.eos_ids = {i for i in [self.tokenizer.eos_token_id] if i is not None}
+        # Dynamic quantization scales each activation tensor by its own range, which a batch shares: decoded
+        # together, one prompt's answer would depend on the others'. Such a model decodes one prompt at a time.
+        self.batchable = not (dynamic_ops(self.path) & DYNAMIC)
 
-    def _empty_past(self) -> dict[str, np.ndarray]:
+    def _empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
         out = {}
         for n in self.past_names:
             shape = self.inputs[n].shape  # [batch, heads, past, head_dim]
-            out[n] = np.zeros((1, shape[1], 0, shape[3]), dtype=self.kv_type)
+            out[n] = np.zeros((batch, shape[1], 0, shape[3]), dtype=self.kv_type)
         return out
 
     def _step(self, ids: list[int], past: dict[str, np.ndarray], start: int):
         n = len(ids)
-        feed = {"input_ids": np.array([ids], dtype=np.int64),
-                "attention_mask": np.ones((1, start + n), dtype=np.int64), **past}
+        logits, present = self._run(np.array([ids], dtype=np.int64), np.ones((1, start + n), dtype=np.int64), past)
+        return logits[0], present
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]):
+        """One forward pass of a [batch, new] block after ``past``; ``mask`` covers past and new positions
+        (0 = padding), and each token's position counts only the unpadded ones before it."""
+        feed = {"input_ids": ids, "attention_mask": mask, **past}
         if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None, :]
+            feed["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1]:]
         outs = self.session.run(None, feed)
         names = [o.name for o in self.session.get_outputs()]
-        logits = outs[names.index("logits")][0]
         present = {n.replace("present.", "past_key_values."): v for n, v in zip(names, outs) if n.startswith("present.")}
-        return logits, present
+        return outs[names.index("logits")], present
+
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int,
+                     stop_ids: set[int] | None = None) -> list[list[int]]:
+        """Greedy continuations of several prompts decoded together (left-padded, masked; a finished sequence
+        leaves the batch): the tokens ``greedy`` gives each, but for float rounding at a near tie. One
+        onnxruntime call per step for the whole batch instead of one per sequence (benchmarks/score_speed.py)."""
+        stop = self.eos_ids if stop_ids is None else stop_ids
+        width = max(len(p) for p in prompts)
+        ids = np.zeros((len(prompts), width), dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        out: list[list[int]] = [[] for _ in prompts]
+        rows = np.arange(len(prompts))  # which prompt each batch row is
+        logits, past = self._run(ids, mask, self._empty_past(len(prompts)))
+        while len(rows):
+            nxt = logits[:, -1].argmax(-1)
+            live = []
+            for k, (row, tok) in enumerate(zip(rows, nxt.tolist())):
+                out[row].append(tok)
+                if tok not in stop and len(out[row]) < max_new_tokens:
+                    live.append(k)
+            if len(live) < len(rows):
+                rows, mask = rows[live], mask[live]
+                past = {n: v[live] for n, v in past.items()}
+                nxt = nxt[live]
+            if not len(rows):
+                break
+            mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+            logits, past = self._run(nxt[:, None].astype(np.int64), mask, past)
+        return out
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids

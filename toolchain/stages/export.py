@@ -142,8 +142,9 @@ def _verdict(kind: str, label: str, path: Path, checks: dict) -> None:
                           "(not at a near tie)")
 
 
-def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path, teacher_scores: dict) -> dict:
-    """The eval stage's held-out tasks through this file's runtime."""
+def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path, evaluation: dict) -> dict:
+    """The eval stage's held-out tasks through this file's runtime, and the file against the PyTorch student
+    prompt by prompt."""
     from toolchain.engine_lm import EngineLM
     from toolchain.stages.eval import gold_counts, score, task_scores, write_tasks
 
@@ -151,19 +152,20 @@ def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path
     result = score(cfg, EngineLM(engine, ref.tok, label), work / "tasks" / "student", names, chat=True)
     tasks = sorted({r["task"] for r in rows})
     scores = task_scores(result, tasks)
-    table = em.retention_table({"teacher": teacher_scores, "student": scores}, gold_counts(rows))
+    table = em.retention_table({"teacher": evaluation["scores"]["teacher"], "student": scores}, gold_counts(rows))
     return {"scores": scores, "gold": table["overall"]["student"], "retention": table["overall"]["retention"],
-            "perplexity": em.mean_known([s.get("perplexity") for s in scores.values()])}
+            "perplexity": em.mean_known([s.get("perplexity") for s in scores.values()]),
+            "vs_pytorch": em.against(evaluation.get("paired") or {}, result["samples"])}
 
 
-def _finish(cfg, kind: str, label: str, path: Path, describe: dict, engine, ref, rows, work, teacher_scores) -> dict:
+def _finish(cfg, kind: str, label: str, path: Path, describe: dict, engine, ref, rows, work, evaluation) -> dict:
     checks = compare(engine, ref)
     _verdict(kind, label, path, checks)
-    quality = _score(cfg, engine, ref, rows, f"{kind}-{label}", work, teacher_scores) if cfg.export.score else {}
+    quality = _score(cfg, engine, ref, rows, f"{kind}-{label}", work, evaluation) if cfg.export.score else {}
     return {"format": kind, "variant": label, **describe, **checks, **quality}
 
 
-def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref, rows, teacher_scores, bar, task):
+def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref, rows, evaluation, bar, task):
     """Convert once to float32 GGUF (with the source tokenizer), quantize to each listed type, check each."""
     base = work / "student-f32.gguf"
     if not base.is_file():
@@ -189,7 +191,7 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref
 
         engine = LlamaCppEngine(path, n_ctx=2048, logits_all=True)
         try:
-            result = _finish(cfg, "gguf", quant, path, gguf_io.describe(path), engine, ref, rows, work, teacher_scores)
+            result = _finish(cfg, "gguf", quant, path, gguf_io.describe(path), engine, ref, rows, work, evaluation)
         finally:
             engine.close()
         result["file"] = str(path.relative_to(out_dir))
@@ -199,7 +201,7 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref
     return results
 
 
-def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, teacher_scores, bar, task):
+def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, evaluation, bar, task):
     """optimum export (float32) once, onnxruntime quantization per listed variant, check each."""
     from toolchain.backends.onnx import OnnxEngine
 
@@ -232,7 +234,7 @@ def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, 
         described["parameters"] = params
         engine = OnnxEngine(folder)
         try:
-            result = _finish(cfg, "onnx", variant, folder / "model.onnx", described, engine, ref, rows, work, teacher_scores)
+            result = _finish(cfg, "onnx", variant, folder / "model.onnx", described, engine, ref, rows, work, evaluation)
         finally:
             engine.close()
         result["file"] = str((folder / "model.onnx").relative_to(out_dir))
@@ -265,10 +267,10 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     with progress() as bar:
         task = bar.add_task("export", total=total, info="")
         if "gguf" in cfg.export.formats:
-            results += _gguf(cfg, merged, out_dir, work, licence, ref, rows, evaluation["scores"]["teacher"], bar, task)
+            results += _gguf(cfg, merged, out_dir, work, licence, ref, rows, evaluation, bar, task)
         if "onnx" in cfg.export.formats:
             results += _onnx(cfg, merged, safetensors["parameters"], out_dir, work, ref, rows,
-                             evaluation["scores"]["teacher"], bar, task)
+                             evaluation, bar, task)
 
     pytorch = {"format": "pytorch", "variant": "fp32", "file": "(merge) model/model.safetensors",
                "bytes": safetensors["bytes"], "parameters": safetensors["parameters"],
@@ -277,11 +279,14 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                "retention": evaluation["retention"]["overall"]["retention"],
                "perplexity": em.mean_known([s.get("perplexity") for s in evaluation["scores"]["student"].values()])}
     report = {"recipe": cfg.name, "teacher_gold": evaluation["retention"]["overall"]["teacher"],
+              "gate_level": cfg.eval.gate_level,
               "pytorch": pytorch, "files": results, "check_prompts": CHECK_PROMPTS,
               "check_tokens": cfg.export.check_tokens, "tokenizer_source": str(source) if source else None}
     (out_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "export.md").write_text(render_markdown(report), encoding="utf-8")
     console.print(render_markdown(report).split("\n\n")[1], highlight=False, soft_wrap=True)
+    for note in quality_notes(report)[:-1]:
+        console.print(f"  {note.replace('**', '')}", highlight=False, soft_wrap=True)
     return Manifest(metrics={f"{r['format']}:{r['variant']}": {k: r.get(k) for k in ("bytes", "bits_per_weight", "gold",
                                                                                       "top1_agreement", "mean_kl")}
                              for r in results})
@@ -317,4 +322,24 @@ def render_markdown(report: dict) -> str:
               "top-1 agreement and KL(PyTorch ‖ file) over the same sequences; tokenizer: identical ids on "
               "evals/tokenizer_strings.json. A near tie: the outputs part where PyTorch's own margin between the two "
               "tokens is under twice the largest logit difference between PyTorch and the file (float rounding).", ""]
+    lines += quality_notes(report)
     return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def quality_notes(report: dict) -> list[str]:
+    """Files whose held-out answers are significantly worse than the PyTorch student's (McNemar, paired by
+    prompt, at eval.gate_level): what quantization cost, said where a user picks a file."""
+    level = report.get("gate_level", 0.05)
+    out = []
+    for r in report["files"]:
+        v = r.get("vs_pytorch")
+        if v and v["n"] and v["p_below_pytorch"] < level:
+            out.append(f"**{r['file']} is below the PyTorch student**: {_pct(r.get('gold'))}% vs "
+                       f"{_pct(report['pytorch']['gold'])}% gold ({v['pytorch_only']} prompts right only in PyTorch, "
+                       f"{v['file_only']} only in the file, of {v['n']}; {_p(v['p_below_pytorch'])}): quantization "
+                       "cost quality; prefer another file.")
+    return out + [""] if out else []
