@@ -104,16 +104,14 @@ def paired_tables(results: dict[str, dict], tasks: list[str]) -> dict[str, dict]
 
 def against(paired: dict[str, dict], samples: dict[str, list[dict]]) -> dict:
     """An exported file's per-prompt gold outcomes against the PyTorch student's (eval's ``paired`` tables),
-    pooled over the gold tasks: McNemar's exact test of "the file is below the PyTorch student"."""
+    paired by id as ``paired_tables`` pairs them, pooled over the gold tasks: McNemar's exact test of "the file
+    is below the PyTorch student"."""
     from toolchain.stats import mcnemar
 
-    ref, got = [], []
-    for task, table in paired.items():
-        mine = {s["id"]: s.get("gold") for s in samples.get(task, [])}
-        for i, s in zip(table["ids"], table["student"]):
-            if mine.get(i) is not None:
-                ref.append(s)
-                got.append(int(mine[i]))
+    pytorch = {t: [{"id": i, "gold": g} for i, g in zip(v["ids"], v["student"])] for t, v in paired.items()}
+    tables = paired_tables({"teacher": {"samples": pytorch}, "student": {"samples": samples}}, list(paired))
+    ref = [g for v in tables.values() for g in v["teacher"]]
+    got = [g for v in tables.values() for g in v["student"]]
     test = mcnemar(ref, got)
     return {"n": len(ref), "pytorch_only": test["teacher_only"], "file_only": test["student_only"],
             "p_below_pytorch": test["p_student_below"]}

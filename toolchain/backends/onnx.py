@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,13 @@ class OnnxEngine:
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.kv_type = np.float16 if any("float16" in self.inputs[n].type for n in self.past_names) else np.float32
         self.eos_ids = {i for i in [self.tokenizer.eos_token_id] if i is not None}
-        # Dynamic quantization scales each activation tensor by its own range, which a batch shares: decoded
-        # together, one prompt's answer would depend on the others'. Such a model decodes one prompt at a time.
-        self.batchable = not (dynamic_ops(self.path) & DYNAMIC)
+
+    @cached_property
+    def batchable(self) -> bool:
+        """Whether ``greedy_batch`` gives each prompt what it gets alone. Dynamic quantization scales each
+        activation tensor by its own range, which a batch shares: decoded together, one prompt's answer would
+        depend on the others'. Read from the graph on first use only (serving never asks)."""
+        return not (dynamic_ops(self.path) & DYNAMIC)
 
     def _empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
         out = {}

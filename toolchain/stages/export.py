@@ -285,7 +285,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     (out_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "export.md").write_text(render_markdown(report), encoding="utf-8")
     console.print(render_markdown(report).split("\n\n")[1], highlight=False, soft_wrap=True)
-    for note in quality_notes(report)[:-1]:
+    for note in quality_notes(report):
         console.print(f"  {note.replace('**', '')}", highlight=False, soft_wrap=True)
     return Manifest(metrics={f"{r['format']}:{r['variant']}": {k: r.get(k) for k in ("bytes", "bits_per_weight", "gold",
                                                                                       "top1_agreement", "mean_kl")}
@@ -322,8 +322,8 @@ def render_markdown(report: dict) -> str:
               "top-1 agreement and KL(PyTorch ‖ file) over the same sequences; tokenizer: identical ids on "
               "evals/tokenizer_strings.json. A near tie: the outputs part where PyTorch's own margin between the two "
               "tokens is under twice the largest logit difference between PyTorch and the file (float rounding).", ""]
-    lines += quality_notes(report)
-    return "\n".join(lines)
+    notes = quality_notes(report)
+    return "\n".join(lines + (notes + [""] if notes else []))
 
 
 def _p(p: float) -> str:
@@ -342,4 +342,4 @@ def quality_notes(report: dict) -> list[str]:
                        f"{_pct(report['pytorch']['gold'])}% gold ({v['pytorch_only']} prompts right only in PyTorch, "
                        f"{v['file_only']} only in the file, of {v['n']}; {_p(v['p_below_pytorch'])}): quantization "
                        "cost quality; prefer another file.")
-    return out + [""] if out else []
+    return out
