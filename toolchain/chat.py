@@ -22,6 +22,18 @@ def encode_pair(tok, prompt: str, response: str, system_prompt: str | None) -> t
     return prompt_ids + resp_ids, [IGNORE] * len(prompt_ids) + resp_ids
 
 
+def common_prefix(sequences: list[list[int]]) -> list[int]:
+    """The longest token prefix every sequence shares (with a chat template: system prompt + user header):
+    computed once, then reused by the online teacher and by batched decoding."""
+    if not sequences:
+        return []
+    first = sequences[0]
+    n = min(len(x) for x in sequences)
+    for seq in sequences[1:]:
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return first[:n]
+
+
 def tokenize_pairs(tok, rows: list[dict], system_prompt: str | None, seq_len: int | None,
                    ) -> tuple[list[tuple[list[int], list[int]]], list[int], int]:
     """Examples cut to seq_len (from the end, so cached teacher positions stay aligned), the index of the

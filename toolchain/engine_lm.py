@@ -38,20 +38,34 @@ class EngineLM(LM):
         return self.tok.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy answers cut at the ``until`` strings. A ``batchable`` engine (onnxruntime, but for dynamically
-        quantized models) decodes up to ``batch`` prompts of similar length together with ``greedy_batch``;
-        others one at a time (llama.cpp: one stream is its fastest path on few cores)."""
+        """Greedy answers cut at the ``until`` strings. llama.cpp decodes up to ``batch`` sequences together
+        with continuous batching (``greedy_stream``); another ``batchable`` engine (onnxruntime, but for
+        dynamically quantized models) decodes ``batch`` prompts of similar length together, left-padded
+        (``greedy_batch``); others one at a time."""
         jobs = [(self.engine.tokenize(req.args[0]), int(req.args[1].get("max_gen_toks", 256)),
                  [s for s in req.args[1].get("until") or [] if s]) for req in requests]
+        streamed = hasattr(self.engine, "greedy_stream") and self.batch > 1
         batched = getattr(self.engine, "batchable", False) and self.batch > 1
         step = self.batch if batched else 1
         groups: dict[int, list[int]] = defaultdict(list)  # same token limit: one batch can hold them
         for i, (_, limit, _) in enumerate(jobs):
             groups[limit].append(i)
         out: list[str] = [""] * len(jobs)
+
+        def finish(i: int, new: list[int]) -> None:
+            text = self.tok.decode(new, skip_special_tokens=True)
+            for stop in jobs[i][2]:
+                text = text.split(stop)[0]
+            out[i] = text
+
         with progress() as bar:
             task = bar.add_task(f"{self.name}: generate", total=len(jobs), info="")
             for limit, members in groups.items():
+                if streamed:
+                    for k, new in self.engine.greedy_stream([jobs[i][0] for i in members], limit, slots=self.batch):
+                        finish(members[k], new)
+                        bar.update(task, advance=1)
+                    continue
                 if batched:
                     members.sort(key=lambda i: len(jobs[i][0]))  # little padding within a batch
                 for start in range(0, len(members), step):
@@ -59,10 +73,7 @@ class EngineLM(LM):
                     news = (self.engine.greedy_batch([jobs[i][0] for i in chunk], limit) if batched
                             else [self.engine.greedy(jobs[chunk[0]][0], limit)])
                     for i, new in zip(chunk, news):
-                        text = self.tok.decode(new, skip_special_tokens=True)
-                        for stop in jobs[i][2]:
-                            text = text.split(stop)[0]
-                        out[i] = text
+                        finish(i, new)
                     bar.update(task, advance=len(chunk))
         return out
 

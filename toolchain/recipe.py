@@ -80,6 +80,11 @@ class GenerateConfig(_Section):
     stop: list[str] = Field(default_factory=list, description="Strings that end a teacher answer (with prompt_template).")
     n_ctx: int = Field(2048, ge=128, description="Teacher context window (llama.cpp).")
     threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (None = all cores).")
+    batch: int = Field(
+        8, ge=1, le=64,
+        description="llama.cpp teacher, greedy chat answers: prompts decoded together, the prompt prefix they share "
+        "read once (1 = one at a time). Changes tokens only at near ties; measured 1.7x on 2 cores.",
+    )
     # An openai: teacher (vLLM, TGI, llama-server, a hosted API). None of these change the answers.
     concurrency: int = Field(
         1, ge=1, le=512, description="openai: teacher: requests in flight at once (local engines answer one at a time)."

@@ -61,6 +61,34 @@ class LlamaCppEngine:
         last = int(np.argmax(self.step_logits()))  # what the final step chose: the stop token, if it ended there
         return out + [last] if len(out) < max_new_tokens and last in stop else out
 
+    batchable = True  # greedy_batch gives each prompt its own answer (llama.cpp keeps one cache per sequence)
+
+    def greedy_stream(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | None = None,
+                      slots: int = 8) -> Iterator[tuple[int, list[int]]]:
+        """Greedy continuations of many prompts, ``slots`` decoded together (toolchain.backends.llama_batch):
+        (prompt index, tokens with the stop token when reached) in the order they finish."""
+        from toolchain.backends.llama_batch import BatchDecoder, greedy_stream
+
+        if not prompts:
+            return
+        longest = max(len(p) for p in prompts)
+        if longest >= self.llm.n_ctx():
+            raise ValueError(f"a prompt of {longest} tokens does not fit the context of {self.llm.n_ctx()}")
+        n_ctx = min(self.llm.n_ctx(), -(-(longest + max_new_tokens + 1) // 256) * 256)  # llama.cpp pads to 256
+        decoder = BatchDecoder(self, min(slots, len(prompts)) + 1, n_ctx, threads=self.llm.n_threads)  # +1: the shared prefix
+        try:
+            yield from greedy_stream(decoder, prompts, max_new_tokens, self.eos_ids if stop_ids is None else stop_ids)
+        finally:
+            decoder.close()
+
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | None = None,
+                     ) -> list[list[int]]:
+        """``greedy_stream``'s answers in the prompts' order (what EngineLM asks of a batchable engine)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for i, toks in self.greedy_stream(prompts, max_new_tokens, stop_ids):
+            out[i] = toks
+        return out
+
     def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None) -> Iterator[int]:
         """Sampled (or, at temperature 0, greedy) token ids until end of turn or ``max_tokens``; the end-of-turn

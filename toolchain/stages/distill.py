@@ -31,7 +31,7 @@ from toolchain.data import iter_jsonl
 from toolchain.distributed import local_world_size
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import RESUME_DIR, Manifest
-from toolchain.chat import IGNORE, tokenize_pairs
+from toolchain.chat import IGNORE, common_prefix, tokenize_pairs
 from toolchain.losses import kd_loss
 from toolchain.topk_cache import TopKCache, example_key
 from toolchain.ui import console, progress
@@ -86,17 +86,6 @@ def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, to
         kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_topk=topk)
     loss = soft.alpha * kd + (1 - soft.alpha) * ce
     return loss, int(keep.sum()), {"ce": float(ce.detach()), "kd": float(kd.detach())}
-
-
-def common_prefix(sequences: list[list[int]]) -> list[int]:
-    """The longest token prefix every sequence shares (with a chat template: system prompt + user header)."""
-    if not sequences:
-        return []
-    first = sequences[0]
-    n = min(len(x) for x in sequences)
-    for seq in sequences[1:]:
-        n = next((i for i in range(n) if seq[i] != first[i]), n)
-    return first[:n]
 
 
 class OnlineTeacher:

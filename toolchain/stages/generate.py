@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from toolchain.backends import open_engine
+from toolchain.backends import Completion, open_engine
 from toolchain.chat import final_answer, messages_for, tokenize_pairs, with_instruction
 from toolchain.data import DataError, JsonlAppender, iter_jsonl, read_jsonl_resumable, read_prompts, write_jsonl
 from toolchain.models import load_tokenizer, load_torch_model, resolve
@@ -58,7 +58,9 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
     """Ask for every (prompt, sample) not yet in responses.jsonl; one line per answer, appended as it arrives.
 
     An openai: teacher gets up to generate.concurrency requests at once (answers land in arrival order; the
-    file is put back in job order afterwards); local engines answer one at a time. A request that fails for
+    file is put back in job order afterwards); a local llama.cpp teacher answering greedily in its chat template
+    decodes generate.batch prompts together (the same arrival-order rule); otherwise local engines answer one at
+    a time. A request that fails for
     good stops the stage after the answers already received are written, so a re-run asks only for the rest.
     Returns this call's throughput figures.
     """
@@ -78,15 +80,11 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
                          endpoint=_endpoint_options(g) if endpoint else None)
     workers = g.concurrency if endpoint else 1
 
-    def ask(job) -> dict:
+    def asked(p) -> str:
+        return with_instruction(p.prompt, cfg.reasoning.instruction if reasoning else None)
+
+    def row_for(job, c: Completion) -> dict:
         p, s = job
-        asked = with_instruction(p.prompt, cfg.reasoning.instruction if reasoning else None)
-        sampling = {"max_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                    "seed": _sample_seed(g.seed, p.id, s)}
-        if g.prompt_template:
-            c = engine.complete(g.prompt_template.replace("{prompt}", asked), stop=g.stop, **sampling)
-        else:
-            c = engine.chat(messages_for(asked, g.system_prompt), **sampling)
         row = {
             "id": p.id, "split": p.split, "sample": s, "task": p.task, "prompt": p.prompt, "gold": p.gold,
             "response": c.text.strip(), "finish_reason": c.finish_reason,
@@ -99,12 +97,30 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
             row["logprobs"] = c.logprobs
         return row
 
+    def ask(job) -> dict:
+        p, s = job
+        sampling = {"max_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+                    "seed": _sample_seed(g.seed, p.id, s)}
+        if g.prompt_template:
+            c = engine.complete(g.prompt_template.replace("{prompt}", asked(p)), stop=g.stop, **sampling)
+        else:
+            c = engine.chat(messages_for(asked(p), g.system_prompt), **sampling)
+        return row_for(job, c)
+
+    batched = g.batch > 1 and g.temperature == 0 and not g.prompt_template and hasattr(engine, "greedy_stream")
+    answers = _batched(engine, todo, [messages_for(asked(p), g.system_prompt) for p, _ in todo], g) if batched else None
+
     started, new_tokens, failure = time.time(), 0, None
     stats = getattr(engine, "stats", None)
     with JsonlAppender(out_path) as sink, progress() as bar, ThreadPoolExecutor(workers) as pool:
         task = bar.add_task("generate", total=len(jobs), completed=len(done), info="")
         queue = iter(todo)
-        running = {pool.submit(ask, job) for job in _take(queue, workers)}
+        running = set() if answers is not None else {pool.submit(ask, job) for job in _take(queue, workers)}
+        for job, c in answers or ():
+            row = row_for(job, c)
+            sink.write(row)
+            new_tokens += row["completion_tokens"]
+            bar.update(task, advance=1, info=f"{new_tokens / max(time.time() - started, 1e-9):.0f} tok/s")
         while running:
             finished, running = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
@@ -131,6 +147,17 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
         out.update(endpoint_concurrency=workers, endpoint_requests=stats["requests"],
                    endpoint_retries=stats["retries"], endpoint_failures=dict(stats["failures"]))
     return out
+
+
+def _batched(engine, jobs: list, messages: list[list[dict]], g):
+    """(job, Completion) for greedy chat answers decoded ``generate.batch`` at a time, as each finishes: the
+    tokens and text one request would give (chat template, stop at end of turn), but for near ties."""
+    prompts = [engine.tokenize(engine.chat_text(m)) for m in messages]
+    for i, toks in engine.greedy_stream(prompts, g.max_new_tokens, slots=g.batch):
+        stopped = bool(toks) and toks[-1] in engine.eos_ids
+        answer = toks[:-1] if stopped else toks
+        yield jobs[i], Completion(text=engine.detokenize(answer), finish_reason="stop" if stopped else "length",
+                                  prompt_tokens=len(prompts[i]), completion_tokens=len(answer))
 
 
 def _take(queue, n: int) -> list:
