@@ -12,7 +12,8 @@ Outputs:
 
 Resume: answers already in responses.jsonl (from a killed run) are kept and their prompts are not asked
 again; a partial last line is cut off. Sampling seeds depend on (seed, prompt id, sample index), not on
-order, so a resumed run gives the same data as an uninterrupted one. The cache resumes the same way.
+order, and batched greedy decoding works through fixed groups of prompts, so a resumed run gives the same data
+as an uninterrupted one. The cache resumes the same way.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
         return row_for(job, c)
 
     batched = g.batch > 1 and g.temperature == 0 and not g.prompt_template and hasattr(engine, "greedy_stream")
-    answers = _batched(engine, todo, [messages_for(asked(p), g.system_prompt) for p, _ in todo], g) if batched else None
+    answers = _batched(engine, jobs, todo, lambda job: messages_for(asked(job[0]), g.system_prompt), g) if batched else None
 
     started, new_tokens, failure = time.time(), 0, None
     stats = getattr(engine, "stats", None)
@@ -149,15 +150,29 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
     return out
 
 
-def _batched(engine, jobs: list, messages: list[list[dict]], g):
+BATCH_GROUP = 64  # prompts per batched group: how much a resumed run may decode again
+
+
+def _batched(engine, jobs: list, todo: list, messages, g):
     """(job, Completion) for greedy chat answers decoded ``generate.batch`` at a time, as each finishes: the
-    tokens and text one request would give (chat template, stop at end of turn), but for near ties."""
-    prompts = [engine.tokenize(engine.chat_text(m)) for m in messages]
-    for i, toks in engine.greedy_stream(prompts, g.max_new_tokens, slots=g.batch):
-        stopped = bool(toks) and toks[-1] in engine.eos_ids
-        answer = toks[:-1] if stopped else toks
-        yield jobs[i], Completion(text=engine.detokenize(answer), finish_reason="stop" if stopped else "length",
-                                  prompt_tokens=len(prompts[i]), completion_tokens=len(answer))
+    tokens and text one request would give (chat template, stop at end of turn), but for near ties.
+
+    Which prompts share a batch changes float rounding, so the jobs are cut into fixed groups of
+    BATCH_GROUP in job order, and a group with any answer missing is decoded whole again: a resumed run
+    then decodes every prompt beside the same others as an uninterrupted run, and gives the same tokens."""
+    missing = {(p.id, s) for p, s in todo}
+    for start in range(0, len(jobs), BATCH_GROUP):
+        group = jobs[start:start + BATCH_GROUP]
+        if not any((p.id, s) in missing for p, s in group):
+            continue
+        prompts = [engine.tokenize(engine.chat_text(messages(job))) for job in group]
+        for i, toks in engine.greedy_stream(prompts, g.max_new_tokens, slots=g.batch):
+            if (group[i][0].id, group[i][1]) not in missing:
+                continue
+            stopped = bool(toks) and toks[-1] in engine.eos_ids
+            answer = toks[:-1] if stopped else toks
+            yield group[i], Completion(text=engine.detokenize(answer), finish_reason="stop" if stopped else "length",
+                                       prompt_tokens=len(prompts[i]), completion_tokens=len(answer))
 
 
 def _take(queue, n: int) -> list:
