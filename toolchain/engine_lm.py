@@ -62,7 +62,7 @@ class EngineLM(LM):
             task = bar.add_task(f"{self.name}: generate", total=len(jobs), info="")
             for limit, members in groups.items():
                 if streamed:
-                    for k, new in self.engine.greedy_stream([jobs[i][0] for i in members], limit, slots=self.batch):
+                    for k, new, _ in self.engine.greedy_stream([jobs[i][0] for i in members], limit, slots=self.batch):
                         finish(members[k], new)
                         bar.update(task, advance=1)
                     continue

@@ -124,50 +124,58 @@ class BatchDecoder:
 
 
 def greedy_stream(decoder: BatchDecoder, prompts: list[list[int]], max_new_tokens: int, stop: set[int],
-                  ) -> Iterator[tuple[int, list[int]]]:
+                  keep=None) -> Iterator[tuple[int, list[int], list]]:
     """Greedy continuations of ``prompts`` decoded together (continuous batching over the decoder's slots):
-    yields (index of the prompt, its tokens) as each sequence finishes, the stop token included when reached.
+    yields (index of the prompt, its tokens, kept) as each sequence finishes, the stop token included when
+    reached; ``kept`` holds ``keep(logits)`` of the row each token was chosen from (empty without ``keep``).
 
     Each ``llama_decode`` carries the next token of every live sequence and the whole prompt of every sequence
     that just took a free slot (as many as fit the batch), so prompts are read in batches too. The same inputs
     give the same batches, so the same tokens; against one prompt decoded alone, tokens may differ only where
     float rounding of another batch shape moves a near tie."""
     pending = deque(enumerate(prompts))
-    live: dict[int, tuple[int, list[int], int]] = {}  # slot -> (prompt index, tokens so far, prompt length)
+    live: dict[int, tuple[int, list[int], int, list]] = {}  # slot -> (prompt index, tokens, prompt length, kept)
+
+    def chosen(row: np.ndarray, kept: list) -> int:
+        if keep is not None:
+            kept.append(keep(row))
+        return int(np.argmax(row))
+
     shared = decoder.share_prefix(prompts)
     while pending or live:
         rows, wants = [], []  # batch rows; (slot, is it a new prompt) per logits row, in row order
         for slot in sorted(live):
-            _, toks, n = live[slot]
+            _, toks, n, _ = live[slot]
             rows.append((slot, toks[-1], n + len(toks) - 1, True))
             wants.append(slot)
         admitted = {}
         while pending and decoder.free_slots and (not rows or len(rows) + len(pending[0][1]) <= decoder.chunk):
             i, ids = pending.popleft()
             if max_new_tokens <= 0:
-                yield i, []
+                yield i, [], []
                 continue
             slot = decoder.acquire()
             if len(ids) > decoder.chunk:  # longer than a batch: read on its own, in chunks
-                admitted[slot] = (i, int(np.argmax(decoder.prefill(slot, ids))), len(ids))
+                kept: list = []
+                admitted[slot] = (i, chosen(decoder.prefill(slot, ids), kept), len(ids), kept)
                 continue
             start = decoder.copy_prefix(slot) if shared else 0
             rows += [(slot, t, j, j == len(ids) - 1) for j, t in enumerate(ids[start:], start)]
             wants.append(slot)
-            admitted[slot] = (i, None, len(ids))
+            admitted[slot] = (i, None, len(ids), [])
         if rows:
             fill(decoder.batch, rows)
             logits = decoder._decode([k for k, row in enumerate(rows) if row[3]])  # by position in the batch
             for slot, row in zip(wants, logits):
-                tok = int(np.argmax(row))
                 if slot in admitted:
-                    admitted[slot] = (admitted[slot][0], tok, admitted[slot][2])
+                    i, _, n, kept = admitted[slot]
+                    admitted[slot] = (i, chosen(row, kept), n, kept)
                 else:
-                    live[slot][1].append(tok)
-        for slot, (i, tok, n) in admitted.items():
-            live[slot] = (i, [tok], n)
-        for slot in [s for s, (_, toks, n) in live.items()
+                    live[slot][1].append(chosen(row, live[slot][3]))
+        for slot, (i, tok, n, kept) in admitted.items():
+            live[slot] = (i, [tok], n, kept)
+        for slot in [s for s, (_, toks, n, _) in live.items()
                      if toks[-1] in stop or len(toks) >= max_new_tokens or n + len(toks) >= decoder.n_ctx]:
-            i, toks, _ = live.pop(slot)
+            i, toks, _, kept = live.pop(slot)
             decoder.release(slot)
-            yield i, toks
+            yield i, toks, kept

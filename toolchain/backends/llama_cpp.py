@@ -64,9 +64,10 @@ class LlamaCppEngine:
     batchable = True  # greedy_batch gives each prompt its own answer (llama.cpp keeps one cache per sequence)
 
     def greedy_stream(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | None = None,
-                      slots: int = 8) -> Iterator[tuple[int, list[int]]]:
+                      slots: int = 8, keep=None) -> Iterator[tuple[int, list[int], list]]:
         """Greedy continuations of many prompts, ``slots`` decoded together (toolchain.backends.llama_batch):
-        (prompt index, tokens with the stop token when reached) in the order they finish."""
+        (prompt index, tokens with the stop token when reached, ``keep`` of each token's logits) in the order
+        they finish."""
         from toolchain.backends.llama_batch import BatchDecoder, greedy_stream
 
         if not prompts:
@@ -77,7 +78,7 @@ class LlamaCppEngine:
         n_ctx = min(self.llm.n_ctx(), -(-(longest + max_new_tokens + 1) // 256) * 256)  # llama.cpp pads to 256
         decoder = BatchDecoder(self, min(slots, len(prompts)) + 1, n_ctx, threads=self.llm.n_threads)  # +1: the shared prefix
         try:
-            yield from greedy_stream(decoder, prompts, max_new_tokens, self.eos_ids if stop_ids is None else stop_ids)
+            yield from greedy_stream(decoder, prompts, max_new_tokens, self.eos_ids if stop_ids is None else stop_ids, keep)
         finally:
             decoder.close()
 
@@ -85,7 +86,7 @@ class LlamaCppEngine:
                      ) -> list[list[int]]:
         """``greedy_stream``'s answers in the prompts' order (what EngineLM asks of a batchable engine)."""
         out: list[list[int]] = [[] for _ in prompts]
-        for i, toks in self.greedy_stream(prompts, max_new_tokens, stop_ids):
+        for i, toks, _ in self.greedy_stream(prompts, max_new_tokens, stop_ids):
             out[i] = toks
         return out
 

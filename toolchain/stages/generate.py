@@ -24,8 +24,11 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from toolchain.backends import Completion, open_engine
-from toolchain.chat import final_answer, messages_for, tokenize_pairs, with_instruction
+from toolchain.chat import encode_pair, final_answer, messages_for, tokenize_pairs, with_instruction
 from toolchain.data import DataError, JsonlAppender, iter_jsonl, read_jsonl_resumable, read_prompts, write_jsonl
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import Manifest, canonical, semantic_config
@@ -109,7 +112,9 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
         return row_for(job, c)
 
     batched = g.batch > 1 and g.temperature == 0 and not g.prompt_template and hasattr(engine, "greedy_stream")
-    answers = _batched(engine, jobs, todo, lambda job: messages_for(asked(job[0]), g.system_prompt), g) if batched else None
+    steps = _StepCache(cfg, out_path.parent) if batched and not reasoning and _cache_wanted(cfg) else None
+    answers = _batched(engine, jobs, todo, lambda job: messages_for(asked(job[0]), g.system_prompt), g,
+                       steps.keep if steps else None) if batched else None
 
     started, new_tokens, failure = time.time(), 0, None
     stats = getattr(engine, "stats", None)
@@ -117,7 +122,9 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
         task = bar.add_task("generate", total=len(jobs), completed=len(done), info="")
         queue = iter(todo)
         running = set() if answers is not None else {pool.submit(ask, job) for job in _take(queue, workers)}
-        for job, c in answers or ():
+        for job, c, decoded in answers or ():
+            if steps:  # before the answer is written: a written answer has its cache rows
+                steps.add(job, c, decoded)
             row = row_for(job, c)
             sink.write(row)
             new_tokens += row["completion_tokens"]
@@ -138,6 +145,11 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
             if failure is None:
                 running |= {pool.submit(ask, job) for job in _take(queue, workers - len(running))}
     engine.close()
+    if steps:
+        steps.close()
+        if steps.skipped:
+            console.print(f"  top-k from the teacher's own decoding: {steps.skipped} answers tokenize otherwise in "
+                          "training; their top-k comes from a teacher pass")
     wall = time.time() - started
     if failure is not None:
         raise failure
@@ -153,9 +165,10 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
 BATCH_GROUP = 64  # prompts per batched group: how much a resumed run may decode again
 
 
-def _batched(engine, jobs: list, todo: list, messages, g):
-    """(job, Completion) for greedy chat answers decoded ``generate.batch`` at a time, as each finishes: the
-    tokens and text one request would give (chat template, stop at end of turn), but for near ties.
+def _batched(engine, jobs: list, todo: list, messages, g, keep=None):
+    """(job, Completion, kept) for greedy chat answers decoded ``generate.batch`` at a time, as each finishes:
+    the tokens and text one request would give (chat template, stop at end of turn), but for near ties;
+    ``kept``: ``keep`` of the logits each answer token (and the stop token) was chosen from.
 
     Which prompts share a batch changes float rounding, so the jobs are cut into fixed groups of
     BATCH_GROUP in job order, and a group with any answer missing is decoded whole again: a resumed run
@@ -166,13 +179,53 @@ def _batched(engine, jobs: list, todo: list, messages, g):
         if not any((p.id, s) in missing for p, s in group):
             continue
         prompts = [engine.tokenize(engine.chat_text(messages(job))) for job in group]
-        for i, toks in engine.greedy_stream(prompts, g.max_new_tokens, slots=g.batch):
+        for i, toks, kept in engine.greedy_stream(prompts, g.max_new_tokens, slots=g.batch, keep=keep):
             if (group[i][0].id, group[i][1]) not in missing:
                 continue
             stopped = bool(toks) and toks[-1] in engine.eos_ids
             answer = toks[:-1] if stopped else toks
-            yield group[i], Completion(text=engine.detokenize(answer), finish_reason="stop" if stopped else "length",
-                                       prompt_tokens=len(prompts[i]), completion_tokens=len(answer))
+            c = Completion(text=engine.detokenize(answer), finish_reason="stop" if stopped else "length",
+                           prompt_tokens=len(prompts[i]), completion_tokens=len(answer))
+            yield group[i], c, (prompts[i], toks, kept)
+
+
+class _StepCache:
+    """The teacher's top-k at every answer position, taken from the logits llama.cpp chose each token from
+    while it answered (no second teacher pass), for soft-label distillation with a top-k cache. An answer is
+    cached only where the training sequence distill builds (HF chat template + answer + end of turn) is
+    token for token the prompt and tokens llama.cpp decoded; the others are left to ``_write_topk_cache``."""
+
+    def __init__(self, cfg, out_dir: Path):
+        soft = cfg.distill.soft
+        self.tok = load_tokenizer(resolve(cfg.teacher))
+        self.system = cfg.generate.system_prompt
+        self.k, self.t = min(soft.top_k, len(self.tok)), soft.temperature
+        self.writer = TopKWriter(out_dir, self.k, self.t, len(self.tok))
+        self.skipped = 0
+
+    def keep(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = logits.astype(np.float64) / self.t
+        z -= z.max()
+        logp = z - np.log(np.exp(z).sum())
+        top = np.argpartition(-logp, self.k - 1)[: self.k]
+        top = top[np.argsort(-logp[top], kind="stable")]
+        return top, logp[top]
+
+    def add(self, job, c: Completion, decoded) -> None:
+        p, s = job
+        key = example_key({"id": p.id, "sample": s})
+        if p.split != "train" or c.finish_reason != "stop" or key in self.writer.done:
+            return
+        prompt_ids, toks, kept = decoded
+        ids, labels = encode_pair(self.tok, p.prompt, c.text.strip(), self.system)
+        if ids != prompt_ids + toks or len(kept) != len(toks):
+            self.skipped += 1
+            return
+        self.writer.append(key, torch.from_numpy(np.stack([t for t, _ in kept]).astype(np.int64)),
+                           torch.from_numpy(np.stack([v for _, v in kept]).astype(np.float32)))
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _take(queue, n: int) -> list:
@@ -215,8 +268,13 @@ def _keep(cfg, rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
     return kept, why
 
 
+def _cache_wanted(cfg) -> bool:
+    return cfg.distill.flavour == "soft" and cfg.distill.soft.teacher_logits == "cache"
+
+
 def _write_topk_cache(cfg, out_dir: Path) -> dict:
-    """Teacher forward passes over the kept pairs; top-k log-probs at temperature T per response position."""
+    """Top-k log-probs at temperature T per response position of the kept pairs: those the teacher's batched
+    decoding wrote as it answered (``_StepCache``), and a teacher forward pass for the rest."""
     soft = cfg.distill.soft
     ref = resolve(cfg.teacher)
     tok = load_tokenizer(ref)
@@ -298,7 +356,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         metrics["teacher_traces_correct"] = sum(bool(r.get("verified")) for r in graded)
         metrics["teacher_traces_graded"] = len(graded)
         console.print(f"  teacher traces correct: {metrics['teacher_traces_correct']}/{len(graded)}")
-    if cfg.distill.flavour == "soft" and cfg.distill.soft.teacher_logits == "cache" and kept:
+    if _cache_wanted(cfg) and kept:
         metrics.update(_write_topk_cache(cfg, out_dir))
         console.print(f"  top-k cache: {metrics['topk_positions']} positions, "
                       f"{metrics['topk_bytes_per_position']} bytes/position (k={metrics['topk_k']})")
