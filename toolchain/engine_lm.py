@@ -78,22 +78,33 @@ class EngineLM(LM):
         return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        out = []
+        """Log-probability of each continuation after its context, and whether greedy decoding would give it.
+        llama.cpp reads several requests per decode (``logits_many``, their shared prefix once)."""
+        seqs = []
+        for req in requests:
+            context, continuation = req.args
+            spaces = len(context) - len(context.rstrip())
+            if spaces:  # trailing spaces of the context belong to the continuation, as in HFLM
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            seqs.append((self.engine.tokenize(context + continuation), len(self.engine.tokenize(context))))
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(seqs)
+
+        def scored(i: int, logits: np.ndarray) -> None:
+            cont = seqs[i][0][seqs[i][1]:]
+            logp = log_softmax(logits.astype(np.float64))
+            picked = logp[np.arange(len(cont)), cont]
+            out[i] = (float(picked.sum()), bool((logits.argmax(-1) == np.array(cont)).all()))
+
         with progress() as bar:
             task = bar.add_task(f"{self.name}: likelihood", total=len(requests), info="")
-            for req in requests:
-                context, continuation = req.args
-                spaces = len(context) - len(context.rstrip())
-                if spaces:  # trailing spaces of the context belong to the continuation, as in HFLM
-                    context, continuation = context[:-spaces], context[-spaces:] + continuation
-                whole = self.engine.tokenize(context + continuation)
-                n_ctx = len(self.engine.tokenize(context))
-                cont = whole[n_ctx:]
-                logits = self.engine.logits(whole)[n_ctx - 1: len(whole) - 1].astype(np.float64)
-                logp = log_softmax(logits)
-                picked = logp[np.arange(len(cont)), cont]
-                out.append((float(picked.sum()), bool((logits.argmax(-1) == np.array(cont)).all())))
-                bar.update(task, advance=1)
+            if hasattr(self.engine, "logits_many") and self.batch > 1:
+                for i, logits in self.engine.logits_many(seqs):
+                    scored(i, logits)
+                    bar.update(task, advance=1)
+            else:
+                for i, (whole, start) in enumerate(seqs):
+                    scored(i, self.engine.logits(whole)[start - 1: len(whole) - 1])
+                    bar.update(task, advance=1)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):

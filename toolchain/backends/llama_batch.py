@@ -179,3 +179,28 @@ def greedy_stream(decoder: BatchDecoder, prompts: list[list[int]], max_new_token
             i, toks, _, kept = live.pop(slot)
             decoder.release(slot)
             yield i, toks, kept
+
+
+def logits_stream(decoder: BatchDecoder, seqs: list[tuple[list[int], int]]) -> Iterator[tuple[int, np.ndarray]]:
+    """For each (token ids, start): the logits at positions start-1 .. len-2 (those that predict ids[start:]),
+    as [len - start, vocab], yielded (index, logits) as each sequence is read. Several sequences go into one
+    ``llama_decode`` and the prefix they all share is read once; logits are computed only where asked."""
+    shared = decoder.share_prefix([ids[:start] for ids, start in seqs])
+    pending = deque(enumerate(seqs))
+    while pending:
+        rows, members = [], []  # (index, slot, its first logits row in this decode, how many)
+        while pending and decoder.free_slots:
+            i, (ids, start) = pending[0]
+            if rows and len(rows) + len(ids) - shared > decoder.chunk:
+                break
+            pending.popleft()
+            slot = decoder.acquire()
+            begin = decoder.copy_prefix(slot) if shared else 0
+            first = sum(m[3] for m in members)
+            rows += [(slot, t, j, start - 1 <= j < len(ids) - 1) for j, t in enumerate(ids[begin:], begin)]
+            members.append((i, slot, first, len(ids) - start))
+        fill(decoder.batch, rows)
+        logits = decoder._decode([k for k, row in enumerate(rows) if row[3]])
+        for i, slot, first, n in members:
+            decoder.release(slot)
+            yield i, np.stack(logits[first:first + n]) if n else np.zeros((0, decoder.n_vocab), np.float32)

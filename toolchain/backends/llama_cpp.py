@@ -82,6 +82,29 @@ class LlamaCppEngine:
         finally:
             decoder.close()
 
+    def logits_many(self, seqs: list[tuple[list[int], int]], slots: int = 16) -> Iterator[tuple[int, np.ndarray]]:
+        """For each (ids, start), the logits that predict ids[start:] ([len - start, vocab]), several sequences
+        per decode and their shared prefix read once (toolchain.backends.llama_batch.logits_stream); in the
+        order they are read. A sequence longer than one batch is read alone (``logits``)."""
+        from toolchain.backends.llama_batch import BatchDecoder, logits_stream
+
+        if not seqs:
+            return
+        chunk = max(slots + 1, 512)
+        fits = [k for k, (ids, _) in enumerate(seqs) if len(ids) <= chunk]
+        for k, (ids, start) in enumerate(seqs):
+            if len(ids) > chunk:
+                yield k, self.logits(ids)[start - 1: len(ids) - 1]
+        if not fits:
+            return
+        n_ctx = -(-max(len(seqs[k][0]) for k in fits) // 256) * 256
+        decoder = BatchDecoder(self, min(slots, len(fits)) + 1, n_ctx, threads=self.llm.n_threads)
+        try:
+            for j, logits in logits_stream(decoder, [seqs[k] for k in fits]):
+                yield fits[j], logits
+        finally:
+            decoder.close()
+
     def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | None = None,
                      ) -> list[list[int]]:
         """``greedy_stream``'s answers in the prompts' order (what EngineLM asks of a batchable engine)."""
