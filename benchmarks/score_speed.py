@@ -1,12 +1,13 @@
 """How long export spends scoring one exported file on the held-out tasks: generation and likelihood apart.
 
     python benchmarks/score_speed.py runs/default/export-*/onnx/fp32 runs/default/export-*/gguf/default-q8_0.gguf
-    python benchmarks/score_speed.py runs/default/export-*/onnx/int8 --batch 1 --batch 8
+    python benchmarks/score_speed.py runs/default/export-*/gguf/default-q8_0.gguf --batch 1 --batch 8
 
 Runs the recipe's held-out tasks through each file's runtime exactly as ``distillery export`` does (the same
-task files, ``EngineLM``), once per --batch value (prompts onnxruntime decodes together; llama.cpp always runs
-one stream), files in the order given, and prints seconds for the generation tasks and for the likelihood
-tasks, with the gold accuracy so a faster path that changes answers shows.
+task files, ``EngineLM``), once per --batch value (sequences decoded together: llama.cpp's continuous batching
+with the shared prompt prefix read once, or onnxruntime's left-padded batches; 1 = one at a time), files in
+the order given, and prints seconds for the generation tasks and for the likelihood tasks, with the gold
+accuracy so a faster path that changes answers shows.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", help="A .gguf file or an ONNX folder from an export.")
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "default.yaml"))
-    ap.add_argument("--batch", type=int, action="append", help="onnxruntime prompts per batch (repeatable; default 8).")
+    ap.add_argument("--batch", type=int, action="append", help="sequences decoded together (repeatable; default 8).")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
@@ -53,7 +54,7 @@ def main() -> None:
             if path.suffix == ".gguf":
                 from toolchain.backends.llama_cpp import LlamaCppEngine
 
-                engine, batch = LlamaCppEngine(path, n_ctx=2048, logits_all=True), 1
+                engine = LlamaCppEngine(path, n_ctx=2048, logits_all=True)
             else:
                 from toolchain.backends.onnx import OnnxEngine
 
@@ -68,8 +69,6 @@ def main() -> None:
             print(f"{file}  batch {batch}: generation {t1 - t0:.1f} s, likelihood {t2 - t1:.1f} s, "
                   f"mean task gold {100 * sum(gold) / max(len(gold), 1):.1f}%")
             engine.close()
-            if path.suffix == ".gguf":
-                break
 
 
 if __name__ == "__main__":
