@@ -143,7 +143,7 @@ def greedy_stream(decoder: BatchDecoder, prompts: list[list[int]], max_new_token
 
     shared = decoder.share_prefix(prompts)
     while pending or live:
-        rows, wants = [], []  # batch rows; (slot, is it a new prompt) per logits row, in row order
+        rows, wants = [], []  # batch rows; the slot of each row that asks for logits, in row order
         for slot in sorted(live):
             _, toks, n, _ = live[slot]
             rows.append((slot, toks[-1], n + len(toks) - 1, True))
