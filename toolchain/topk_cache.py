@@ -124,6 +124,10 @@ def teacher_topk(teacher, ids: list[int], labels: list[int], k: int, temperature
     """The teacher's top-k (ids, log-probs at temperature T) at each trained position of one example."""
     logits = teacher(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
     pos = torch.tensor(target_positions(labels), dtype=torch.long)
-    logp = torch.log_softmax(logits[pos].float() / temperature, dim=-1)
-    vals, top = logp.topk(k, dim=-1)
+    return topk_logprobs(logits[pos].float(), k, temperature)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, log-probs) of the k most likely tokens at temperature T, per row of ``logits``, most likely first."""
+    vals, top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
     return top, vals

@@ -1,17 +1,17 @@
-"""Several sequences decoded together in one llama.cpp context (continuous batching), for the server.
+"""Several sequences decoded together in one llama.cpp context (continuous batching): the server's busy
+requests, and batch jobs (generate's teacher answers, export's held-out scoring).
 
-Decoding the next token of S sequences in one ``llama_decode`` call reads the weights once for all S. Where a
-single stream is bound by reading the weights (memory bandwidth: many cores, larger models) that multiplies a
-busy server's tokens per second; where it is bound by arithmetic it does not: on 2 CPU cores, 4 sequences
-together measured 0.55–0.75× one stream's tokens/s (``distillery bench``, ``bench.concurrency``).
+Decoding the next token of S sequences in one ``llama_decode`` call reads the weights once for all S. On 2 CPU
+cores with the embedded 135M teacher, 8 sequences stepped together decode ~1.9x the tokens/s of one
+(``python benchmarks/batch_decode.py``), each at a quarter of one stream's pace; through the server with its
+HTTP and prompt work, 4 requests together measured 0.55–0.75x one stream's tokens/s each (``bench.concurrency``).
 
 Each sequence has a slot (a llama.cpp sequence id) in one shared KV cache. A new sequence's prompt is
 evaluated on its own (prefill), then every step decodes one token for every live sequence. Sampling happens
 here, on the logits llama.cpp returns for each sequence (argmax at temperature 0).
 
-For a batch job (generate's teacher answers, export's held-out scoring) ``greedy_stream`` keeps every slot
-busy: a finished sequence leaves and the next prompt takes its slot. Measured on 2 cores with the embedded
-135M teacher (``benchmarks/batch_decode.py``): 8 sequences stepped together decode ~1.9x the tokens/s of one.
+For a batch job ``greedy_stream`` keeps every slot busy: a finished sequence leaves and the next prompt takes
+its slot; ``logits_stream`` reads likelihood requests several to a decode.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
+
+BATCH_TOKENS = 512  # tokens one llama_decode takes (at least one per slot)
 
 
 def logits_row(L, ctx, i: int, n_vocab: int) -> np.ndarray:
@@ -47,11 +49,12 @@ class BatchDecoder:
 
         import llama_cpp as L
 
+        n_ctx = -(-n_ctx // 256) * 256  # llama.cpp pads a context to 256; per slot, so the total divides evenly
         self.L, self.slots, self.n_ctx = L, slots, n_ctx
         model = engine.llm._model.model
         params = L.llama_context_params.from_buffer_copy(engine.llm.context_params)  # same attention, KV types
         params.n_ctx = n_ctx * slots
-        params.n_batch = params.n_ubatch = max(slots, 512)
+        params.n_batch = params.n_ubatch = max(slots, BATCH_TOKENS)
         params.n_seq_max = slots
         params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
         params.kv_unified = False  # each request its own n_ctx slice of the cache

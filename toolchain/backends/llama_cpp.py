@@ -61,8 +61,6 @@ class LlamaCppEngine:
         last = int(np.argmax(self.step_logits()))  # what the final step chose: the stop token, if it ended there
         return out + [last] if len(out) < max_new_tokens and last in stop else out
 
-    batchable = True  # greedy_batch gives each prompt its own answer (llama.cpp keeps one cache per sequence)
-
     def greedy_stream(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | None = None,
                       slots: int = 8, keep=None) -> Iterator[tuple[int, list[int], list]]:
         """Greedy continuations of many prompts, ``slots`` decoded together (toolchain.backends.llama_batch):
@@ -75,7 +73,7 @@ class LlamaCppEngine:
         longest = max(len(p) for p in prompts)
         if longest >= self.llm.n_ctx():
             raise ValueError(f"a prompt of {longest} tokens does not fit the context of {self.llm.n_ctx()}")
-        n_ctx = min(self.llm.n_ctx(), -(-(longest + max_new_tokens + 1) // 256) * 256)  # llama.cpp pads to 256
+        n_ctx = min(self.llm.n_ctx(), longest + max_new_tokens + 1)
         decoder = BatchDecoder(self, min(slots, len(prompts)) + 1, n_ctx, threads=self.llm.n_threads)  # +1: the shared prefix
         try:
             yield from greedy_stream(decoder, prompts, max_new_tokens, self.eos_ids if stop_ids is None else stop_ids, keep)
@@ -86,19 +84,19 @@ class LlamaCppEngine:
         """For each (ids, start), the logits that predict ids[start:] ([len - start, vocab]), several sequences
         per decode and their shared prefix read once (toolchain.backends.llama_batch.logits_stream); in the
         order they are read. A sequence longer than one batch is read alone (``logits``)."""
-        from toolchain.backends.llama_batch import BatchDecoder, logits_stream
+        from toolchain.backends.llama_batch import BATCH_TOKENS, BatchDecoder, logits_stream
 
         if not seqs:
             return
-        chunk = max(slots + 1, 512)
+        chunk = max(slots + 1, BATCH_TOKENS)  # the decoder's batch
         fits = [k for k, (ids, _) in enumerate(seqs) if len(ids) <= chunk]
         for k, (ids, start) in enumerate(seqs):
             if len(ids) > chunk:
                 yield k, self.logits(ids)[start - 1: len(ids) - 1]
         if not fits:
             return
-        n_ctx = -(-max(len(seqs[k][0]) for k in fits) // 256) * 256
-        decoder = BatchDecoder(self, min(slots, len(fits)) + 1, n_ctx, threads=self.llm.n_threads)
+        decoder = BatchDecoder(self, min(slots, len(fits)) + 1, max(len(seqs[k][0]) for k in fits),
+                               threads=self.llm.n_threads)
         try:
             for j, logits in logits_stream(decoder, [seqs[k] for k in fits]):
                 yield fits[j], logits
@@ -107,7 +105,7 @@ class LlamaCppEngine:
 
     def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | None = None,
                      ) -> list[list[int]]:
-        """``greedy_stream``'s answers in the prompts' order (what EngineLM asks of a batchable engine)."""
+        """``greedy_stream``'s answers in the prompts' order."""
         out: list[list[int]] = [[] for _ in prompts]
         for i, toks, _ in self.greedy_stream(prompts, max_new_tokens, stop_ids):
             out[i] = toks

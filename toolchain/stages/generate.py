@@ -33,7 +33,7 @@ from toolchain.data import DataError, JsonlAppender, iter_jsonl, read_jsonl_resu
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import Manifest, canonical, semantic_config
 from toolchain.scoring import answers_match
-from toolchain.topk_cache import TopKWriter, example_key, teacher_topk
+from toolchain.topk_cache import TopKWriter, example_key, teacher_topk, topk_logprobs
 from toolchain.ui import console, progress
 
 
@@ -203,13 +203,8 @@ class _StepCache:
         self.writer = TopKWriter(out_dir, self.k, self.t, len(self.tok))
         self.skipped = 0
 
-    def keep(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        z = logits.astype(np.float64) / self.t
-        z -= z.max()
-        logp = z - np.log(np.exp(z).sum())
-        top = np.argpartition(-logp, self.k - 1)[: self.k]
-        top = top[np.argsort(-logp[top], kind="stable")]
-        return top, logp[top]
+    def keep(self, logits: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_logprobs(torch.from_numpy(logits).double(), self.k, self.t)
 
     def add(self, job, c: Completion, decoded) -> None:
         p, s = job
@@ -221,8 +216,7 @@ class _StepCache:
         if ids != prompt_ids + toks or len(kept) != len(toks):
             self.skipped += 1
             return
-        self.writer.append(key, torch.from_numpy(np.stack([t for t, _ in kept]).astype(np.int64)),
-                           torch.from_numpy(np.stack([v for _, v in kept]).astype(np.float32)))
+        self.writer.append(key, torch.stack([t for t, _ in kept]), torch.stack([v for _, v in kept]).float())
 
     def close(self) -> None:
         self.writer.close()
