@@ -43,6 +43,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	fi
 	$(BIN)/pip install --quiet --no-deps --force-reinstall $$(ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl | head -1)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@# llama.cpp's GGUF converter of the same version as the runtime (from its sdist), for export.
+	$(BIN)/python -c "from toolchain.gguf_io import converter_dir; converter_dir()"
 	@# Chromium (Debian package) renders report.html in the report test; installed when running as root.
 	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \

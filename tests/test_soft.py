@@ -9,7 +9,7 @@ import torch
 from toolchain.chat import IGNORE
 from toolchain.recipe import SoftConfig
 from toolchain.scoring import answers_match
-from toolchain.stages.distill import OnlineTeacher, _cached_rows, collate, common_prefix, step_loss
+from toolchain.stages.distill import OnlineTeacher, _cached_rows, collate, common_prefix, decoder_hidden, step_loss
 from toolchain.chat import final_answer
 from toolchain.topk_cache import CacheError, TopKCache, TopKWriter, teacher_topk
 
@@ -173,3 +173,35 @@ def test_online_teacher_reuses_the_shared_prefix_with_the_same_logits(tiny_llama
     other = collate([([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4])], pad_id=0)
     k2 = other["labels"][:, 1:] != IGNORE
     torch.testing.assert_close(shared.logits_at(other, k2), OnlineTeacher(tiny_llama, []).logits_at(other, k2))
+
+
+@pytest.mark.parametrize("soft", [None, SoftConfig(loss="forward_kl", temperature=1.0, alpha=0.5)])
+def test_shared_prefix_forward_gives_the_plain_loss_and_gradients(tiny_llama, soft):
+    """Rows that start alike: the prefix run once and broadcast as a KV cache gives the loss and every
+    gradient of the plain batched pass; rows that do not share it fall back to the plain pass."""
+    torch.manual_seed(3)
+    head = [11, 12, 13, 14, 15]
+    pairs = [(head + [20, 21, 22, 23], [IGNORE] * 6 + [21, 22, 23]),
+             (head + [30, 31, 32, 33, 34, 35], [IGNORE] * 7 + [33, 34, 35]),
+             (head + [40, 41], [IGNORE] * 6 + [41])]
+    batch = collate(pairs, pad_id=0)
+    teacher = copy.deepcopy(tiny_llama) if soft else None
+    student = tiny_llama.train()
+
+    def run(shared):
+        student.zero_grad(set_to_none=True)
+        loss = step_loss(student, batch, soft, teacher=OnlineTeacher(teacher, head) if soft else None, shared=shared)[0]
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = run(0)
+    shared_loss, shared_grads = run(len(head))
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain_grads.keys() == shared_grads.keys() and plain_grads
+    for name, g in plain_grads.items():
+        assert torch.allclose(shared_grads[name], g, rtol=1e-4, atol=1e-6), name
+
+    other = collate([pairs[0], ([9] + pairs[1][0][1:], pairs[1][1])], pad_id=0)  # first token differs
+    hidden = decoder_hidden(student.get_decoder(), other, len(head))
+    plain = student.get_decoder()(input_ids=other["input_ids"], attention_mask=other["attention_mask"]).last_hidden_state
+    assert torch.equal(hidden, plain)

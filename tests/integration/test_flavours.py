@@ -99,6 +99,50 @@ def test_real_teacher_cached_top32_against_online(soft_run):
     assert abs(from_decoding - cached) <= 0.1 * cached
 
 
+def test_teacher_likelihood_recorded_in_generate_is_lm_evals(soft_run, tmp_path):
+    """generate records the teacher's log-likelihood of each held-out answer from the logits llama.cpp chose it
+    from; eval reports it as the teacher's perplexity instead of loading the teacher. It must be what lm-eval's
+    likelihood task gives with the PyTorch teacher on the same docs, up to llama.cpp's 8-bit activations."""
+    from toolchain.data import iter_jsonl
+    from toolchain.models import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve
+    from toolchain.recipe import load
+    from toolchain.stages import eval as ev
+
+    recipe, runs = soft_run
+    cfg = load(recipe)
+    gen = stage_dirs(runs, "ci-soft")["generate"]
+    rows = [r for _, r in iter_jsonl(gen / "heldout.jsonl")]
+    answered = [r for r in rows if r["response"].strip()]
+    assert answered and all(isinstance(r["teacher_logprob"], float) and r["teacher_greedy"] for r in answered)
+    ref = resolve(DEFAULT_TEACHER)
+    tok = load_tokenizer(ref)
+    recorded = ev._recorded_likelihood(rows, rows, tok)
+    assert recorded is not None
+    names = [n for n in ev.write_tasks(cfg, rows, tok, tmp_path / "tasks", "teacher") if n.endswith("_ppl")]
+    lm_eval = ev.score(cfg, ev.hf_lm(cfg, load_torch_model(ref), tok), tmp_path / "tasks" / "teacher", names, chat=True)
+    for name in names:
+        mine = {s["id"]: s for s in recorded["samples"][name]}
+        for s in lm_eval["samples"][name]:
+            ll, n = s["perplexity"]
+            assert mine[s["id"]]["perplexity"][1] == n
+            assert abs(mine[s["id"]]["perplexity"][0] - ll) <= 0.05 * n + 0.05, (name, s["id"])
+        assert recorded["metrics"][name]["perplexity"] == pytest.approx(lm_eval["metrics"][name]["perplexity"], rel=0.05)
+    # an answer whose decoded tokens are not lm-eval's tokenization is scored by a llama.cpp pass over lm-eval's
+    from toolchain.backends import Completion, open_engine
+    from toolchain.stages.generate import _Decoded
+
+    engine = open_engine(ref, cfg.generate.backend, n_ctx=cfg.generate.n_ctx, threads=None, seed=0)
+    try:
+        again = _Decoded(cfg, tmp_path / "gen", engine, cache=False)._likelihood(
+            answered[0]["prompt"], Completion(text=answered[0]["response"], finish_reason="stop", prompt_tokens=0, completion_tokens=0), [], [], None)
+    finally:
+        engine.close()
+    assert again["teacher_logprob"] == pytest.approx(answered[0]["teacher_logprob"], abs=0.05)
+    # a response cut to eval.max_new_tokens is not what generate scored: lm-eval computes it again
+    cut = [{**r, "response": r["response"][:3]} if i == 0 else r for i, r in enumerate(rows)]
+    assert ev._recorded_likelihood(rows, cut, tok) is None
+
+
 def test_soft_label_over_a_trimmed_vocabulary_end_to_end(soft_run, tmp_path):
     """student.vocab with the teacher's top-32 cache: the cached slots are read in the student's ids."""
     import shutil

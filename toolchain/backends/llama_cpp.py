@@ -64,8 +64,8 @@ class LlamaCppEngine:
     def greedy_stream(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] | None = None,
                       slots: int = 8, keep=None) -> Iterator[tuple[int, list[int], list]]:
         """Greedy continuations of many prompts, ``slots`` decoded together (toolchain.backends.llama_batch):
-        (prompt index, tokens with the stop token when reached, ``keep`` of each token's logits) in the order
-        they finish."""
+        (prompt index, tokens with the stop token when reached, ``keep`` of the logits each token was chosen
+        from, stacked) in the order they finish."""
         from toolchain.backends.llama_batch import BatchDecoder, greedy_stream
 
         if not prompts:

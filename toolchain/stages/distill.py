@@ -63,16 +63,37 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, topk=None,
+def decoder_hidden(decoder, batch: dict[str, torch.Tensor], shared: int = 0) -> torch.Tensor:
+    """The decoder's last hidden states for a right-padded batch whose rows all start with the same ``shared``
+    tokens (a chat template's system prompt and user header: 24 of SmolLM2's ~78 tokens per example).
+
+    Those tokens are run once, for one row, and their keys and values broadcast to every row; the rest of each
+    row attends to them as a KV cache. Causal attention makes the prefix's states independent of what follows,
+    so this is the plain forward pass, and autograd sums the prefix's gradient over the rows as the batched
+    pass would (tested equal). It saves the prefix's share of the decoder's work, forward and backward.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b = len(ids)
+    if shared <= 0 or b == 1 or ids.shape[1] <= shared or not torch.equal(ids[:, :shared], ids[:1, :shared].expand(b, -1)):
+        return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    head = decoder(input_ids=ids[:1, :shared], use_cache=True)
+    past = head.past_key_values
+    for layer in past.layers:
+        layer.keys, layer.values = layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1)
+    rest = decoder(input_ids=ids[:, shared:], attention_mask=mask, past_key_values=past, use_cache=True)
+    return torch.cat([head.last_hidden_state.expand(b, -1, -1), rest.last_hidden_state], dim=1)
+
+
+def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, topk=None, shared: int = 0,
               ) -> tuple[torch.Tensor, int, dict[str, float]]:
     """Loss on response tokens only; the vocabulary projection runs only where there is a label.
 
     hard: cross-entropy. soft: alpha·KD + (1 - alpha)·CE, with the teacher's distribution from an online
     forward pass (``teacher``) or from the top-k cache (``topk`` = (ids, log-probs), rows in batch order).
+    ``shared``: how many leading tokens every row has in common (``decoder_hidden``).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     use_cache=False).last_hidden_state
+    hidden = decoder_hidden(causal_lm.get_decoder(), batch, shared)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -146,14 +167,15 @@ class TrainStep(torch.nn.Module):
     they wrap, so the whole of ``step_loss`` (decoder, then the vocabulary projection at labelled positions
     only) runs inside it. The frozen teacher is not a submodule: it is never wrapped or synchronised."""
 
-    def __init__(self, model, soft=None, teacher=None):
+    def __init__(self, model, soft=None, teacher=None, shared: int = 0):
         super().__init__()
         self.model = model
         self.soft = soft
+        self.shared = shared
         self._teacher = [teacher]
 
     def forward(self, batch: dict[str, torch.Tensor], topk=None):
-        return step_loss(self.model, batch, self.soft, self._teacher[0], topk)
+        return step_loss(self.model, batch, self.soft, self._teacher[0], topk, self.shared)
 
 
 def shard(batch_ids: list[int], rank: int, world: int) -> tuple[list[int], bool]:
@@ -251,6 +273,13 @@ def _trainable(model, cfg):
     return model
 
 
+def _fused_adamw(params: list[torch.Tensor]) -> bool | None:
+    """The fused AdamW where torch has it for these parameters (float32/16 on CPU or CUDA), else the default."""
+    ok = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+             for p in params)
+    return True if ok else None
+
+
 def _total(accelerator, values: list[float]) -> list[float]:
     """Sums over every process (the values themselves with one process)."""
     if accelerator.num_processes == 1:
@@ -302,7 +331,9 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay)
+    # The fused kernel: one pass over each tensor instead of a chain of foreach ops (0.04 s instead of 0.15-0.37 s
+    # per step for 71M float32 parameters on 2 cores, measured); same update rule.
+    opt = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay, fused=_fused_adamw(params))
     steps_per_epoch = math.ceil(len(pairs) / d.batch_size)
     total = d.max_steps or max(1, math.ceil(steps_per_epoch * d.epochs))
 
@@ -317,7 +348,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     if teacher is not None:
         teacher = OnlineTeacher(teacher.to(accelerator.device), common_prefix([ids for ids, _ in pairs]), kept)
     lookup = None if cache is None or kept is None else vocab.lookup(kept, int(cache.header["vocab_size"]))
-    train_step, opt = accelerator.prepare(TrainStep(model, soft, teacher), opt)
+    shared = max(0, len(common_prefix([ids for ids, _ in pairs])) - 1)  # at least one token of each row left
+    train_step, opt = accelerator.prepare(TrainStep(model, soft, teacher, shared), opt)
     rank, world = accelerator.process_index, accelerator.num_processes
     # FSDP shards the weights: resume checkpoints (whole trainable weights from rank 0) are DDP/1-process only.
     fsdp = accelerator.distributed_type == DistributedType.FSDP

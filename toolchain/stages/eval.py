@@ -177,6 +177,26 @@ def _answers_as_given(cfg, rows: list[dict], role: str) -> dict:
     return {"metrics": metrics, "samples": samples, "source": "generate (the teacher's held-out answers)"}
 
 
+def _recorded_likelihood(rows: list[dict], given: list[dict], student_tok) -> dict | None:
+    """The likelihood tasks' results for the teacher from what generate recorded of its own decoding (the
+    log-likelihood of each held-out answer under the logits llama.cpp chose it from): the numbers lm-eval's
+    likelihood task computes, without loading the teacher. None unless every answered row has them and none
+    was cut to eval.max_new_tokens."""
+    answered = [r for r in rows if r["response"].strip()]
+    if not answered or any(r.get("teacher_logprob") is None for r in answered):
+        return None
+    if any(a["response"] != b["response"] for a, b in zip(rows, given)):
+        return None
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in answered:  # the same per-doc values as toolchain.eval_metrics.process_likelihood
+        n = len(student_tok(r["response"], add_special_tokens=False).input_ids)
+        by_task[f"{r['task']}_ppl"].append({"id": r["id"], "response": None, "perplexity": [r["teacher_logprob"], n],
+                                            "greedy": float(r["teacher_greedy"])})
+    metrics = {name: {"perplexity": em.token_perplexity([tuple(s["perplexity"]) for s in ss]),
+                      "greedy": em.mean_known([s["greedy"] for s in ss])} for name, ss in by_task.items()}
+    return {"metrics": metrics, "samples": dict(by_task)}
+
+
 def _response(sample: dict):
     r = sample["filtered_resps"][0]
     return r if isinstance(r, str) else None
@@ -251,19 +271,28 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             bar.update(task, info=role)
             names = write_tasks(cfg, rows, student_tok, out_dir / "tasks", role)
             reuse = role == "teacher" and teacher_from_generate(cfg)
-            model, tok = load()
-            if reuse:  # its greedy answers from generate; only its likelihood of them is computed here
+            if reuse:  # its greedy answers from generate, and its likelihood of them where generate recorded it
+                ref = resolve(cfg.teacher)
+                tok = load_tokenizer(ref) if ref.local else None
                 given = _cut(rows, tok, cfg.eval.max_new_tokens) if tok is not None else rows
                 results[role] = _answers_as_given(cfg, given, role)
                 ppl = [n for n in names if n.endswith("_ppl")]
-                if model is not None and ppl:
+                recorded = _recorded_likelihood(rows, given, student_tok)
+                if recorded is not None:
+                    results[role]["metrics"].update(recorded["metrics"])
+                    results[role]["samples"].update(recorded["samples"])
+                    results[role]["likelihood_source"] = "generate"
+                elif ref.local and ppl:
+                    model, tok = load()
                     lik = score(cfg, hf_lm(cfg, model, tok), out_dir / "tasks" / role, ppl, chat=not _raw_teacher(cfg, role))
                     results[role]["metrics"].update(lik["metrics"])
                     results[role]["samples"].update(lik["samples"])
+                    del model
             else:
+                model, tok = load()
                 results[role] = score(cfg, hf_lm(cfg, model, tok), out_dir / "tasks" / role, names,
                                       chat=not _raw_teacher(cfg, role))
-            del model
+                del model
             saved.write_text(json.dumps(results[role]), encoding="utf-8")
             bar.update(task, advance=1)
 
@@ -322,6 +351,7 @@ def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str
         "notes": undeclared_notes(cfg, rows),
         "base": {"evaluated": "base" in results, "note": None if "base" in results else BASE_SKIPPED},
         "teacher_answers": results["teacher"].get("source", "lm-eval (generated again)"),
+        "teacher_likelihood": results["teacher"].get("likelihood_source", "lm-eval"),
         "docs": {t: sum(1 for r in rows if r["task"] == t) for t in tasks},
         "gold_docs": counts,
         "models": {role: {"sha256": sha} for role, sha in shas.items()},
@@ -394,6 +424,8 @@ def interval_notes(report: dict) -> list[str]:
            f"p(s<t): McNemar's exact one-sided test of \"student below teacher\""]
     if str(report.get("teacher_answers", "")).startswith("generate"):
         out.append("teacher gold: its greedy held-out answers from the generate stage (eval.teacher_answers)")
+    if report.get("teacher_likelihood") == "generate":
+        out.append("teacher perplexity: of its held-out answers under the logits llama.cpp chose them from in generate")
     if report.get("base", {}).get("note"):
         out.append(report["base"]["note"])
     metrics = report.get("metrics", {})

@@ -3,7 +3,9 @@
 Inputs: the recipe's prompt files (train + held-out) and the teacher model.
 Outputs:
     responses.jsonl  every teacher answer, append-only: id, split, sample, task, prompt, gold, response,
-                     finish_reason, prompt_tokens, completion_tokens (+ answer, verified for reasoning)
+                     finish_reason, prompt_tokens, completion_tokens (+ answer, verified for reasoning; + the
+                     teacher's log-likelihood of a held-out answer, teacher_logprob and teacher_greedy, where a
+                     llama.cpp teacher answered in batches)
     train.jsonl      the training pairs kept: non-empty answers that stopped on their own (reasoning: and
                      whose final answer matches the gold answer)
     heldout.jsonl    the teacher's answers to the held-out prompts (the reference the student is compared to)
@@ -112,9 +114,9 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
         return row_for(job, c)
 
     batched = g.batch > 1 and g.temperature == 0 and not g.prompt_template and hasattr(engine, "greedy_stream")
-    steps = _StepCache(cfg, out_path.parent) if batched and not reasoning and _cache_wanted(cfg) else None
+    steps = _Decoded(cfg, out_path.parent, engine, cache=not reasoning and _cache_wanted(cfg)) if batched else None
     answers = _batched(engine, jobs, todo, lambda job: messages_for(asked(job[0]), g.system_prompt), g,
-                       steps.keep if steps else None) if batched else None
+                       steps.keep) if batched else None
 
     started, new_tokens, failure = time.time(), 0, None
     stats = getattr(engine, "stats", None)
@@ -123,9 +125,8 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
         queue = iter(todo)
         running = set() if answers is not None else {pool.submit(ask, job) for job in _take(queue, workers)}
         for job, c, decoded in answers or ():
-            if steps:  # before the answer is written: a written answer has its cache rows
-                steps.add(job, c, decoded)
-            row = row_for(job, c)
+            extra = steps.add(job, asked(job[0]), c, decoded)  # before the answer is written: it has its cache rows
+            row = {**row_for(job, c), **extra}
             sink.write(row)
             new_tokens += row["completion_tokens"]
             bar.update(task, advance=1, info=f"{new_tokens / max(time.time() - started, 1e-9):.0f} tok/s")
@@ -147,7 +148,7 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
     engine.close()
     if steps:
         steps.close()
-        if steps.skipped:
+        if steps.writer and steps.skipped:
             console.print(f"  top-k from the teacher's own decoding: {steps.skipped} answers tokenize otherwise in "
                           "training; their top-k comes from a teacher pass")
     wall = time.time() - started
@@ -189,37 +190,67 @@ def _batched(engine, jobs: list, todo: list, messages, g, keep=None):
             yield group[i], c, (prompts[i], toks, kept)
 
 
-class _StepCache:
-    """The teacher's top-k at every answer position, taken from the logits llama.cpp chose each token from
-    while it answered (no second teacher pass), for soft-label distillation with a top-k cache. An answer is
-    cached only where the training sequence distill builds (HF chat template + answer + end of turn) is
-    token for token the prompt and tokens llama.cpp decoded; the others are left to ``_write_topk_cache``."""
+class _Decoded:
+    """What generate keeps of the logits llama.cpp chose each greedy answer token from (no second teacher pass):
 
-    def __init__(self, cfg, out_dir: Path):
+    - held-out answers: the teacher's log-likelihood of its own answer (``teacher_logprob``, and whether it is
+      its greedy continuation, ``teacher_greedy``), which eval reports as the teacher's perplexity without
+      loading the teacher again: from the decoding where the answer tokenizes as lm-eval tokenizes it
+      (context, then context + answer, HF tokenizer), else from a llama.cpp pass over lm-eval's tokens;
+    - with a soft-label top-k cache, the teacher's top-k at every training answer position, where the training
+      sequence distill builds (HF chat template + answer + end of turn) is token for token the prompt and
+      tokens llama.cpp decoded; the others are left to ``_write_topk_cache``.
+    """
+
+    def __init__(self, cfg, out_dir: Path, engine, cache: bool):
         soft = cfg.distill.soft
         self.tok = load_tokenizer(resolve(cfg.teacher))
-        self.system = cfg.generate.system_prompt
+        self.system, self.engine = cfg.generate.system_prompt, engine
         self.k, self.t = min(soft.top_k, len(self.tok)), soft.temperature
-        self.writer = TopKWriter(out_dir, self.k, self.t, len(self.tok))
+        self.writer = TopKWriter(out_dir, self.k, self.t, len(self.tok)) if cache else None
         self.skipped = 0
 
-    def keep(self, logits: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_logprobs(torch.from_numpy(logits).double(), self.k, self.t)
+    def keep(self, rows: np.ndarray) -> tuple[torch.Tensor, tuple | None]:
+        """Per row: the log-probability of the greedy (arg-max) token at temperature 1, and the top-k."""
+        x = torch.from_numpy(rows).double()
+        chosen = x.max(dim=-1).values - torch.logsumexp(x, dim=-1)
+        return chosen, topk_logprobs(x, self.k, self.t) if self.writer else None
 
-    def add(self, job, c: Completion, decoded) -> None:
+    def add(self, job, asked: str, c: Completion, decoded) -> dict:
+        """The row's extra fields (held-out: its likelihood); a training answer's top-k goes to the cache."""
         p, s = job
+        prompt_ids, toks, (chosen, top) = decoded
+        if p.split != "train":
+            return self._likelihood(asked, c, prompt_ids, toks, chosen)
         key = example_key({"id": p.id, "sample": s})
-        if p.split != "train" or c.finish_reason != "stop" or key in self.writer.done:
-            return
-        prompt_ids, toks, kept = decoded
+        if self.writer is None or c.finish_reason != "stop" or key in self.writer.done:
+            return {}
         ids, labels = encode_pair(self.tok, p.prompt, c.text.strip(), self.system)
-        if ids != prompt_ids + toks or len(kept) != len(toks):
+        if ids != prompt_ids + toks or len(top[0]) != len(toks):
             self.skipped += 1
-            return
-        self.writer.append(key, torch.stack([t for t, _ in kept]), torch.stack([v for _, v in kept]).float())
+            return {}
+        self.writer.append(key, top[0], top[1].float())
+        return {}
+
+    def _likelihood(self, asked: str, c: Completion, prompt_ids: list[int], toks: list[int], chosen) -> dict:
+        response = c.text.strip()
+        if not response:
+            return {}
+        context = self.tok.apply_chat_template(messages_for(asked, self.system), tokenize=False, add_generation_prompt=True)
+        start = len(self.tok(context, add_special_tokens=False).input_ids)
+        whole = self.tok(context + response, add_special_tokens=False).input_ids
+        answer = toks[:-1] if c.finish_reason == "stop" else toks
+        if whole == prompt_ids + answer and start == len(prompt_ids):
+            return {"teacher_logprob": round(float(chosen[: len(answer)].sum()), 6), "teacher_greedy": True}
+        _, logits = next(self.engine.logits_many([(whole, start)]))
+        cont = np.array(whole[start:])
+        logp = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
+        return {"teacher_logprob": round(float(logp[np.arange(len(cont)), cont].sum()), 6),
+                "teacher_greedy": bool((logits.argmax(-1) == cont).all())}
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer:
+            self.writer.close()
 
 
 def _take(queue, n: int) -> list:
