@@ -122,3 +122,21 @@ def test_prompt_template_needs_its_slot():
     assert parse({**base, "generate": {"prompt_template": "Q: {prompt}\nA:"}}).generate.stop == []
     with pytest.raises(RecipeError, match="prompt_template"):
         parse({**base, "generate": {"prompt_template": "Q: no slot"}})
+
+
+def test_a_gold_its_task_cannot_match_is_named_by_file_and_line(tmp_path):
+    from toolchain.pipeline import check_golds
+    from toolchain.recipe import parse
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "x", "task": "spam", "gold": "ham"}\n'
+                    '{"id": "b", "prompt": "y", "task": "spam", "gold": "maybe"}\n'
+                    '{"id": "c", "prompt": "z", "task": "triage", "gold": "queue=billing"}\n')
+    prompts = read_prompts([path], "train")
+    cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": [str(path)]},
+                 "tasks": {"spam": {"metric": "label", "labels": ["spam", "ham"]}}})
+    with pytest.raises(DataError, match=r"p.jsonl:2: gold 'maybe' is not one of tasks.spam.labels \(spam, ham\)"):
+        check_golds(cfg, prompts)
+    cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": [str(path)]}, "tasks": {"triage": {"metric": "json"}}})
+    with pytest.raises(DataError, match=r"p.jsonl:3: gold of task 'triage' \(metric json\) is not JSON"):
+        check_golds(cfg, prompts)

@@ -179,3 +179,64 @@ def test_exported_file_against_the_pytorch_student_prompt_by_prompt():
     notes = quality_notes(report)
     assert len(notes) == 1 and "x.gguf is below the PyTorch student" in notes[0] and "p=0.004" in notes[0]
     assert "y.gguf" not in notes[0]  # p = 5/16: not significant, not named
+
+
+# --- regex, json and chrf metrics; label tasks' confusion matrix and baselines -----------------------------
+
+def test_regex_json_and_chrf_metrics():
+    from toolchain.scoring import check
+
+    regex = {"metric": "regex", "pattern": r"queue:\s*(\w+)"}
+    assert check(regex, "Queue: Billing, priority high", "billing")
+    assert not check(regex, "billing", "billing")  # the pattern must match
+    assert check({"metric": "regex", "pattern": r"\d+"}, "about 42 of them", "42")  # no group: the whole match
+    js = {"metric": "json", "keys": ["queue", "priority"]}
+    gold = '{"queue": "billing", "priority": 2, "note": "x"}'
+    assert check(js, '```json\n{"queue": "Billing", "priority": 2, "note": "other"}\n```', gold)  # listed keys only
+    assert not check(js, '{"queue": "billing", "priority": "2"}', gold)  # 2 is not "2"
+    assert not check(js, 'queue: billing, priority 2', gold)  # not JSON
+    assert not check({"metric": "json"}, '{"queue": "billing", "priority": 2}', gold)  # every key without `keys`
+    assert not check({"metric": "json", "keys": ["a"]}, '[1, 2]', '{"a": 1}')  # not an object
+    chrf = {"metric": "chrf", "threshold": 60.0}
+    assert check(chrf, "the cat sat on the mat", "the cat sat on the mat")
+    assert not check(chrf, "a dog ran in the park", "the cat sat on the mat")
+
+
+def test_task_declarations_of_the_new_metrics_are_checked():
+    from pydantic import ValidationError
+
+    from toolchain.recipe import TaskConfig
+
+    assert TaskConfig(metric="regex", pattern=r"(\w+)").spec()["pattern"] == r"(\w+)"
+    for bad, needle in (({"metric": "regex"}, "needs a pattern"), ({"metric": "regex", "pattern": "("}, "not a regular"),
+                        ({"metric": "exact", "pattern": "x"}, "needs a pattern"), ({"metric": "label", "keys": ["a"]}, "keys only")):
+        with pytest.raises(ValidationError, match=needle):
+            TaskConfig(**bad)
+
+
+def test_label_report_confusion_precision_recall_by_hand():
+    labels = ["spam", "ham"]
+    golds = {"1": "spam", "2": "spam", "3": "ham", "4": "ham", "5": "ham"}
+    said = {"1": "This is spam.", "2": "ham", "3": "Ham, not spam", "4": "I cannot tell", "5": "SPAM"}
+    r = em.label_report(labels, golds, said)
+    assert r["confusion"] == {"spam": {"spam": 1, "ham": 1}, "ham": {"ham": 1, "(none)": 1, "spam": 1}}
+    # spam: 1 right of 2 said spam, of 2 that are spam; ham: 1 of 2 said, of 3
+    assert r["per_label"]["spam"] == {"precision": 0.5, "recall": 0.5, "support": 2}
+    assert r["per_label"]["ham"]["precision"] == pytest.approx(0.5)
+    assert r["per_label"]["ham"]["recall"] == pytest.approx(1 / 3) and r["per_label"]["ham"]["support"] == 3
+    base = em.label_baselines(labels, list(golds.values()))
+    assert base == {"majority_label": "ham", "majority": 0.6, "uniform": 0.5}
+
+
+def test_a_teacher_no_better_than_the_majority_label_is_flagged():
+    from toolchain.stages.eval import ceiling_notes, label_markdown
+
+    rows = [{"id": str(i), "task": "spam", "gold": g} for i, g in enumerate(["ham"] * 8 + ["spam"] * 2)]
+    results = {role: {"samples": {"spam": [{"id": r["id"], "response": "ham"} for r in rows]}}
+               for role in ("teacher", "student")}
+    labels = em.label_tables({"spam": {"metric": "label", "labels": ["spam", "ham"]}}, rows, results)
+    report = {"retention": {"tasks": {"spam": {"teacher": 0.8, "ceiling": False}}}, "labels": labels}
+    notes = ceiling_notes(report)
+    assert len(notes) == 1 and "no better than always answering 'ham' (80.0%)" in notes[0]
+    md = "\n".join(label_markdown(report))
+    assert "## spam: labels" in md and "| spam | 2 | - / 0.0 | - / 0.0 |" in md and "| ham | 0 | 8 | 0 |" in md

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -25,6 +25,7 @@ class Prompt:
     task: str = "default"
     gold: str | None = None
     split: str = "train"
+    where: str = field(default="", compare=False)  # file:line it came from, for messages
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -56,7 +57,8 @@ def read_prompts(paths: Iterable[Path], split: str, limit: int | None = None) ->
                 raise DataError(f"{where}: duplicate id '{pid}' (first seen at {seen[pid]})")
             seen[pid] = where
             gold = obj.get("gold")
-            out.append(Prompt(pid, obj["prompt"], str(obj.get("task", "default")), None if gold is None else str(gold), split))
+            out.append(Prompt(pid, obj["prompt"], str(obj.get("task", "default")), None if gold is None else str(gold), split,
+                              where))
             if limit and len(out) >= limit:
                 return out
     return out

@@ -12,7 +12,7 @@ import json
 import math
 
 from toolchain.chat import final_answer
-from toolchain.scoring import answers_match, check, exact_agreement
+from toolchain.scoring import answers_match, check, exact_agreement, first_label, normalise
 
 QUALITY_CEILING = 0.5  # teacher gold accuracy below this: the teacher, not the student, limits the task
 
@@ -147,4 +147,58 @@ def gate_lines(verdict: dict) -> list[str]:
         span = f" (95% {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
         out.append(f"{name}: {'pass' if v['passed'] else 'FAIL'}, retention {v['retention']:.3f}{span} vs floor "
                    f"{v['floor']:g}: {v['why']}" + (f"; {v['note']}" if v.get("note") else ""))
+    return out
+
+
+# --- label tasks: which label was given for which ---------------------------------------------------------
+
+NO_LABEL = "(none)"
+
+
+def label_report(labels: list[str], golds: dict[str, str], responses: dict[str, str | None]) -> dict:
+    """One model on a label task: the confusion matrix (gold label -> the label its answer names first, as the
+    ``label`` metric reads it, or "(none)") and per-label precision, recall and support. Accuracy alone hides a
+    model that answers the majority label to everything."""
+    name = {normalise(x): x for x in labels}
+    confusion: dict[str, dict[str, int]] = {x: {} for x in labels}
+    for pid, gold in golds.items():
+        said = first_label(responses.get(pid) or "", labels)
+        row = confusion.setdefault(name.get(normalise(gold), gold), {})
+        col = name[said] if said is not None else NO_LABEL
+        row[col] = row.get(col, 0) + 1
+    per_label = {}
+    for x in labels:
+        hit = confusion.get(x, {}).get(x, 0)
+        predicted = sum(r.get(x, 0) for r in confusion.values())
+        support = sum(confusion.get(x, {}).values())
+        per_label[x] = {"precision": hit / predicted if predicted else None, "recall": hit / support if support else None,
+                        "support": support}
+    return {"confusion": confusion, "per_label": per_label}
+
+
+def label_baselines(labels: list[str], golds: list[str]) -> dict:
+    """What no model at all scores: always the most frequent gold label, and a label drawn uniformly."""
+    counts: dict[str, int] = {}
+    for g in golds:
+        counts[normalise(g)] = counts.get(normalise(g), 0) + 1
+    top = max(counts, key=lambda k: (counts[k], k)) if counts else None
+    name = {normalise(x): x for x in labels}
+    return {"majority_label": name.get(top, top), "majority": counts[top] / len(golds) if golds else None,
+            "uniform": 1 / len(labels) if labels else None}
+
+
+def label_tables(specs: dict[str, dict], rows: list[dict], results: dict[str, dict]) -> dict[str, dict]:
+    """Per label task with gold answers: the baselines and each model's ``label_report``."""
+    out = {}
+    for task, spec in specs.items():
+        if spec.get("metric") != "label":
+            continue
+        golds = {r["id"]: r["gold"] for r in rows if r["task"] == task and r["gold"] is not None}
+        if not golds:
+            continue
+        entry = {"labels": spec["labels"], "baselines": label_baselines(spec["labels"], list(golds.values()))}
+        for role, res in results.items():
+            responses = {s["id"]: s.get("response") for s in res["samples"].get(task, [])}
+            entry[role] = label_report(spec["labels"], golds, responses)
+        out[task] = entry
     return out

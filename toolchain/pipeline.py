@@ -143,6 +143,7 @@ def preflight(cfg) -> None:
     if unknown:
         raise RecipeError(f"{cfg.source}: tasks: {', '.join(unknown)} is not a task of the prompt files "
                           f"(their tasks: {', '.join(sorted(known))})")
+    check_golds(cfg, train + heldout)
     check_dimensions(cfg)
 
     if cfg.distill.flavour == "soft" and cfg.student.from_ != "teacher":
@@ -152,6 +153,25 @@ def preflight(cfg) -> None:
                 f"{cfg.source}: distill.flavour: soft-label needs one shared vocabulary, but {cfg.teacher} and "
                 f"{cfg.student.from_} tokenize differently; use flavour: hard (works across tokenizers)"
             )
+
+
+def check_golds(cfg, prompts) -> None:
+    """Every gold answer is one its task's metric can match: one of a label task's declared labels, JSON for a
+    json task (a gold no answer can ever equal would score the task 0 and say nothing)."""
+    from toolchain.data import DataError
+    from toolchain.scoring import normalise, parse_json
+
+    for p in prompts:
+        task = cfg.tasks.get(p.task)
+        if task is None or p.gold is None:
+            continue
+        if task.metric == "label" and task.labels and normalise(p.gold) not in {normalise(x) for x in task.labels}:
+            raise DataError(f"{p.where}: gold '{p.gold}' is not one of tasks.{p.task}.labels ({', '.join(task.labels)})")
+        if task.metric == "json":
+            try:
+                parse_json(p.gold)
+            except ValueError:
+                raise DataError(f"{p.where}: gold of task '{p.task}' (metric json) is not JSON: {p.gold[:60]!r}") from None
 
 
 def check_dimensions(cfg) -> None:

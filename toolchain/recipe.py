@@ -225,13 +225,18 @@ class MergeConfig(_Section):
 class TaskConfig(_Section):
     """What a right answer is for one task of the prompt files (the ``task`` field of each row)."""
 
-    metric: Literal["exact", "contains", "label", "number", "keywords"] = Field(
+    metric: Literal["exact", "contains", "label", "number", "keywords", "regex", "json", "chrf"] = Field(
         "exact",
         description="exact: the trimmed answer equals the gold; contains: the gold appears in it (word-bounded); "
         "label: the first of `labels` the answer names is the gold; number: the last number equals the gold "
-        "within `tolerance`; keywords: every ';'-separated word of the gold appears ('|' between alternatives). "
+        "within `tolerance`; keywords: every ';'-separated word of the gold appears ('|' between alternatives); "
+        "regex: group 1 of `pattern`'s first match equals the gold; json: the answer is JSON whose `keys` (all "
+        "of the gold's without them) equal the gold's; chrf: chrF against the gold reaches `threshold`. "
         "Case-insensitive, except golds of one or two characters.",
     )
+    pattern: str | None = Field(None, description="regex: the pattern searched in the answer (case-insensitive).")
+    keys: list[str] | None = Field(None, description="json: the keys compared with the gold's (default: all of them).")
+    threshold: float = Field(50.0, ge=0.0, le=100.0, description="chrf: the score (0-100) an answer must reach.")
     labels: list[str] | None = Field(
         None, description="label: the label set (default: every distinct gold value of the task's prompts).")
     tolerance: float = Field(1e-6, ge=0.0, description="number: relative tolerance.")
@@ -249,13 +254,25 @@ class TaskConfig(_Section):
             raise ValueError("labels only apply to metric: label")
         if self.labels is not None and len(self.labels) < 2:
             raise ValueError("labels: a label task needs at least two labels")
+        if (self.pattern is not None) != (self.metric == "regex"):
+            raise ValueError("pattern: metric regex needs a pattern, and only it takes one")
+        if self.pattern is not None:
+            import re
+
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern: not a regular expression ({err})") from None
+        if self.keys is not None and self.metric != "json":
+            raise ValueError("keys only apply to metric: json")
         return self
 
     def spec(self, gold_values: list[str] = ()) -> dict:
         """The scoring spec toolchain.scoring.check reads (labels inferred from ``gold_values`` when not given)."""
         labels = self.labels if self.labels is not None else sorted(set(gold_values))
         return {"metric": self.metric, "labels": labels if self.metric == "label" else None,
-                "tolerance": self.tolerance, "max_words": self.max_words}
+                "tolerance": self.tolerance, "max_words": self.max_words, "pattern": self.pattern, "keys": self.keys,
+                "threshold": self.threshold}
 
 
 class EvalConfig(_Section):

@@ -8,6 +8,11 @@
     number    the last number in the answer equals the gold within ``tolerance`` (relative, at least 1e-6)
     keywords  every ';'-separated keyword of the gold appears in the answer (as ``contains``); '|' separates
               alternatives within one keyword ("Maria; bakery|bread")
+    regex     the task's ``pattern`` finds a match in the answer whose group 1 (the whole match without a group)
+              equals the gold as ``exact`` compares
+    json      the answer is JSON (a ```json fence around it is allowed) and, for the task's ``keys`` (every key
+              of the gold without them), equals the gold's values; strings compare as ``exact`` does
+    chrf      chrF of the answer against the gold reaches the task's ``threshold`` (0-100)
 
 Any metric takes ``max_words``: a longer answer is wrong, so copying the input back cannot pass a summary.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-METRICS = ("exact", "contains", "label", "number", "keywords")
+METRICS = ("exact", "contains", "label", "number", "keywords", "regex", "json", "chrf")
 _TRIM = " \t\n\"'`“”‘’«».,;:!?*"
 
 
@@ -69,6 +74,52 @@ def numbers_match(answer: str, gold: str, tolerance: float = 1e-6) -> bool:
     return g is not None and a is not None and abs(a - g) <= max(tolerance, 1e-6) * max(1.0, abs(g))
 
 
+def regex_match(answer: str, gold: str, pattern: str) -> bool:
+    m = re.search(pattern, answer, re.IGNORECASE | re.DOTALL)
+    return m is not None and exact(m.group(1) if m.re.groups else m.group(0), gold)
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
+
+
+def parse_json(text: str):
+    """The JSON value an answer is (inside a ```json fence or not); raises ValueError when it is none."""
+    import json
+
+    text = text.strip()
+    fenced = _FENCE.match(text)
+    return json.loads(fenced.group(1) if fenced else text)
+
+
+def _same_json(a, b) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return exact(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def json_match(answer: str, gold: str, keys: list[str] | None = None) -> bool:
+    try:
+        got = parse_json(answer)
+    except ValueError:
+        return False
+    want = parse_json(gold)
+    if keys is None:
+        return _same_json(got, want)
+    return isinstance(got, dict) and all(k in got and _same_json(got[k], want.get(k)) for k in keys)
+
+
+def chrf_at_least(answer: str, gold: str, threshold: float) -> bool:
+    from sacrebleu import sentence_chrf
+
+    return sentence_chrf(answer, [gold]).score >= threshold
+
+
 def check(spec: dict, answer: str, gold: str) -> bool:
     """The answer against the gold under a task's metric ``spec`` (a recipe ``tasks:`` entry as a dict)."""
     if spec.get("max_words") and len(answer.split()) > spec["max_words"]:
@@ -84,6 +135,12 @@ def check(spec: dict, answer: str, gold: str) -> bool:
         return numbers_match(answer, gold, spec.get("tolerance") or 1e-6)
     if metric == "keywords":
         return all(any(contains(answer, alt) for alt in k.split("|") if alt.strip()) for k in gold.split(";") if k.strip())
+    if metric == "regex":
+        return regex_match(answer, gold, spec["pattern"])
+    if metric == "json":
+        return json_match(answer, gold, spec.get("keys"))
+    if metric == "chrf":
+        return chrf_at_least(answer, gold, spec.get("threshold", 50.0))
     raise ValueError(f"unknown metric {metric!r} (one of {', '.join(METRICS)})")
 
 

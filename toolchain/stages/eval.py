@@ -348,6 +348,7 @@ def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str
         "gate": em.gate(paired, cfg.eval, cfg.eval.seed, cfg.task_floors()),
         "paired": paired,
         "metrics": task_specs(cfg, rows),
+        "labels": em.label_tables(task_specs(cfg, rows), rows, results),
         "notes": undeclared_notes(cfg, rows),
         "base": {"evaluated": "base" in results, "note": None if "base" in results else BASE_SKIPPED},
         "teacher_answers": results["teacher"].get("source", "lm-eval (generated again)"),
@@ -452,6 +453,35 @@ def ceiling_notes(report: dict) -> list[str]:
         if row["ceiling"]:
             out.append(f"quality ceiling: the teacher itself gets {_fmt(row['teacher'])}% of '{task}' right "
                        f"(below {100 * em.QUALITY_CEILING:.0f}%); a better teacher, not more distillation, moves it")
+    for task, lab in (report.get("labels") or {}).items():
+        teacher, base = ret["tasks"].get(task, {}).get("teacher"), lab["baselines"]
+        if teacher is not None and base["majority"] is not None and teacher <= base["majority"]:
+            out.append(f"'{task}': the teacher ({_fmt(teacher)}%) is no better than always answering "
+                       f"'{base['majority_label']}' ({_fmt(base['majority'])}%): distil from reference answers or a "
+                       "stronger teacher; distilling this one teaches the student nothing")
+    return out
+
+
+def label_markdown(report: dict) -> list[str]:
+    """Per label task: precision and recall per label for each model, the baselines, and the confusion matrices."""
+    out = []
+    for task, lab in (report.get("labels") or {}).items():
+        roles = [r for r in ROLES if r in lab]
+        base = lab["baselines"]
+        out += ["", f"## {task}: labels", "",
+                f"Baselines: always '{base['majority_label']}' {_fmt(base['majority'])}%, a uniform guess "
+                f"{_fmt(base['uniform'])}%. Precision / recall (%) per label; the label an answer names first "
+                "counts, \"(none)\" when it names none.", "",
+                "| label | support | " + " | ".join(f"{r} P / R" for r in roles) + " |", "|---|---:|" + "---:|" * len(roles)]
+        for x in lab["labels"]:
+            cells = [f"{_fmt(lab[r]['per_label'][x]['precision'])} / {_fmt(lab[r]['per_label'][x]['recall'])}" for r in roles]
+            out.append(f"| {x} | {lab[roles[0]]['per_label'][x]['support']} | " + " | ".join(cells) + " |")
+        for r in roles:
+            cols = list(lab["labels"]) + [em.NO_LABEL]
+            out += ["", f"{r}: gold (rows) against the label answered (columns)", "",
+                    "| gold | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+            for gold, row in lab[r]["confusion"].items():
+                out.append(f"| {gold} | " + " | ".join(str(row.get(c, 0)) for c in cols) + " |")
     return out
 
 
@@ -480,6 +510,7 @@ def render_markdown(report: dict, rows: list[dict], results: dict[str, dict]) ->
         out.append(f"| {task} | {report['docs'][task]} | " + " | ".join(_fmt(scores[r][task].get("gold")) for r in roles)
                    + f" | {_fmt(s_['exact'])} | {s_['chrf']:.1f} | {_fmt(s_['perplexity'], False)} / {_fmt(t['perplexity'], False)} |")
     out += [""] + [f"> {n}" for n in interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)]
+    out += label_markdown(report)
     by_id = {r["id"]: r for r in rows}
     for task in ret["tasks"]:
         out += ["", f"## {task}: samples", ""]
