@@ -74,7 +74,7 @@ def main() -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 t3 = time.perf_counter()
-                first.setdefault(name, float(loss))
+                first.setdefault(name, float(loss.detach()))
                 for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
                     times[name][k] += dt
     n = args.steps * args.rounds
