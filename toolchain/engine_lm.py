@@ -22,6 +22,14 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def continuation_logprob(logits: np.ndarray, cont: list[int]) -> tuple[float, bool]:
+    """What lm-eval's likelihood request answers: the log-probability of ``cont`` under the logits that predict
+    it ([len(cont), vocab]), and whether greedy decoding would give exactly it."""
+    logp = log_softmax(logits.astype(np.float64))
+    picked = logp[np.arange(len(cont)), cont]
+    return float(picked.sum()), bool((logits.argmax(-1) == np.array(cont)).all())
+
+
 class EngineLM(LM):
     def __init__(self, engine, tokenizer, name: str, batch: int = 8):
         super().__init__()
@@ -90,10 +98,7 @@ class EngineLM(LM):
         out: list[tuple[float, bool]] = [(0.0, True)] * len(seqs)
 
         def scored(i: int, logits: np.ndarray) -> None:
-            cont = seqs[i][0][seqs[i][1]:]
-            logp = log_softmax(logits.astype(np.float64))
-            picked = logp[np.arange(len(cont)), cont]
-            out[i] = (float(picked.sum()), bool((logits.argmax(-1) == np.array(cont)).all()))
+            out[i] = continuation_logprob(logits, seqs[i][0][seqs[i][1]:])
 
         with progress() as bar:
             task = bar.add_task(f"{self.name}: likelihood", total=len(requests), info="")

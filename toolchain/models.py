@@ -240,29 +240,41 @@ def load_tokenizer(ref: ModelRef):
     return tok
 
 
-def _gguf_tokenizer(path: Path):
-    """transformers' tokenizer built from a GGUF's vocabulary and merges (7-11 s for a 49k vocabulary on 2 cores,
-    and every stage needs it), saved once per file content and transformers version under the cache
-    (``tokenizers/``) and loaded from there (well under a second)."""
-    import shutil
-    import tempfile
-
+def _cache_folder(kind: str, path: Path) -> Path:
+    """Where something built from a GGUF is kept: per file content and transformers version, under the cache."""
     import transformers
-    from transformers import AutoTokenizer
 
     from toolchain.gguf_io import cache_root
 
-    folder = cache_root() / "tokenizers" / f"{file_sha256(path)[:24]}-transformers-{transformers.__version__}"
-    if (folder / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(folder))
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return cache_root() / kind / f"{file_sha256(path)[:24]}-transformers-{transformers.__version__}"
+
+
+def _save_once(obj, folder: Path) -> None:
+    """``obj.save_pretrained`` into ``folder`` whole or not at all (written aside, then renamed into place); a
+    concurrent writer's copy is just as good, and a failed save leaves nothing behind."""
+    import shutil
+    import tempfile
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent))
     try:
-        tok.save_pretrained(str(tmp))
-        tmp.rename(folder)  # whole or not at all; a concurrent writer's copy is just as good
+        obj.save_pretrained(str(tmp))
+        tmp.rename(folder)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_tokenizer(path: Path):
+    """transformers' tokenizer built from a GGUF's vocabulary and merges (7-11 s for a 49k vocabulary on 2 cores,
+    and every stage needs it), saved once under the cache (``tokenizers/``) and loaded from there (well under a
+    second)."""
+    from transformers import AutoTokenizer
+
+    folder = _cache_folder("tokenizers", path)
+    if (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _save_once(tok, folder)
     return tok
 
 
@@ -270,34 +282,20 @@ DEQUANTIZED_CACHE_MAX_BYTES = 1 << 30  # GGUF files up to this size keep a float
 
 
 def _dequantized(path: Path) -> Path | None:
-    """The GGUF's weights as transformers dequantizes them (float32 safetensors + config), saved once per file
-    content and transformers version under the cache (``models/``): generate, distill and eval each load the
-    teacher, and dequantizing the embedded 135M teacher takes ~10 s on 2 cores where reading the copy takes
-    ~1 s. Larger files (a 7B teacher's copy would be 28 GB) are dequantized at every load instead (None)."""
-    import shutil
-    import tempfile
-
+    """The GGUF's weights as transformers dequantizes them (float32 safetensors + config), saved once under the
+    cache (``models/``): generate, distill and eval each load the teacher, and dequantizing the embedded 135M
+    teacher takes ~10 s on 2 cores where reading the copy takes ~1 s. Larger files (a 7B teacher's copy would
+    be 28 GB) are dequantized at every load instead (None)."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
-
-    from toolchain.gguf_io import cache_root
 
     if path.stat().st_size > DEQUANTIZED_CACHE_MAX_BYTES:
         return None
-    folder = cache_root() / "models" / f"{file_sha256(path)[:24]}-transformers-{transformers.__version__}"
-    if (folder / "config.json").is_file():
-        return folder
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent))
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tmp.rename(folder)  # config.json appears with the weights or not at all
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return None if not (folder / "config.json").is_file() else folder
-    return folder
+    folder = _cache_folder("models", path)
+    if not (folder / "config.json").is_file():
+        _save_once(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32),
+                   folder)
+    return folder if (folder / "config.json").is_file() else None
 
 
 def load_torch_model(ref: ModelRef, dtype: str = "float32"):

@@ -345,10 +345,11 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     kept = info.get("vocab_kept")
+    prefix = common_prefix([ids for ids, _ in pairs])
     if teacher is not None:
-        teacher = OnlineTeacher(teacher.to(accelerator.device), common_prefix([ids for ids, _ in pairs]), kept)
+        teacher = OnlineTeacher(teacher.to(accelerator.device), prefix, kept)
     lookup = None if cache is None or kept is None else vocab.lookup(kept, int(cache.header["vocab_size"]))
-    shared = max(0, len(common_prefix([ids for ids, _ in pairs])) - 1)  # at least one token of each row left
+    shared = max(0, len(prefix) - 1)  # at least one token of each row left
     train_step, opt = accelerator.prepare(TrainStep(model, soft, teacher, shared), opt)
     rank, world = accelerator.process_index, accelerator.num_processes
     # FSDP shards the weights: resume checkpoints (whole trainable weights from rank 0) are DDP/1-process only.

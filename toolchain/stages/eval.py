@@ -340,6 +340,7 @@ def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str
     counts = gold_counts(rows)
     paired = em.paired_tables(results, tasks)
     tables = {t: (v["teacher"], v["student"]) for t, v in paired.items()}
+    specs = task_specs(cfg, rows)
     return {
         "recipe": cfg.name,
         "scores": scores,
@@ -347,8 +348,8 @@ def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str
         "intervals": stats.summarize(tables, cfg.eval.bootstrap_iters, cfg.eval.seed),
         "gate": em.gate(paired, cfg.eval, cfg.eval.seed, cfg.task_floors()),
         "paired": paired,
-        "metrics": task_specs(cfg, rows),
-        "labels": em.label_tables(task_specs(cfg, rows), rows, results),
+        "metrics": specs,
+        "labels": em.label_tables(specs, rows, results),
         "notes": undeclared_notes(cfg, rows),
         "base": {"evaluated": "base" in results, "note": None if "base" in results else BASE_SKIPPED},
         "teacher_answers": results["teacher"].get("source", "lm-eval (generated again)"),

@@ -242,11 +242,11 @@ class _Decoded:
         answer = toks[:-1] if c.finish_reason == "stop" else toks
         if whole == prompt_ids + answer and start == len(prompt_ids):
             return {"teacher_logprob": round(float(chosen[: len(answer)].sum()), 6), "teacher_greedy": True}
+        from toolchain.engine_lm import continuation_logprob
+
         _, logits = next(self.engine.logits_many([(whole, start)]))
-        cont = np.array(whole[start:])
-        logp = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
-        return {"teacher_logprob": round(float(logp[np.arange(len(cont)), cont].sum()), 6),
-                "teacher_greedy": bool((logits.argmax(-1) == cont).all())}
+        logprob, greedy = continuation_logprob(logits, whole[start:])
+        return {"teacher_logprob": round(logprob, 6), "teacher_greedy": greedy}
 
     def close(self) -> None:
         if self.writer:
