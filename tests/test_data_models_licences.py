@@ -3,7 +3,8 @@ import json
 import pytest
 
 from toolchain import licenses
-from toolchain.data import DataError, JsonlAppender, read_jsonl_resumable, read_prompts
+from toolchain.data import DataError, JsonlAppender, read_jsonl_resumable
+from toolchain.formats import read_prompts
 from toolchain.models import DEFAULT_TEACHER, ModelError, ModelRef, gguf_metadata, resolve
 from toolchain.scoring import check
 
@@ -16,8 +17,11 @@ def test_malformed_prompt_line_names_file_and_line(tmp_path):
     p.write_text('{"id": "a", "prompt": "hi"}\n{"id": "a", "prompt": "again"}\n')
     with pytest.raises(DataError, match=r":2: duplicate id 'a'"):
         read_prompts([p], "train")
+    p.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b"}\n')
+    with pytest.raises(DataError, match=r":2: 'prompt' must be a non-empty string"):
+        read_prompts([p], "train")
     p.write_text('{"id": "a"}\n')
-    with pytest.raises(DataError, match=r":1: 'prompt' must be a non-empty string"):
+    with pytest.raises(DataError, match=r":1: no prompt column: set data.columns.text or data.template \(columns: id\)"):
         read_prompts([p], "train")
 
 

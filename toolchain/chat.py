@@ -6,18 +6,37 @@ from __future__ import annotations
 IGNORE = -100
 
 
-def messages_for(prompt: str, system_prompt: str | None) -> list[dict]:
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return msgs + [{"role": "user", "content": prompt}]
+def context(row) -> dict:
+    """An example's own system message and earlier turns (``system``, ``history``), from a prompt or a JSONL row."""
+    if isinstance(row, dict):
+        return {k: row[k] for k in ("system", "history") if row.get(k) is not None}
+    return {k: v for k, v in row.extras().items() if k in ("system", "history")}
+
+
+def messages_for(prompt: str, system_prompt: str | None, ctx: dict | None = None) -> list[dict]:
+    """The chat messages of one example: its own system message where it has one (else the recipe's), its
+    earlier turns, then the prompt as the last user turn."""
+    ctx = ctx or {}
+    system = ctx.get("system", system_prompt)
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [dict(m) for m in ctx.get("history", ())] + [{"role": "user", "content": prompt}]
+
+
+def flat_prompt(prompt: str, ctx: dict | None) -> str:
+    """The prompt for a raw (no chat template) model: earlier turns written out before it."""
+    turns = [f"{m['role']}: {m['content']}" for m in (ctx or {}).get("history", ())]
+    return "\n\n".join(turns + [prompt])
 
 
 def with_instruction(prompt: str, instruction: str | None) -> str:
     return f"{prompt}\n\n{instruction}" if instruction else prompt
 
 
-def encode_pair(tok, prompt: str, response: str, system_prompt: str | None) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): chat-templated prompt (masked) + response + end-of-turn token (trained)."""
-    prompt_ids = list(tok.apply_chat_template(messages_for(prompt, system_prompt), add_generation_prompt=True))
+def encode_pair(tok, prompt: str, response: str, system_prompt: str | None, ctx: dict | None = None,
+                ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): chat-templated prompt with any earlier turns (masked) + response + end-of-turn
+    token (trained): only the answer to the last user turn is learned."""
+    prompt_ids = list(tok.apply_chat_template(messages_for(prompt, system_prompt, ctx), add_generation_prompt=True))
     resp_ids = tok(response + tok.eos_token, add_special_tokens=False)["input_ids"]
     return prompt_ids + resp_ids, [IGNORE] * len(prompt_ids) + resp_ids
 
@@ -40,7 +59,7 @@ def tokenize_pairs(tok, rows: list[dict], system_prompt: str | None, seq_len: in
     row each came from, and how many were cut. Rows use ``train_prompt`` when present, else ``prompt``."""
     out, source, cut = [], [], 0
     for i, r in enumerate(rows):
-        ids, labels = encode_pair(tok, r.get("train_prompt", r["prompt"]), r["response"], system_prompt)
+        ids, labels = encode_pair(tok, r.get("train_prompt", r["prompt"]), r["response"], system_prompt, context(r))
         if seq_len is not None and len(ids) > seq_len:
             cut += 1
             ids, labels = ids[:seq_len], labels[:seq_len]

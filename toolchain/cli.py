@@ -340,6 +340,40 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
 
 
 @main.command()
+@click.argument("data")
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="Where to write it (default recipes/<name>.yaml).")
+@click.option("--teacher", help="Teacher reference (default: the embedded SmolLM2-135M-Instruct).")
+@click.option("--name", help="Recipe name (default: from the file name).")
+@click.option("--force", is_flag=True, help="Overwrite an existing recipe file.")
+@friendly
+def init(data: str, out: str | None, teacher: str | None, name: str | None, force: bool) -> None:
+    """Write a commented recipe for DATA (a CSV/TSV/Parquet/JSONL file, a saved dataset folder or hf:<id>): its
+    format, columns, tasks, metrics and a held-out split, inferred and printed for you to check."""
+    import yaml
+
+    from toolchain import scaffold
+    from toolchain.pipeline import preflight
+    from toolchain.recipe import parse
+
+    name = name or scaffold.recipe_name(data)
+    path = Path(out or f"recipes/{name}.yaml")
+    if path.exists() and not force:
+        raise UsageFailure(f"{path} exists; pass --force to overwrite it or --out to write elsewhere")
+    found = scaffold.inspect(data, name)
+    text, check = scaffold.recipe_text(found, name, teacher)
+    preflight(parse(yaml.safe_load(text), str(path)))  # what validate checks, before anything is written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    tasks = ", ".join(f"{t} ({n})" for t, n in sorted(found["tasks"].items()))
+    click.echo(f"{data}: {found['rows']} rows, {found['format']} format; tasks: {tasks}"
+               + (f"; {found['multi_turn']} multi-turn" if found["multi_turn"] else ""))
+    click.echo(f"wrote {path}; check:")
+    for line in check:
+        click.echo(f"  - {line}")
+    click.echo(f"then: distillery validate {path} && distillery run {path}")
+
+
+@main.command()
 @click.argument("path", type=click.Path())
 @friendly
 def inspect(path: str) -> None:

@@ -1,6 +1,8 @@
-"""Prompt files and append-only JSONL.
+"""The row every stage sees, and append-only JSONL.
 
-A prompt file is JSONL, one object a line: ``id`` (unique), ``prompt``, optional ``task`` and ``gold``.
+A ``Prompt`` is one example: what the user asks (``prompt``), its task, its gold answer, and where the data has
+them, a system message of its own, the earlier turns of the conversation (``history``) and an answer already
+written (``reference``). ``toolchain.formats`` is the only code that turns input files into prompts.
 Append-only outputs are written one whole line per ``write`` and fsynced, so a kill leaves at most one
 partial last line, which ``read_jsonl_resumable`` cuts off before the stage continues.
 """
@@ -26,6 +28,20 @@ class Prompt:
     gold: str | None = None
     split: str = "train"
     where: str = field(default="", compare=False)  # file:line it came from, for messages
+    system: str | None = None  # this example's own system message (replaces the recipe's)
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns, oldest first
+    reference: str | None = None  # an answer the data already has (the last assistant turn, an output column)
+
+    def extras(self) -> dict:
+        """The optional fields, as they are written into the stages' JSONL rows (only those that are set)."""
+        out: dict = {}
+        if self.system is not None:
+            out["system"] = self.system
+        if self.history:
+            out["history"] = [{"role": r, "content": c} for r, c in self.history]
+        if self.reference is not None:
+            out["reference"] = self.reference
+        return out
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -40,28 +56,6 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
-
-
-def read_prompts(paths: Iterable[Path], split: str, limit: int | None = None) -> list[Prompt]:
-    out: list[Prompt] = []
-    seen: dict[str, str] = {}
-    for path in paths:
-        if not path.is_file():
-            raise DataError(f"{path}: prompt file not found")
-        for lineno, obj in iter_jsonl(path):
-            where = f"{path}:{lineno}"
-            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise DataError(f"{where}: 'prompt' must be a non-empty string")
-            pid = str(obj.get("id", f"{path.stem}-{lineno}"))
-            if pid in seen:
-                raise DataError(f"{where}: duplicate id '{pid}' (first seen at {seen[pid]})")
-            seen[pid] = where
-            gold = obj.get("gold")
-            out.append(Prompt(pid, obj["prompt"], str(obj.get("task", "default")), None if gold is None else str(gold), split,
-                              where))
-            if limit and len(out) >= limit:
-                return out
-    return out
 
 
 def read_jsonl_resumable(path: Path) -> list[dict]:

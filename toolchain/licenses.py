@@ -23,7 +23,32 @@ POLICY: dict[str, tuple[bool, str]] = {
     ),
     "llama2": (False, "Llama 2 Community License: acceptable-use policy applies; naming and user-count terms."),
     "llama3": (False, "Llama 3 Community License: 'Built with Llama' attribution; derivative names start with 'Llama'."),
+    "qwen": (False, "Qwen License Agreement: commercial use above 100M monthly users needs Alibaba's permission."),
+    "qwen-research": (False, "Qwen Research License: non-commercial use only."),
+    "deepseek": (False, "DeepSeek License Agreement: use-based restrictions apply to derivatives."),
+    "own-data": (True, "Answers written by the data's owner: no third-party terms."),
+    # Hosted providers whose terms forbid training competing models on their outputs.
+    "openai-terms": (False, "OpenAI Terms of Use, 'What you cannot do': you may not 'use Output to develop models "
+                            "that compete with OpenAI'."),
+    "anthropic-terms": (False, "Anthropic Commercial Terms of Service, Use Restrictions: customers may not use the "
+                               "Services 'to build a competing product or service, including to train competing AI "
+                               "models'."),
+    "google-terms": (False, "Gemini API Additional Terms of Service: you may not use the Services 'to develop models "
+                            "that compete with' them."),
 }
+
+# Hosts of providers whose outputs are under their terms, and open-weight model ids -> licence id (first match).
+PROVIDER_HOSTS = {"api.openai.com": "openai-terms", "openai.azure.com": "openai-terms",
+                  "api.anthropic.com": "anthropic-terms", "generativelanguage.googleapis.com": "google-terms",
+                  "aiplatform.googleapis.com": "google-terms"}
+PROVIDERS = {"openai": "openai-terms", "anthropic": "anthropic-terms", "google": "google-terms",
+             "gemini": "google-terms"}
+OPEN_WEIGHTS = (
+    ("qwen2.5-3b", "qwen-research"), ("qwen2.5-72b", "qwen"), ("qwen", "apache-2.0"),
+    ("llama-3", "llama3"), ("llama3", "llama3"), ("llama-2", "llama2"), ("llama2", "llama2"),
+    ("mixtral", "apache-2.0"), ("mistral", "apache-2.0"), ("gemma", "gemma"), ("phi", "mit"),
+    ("deepseek-r1", "mit"), ("deepseek-v3", "mit"), ("deepseek", "deepseek"), ("smollm", "apache-2.0"),
+)
 
 ALIASES = {
     "apache 2.0": "apache-2.0",
@@ -49,6 +74,9 @@ class LicenceDecision:
     allowed: bool
     acknowledged: str | None
     student_terms: str
+    answers_from: str | None = None  # who wrote the data's reference answers the student learns from
+    answers_licence: str | None = None
+    answers_terms: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +87,43 @@ def normalise(licence: str) -> str:
     return ALIASES.get(key, key)
 
 
+def open_weight_licence(model_id: str) -> str | None:
+    low = model_id.lower().rsplit("/", 1)[-1] if "/" in model_id else model_id.lower()
+    return next((lic for key, lic in OPEN_WEIGHTS if key in low), None)
+
+
+def classify_source(source: str) -> tuple[str, str]:
+    """(licence id, why) of whoever wrote some answers: a hosted provider by name or by its API host, an
+    open-weight model by its id (also behind an OpenAI-compatible server such as vLLM or TGI), or the data's
+    owner. Forms: openai:gpt-4o, openai:<base_url>#<model>, anthropic:<model>, google:<model>,
+    open-weight:<model id>, human."""
+    from urllib.parse import urlparse
+
+    kind, _, rest = source.partition(":")
+    kind = kind.strip().lower()
+    if kind in ("human", "own", "self"):
+        return "own-data", "the data's own answers"
+    if kind == "open-weight":
+        lic = open_weight_licence(rest)
+        return (lic, f"open-weight model id '{rest}'") if lic else ("unknown", f"open-weight model '{rest}' not in the table")
+    if kind == "openai" and "#" in rest:
+        base, _, model = rest.partition("#")
+        host = (urlparse(base).hostname or "").lower()
+        hosted = next((lic for h, lic in PROVIDER_HOSTS.items() if host == h or host.endswith("." + h)), None)
+        if hosted:
+            return hosted, f"hosted at {host}"
+        lic = open_weight_licence(model)
+        return (lic, f"model id '{model}' served at {host}") if lic else ("unknown", f"model '{model}' at {host}")
+    if kind in PROVIDERS:
+        return PROVIDERS[kind], f"{kind} output"
+    return "unknown", f"'{source}' is not a known source"
+
+
 def detect(ref: ModelRef) -> tuple[str, str]:
-    """Find the teacher's licence id in its own files: GGUF metadata, config or model card front matter."""
+    """Find the teacher's licence id in its own files (GGUF metadata, config or model card front matter), or for
+    an openai: endpoint from its host or model id."""
+    if ref.kind == "openai":
+        return classify_source(ref.ref)
     if ref.kind == "gguf" and ref.path is not None:
         meta = gguf_metadata(ref.path)
         if meta.get("general.license"):
@@ -77,19 +140,37 @@ def detect(ref: ModelRef) -> tuple[str, str]:
     return "unknown", "not found in the model files"
 
 
-def decide(ref: ModelRef, declared: str | None, acknowledge: str | None) -> LicenceDecision:
-    """Apply the policy. Raises LicenceError (one line) when the run must not proceed."""
+def _terms(licence: str) -> tuple[bool, str]:
+    return POLICY.get(licence, (False, f"Unknown licence '{licence}': check the terms yourself."))
+
+
+def decide(ref: ModelRef, declared: str | None, acknowledge: str | None, answers_from: str | None = None,
+           uses_answers: bool = False) -> LicenceDecision:
+    """Apply the policy to the teacher and, when the student learns from answers in the data
+    (``uses_answers``), to whoever wrote them (``answers_from``). Raises LicenceError (one line) when the run
+    must not proceed."""
     if declared:
         licence, source = normalise(declared), "recipe licence.teacher"
     else:
         licence, source = detect(ref)
-    allowed, terms = POLICY.get(licence, (False, f"Unknown licence '{licence}': check the teacher's terms yourself."))
+    allowed, terms = _terms(licence)
     if not allowed and not acknowledge:
+        clause = f": {terms}" if licence.endswith("-terms") else ""
         raise LicenceError(
-            f"teacher licence '{licence}' ({source}) needs an explicit acknowledgement: set licence.acknowledge "
+            f"teacher licence '{licence}' ({source}) needs an explicit acknowledgement{clause} Set licence.acknowledge "
             "in the recipe to a sentence accepting the teacher's terms"
         )
-    return LicenceDecision(licence, source, allowed, acknowledge, terms)
+    if not uses_answers:
+        return LicenceDecision(licence, source, allowed, acknowledge, terms)
+    if not answers_from:
+        raise LicenceError("data.answers_from: the student learns from the data's own answers (generate.answers), so "
+                           "say who wrote them: openai:gpt-4o, anthropic:<model>, open-weight:<model id> or human")
+    a_licence, why = classify_source(answers_from)
+    a_allowed, a_terms = _terms(a_licence)
+    if not a_allowed and not acknowledge:
+        raise LicenceError(f"data.answers_from '{answers_from}' ({why}, {a_licence}): {a_terms} Training a student "
+                           "on them needs licence.acknowledge")
+    return LicenceDecision(licence, source, allowed and a_allowed, acknowledge, terms, answers_from, a_licence, a_terms)
 
 
 def model_card_section(decision: LicenceDecision, teacher_ref: str) -> str:
@@ -100,6 +181,9 @@ def model_card_section(decision: LicenceDecision, teacher_ref: str) -> str:
         "",
         decision.student_terms,
     ]
+    if decision.answers_from:
+        lines += ["", f"Trained on answers written by `{decision.answers_from}` (**{decision.answers_licence}**): "
+                      f"{decision.answers_terms}"]
     if decision.acknowledged:
         lines += ["", f"Acknowledged by the recipe: \"{decision.acknowledged}\""]
     return "\n".join(lines) + "\n"

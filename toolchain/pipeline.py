@@ -135,7 +135,7 @@ def preflight(cfg) -> None:
     parses (a bad line is named by file and line number) and soft-label teachers share the student's vocabulary."""
     from toolchain.models import vocabulary
     from toolchain.recipe import RecipeError
-    from toolchain.stages.generate import load_prompts
+    from toolchain.formats import load_prompts
 
     train, heldout = load_prompts(cfg, limits=False)
     known = {p.task for p in train + heldout}
@@ -208,7 +208,8 @@ def check_dimensions(cfg) -> None:
 
 
 def licence_decision(cfg) -> licenses.LicenceDecision:
-    return licenses.decide(resolve(cfg.teacher), cfg.licence.teacher, cfg.licence.acknowledge)
+    return licenses.decide(resolve(cfg.teacher), cfg.licence.teacher, cfg.licence.acknowledge, cfg.data.answers_from,
+                           uses_answers=cfg.generate.answers != "teacher")
 
 
 class GateError(RuntimeError):

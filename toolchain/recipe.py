@@ -55,16 +55,81 @@ class StudentConfig(_Section):
         return self
 
 
+class ColumnsConfig(_Section):
+    """Which column of a table (CSV, TSV, Parquet, JSONL records, a Hugging Face dataset) is which field."""
+
+    text: str | None = Field(None, description="The input text (the prompt when there is no `template`).")
+    gold: str | None = Field(None, description="The right answer or label the task's metric checks.")
+    task: str | None = Field(None, description="The task name per row (default: data.task).")
+    id: str | None = Field(None, description="A unique id per row (default: file name and row number).")
+    system: str | None = Field(None, description="A per-row system message (replaces generate.system_prompt).")
+    reference: str | None = Field(None, description="An answer you already have (see generate.answers).")
+
+
 class DataConfig(_Section):
-    train: list[str] = Field(..., min_length=1, description="Prompt JSONL files (id, task, prompt, optional gold).")
-    heldout: list[str] = Field(default_factory=list, description="Held-out prompt JSONL files, never trained on.")
+    train: list[str] = Field(
+        ..., min_length=1,
+        description="Training data: files (prompt JSONL, OpenAI chat JSONL, ShareGPT, Alpaca, CSV, TSV, Parquet, "
+        "JSONL records), a saved Hugging Face dataset directory, or hf:<dataset id>[@revision]; `#split` after a "
+        "dataset picks its split. The format is detected per file unless data.format says it.",
+    )
+    heldout: list[str] = Field(default_factory=list, description="Held-out data (same forms), never trained on.")
+    format: Literal["auto", "prompts", "chat", "sharegpt", "alpaca", "table"] = Field(
+        "auto",
+        description="auto: by extension and the first record's keys (messages: chat, conversations: sharegpt, "
+        "instruction: alpaca, prompt: prompts, anything else: table).",
+    )
+    columns: ColumnsConfig = Field(
+        default_factory=ColumnsConfig,
+        description="table: the column of each field; a field left out is read from the column of its own name "
+        "(text also from `prompt`).",
+    )
+    template: str | None = Field(
+        None, description="table: the prompt, with {column} slots filled from each row ({text} is the text column).")
+    task: str = Field("default", min_length=1, description="The task of rows that do not name one.")
+    heldout_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="With no data.heldout: this fraction of the training rows is held out (seeded by data.seed, "
+        "stratified by task).",
+    )
+    seed: int = Field(0, description="Seed of the held-out split.")
+    answers_from: str | None = Field(
+        None,
+        description="Who wrote the reference answers in the data (openai:gpt-4o, anthropic:<model>, google:<model>, "
+        "open-weight:<model id>, human): their terms decide whether a student may be trained on them.",
+    )
     limit: int | None = Field(None, ge=1, description="Use only the first N training prompts (quick runs).")
     heldout_limit: int | None = Field(None, ge=1, description="Use only the first N held-out prompts.")
+
+    @model_validator(mode="after")
+    def _heldout_source(self) -> "DataConfig":
+        if self.heldout and self.heldout_fraction is not None:
+            raise ValueError("heldout_fraction: give either data.heldout files or a held-out fraction, not both")
+        if self.template is not None:
+            import string
+
+            try:
+                list(string.Formatter().parse(self.template))
+            except ValueError as err:
+                raise ValueError(f"template: {err} (write {{{{ and }}}} for literal braces)") from None
+        return self
 
 
 class GenerateConfig(_Section):
     backend: Literal["auto", "llama_cpp", "hf", "openai"] = Field(
         "auto", description="Teacher engine: auto picks llama_cpp for GGUF, hf for a model directory."
+    )
+    answers: Literal["teacher", "reference", "reference_else_teacher"] = Field(
+        "teacher",
+        description="Where the answers the student learns come from: teacher (asked here), reference (the answers "
+        "already in the data: a chat log's last assistant turn, an output column; the teacher is not asked, rows "
+        "without one are dropped), reference_else_teacher (the teacher answers only rows without one). The teacher "
+        "still gives soft-label targets and is evaluated.",
+    )
+    keep: Literal["all", "pass"] = Field(
+        "all",
+        description="pass: a training answer whose row has a gold (else a reference) answer is kept only when the "
+        "task's metric accepts it (rejection sampling); the rejected are counted in the manifest.",
     )
     max_new_tokens: int = Field(128, ge=1, le=8192, description="Longest teacher answer; longer ones are dropped.")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy.")
@@ -451,6 +516,14 @@ class Recipe(_Section):
     def task_floors(self) -> dict[str, float]:
         """The tasks that set their own gate floor."""
         return {name: t.min_retention for name, t in self.tasks.items() if t.min_retention is not None}
+
+    def task_specs(self, rows: list[dict]) -> dict[str, dict]:
+        """The scoring spec of each task of ``rows`` (dicts with task and gold): its ``tasks:`` entry, labels
+        inferred from its gold values where the recipe gives none, or exact match for an undeclared task."""
+        golds: dict[str, list[str]] = {}
+        for r in rows:
+            golds.setdefault(r["task"], []).extend([r["gold"]] if r.get("gold") is not None else [])
+        return {t: self.tasks.get(t, TaskConfig()).spec(g) for t, g in golds.items()}
 
     def section(self, name: str) -> dict:
         """A section as plain JSON-able data (used for stage keys)."""

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from toolchain import served
-from toolchain.chat import messages_for
+from toolchain.chat import context, flat_prompt, messages_for
 from toolchain.runs import Manifest
 from toolchain.ui import console, progress
 
@@ -118,11 +118,13 @@ def _timing(prompt_tokens: int, n: int, start: float, first: float | None, end: 
             "decode_tps": (n - 1) / (end - first) if n > 1 and end > first else None}
 
 
-def _asks(cfg, role: str, prompts: list[str]) -> list[dict]:
-    """What each model is asked: a chat turn, or for a base teacher its plain-text prompt template (as generate)."""
+def _asks(cfg, role: str, rows: list[dict]) -> list[dict]:
+    """What each model is asked: the held-out row's chat (its own system message and earlier turns), or for a
+    base teacher its plain-text prompt template (as generate)."""
     if role == "teacher" and cfg.generate.prompt_template:
-        return [{"text": cfg.generate.prompt_template.replace("{prompt}", p)} for p in prompts]
-    return [{"messages": messages_for(p, cfg.generate.system_prompt)} for p in prompts]
+        return [{"text": cfg.generate.prompt_template.replace("{prompt}", flat_prompt(r["prompt"], context(r)))}
+                for r in rows]
+    return [{"messages": messages_for(r["prompt"], cfg.generate.system_prompt, context(r))} for r in rows]
 
 
 def _measure(target: served.Served, asks: list[dict], max_new_tokens: int, slots: int = 0) -> dict:
@@ -270,8 +272,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     console.print(f"  bench: teacher at {quant} ({b.backend})")
     teacher = served.teacher(cfg, b.backend, quant)
     rows = heldout_rows(cfg, inputs["generate"])[: b.prompts]
-    prompts = [rows[0]["prompt"]] + [r["prompt"] for r in rows]  # the first prompt is the child's warm-up
-    asks = {role: _asks(cfg, role, prompts) for role in ("teacher", "student")}
+    asks = {role: _asks(cfg, role, [rows[0]] + rows) for role in ("teacher", "student")}  # the first: warm-up
 
     runs: dict[str, list] = {"teacher": [], "student": []}
     served_runs: list[dict] = []

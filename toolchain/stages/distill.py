@@ -236,11 +236,11 @@ def _build_student(cfg, tok, pairs):
 def _trim_vocabulary(cfg, model, tok, pairs, rows, info):
     """The student over a trimmed vocabulary (toolchain.vocab): the kept tokens cover every training sequence,
     every prompt of the recipe's files (train and held-out, chat-templated) and the teacher's answers."""
-    from toolchain.chat import messages_for
-    from toolchain.stages.generate import load_prompts
+    from toolchain.chat import context, messages_for
+    from toolchain.formats import load_prompts
 
     train, heldout = load_prompts(cfg, limits=False)
-    prompts = [tok.apply_chat_template(messages_for(p.prompt, cfg.generate.system_prompt), tokenize=False,
+    prompts = [tok.apply_chat_template(messages_for(p.prompt, cfg.generate.system_prompt, context(p)), tokenize=False,
                                        add_generation_prompt=True) for p in train + heldout]
     sequences = [ids for ids, _ in pairs] + [tok(t, add_special_tokens=False).input_ids for t in prompts]
     keep = vocab.plan(tok, sequences, cfg.student.vocab)

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from toolchain import eval_metrics as em  # noqa: E402
 from toolchain import student as students  # noqa: E402
-from toolchain.chat import with_instruction  # noqa: E402
+from toolchain.chat import context, flat_prompt, messages_for, with_instruction  # noqa: E402
 from toolchain.data import iter_jsonl, write_jsonl  # noqa: E402
 from toolchain.models import file_sha256, load_tokenizer, load_torch_model, resolve  # noqa: E402
 from toolchain.runs import RESUME_DIR, Manifest  # noqa: E402
@@ -42,14 +42,37 @@ def _raw_teacher(cfg, role: str) -> bool:
     return role == "teacher" and cfg.generate.prompt_template is not None
 
 
-def _prompt_for(cfg, role: str, prompt: str) -> str:
-    """What each model is asked: the teacher as in generate; the student as it was trained."""
-    r = cfg.reasoning
+CONTEXT = "\u2060ctx:"  # a doc prompt that starts CONTEXT<id>\u2060 is rendered with that row's system and turns
+
+
+def _prompt_for(cfg, role: str, row: dict) -> str:
+    """What each model is asked: the teacher as in generate; the student as it was trained. A row with its own
+    system message or earlier turns is marked so ``with_context`` renders them in the model's chat template."""
+    r, prompt = cfg.reasoning, row["prompt"]
     if cfg.distill.flavour == "reasoning" and (role == "teacher" or r.train_with_instruction):
         prompt = with_instruction(prompt, r.instruction)
     if _raw_teacher(cfg, role):
-        prompt = cfg.generate.prompt_template.replace("{prompt}", prompt)
-    return prompt
+        return cfg.generate.prompt_template.replace("{prompt}", flat_prompt(prompt, context(row)))
+    return f"{CONTEXT}{row['id']}\u2060{prompt}" if context(row) else prompt
+
+
+def with_context(cfg, lm, rows: list[dict]):
+    """``lm`` rendering a marked doc prompt as its row's whole chat: lm-eval itself only knows one system
+    instruction and one user turn per doc."""
+    contexts = {r["id"]: context(r) for r in rows if context(r)}
+    if not contexts:
+        return lm
+    render = lm.apply_chat_template
+
+    def apply(chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        last = chat_history[-1]["content"] if chat_history else ""
+        if last.startswith(CONTEXT):
+            pid, _, prompt = last[len(CONTEXT):].partition("\u2060")
+            chat_history = messages_for(prompt, cfg.generate.system_prompt, contexts[pid])
+        return render(chat_history, add_generation_prompt=add_generation_prompt)
+
+    lm.apply_chat_template = apply
+    return lm
 
 
 def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> list[str]:
@@ -57,10 +80,10 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
     folder = root / role
     folder.mkdir(parents=True, exist_ok=True)
     by_task: dict[str, list[dict]] = defaultdict(list)
-    specs = task_specs(cfg, rows)
+    specs = cfg.task_specs(rows)
     for r in rows:
         by_task[r["task"]].append({
-            "id": r["id"], "prompt": _prompt_for(cfg, role, r["prompt"]), **_scored_doc(cfg, r, specs),
+            "id": r["id"], "prompt": _prompt_for(cfg, role, r), **_scored_doc(cfg, r, specs),
             "target_tokens": len(student_tok(r["response"], add_special_tokens=False).input_ids),
         })
     names = []
@@ -83,17 +106,6 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
     return names
 
 
-def task_specs(cfg, rows: list[dict]) -> dict[str, dict]:
-    """Each held-out task's scoring spec: its ``tasks:`` entry (labels inferred from its gold values where the
-    recipe gives none), or exact match for a task the recipe does not declare."""
-    from toolchain.recipe import TaskConfig
-
-    golds: dict[str, list[str]] = defaultdict(list)
-    for r in rows:
-        golds[r["task"]] += [r["gold"]] if r["gold"] is not None else []
-    return {t: cfg.tasks.get(t, TaskConfig()).spec(g) for t, g in golds.items()}
-
-
 def undeclared_notes(cfg, rows: list[dict]) -> list[str]:
     tasks = sorted({r["task"] for r in rows if r["gold"] is not None} - set(cfg.tasks))
     return [f"'{t}' has gold answers but no tasks: entry in the recipe; scored by exact match" for t in tasks]
@@ -113,8 +125,9 @@ def hf_lm(cfg, model, tok):
     return HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device="cpu")
 
 
-def score(cfg, lm, task_dir: Path, names: list[str], chat: bool) -> dict:
-    """Run the tasks ``names`` (written by ``write_tasks``) on an lm-eval model: metrics and per-doc samples."""
+def score(cfg, lm, task_dir: Path, names: list[str], chat: bool, rows: list[dict] = ()) -> dict:
+    """Run the tasks ``names`` (written by ``write_tasks`` from ``rows``) on an lm-eval model: metrics and
+    per-doc samples."""
     import logging
 
     import lm_eval
@@ -124,7 +137,7 @@ def score(cfg, lm, task_dir: Path, names: list[str], chat: bool) -> dict:
 
     e = cfg.eval
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=names, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        model=with_context(cfg, lm, rows) if chat else lm, tasks=names, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         apply_chat_template=chat, system_instruction=cfg.generate.system_prompt if chat else None, log_samples=True,
         bootstrap_iters=0, random_seed=e.seed, numpy_random_seed=e.seed, torch_random_seed=e.seed,
         fewshot_random_seed=e.seed, verbosity="ERROR",
@@ -145,7 +158,7 @@ def teacher_from_generate(cfg) -> bool:
     for an endpoint (it cannot be loaded), on request, or (auto) where they are what lm-eval would produce —
     greedy, with no shorter limit than eval's (longer ones are cut to eval.max_new_tokens)."""
     e, g = cfg.eval, cfg.generate
-    if not resolve(cfg.teacher).local:
+    if not resolve(cfg.teacher).local or g.answers != "teacher":  # the answers the student learned from
         return True
     if e.teacher_answers != "auto":
         return e.teacher_answers == "generate"
@@ -164,7 +177,7 @@ def _answers_as_given(cfg, rows: list[dict], role: str) -> dict:
     """Score the held-out answers the teacher gave in generate with the same per-doc hooks (the likelihood
     tasks are filled in separately where the teacher can be loaded)."""
     by_task: dict[str, list[dict]] = defaultdict(list)
-    specs = task_specs(cfg, rows)
+    specs = cfg.task_specs(rows)
     for r in rows:
         scored = em.process_generation(_scored_doc(cfg, r, specs), [r["response"]])
         by_task[r["task"]].append({"id": r["id"], "response": r["response"], **scored})
@@ -174,7 +187,11 @@ def _answers_as_given(cfg, rows: list[dict], role: str) -> dict:
         metrics[f"{task}_ppl"] = {"perplexity": None, "greedy": None}
         samples[task] = ss
         samples[f"{task}_ppl"] = []
-    return {"metrics": metrics, "samples": samples, "source": "generate (the teacher's held-out answers)"}
+    given = sum(r.get("source") == "reference" for r in rows)
+    source = ("generate (the teacher's held-out answers)" if not given else
+              f"the data's reference answers{' (' + cfg.data.answers_from + ')' if cfg.data.answers_from else ''}"
+              + (f" for {given} of {len(rows)} prompts, the teacher's for the rest" if given < len(rows) else ""))
+    return {"metrics": metrics, "samples": samples, "source": source}
 
 
 def _recorded_likelihood(rows: list[dict], given: list[dict], student_tok) -> dict | None:
@@ -284,14 +301,15 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                     results[role]["likelihood_source"] = "generate"
                 elif ref.local and ppl:
                     model, tok = load()
-                    lik = score(cfg, hf_lm(cfg, model, tok), out_dir / "tasks" / role, ppl, chat=not _raw_teacher(cfg, role))
+                    lik = score(cfg, hf_lm(cfg, model, tok), out_dir / "tasks" / role, ppl,
+                                chat=not _raw_teacher(cfg, role), rows=rows)
                     results[role]["metrics"].update(lik["metrics"])
                     results[role]["samples"].update(lik["samples"])
                     del model
             else:
                 model, tok = load()
                 results[role] = score(cfg, hf_lm(cfg, model, tok), out_dir / "tasks" / role, names,
-                                      chat=not _raw_teacher(cfg, role))
+                                      chat=not _raw_teacher(cfg, role), rows=rows)
                 del model
             saved.write_text(json.dumps(results[role]), encoding="utf-8")
             bar.update(task, advance=1)
@@ -340,7 +358,7 @@ def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str
     counts = gold_counts(rows)
     paired = em.paired_tables(results, tasks)
     tables = {t: (v["teacher"], v["student"]) for t, v in paired.items()}
-    specs = task_specs(cfg, rows)
+    specs = cfg.task_specs(rows)
     return {
         "recipe": cfg.name,
         "scores": scores,

@@ -149,7 +149,7 @@ def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path
     from toolchain.stages.eval import gold_counts, score, task_scores, write_tasks
 
     names = write_tasks(cfg, rows, ref.tok, work / "tasks", "student")
-    result = score(cfg, EngineLM(engine, ref.tok, label), work / "tasks" / "student", names, chat=True)
+    result = score(cfg, EngineLM(engine, ref.tok, label), work / "tasks" / "student", names, chat=True, rows=rows)
     tasks = sorted({r["task"] for r in rows})
     scores = task_scores(result, tasks)
     table = em.retention_table({"teacher": evaluation["scores"]["teacher"], "student": scores}, gold_counts(rows))

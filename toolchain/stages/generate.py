@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from toolchain.backends import Completion, open_engine
-from toolchain.chat import encode_pair, final_answer, messages_for, tokenize_pairs, with_instruction
-from toolchain.data import DataError, JsonlAppender, iter_jsonl, read_jsonl_resumable, read_prompts, write_jsonl
+from toolchain.chat import context, encode_pair, final_answer, flat_prompt, messages_for, tokenize_pairs, with_instruction
+from toolchain.data import JsonlAppender, iter_jsonl, read_jsonl_resumable, write_jsonl
+from toolchain.formats import load_prompts
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import Manifest, canonical, semantic_config
 from toolchain.scoring import answers_match
@@ -43,16 +44,36 @@ def _sample_seed(seed: int, pid: str, sample: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{pid}:{sample}".encode()).digest()[:4], "little")
 
 
-def load_prompts(cfg, limits: bool = True):
-    """(train, held-out) prompts; with limits=False every line of every file is read (and so checked)."""
-    train = read_prompts([cfg.data_path(p) for p in cfg.data.train], "train", cfg.data.limit if limits else None)
-    heldout = read_prompts([cfg.data_path(p) for p in cfg.data.heldout], "heldout",
-                           cfg.data.heldout_limit if limits else None)
-    ids = {p.id for p in train}
-    clash = next((p.id for p in heldout if p.id in ids), None)
-    if clash:
-        raise DataError(f"prompt id '{clash}' is in both the train and held-out files")
-    return train, heldout
+def answer_row(cfg, job, c: Completion, source: str) -> dict:
+    """One line of responses.jsonl: the prompt's fields, its answer and where the answer came from."""
+    p, s = job
+    row = {
+        "id": p.id, "split": p.split, "sample": s, "task": p.task, "prompt": p.prompt, "gold": p.gold, **p.extras(),
+        "response": c.text.strip(), "finish_reason": c.finish_reason, "source": source,
+        "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+    }
+    if cfg.distill.flavour == "reasoning":
+        row["answer"] = final_answer(row["response"], cfg.reasoning.answer_pattern)
+        row["verified"] = None if p.gold is None or row["answer"] is None else answers_match(row["answer"], p.gold)
+    return row
+
+
+def _given_answers(cfg, jobs: list) -> tuple[list, list[dict], int]:
+    """generate.answers: the jobs left for the teacher, the rows answered from the data's reference answers,
+    and how many prompts have neither (``reference``: they are left out)."""
+    mode = cfg.generate.answers
+    if mode == "teacher":
+        return jobs, [], 0
+    ask, given, without = [], [], 0
+    for p, s in jobs:
+        if p.reference is not None and p.reference.strip():
+            if s == 0:  # one reference per prompt, whatever generate.n
+                given.append(answer_row(cfg, (p, s), Completion(p.reference, "stop", 0, 0), "reference"))
+        elif mode == "reference_else_teacher":
+            ask.append((p, s))
+        else:
+            without += s == 0
+    return ask, given, without
 
 
 def _endpoint_options(g) -> dict:
@@ -90,15 +111,7 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
         return with_instruction(p.prompt, cfg.reasoning.instruction if reasoning else None)
 
     def row_for(job, c: Completion) -> dict:
-        p, s = job
-        row = {
-            "id": p.id, "split": p.split, "sample": s, "task": p.task, "prompt": p.prompt, "gold": p.gold,
-            "response": c.text.strip(), "finish_reason": c.finish_reason,
-            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-        }
-        if reasoning:
-            row["answer"] = final_answer(row["response"], cfg.reasoning.answer_pattern)
-            row["verified"] = None if p.gold is None or row["answer"] is None else answers_match(row["answer"], p.gold)
+        row = answer_row(cfg, job, c, "teacher")
         if c.logprobs is not None:
             row["logprobs"] = c.logprobs
         return row
@@ -108,15 +121,16 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
         sampling = {"max_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
                     "seed": _sample_seed(g.seed, p.id, s)}
         if g.prompt_template:
-            c = engine.complete(g.prompt_template.replace("{prompt}", asked(p)), stop=g.stop, **sampling)
+            c = engine.complete(g.prompt_template.replace("{prompt}", flat_prompt(asked(p), context(p))), stop=g.stop,
+                                **sampling)
         else:
-            c = engine.chat(messages_for(asked(p), g.system_prompt), **sampling)
+            c = engine.chat(messages_for(asked(p), g.system_prompt, context(p)), **sampling)
         return row_for(job, c)
 
     batched = g.batch > 1 and g.temperature == 0 and not g.prompt_template and hasattr(engine, "greedy_stream")
     steps = _Decoded(cfg, out_path.parent, engine, cache=not reasoning and _cache_wanted(cfg)) if batched else None
-    answers = _batched(engine, jobs, todo, lambda job: messages_for(asked(job[0]), g.system_prompt), g,
-                       steps.keep) if batched else None
+    answers = _batched(engine, jobs, todo, lambda job: messages_for(asked(job[0]), g.system_prompt, context(job[0])),
+                       g, steps.keep) if batched else None
 
     started, new_tokens, failure = time.time(), 0, None
     stats = getattr(engine, "stats", None)
@@ -221,24 +235,25 @@ class _Decoded:
         p, s = job
         prompt_ids, toks, (chosen, top) = decoded
         if p.split != "train":
-            return self._likelihood(asked, c, prompt_ids, toks, chosen)
+            return self._likelihood(asked, context(p), c, prompt_ids, toks, chosen)
         key = example_key({"id": p.id, "sample": s})
         if self.writer is None or c.finish_reason != "stop" or key in self.writer.done:
             return {}
-        ids, labels = encode_pair(self.tok, p.prompt, c.text.strip(), self.system)
+        ids, labels = encode_pair(self.tok, p.prompt, c.text.strip(), self.system, context(p))
         if ids != prompt_ids + toks or len(top[0]) != len(toks):
             self.skipped += 1
             return {}
         self.writer.append(key, top[0], top[1].float())
         return {}
 
-    def _likelihood(self, asked: str, c: Completion, prompt_ids: list[int], toks: list[int], chosen) -> dict:
+    def _likelihood(self, asked: str, ctx: dict, c: Completion, prompt_ids: list[int], toks: list[int], chosen) -> dict:
         response = c.text.strip()
         if not response:
             return {}
-        context = self.tok.apply_chat_template(messages_for(asked, self.system), tokenize=False, add_generation_prompt=True)
-        start = len(self.tok(context, add_special_tokens=False).input_ids)
-        whole = self.tok(context + response, add_special_tokens=False).input_ids
+        text = self.tok.apply_chat_template(messages_for(asked, self.system, ctx), tokenize=False,
+                                            add_generation_prompt=True)
+        start = len(self.tok(text, add_special_tokens=False).input_ids)
+        whole = self.tok(text + response, add_special_tokens=False).input_ids
         answer = toks[:-1] if c.finish_reason == "stop" else toks
         if whole == prompt_ids + answer and start == len(prompt_ids):
             return {"teacher_logprob": round(float(chosen[: len(answer)].sum()), 6), "teacher_greedy": True}
@@ -268,29 +283,81 @@ def _endpoint_cost(cfg, rows: list[dict]) -> dict:
             "endpoint_usd_per_1m_input": usd_in, "endpoint_usd_per_1m_output": usd_out}
 
 
-def _keep(cfg, rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
-    """Training pairs worth learning from, and why the others were dropped."""
+DROP_FIXES = {
+    "empty": "the teacher answered nothing: check generate.system_prompt (or generate.prompt_template)",
+    "truncated": "answers ran past generate.max_new_tokens ({max_new_tokens}): raise it, add a generate.stop, or ask "
+                 "for a shorter answer in the prompt (a one-word task whose teacher writes sentences)",
+    "no_answer": "no final answer matched reasoning.answer_pattern: loosen it, or make reasoning.instruction say "
+                 "how to write the answer",
+    "wrong_answer": "the teacher's final answer disagrees with the gold: a stronger teacher, or "
+                    "generate.answers: reference when the data has the answers",
+    "unverifiable": "rows without a gold answer cannot be checked: add gold answers or set "
+                    "reasoning.keep_without_gold: true",
+    "rejected": "the task's metric rejects the teacher's answer (generate.keep: pass): check tasks.<task> (metric, "
+                "labels), use generate.answers: reference, or a stronger teacher",
+}
+
+
+def _keep(cfg, rows: list[dict]) -> tuple[list[dict], dict[str, int], list[tuple[str, dict]]]:
+    """Training pairs worth learning from, why the others were dropped (counts), and the dropped rows."""
     reasoning = cfg.distill.flavour == "reasoning"
-    kept, why = [], {"empty": 0, "truncated": 0, "no_answer": 0, "wrong_answer": 0, "unverifiable": 0}
+    passing = cfg.generate.keep == "pass" and not reasoning  # reasoning already checks its final answers
+    specs = cfg.task_specs([r for r in rows if r["split"] == "train"]) if passing else {}
+    kept, dropped = [], []
+    why = {"empty": 0, "truncated": 0, "no_answer": 0, "wrong_answer": 0, "unverifiable": 0, "rejected": 0}
     for r in rows:
         if r["split"] != "train":
             continue
+        reason = None
         if not r["response"]:
-            why["empty"] += 1
+            reason = "empty"
         elif r["finish_reason"] != "stop":
-            why["truncated"] += 1
+            reason = "truncated"
         elif reasoning and r["answer"] is None:
-            why["no_answer"] += 1
+            reason = "no_answer"
         elif reasoning and r["gold"] is not None and not r["verified"]:
-            why["wrong_answer"] += 1
+            reason = "wrong_answer"
         elif reasoning and r["gold"] is None and not cfg.reasoning.keep_without_gold:
-            why["unverifiable"] += 1
+            reason = "unverifiable"
+        elif passing and r.get("source") == "teacher" and not _passes(specs[r["task"]], r):
+            reason = "rejected"
+        if reason:
+            why[reason] += 1
+            dropped.append((reason, r))
         else:
             kept.append(r)
     if reasoning:
         instr = cfg.reasoning.instruction if cfg.reasoning.train_with_instruction else None
         kept = [{**r, "train_prompt": with_instruction(r["prompt"], instr)} for r in kept]
-    return kept, why
+    return kept, why, dropped
+
+
+def _passes(spec: dict, row: dict) -> bool:
+    """generate.keep: pass: the teacher's answer against the row's gold (else its reference) by the task's metric;
+    a row with neither is kept."""
+    from toolchain.scoring import check
+
+    want = row["gold"] if row["gold"] is not None else row.get("reference")
+    return want is None or check(spec, row["response"], want)
+
+
+def explain_drops(cfg, answered: int, dropped: list[tuple[str, dict]]) -> list[str]:
+    """Lines for the console when more than 10 % of the training answers were dropped: the count, three
+    examples, and the recipe field that fixes the most common reason."""
+    if not answered or len(dropped) <= 0.1 * answered:
+        return []
+    counts: dict[str, int] = {}
+    for reason, _ in dropped:
+        counts[reason] = counts.get(reason, 0) + 1
+    top = max(counts, key=counts.get)
+    lines = [f"{len(dropped)} of {answered} training answers dropped ({len(dropped) / answered:.0%}); mostly "
+             f"{top.replace('_', ' ')} ({counts[top]}). Fix: " + DROP_FIXES[top].format(
+                 max_new_tokens=cfg.generate.max_new_tokens)]
+    for reason, r in [x for x in dropped if x[0] == top][:3]:
+        answer = r["response"].replace("\n", " ")
+        lines.append(f"  {r['id']} [{r['task']}] {reason.replace('_', ' ')}: {answer[:100]!r}"
+                     + (f" (gold {r['gold']!r})" if r["gold"] is not None else ""))
+    return lines
 
 
 def _cache_wanted(cfg) -> bool:
@@ -355,20 +422,35 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     jobs = [(p, s) for p in train for s in range(g.n)] + [(p, 0) for p in heldout]
     out_path = out_dir / "responses.jsonl"
     _reuse_answers(cfg, out_dir, out_path)
-    speed = _ask_teacher(cfg, jobs, out_path)
+    ask, given, without = _given_answers(cfg, jobs)
+    if given:
+        done = {(r["id"], r["sample"]) for r in read_jsonl_resumable(out_path)}
+        with JsonlAppender(out_path) as sink:
+            for row in given:
+                if (row["id"], row["sample"]) not in done:
+                    sink.write(row)
+        console.print(f"  {len(given)} answers from the data's reference answers"
+                      + (f"; {without} prompts without one left out" if without else ""))
+    speed = _ask_teacher(cfg, ask, out_path)
 
     rows = read_jsonl_resumable(out_path)
     order = {(p.id, s): i for i, (p, s) in enumerate(jobs)}
+    rows = [r for r in rows if (r["id"], r["sample"]) in order]
     rows.sort(key=lambda r: order[(r["id"], r["sample"])])  # same file order whatever the interruptions
     write_jsonl(out_path, rows)
 
-    kept, why = _keep(cfg, rows)
+    kept, why, dropped = _keep(cfg, rows)
     write_jsonl(out_dir / "train.jsonl", kept)
     write_jsonl(out_dir / "heldout.jsonl", [r for r in rows if r["split"] == "heldout"])
-    dropped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in why.items() if n) or "none"
-    console.print(f"  kept {len(kept)} training pairs; dropped: {dropped}")
+    summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in why.items() if n) or "none"
+    console.print(f"  kept {len(kept)} training pairs; dropped: {summary}")
+    for line in explain_drops(cfg, sum(r["split"] == "train" for r in rows), dropped):
+        console.print(f"  {line}", markup=False, highlight=False, style=None if line.startswith(" ") else "yellow")
+    sources = {s: sum(r.get("source", "teacher") == s for r in rows) for s in ("teacher", "reference")}
     metrics = {
         "prompts_train": len(train), "prompts_heldout": len(heldout), "answers": len(rows), "kept": len(kept),
+        "answers_teacher": sources["teacher"], "answers_reference": sources["reference"],
+        "prompts_without_reference": without, "heldout_fraction": cfg.data.heldout_fraction,
         **{f"dropped_{k}": n for k, n in why.items()},
         "completion_tokens": sum(r["completion_tokens"] for r in rows), **speed,
     }

@@ -1,0 +1,129 @@
+"""Every input format becomes the same prompt rows (toolchain.formats), and bad input is named by file:line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from toolchain.chat import context, messages_for
+from toolchain.data import DataError
+from toolchain.formats import hold_out, read_prompts
+from toolchain.recipe import DataConfig
+
+DATA = Path(__file__).parent / "data"
+
+
+def data(**kw) -> DataConfig:
+    return DataConfig(train=["-"], **kw)
+
+
+def test_openai_chat_jsonl_multi_turn_system_and_content_parts():
+    rows = read_prompts([DATA / "chat.jsonl"], "train")
+    assert [p.id for p in rows] == ["chat-1", "t2", "t3"]
+    first, multi, open_ = rows
+    assert first.system == "You are a support agent for Acme Bank. Answer in one sentence."
+    assert first.prompt == "How do I reset my card PIN?" and first.history == ()
+    assert first.reference == "Open the app, go to Cards, and choose Reset PIN."
+    # multi-turn: the last user turn is the prompt, the turns before it the history, the last answer the reference
+    assert multi.task == "support" and multi.system is None
+    assert multi.prompt == "It is still pending today."
+    assert multi.history == (("user", "My transfer is stuck.\nIt was sent yesterday."),
+                             ("assistant", "Transfers can take one business day; if it is still pending tomorrow, "
+                                           "contact us."))
+    assert multi.reference == "Please send us the transfer reference and we will trace it."
+    assert open_.reference is None and open_.task == "default"
+    # the example's own system message replaces the recipe's; the history comes before the prompt
+    msgs = messages_for(multi.prompt, "Recipe system.", context(multi))
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert messages_for(first.prompt, "Recipe system.", context(first))[0]["content"].startswith("You are a support")
+
+
+def test_sharegpt_and_alpaca_read_as_the_same_rows():
+    s1, s2 = read_prompts([DATA / "sharegpt.jsonl"], "train")
+    assert (s1.system, s1.prompt, s1.reference) == ("Reply tersely.", "Name a prime number above 10.", "11")
+    assert s2.history == (("user", "Translate 'cat' into French."), ("assistant", "chat"))
+    assert (s2.prompt, s2.reference) == ("And into German?", "Katze")
+    a1, a2 = read_prompts([DATA / "alpaca.jsonl"], "train", data(task="facts"))
+    assert a1.prompt == "Give the capital of the country.\n\nPortugal" and a1.reference == "Lisbon"
+    assert a2.prompt == "Write a haiku about rain." and a1.task == "facts"
+
+
+def test_csv_with_columns_and_a_template():
+    cfg = data(columns={"text": "message", "gold": "label", "id": "ticket_id"}, template="Spam or ham?\n\n{text}",
+               task="spam")
+    rows = read_prompts([DATA / "tickets.csv"], "train", cfg)
+    assert [p.id for p in rows] == ["101", "102", "103", "104", "105"]
+    assert rows[1].prompt == "Spam or ham?\n\nHi Sam, the meeting moved to 3pm, same room"
+    assert [p.gold for p in rows] == ["spam", "ham", "spam", "ham", "ham"]
+    assert {p.task for p in rows} == {"spam"} and rows[0].where.endswith("tickets.csv:2")
+    # any column by name in the template
+    rows = read_prompts([DATA / "tickets.csv"], "train", data(columns={"gold": "label"},
+                                                             template="#{ticket_id}: {message}"))
+    assert rows[0].prompt.startswith("#101: Your parcel")
+
+
+def test_parquet_and_a_saved_hf_dataset():
+    rows = read_prompts([DATA / "reviews.parquet"], "train", data(columns={"gold": "label", "task": "kind"}))
+    assert [p.gold for p in rows] == ["negative", "positive", "negative", "positive"]
+    assert rows[0].prompt == "The battery died after two days." and rows[0].task == "review"
+    assert rows[2].where.endswith("reviews.parquet:row 3")
+    cfg = data(columns={"text": "question", "gold": "answer"})
+    train = read_prompts([DATA / "arith_dataset"], "train", cfg)
+    assert [(p.prompt, p.gold) for p in train] == [("What is 2 + 3?", "5"), ("What is 10 - 4?", "6"),
+                                                   ("What is 6 * 7?", "42")]
+    test = read_prompts([f"{DATA / 'arith_dataset'}#test"], "heldout", cfg)
+    assert [(p.prompt, p.gold, p.split) for p in test] == [("What is 9 + 9?", "18", "heldout")]
+    # the held-out side picks the dataset's test split by itself
+    assert [p.gold for p in read_prompts([DATA / "arith_dataset"], "heldout", cfg)] == ["18"]
+    with pytest.raises(DataError, match=r"no split 'dev'; name one as .*arith_dataset#<split> \(train, test\)"):
+        read_prompts([f"{DATA / 'arith_dataset'}#dev"], "train", cfg)
+
+
+def test_heldout_fraction_is_seeded_and_stratified_by_task():
+    from toolchain.data import Prompt
+
+    rows = [Prompt(f"a{i}", f"q{i}", "a") for i in range(40)] + [Prompt(f"b{i}", f"q{i}", "b") for i in range(10)]
+    train, held = hold_out(rows, 0.2, seed=3)
+    assert sum(p.task == "a" for p in held) == 8 and sum(p.task == "b" for p in held) == 2
+    assert {p.split for p in held} == {"heldout"} and len(train) == 40
+    assert [p.id for p in hold_out(rows, 0.2, seed=3)[1]] == [p.id for p in held]
+    assert [p.id for p in hold_out(rows, 0.2, seed=4)[1]] != [p.id for p in held]
+    with pytest.raises(DataError, match=r"data.heldout_fraction: 0.01 of 50 rows leaves no held-out row"):
+        hold_out(rows, 0.01, seed=0)
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     r"bad.jsonl:2: message 2 is 'user' after 'user'; turns must alternate"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, r"bad.jsonl:2: message 1 is 'assistant' after 'the start'"),
+    ({"messages": [{"role": "user"}]}, r"bad.jsonl:2: message 1 \(user\) has no content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     r"bad.jsonl:2: message 1 has a content part of type 'image_url'; only text parts are read"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, r"bad.jsonl:2: message 1 has role 'tool'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+     r"bad.jsonl:2: message 2 is 'system' after 'user'"),
+])
+def test_a_bad_chat_line_is_named_by_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    good = {"messages": [{"role": "user", "content": "hello"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(DataError, match=message):
+        read_prompts([path], "train")
+
+
+def test_bad_tables_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match=r"tickets.csv:2: data.columns.gold names column 'category', which the data "
+                                        r"does not have \(columns: ticket_id, message, label\)"):
+        read_prompts([DATA / "tickets.csv"], "train", data(columns={"text": "message", "gold": "category"}))
+    with pytest.raises(DataError, match=r"tickets.csv:2: data.template slot \{body\} is not a column"):
+        read_prompts([DATA / "tickets.csv"], "train", data(template="Classify: {body}"))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty.csv: the file is empty"):
+        read_prompts([empty], "train")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("text,label\n")
+    with pytest.raises(DataError, match=r"header.csv: no examples in it"):
+        read_prompts([header_only], "train")
+    with pytest.raises(DataError, match=r"missing.jsonl: data file not found"):
+        read_prompts([tmp_path / "missing.jsonl"], "train")

@@ -1,0 +1,174 @@
+"""``distillery init``: a commented recipe from a data file — its format, columns, tasks, label sets and size.
+
+What is inferred (and printed for the user to check):
+    format     as ``toolchain.formats`` detects it
+    columns    a table's text column (a column named like text/prompt/message/..., else the one with the
+               longest values) and gold column (label/gold/answer/category/...)
+    metric     per task, from its gold values: few distinct short values -> label (that label set); all numbers
+               -> number; all JSON objects -> json; short answers -> exact; longer ones -> chrf
+    held-out   20 % of the rows (seeded, stratified by task) when there are 20 or more
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from toolchain.data import DataError
+from toolchain.formats import detect, read_prompts, records, split_source
+from toolchain.models import DEFAULT_TEACHER
+
+TEXT_NAMES = ("text", "prompt", "message", "content", "input", "question", "query", "sentence", "body", "review",
+              "comment", "utterance", "document")
+GOLD_NAMES = ("label", "gold", "answer", "category", "class", "target", "intent", "sentiment", "output", "expected")
+MAX_LABELS = 50
+
+
+def _pick(names: list[str], wanted: tuple[str, ...]) -> str | None:
+    lower = {n.lower(): n for n in names}
+    return next((lower[w] for w in wanted if w in lower), None)
+
+
+def table_columns(sample: list[dict]) -> dict:
+    """data.columns for a table, from the names and values of its first records."""
+    names = list(sample[0])
+    text = _pick(names, TEXT_NAMES)
+    gold = _pick([n for n in names if n != text], GOLD_NAMES)
+    if text is None:  # the column with the longest values
+        lengths = {n: sum(len(str(r.get(n) or "")) for r in sample) for n in names if n != gold}
+        text = max(lengths, key=lengths.get) if lengths else None
+    cols = {"text": text, "gold": gold}
+    for field in ("task", "id", "system", "reference"):
+        found = _pick(names, (field,))
+        if found is not None and found not in (text, gold):
+            cols[field] = found
+    return {k: v for k, v in cols.items() if v is not None}
+
+
+def _is_number(v: str) -> bool:
+    return re.fullmatch(r"\s*-?\d[\d,]*(\.\d+)?\s*", v) is not None
+
+
+def _is_json_object(v: str) -> bool:
+    try:
+        return isinstance(json.loads(v), dict)
+    except ValueError:
+        return False
+
+
+def infer_metric(golds: list[str]) -> dict:
+    """A task's ``tasks:`` entry from its gold values."""
+    distinct = Counter(golds)
+    words = max(len(g.split()) for g in golds)
+    if 2 <= len(distinct) <= MAX_LABELS and words <= 3 and len(distinct) <= max(2, len(golds) // 2):
+        return {"metric": "label", "labels": sorted(distinct)}
+    if all(_is_number(g) for g in golds):
+        return {"metric": "number"}
+    if all(_is_json_object(g) for g in golds):
+        return {"metric": "json"}
+    if sum(len(g.split()) for g in golds) / len(golds) <= 4:
+        return {"metric": "exact"}
+    return {"metric": "chrf", "threshold": 50.0}
+
+
+def _yaml(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def inspect(source: str, name: str) -> dict:
+    """What init infers from a data file: format, columns, rows, tasks with their golds, references (rows
+    that name no task are task ``name``)."""
+    from toolchain.recipe import DataConfig
+
+    base, _ = split_source(source)
+    path = None if base.startswith("hf:") else Path(base)
+    sample = []
+    for _, rec in records(source, path, "train"):
+        sample.append(rec)
+        if len(sample) >= 200:
+            break
+    if not sample:
+        raise DataError(f"{source}: no examples in it")
+    fmt = detect(sample[0], path)
+    columns = table_columns(sample) if fmt == "table" else {}
+    if fmt == "table" and "text" not in columns:
+        raise DataError(f"{source}: no column holds text (columns: {', '.join(sample[0])}); write the recipe's "
+                        "data.columns by hand")
+    rows = read_prompts([source], "train", DataConfig(train=[source], columns=columns, task=name))
+    golds: dict[str, list[str]] = defaultdict(list)
+    counts: Counter = Counter()
+    for p in rows:
+        counts[p.task] += 1
+        if p.gold is not None:
+            golds[p.task].append(p.gold)
+    return {"source": source, "format": fmt, "columns": columns, "rows": len(rows), "tasks": dict(counts),
+            "golds": dict(golds), "references": sum(p.reference is not None for p in rows),
+            "multi_turn": sum(bool(p.history) for p in rows), "own_system": sum(p.system is not None for p in rows)}
+
+
+def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[str]]:
+    """(the recipe YAML with comments, what the user should check)."""
+    check: list[str] = []
+    n = found["rows"]
+    lines = [f"# Made by `distillery init {found['source']}` from {n} rows ({found['format']} format). Check the",
+             "# lines marked CHECK, then: distillery validate <this file> && distillery run <this file>",
+             f"name: {name}",
+             f"teacher: {teacher or DEFAULT_TEACHER}" + ("" if teacher else "   # the embedded default; any GGUF, "
+                                                          "model folder, hf: or openai: reference"),
+             "student:", "  from: teacher", "  keep_layers: 20          # of the teacher's layers, by block influence",
+             "  select: influence", "data:", f"  train: [{_yaml(found['source'])}]"]
+    tasks = {t: infer_metric(g) for t, g in sorted(found["golds"].items()) if g}
+    labels_only = bool(tasks) and all(s["metric"] == "label" for s in tasks.values())
+    if found["columns"]:
+        cols = found["columns"]
+        lines.append(f"  columns: {_yaml(cols)}   # CHECK: which column is which")
+        check.append(f"columns: text is '{cols['text']}'" + (
+            f", gold is '{cols['gold']}'" if "gold" in cols else ", no gold column found"))
+        if "task" not in cols:
+            lines.append(f"  task: {_yaml(name)}")
+        if len(tasks) == 1 and labels_only:  # the teacher must know what it may answer
+            labels = next(iter(tasks.values()))["labels"]
+            template = "{text}\n\nAnswer with one word: " + (", ".join(labels[:-1]) + " or " + labels[-1]) + "."
+            lines.append(f"  template: {_yaml(template)}   # CHECK: the prompt around the text (any {{column}})")
+            check.append(f"template: the teacher is asked {_yaml(template)}")
+        else:
+            lines.append("  # template: \"Classify this message.\\n\\n{text}\"   # the prompt around the text, any {column}")
+    if n >= 20:
+        lines.append("  heldout_fraction: 0.2      # held out, seeded and stratified by task; never trained on")
+        held = round(n * 0.2)
+        if held < 100:
+            check.append(f"only {held} held-out rows: a retention figure this small has a wide interval; more data "
+                         "gives a verdict you can trust")
+    else:
+        check.append(f"only {n} rows: too few to hold any out; add data.heldout with examples never trained on")
+    lines.append(f"  # limit: {min(64, n)}               # a quick first run on the first rows")
+    answer_tokens = 32 if labels_only else 256
+    lines += ["generate:", f"  max_new_tokens: {answer_tokens}" + ("       # a label is a word or two" if labels_only else "")]
+    if found["references"]:
+        lines.append(f"  # answers: reference        # {found['references']} rows already have an answer: distil "
+                     "from them, not the teacher")
+        lines.append("  #                           (then set data.answers_from: who wrote them, e.g. openai:gpt-4o)")
+        check.append(f"{found['references']} rows carry an answer already: generate.answers: reference uses them "
+                     "(say who wrote them in data.answers_from)")
+    lines += ["distill:", "  flavour: hard", "  method: full", "  epochs: 2", "  batch_size: 8", "  seq_len: 512"]
+    if tasks:
+        lines.append("tasks:   # what a right answer is, per task (docs/evaluation.md)   CHECK: the metric")
+        for task, spec in tasks.items():
+            lines.append(f"  {_yaml(task)}: {_yaml(spec)}")
+            golds = found["golds"][task]
+            check.append(f"task '{task}': metric {spec['metric']}" + (
+                f" over {len(spec['labels'])} labels ({', '.join(spec['labels'][:6])}"
+                + (", ..." if len(spec["labels"]) > 6 else "") + ")" if spec["metric"] == "label" else "")
+                + f", from {len(golds)} gold answers")
+    else:
+        check.append("no gold answers: eval compares the student with the teacher's answers only (agreement, "
+                     "chrF, perplexity); add a gold column for accuracy")
+    lines += ["eval:", f"  max_new_tokens: {answer_tokens}", "  min_retention: 0.8"]
+    return "\n".join(lines) + "\n", check
+
+
+def recipe_name(source: str) -> str:
+    stem = Path(split_source(source)[0].removeprefix("hf:")).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "task"
