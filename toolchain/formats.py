@@ -316,14 +316,15 @@ def read_prompts(sources: list, split: str, data=None, resolve: Callable[[str], 
 
 
 def hold_out(rows: list[Prompt], fraction: float, seed: int) -> tuple[list[Prompt], list[Prompt]]:
-    """(train, held-out): ``fraction`` of each task's rows, chosen by a seeded shuffle; file order is kept."""
+    """(train, held-out): ``fraction`` of each task's rows, chosen by a seeded shuffle; file order is kept. The
+    choice depends on the seed and the rows' places, not on task names: renaming a task holds out the same rows."""
     by_task: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(rows):
         by_task[p.task].append(i)
     held: set[int] = set()
-    for task, idx in sorted(by_task.items()):
+    for idx in by_task.values():
         pick = list(idx)
-        random.Random(f"{seed}:{task}").shuffle(pick)
+        random.Random(seed).shuffle(pick)
         held.update(pick[: round(len(pick) * fraction)])
     if not held:
         raise DataError(f"data.heldout_fraction: {fraction} of {len(rows)} rows leaves no held-out row "

@@ -130,7 +130,8 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
             lines.append(f"  task: {_yaml(name)}")
         if len(tasks) == 1 and labels_only:  # the teacher must know what it may answer
             labels = next(iter(tasks.values()))["labels"]
-            template = "{text}\n\nAnswer with one word: " + (", ".join(labels[:-1]) + " or " + labels[-1]) + "."
+            options = ", ".join(labels[:-1]) + " or " + labels[-1]
+            template = f"Classify this text as {options}. Answer with one word.\n\nText: {{text}}"
             lines.append(f"  template: {_yaml(template)}   # CHECK: the prompt around the text (any {{column}})")
             check.append(f"template: the teacher is asked {_yaml(template)}")
         else:

