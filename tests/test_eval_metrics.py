@@ -240,3 +240,31 @@ def test_a_teacher_no_better_than_the_majority_label_is_flagged():
     assert len(notes) == 1 and "no better than always answering 'ham' (80.0%)" in notes[0]
     md = "\n".join(label_markdown(report))
     assert "## spam: labels" in md and "| spam | 2 | - / 0.0 | - / 0.0 |" in md and "| ham | 0 | 8 | 0 |" in md
+
+
+def test_judge_verdicts_are_parsed_and_both_orders_count():
+    from toolchain import judge
+
+    assert [judge.parse(x) for x in ("A", "**B**", "Tie.", "Answer A is better", "neither", "", "b\nA")] == \
+        ["A", "B", "TIE", "A", None, None, "B"]
+
+    class Fixed:  # a judge that always prefers the first answer: position bias the two orders cancel
+        def __init__(self):
+            self.asked = []
+
+        def chat(self, messages, **kw):
+            from toolchain.backends import Completion
+
+            self.asked.append(messages[1]["content"])
+            return Completion("A", "stop", 0, 1)
+
+    engine = Fixed()
+    rows = judge.judge_task(engine, None, [{"id": "1", "prompt": "q", "teacher": "t-answer", "student": "s-answer"}])
+    assert len(engine.asked) == 2
+    assert engine.asked[0].index("t-answer") < engine.asked[0].index("s-answer")
+    assert engine.asked[1].index("s-answer") < engine.asked[1].index("t-answer")
+    assert rows[0]["score"] == 0.5
+    s = judge.summary(rows + [{"id": "2", "verdicts": [{"verdict": None, "student_is": "B"},
+                                                        {"verdict": "A", "student_is": "A"}], "score": 1.0}])
+    assert (s["wins"], s["ties"], s["losses"], s["parse_failures"], s["asked"]) == (1, 1, 0, 1, 4)
+    assert s["score"] == 0.75 and s["order_agreement"] == 0.0

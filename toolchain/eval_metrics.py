@@ -21,12 +21,13 @@ QUALITY_CEILING = 0.5  # teacher gold accuracy below this: the teacher, not the 
 
 def gold_check(doc: dict, response: str) -> bool | None:
     """The response against the doc's gold answer under the task's declared metric; None without a gold."""
-    if doc.get("gold") is None:
+    spec = json.loads(doc["metric"]) if doc.get("metric") else {"metric": "exact"}
+    if doc.get("gold") is None or spec["metric"] == "judge":
         return None
     if doc.get("answer_pattern"):  # reasoning: only the final answer counts
         answer = final_answer(response, doc["answer_pattern"])
         return answer is not None and answers_match(answer, doc["gold"])
-    return check(json.loads(doc["metric"]) if doc.get("metric") else {"metric": "exact"}, response, doc["gold"])
+    return check(spec, response, doc["gold"])
 
 
 def process_generation(doc: dict, results: list[str]) -> dict:

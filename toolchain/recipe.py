@@ -290,15 +290,19 @@ class MergeConfig(_Section):
 class TaskConfig(_Section):
     """What a right answer is for one task of the prompt files (the ``task`` field of each row)."""
 
-    metric: Literal["exact", "contains", "label", "number", "keywords", "regex", "json", "chrf"] = Field(
+    metric: Literal["exact", "contains", "label", "number", "keywords", "regex", "json", "chrf", "judge"] = Field(
         "exact",
         description="exact: the trimmed answer equals the gold; contains: the gold appears in it (word-bounded); "
         "label: the first of `labels` the answer names is the gold; number: the last number equals the gold "
         "within `tolerance`; keywords: every ';'-separated word of the gold appears ('|' between alternatives); "
         "regex: group 1 of `pattern`'s first match equals the gold; json: the answer is JSON whose `keys` (all "
-        "of the gold's without them) equal the gold's; chrf: chrF against the gold reaches `threshold`. "
-        "Case-insensitive, except golds of one or two characters.",
+        "of the gold's without them) equal the gold's; chrf: chrF against the gold reaches `threshold`; judge: a "
+        "judge model compares the student's answer with the teacher's (both orders; win/tie/loss and a 0-1 score, "
+        "no gold needed). Case-insensitive, except golds of one or two characters.",
     )
+    judge: str | None = Field(
+        None, description="judge: the judge model (any model reference, e.g. an openai: endpoint); default the teacher.")
+    rubric: str | None = Field(None, description="judge: what makes an answer better (replaces the default rubric).")
     pattern: str | None = Field(None, description="regex: the pattern searched in the answer (case-insensitive).")
     keys: list[str] | None = Field(None, description="json: the keys compared with the gold's (default: all of them).")
     threshold: float = Field(50.0, ge=0.0, le=100.0, description="chrf: the score (0-100) an answer must reach.")
@@ -330,6 +334,12 @@ class TaskConfig(_Section):
                 raise ValueError(f"pattern: not a regular expression ({err})") from None
         if self.keys is not None and self.metric != "json":
             raise ValueError("keys only apply to metric: json")
+        if (self.judge is not None or self.rubric is not None) and self.metric != "judge":
+            raise ValueError("judge and rubric only apply to metric: judge")
+        if self.judge is not None:
+            from toolchain.models import check_reference_syntax
+
+            check_reference_syntax(self.judge)
         return self
 
     def spec(self, gold_values: list[str] = ()) -> dict:

@@ -125,7 +125,7 @@ def _pct(x) -> str:
 def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
     """The report as Markdown; with ``images`` (name → file), the charts are linked."""
     from toolchain.stages.bench import render_markdown as bench_md
-    from toolchain.stages.eval import render_table
+    from toolchain.stages.eval import judge_markdown, label_markdown, render_table
     from toolchain.stages.export import render_markdown as export_md
 
     from toolchain.eval_metrics import gate_lines
@@ -141,6 +141,8 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
     lines += ["## Quality (lm-eval, held-out prompts)", "", "```", render_table(data["eval"], data.get("gate")), "```", ""]
     if images:
         lines += [f"![retention]({images['retention']})", ""]
+    lines += [x.replace("## ", "### ", 1) if x.startswith("## ") else x
+              for x in label_markdown(data["eval"]) + judge_markdown(data["eval"])] + [""]
     lines += ["## Exported files", "", export_md(data["export"]).split("\n", 2)[2]]
     if data.get("sweep"):
         lines += ["## Sweep: layers kept vs quality and speed", "", "| layers | parameters (M) | student gold | retention | "

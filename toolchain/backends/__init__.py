@@ -43,6 +43,12 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def endpoint_options(g) -> dict:
+    """OpenAIEngine options from the recipe's generate section (timeouts, retries, rate, key variable)."""
+    return {"timeout_s": g.timeout_s, "max_retries": g.max_retries, "requests_per_minute": g.requests_per_minute,
+            "api_key_env": g.api_key_env, "logprobs": g.logprobs}
+
+
 def open_engine(ref, backend: str = "auto", *, n_ctx: int = 2048, threads: int | None = None, seed: int = 0,
                 endpoint: dict | None = None):
     """Pick the engine for a resolved model reference (``endpoint``: OpenAIEngine options for openai:)."""

@@ -314,7 +314,11 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             saved.write_text(json.dumps(results[role]), encoding="utf-8")
             bar.update(task, advance=1)
 
+    judged = _judge(cfg, rows, results, resume)
     report = _report(cfg, rows, results, {role: sha for role, _, sha in models})
+    if judged:
+        report["judge"] = {task: j["summary"] for task, j in judged.items()}
+        write_jsonl(out_dir / "judge.jsonl", [{"task": t, **row} for t, j in judged.items() for row in j["rows"]])
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "eval.md").write_text(render_markdown(report, rows, results), encoding="utf-8")
     if cfg.eval.log_samples:
@@ -328,6 +332,37 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                  "student_gold": overall["student"], "gold_docs": overall["gold_docs"], "docs": len(rows)},
         seeds={"lm_eval": cfg.eval.seed},
     )
+
+
+def _judge(cfg, rows: list[dict], results: dict, resume: Path) -> dict:
+    """tasks with metric judge: the judge model compares the student's held-out answers with the teacher's
+    (toolchain.judge), both orders; kept in the resume folder so a kill does not ask it again."""
+    from toolchain import judge
+    from toolchain.backends import endpoint_options, open_engine
+
+    tasks = {t: spec for t, spec in cfg.tasks.items() if spec.metric == "judge" and any(r["task"] == t for r in rows)}
+    saved = resume / "judge.json"
+    done = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+    todo = [t for t in sorted(tasks) if t not in done]
+    if todo:
+        prompts = {r["id"]: r["prompt"] for r in rows}
+        with progress() as bar:
+            bar_task = bar.add_task("judge", total=sum(r["task"] in todo for r in rows), info="")
+            for t in todo:
+                ref = resolve(tasks[t].judge or cfg.teacher)
+                engine = open_engine(ref, "auto", n_ctx=cfg.generate.n_ctx, threads=cfg.generate.threads,
+                                     endpoint=endpoint_options(cfg.generate) if ref.kind == "openai" else None)
+                answers = {role: {s["id"]: s["response"] or "" for s in results[role]["samples"][t]}
+                           for role in ("teacher", "student")}
+                docs = [{"id": i, "prompt": prompts[i], "teacher": answers["teacher"][i], "student": s}
+                        for i, s in answers["student"].items()]
+                bar.update(bar_task, info=f"{t} ({ref.ref})")
+                judged = judge.judge_task(engine, tasks[t].rubric, docs, on_done=lambda: bar.update(bar_task, advance=1))
+                engine.close()
+                done[t] = {"rows": judged, "summary": {**judge.summary(judged, cfg.eval.bootstrap_iters, cfg.eval.seed),
+                                                       "judge": ref.ref, "rubric": tasks[t].rubric or judge.RUBRIC}}
+                saved.write_text(json.dumps(done), encoding="utf-8")
+    return done
 
 
 def task_scores(result: dict, tasks: list[str]) -> dict[str, dict]:
@@ -529,7 +564,7 @@ def render_markdown(report: dict, rows: list[dict], results: dict[str, dict]) ->
         out.append(f"| {task} | {report['docs'][task]} | " + " | ".join(_fmt(scores[r][task].get("gold")) for r in roles)
                    + f" | {_fmt(s_['exact'])} | {s_['chrf']:.1f} | {_fmt(s_['perplexity'], False)} / {_fmt(t['perplexity'], False)} |")
     out += [""] + [f"> {n}" for n in interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)]
-    out += label_markdown(report)
+    out += label_markdown(report) + judge_markdown(report)
     by_id = {r["id"]: r for r in rows}
     for task in ret["tasks"]:
         out += ["", f"## {task}: samples", ""]
@@ -541,6 +576,30 @@ def render_markdown(report: dict, rows: list[dict], results: dict[str, dict]) ->
                     f"- teacher: {_one_line(teacher[s['id']]['response'])}",
                     f"- student: {_one_line(s['response'])}", ""]
     return "\n".join(out) + "\n"
+
+
+def judge_markdown(report: dict) -> list[str]:
+    """The judge tasks: the student's answer against the teacher's, as the judge model saw them."""
+    judged = report.get("judge") or {}
+    if not judged:
+        return []
+    out = ["", "## Judged tasks", "",
+           "A judge model compared the student's answer with the teacher's for each held-out prompt, asked twice with "
+           "the answers swapped. Score: 1 = student better in both orders, 0.5 = tie (or the orders disagree), "
+           "0 = teacher better; 0.5 overall is as good as the teacher.", "",
+           "| task | judge | n | student wins | ties | teacher wins | score [95%] | orders agree | parse failures |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for task, j in judged.items():
+        iv = f" [{j['interval'][0]:.2f}-{j['interval'][1]:.2f}]" if j["interval"] else ""
+        agree = "-" if j["order_agreement"] is None else f"{100 * j['order_agreement']:.0f}%"
+        score = "-" if j["score"] is None else f"{j['score']:.2f}{iv}"
+        out.append(f"| {task} | {j['judge']} | {j['n']} | {j['wins']} | {j['ties']} | {j['losses']} | {score} | {agree} "
+                   f"| {j['parse_failures']} of {j['asked']} |")
+    weak = [t for t, j in judged.items() if j["order_agreement"] is not None and j["order_agreement"] < 0.5]
+    if weak:
+        out += ["", f"> {', '.join(weak)}: the judge changed its verdict with the answers' order for most prompts; "
+                    "it is too weak for this task: name a stronger judge in tasks.<task>.judge (an openai: endpoint)."]
+    return out
 
 
 def _one_line(text: str | None, width: int = 200) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolchain.backends import Completion, open_engine
+from toolchain.backends import Completion, endpoint_options, open_engine
 from toolchain.chat import context, encode_pair, final_answer, flat_prompt, messages_for, tokenize_pairs, with_instruction
 from toolchain.data import JsonlAppender, iter_jsonl, read_jsonl_resumable, write_jsonl
 from toolchain.formats import load_prompts
@@ -76,11 +76,6 @@ def _given_answers(cfg, jobs: list) -> tuple[list, list[dict], int]:
     return ask, given, without
 
 
-def _endpoint_options(g) -> dict:
-    return {"timeout_s": g.timeout_s, "max_retries": g.max_retries, "requests_per_minute": g.requests_per_minute,
-            "api_key_env": g.api_key_env, "logprobs": g.logprobs}
-
-
 def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
     """Ask for every (prompt, sample) not yet in responses.jsonl; one line per answer, appended as it arrives.
 
@@ -104,7 +99,7 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
     ref = resolve(cfg.teacher)
     endpoint = ref.kind == "openai"
     engine = open_engine(ref, g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=g.seed,
-                         endpoint=_endpoint_options(g) if endpoint else None)
+                         endpoint=endpoint_options(g) if endpoint else None)
     workers = g.concurrency if endpoint else 1
 
     def asked(p) -> str:
@@ -338,7 +333,7 @@ def _passes(spec: dict, row: dict) -> bool:
     from toolchain.scoring import check
 
     want = row["gold"] if row["gold"] is not None else row.get("reference")
-    return want is None or check(spec, row["response"], want)
+    return want is None or spec["metric"] == "judge" or check(spec, row["response"], want)
 
 
 def explain_drops(cfg, answered: int, dropped: list[tuple[str, dict]]) -> list[str]:
