@@ -207,3 +207,25 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_written(tmp_path, files, da
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert re.search(message, lines[0]), lines[0]
     assert not runs.exists() or not any(runs.rglob("manifest.json"))
+
+
+def test_eval_renders_a_rows_own_system_message_and_turns_in_the_models_chat_template():
+    from toolchain.recipe import parse
+    from toolchain.stages.eval import _prompt_for, with_context
+
+    cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": ["-"]}, "generate": {"system_prompt": "Recipe."}})
+    rows = [r.extras() | {"id": r.id, "prompt": r.prompt} for r in read_prompts([DATA / "chat.jsonl"], "train")]
+
+    class LM:
+        def apply_chat_template(self, chat_history, add_generation_prompt=True):
+            return json.dumps(chat_history)
+
+    lm = with_context(cfg, LM(), rows)
+    # what lm-eval hands the model: its system instruction and one user turn holding the doc's prompt
+    rendered = [json.loads(lm.apply_chat_template([{"role": "system", "content": "Recipe."},
+                                                   {"role": "user", "content": _prompt_for(cfg, "student", r)}]))
+                for r in rows]
+    assert rendered[0][0] == {"role": "system", "content": "You are a support agent for Acme Bank. Answer in one sentence."}
+    assert [m["role"] for m in rendered[1]] == ["system", "user", "assistant", "user"]
+    assert rendered[1][0]["content"] == "Recipe." and rendered[1][-1]["content"] == "It is still pending today."
+    assert rendered[2] == [{"role": "system", "content": "Recipe."}, {"role": "user", "content": "What are your opening hours?"}]

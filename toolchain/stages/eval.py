@@ -477,8 +477,11 @@ def interval_notes(report: dict) -> list[str]:
         return []
     out = [f"[..]: 95% intervals, {iv['method']}, {iv['iters']} resamples, seed {iv['seed']}; "
            f"p(s<t): McNemar's exact one-sided test of \"student below teacher\""]
-    if str(report.get("teacher_answers", "")).startswith("generate"):
+    source = str(report.get("teacher_answers", ""))
+    if source.startswith("generate"):
         out.append("teacher gold: its greedy held-out answers from the generate stage (eval.teacher_answers)")
+    elif source.startswith("the data's reference answers"):
+        out.append(f"teacher column: {source} (generate.answers), what the student learned from")
     if report.get("teacher_likelihood") == "generate":
         out.append("teacher perplexity: of its held-out answers under the logits llama.cpp chose them from in generate")
     if report.get("base", {}).get("note"):
@@ -487,7 +490,7 @@ def interval_notes(report: dict) -> list[str]:
     if metrics:
         out.append("gold checked by: " + ", ".join(
             f"{t} {m['metric']}" + (f" (at most {m['max_words']} words)" if m.get("max_words") else "")
-            for t, m in sorted(metrics.items())))
+            for t, m in sorted(metrics.items()) if report.get("gold_docs", {}).get(t) or m["metric"] == "judge"))
     return out + list(report.get("notes", []))
 
 
