@@ -134,7 +134,7 @@ def test_teacher_likelihood_recorded_in_generate_is_lm_evals(soft_run, tmp_path)
     engine = open_engine(ref, cfg.generate.backend, n_ctx=cfg.generate.n_ctx, threads=None, seed=0)
     try:
         again = _Decoded(cfg, tmp_path / "gen", engine, cache=False)._likelihood(
-            answered[0]["prompt"], Completion(text=answered[0]["response"], finish_reason="stop", prompt_tokens=0, completion_tokens=0), [], [], None)
+            answered[0]["prompt"], {}, Completion(text=answered[0]["response"], finish_reason="stop", prompt_tokens=0, completion_tokens=0), [], [], None)
     finally:
         engine.close()
     assert again["teacher_logprob"] == pytest.approx(answered[0]["teacher_logprob"], abs=0.05)
