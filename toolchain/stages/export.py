@@ -165,15 +165,140 @@ def _finish(cfg, kind: str, label: str, path: Path, describe: dict, engine, ref,
     return {"format": kind, "variant": label, **describe, **checks, **quality}
 
 
-def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref, rows, evaluation, bar, task):
-    """Convert once to float32 GGUF (with the source tokenizer), quantize to each listed type, check each."""
+def _base_models(cfg) -> list[dict]:
+    """general.base_model.*: the teacher, and the student's own starting model when it is not the teacher."""
+    from toolchain.models import gguf_metadata
+
+    out = []
+    for ref_text in [cfg.teacher] + ([cfg.student.from_] if cfg.student.from_ != "teacher" else []):
+        ref = resolve(ref_text)
+        entry = {"name": ref_text.rsplit("/", 1)[-1].rsplit("#", 1)[-1].removesuffix(".gguf")}
+        if ref.kind == "gguf" and ref.path is not None:
+            meta = gguf_metadata(ref.path)
+            entry["name"] = str(meta.get("general.name") or entry["name"])
+            if meta.get("general.organization"):
+                entry["organization"] = str(meta["general.organization"])
+        if ref_text.startswith("hf:"):
+            repo = ref_text[3:].split("@", 1)[0]
+            entry.update(name=repo.split("/")[-1], organization=repo.split("/")[0],
+                         repo_url=f"https://huggingface.co/{repo}")
+        out.append(entry)
+    return out
+
+
+def gguf_metadata(cfg, tok, evaluation: dict, licence: dict) -> dict:
+    """What a model browser, a licence scanner and a laptop runtime read from the file: provenance
+    (general.*), the chat template the student was trained with (the recipe's system prompt as its default)
+    and the end-of-turn token."""
+    from toolchain.runtimes import roles, with_default_system
+
+    template = with_default_system(tok.chat_template, cfg.generate.system_prompt)
+    ov = evaluation["retention"]["overall"]
+    result = ("" if ov.get("teacher") is None else
+              f"; held-out gold {_pct(ov['student'])}% vs the teacher's {_pct(ov['teacher'])}% "
+              f"(retention {_num(ov['retention'])}, {ov['gold_docs']} prompts)")
+    meta = {"general.name": f"{cfg.name} student", "general.organization": "distillery",
+            "general.quantized_by": "distillery", "general.tags": ["distillation", "distillery",
+                                                                  f"{cfg.distill.flavour}-label"],
+            "general.description": f"Recipe '{cfg.name}': a {cfg.distill.flavour}-label student distilled from "
+                                   f"{cfg.teacher}{result}.",
+            "tokenizer.chat_template": template}
+    if licence.get("teacher_licence"):
+        meta["general.license"] = licence["teacher_licence"]
+    bases = _base_models(cfg)
+    meta["general.base_model.count"] = len(bases)
+    for i, b in enumerate(bases):
+        meta.update({f"general.base_model.{i}.{k}": v for k, v in b.items()})
+    end = roles(template, tok.bos_token or "", tok.eos_token or "")["assistant"][1].strip()
+    eot = tok.convert_tokens_to_ids(end) if end else None
+    if isinstance(eot, int) and eot != tok.unk_token_id:
+        meta["tokenizer.ggml.eot_token_id"] = eot
+    return meta
+
+
+def write_modelfile(cfg, tok, gguf: Path, licence: dict) -> Path:
+    """An Ollama Modelfile next to the GGUF: its template in Ollama's syntax, the system prompt, the stops."""
+    from toolchain.runtimes import modelfile, roles, with_default_system
+
+    r = roles(with_default_system(tok.chat_template, cfg.generate.system_prompt), tok.bos_token or "",
+              tok.eos_token or "")
+    stops = list(dict.fromkeys(x for x in (r["assistant"][1].strip(), tok.eos_token) if x))
+    terms = " ".join(x for x in (licence.get("teacher_licence"), licence.get("student_terms")) if x)
+    path = gguf.with_suffix(".Modelfile")
+    path.write_text(modelfile(gguf.name, r, cfg.generate.system_prompt, stops, cfg.serve.n_ctx, terms),
+                    encoding="utf-8")
+    return path
+
+
+def foreign_server_check(cfg, path: Path, max_tokens: int) -> dict:
+    """The GGUF behind llama-cpp-python's own OpenAI server (not ours; its chat format read from the file),
+    asked the check prompts with no system message, answers as ``distillery serve`` does (which adds the
+    recipe's system prompt): the file alone reproduces the training prompt. ExportError at the first that
+    differs."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from importlib.metadata import version
+
+    from toolchain.backends.llama_cpp import LlamaCppEngine
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}/v1"
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "2048", "--verbose", "false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def post(body: dict) -> dict:
+        req = urllib.request.Request(f"{base}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.loads(resp.read())
+
+    engine = LlamaCppEngine(path, n_ctx=2048)
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise ExportError(f"{path.name}: llama-cpp-python's server did not start: "
+                                  f"{(proc.stderr.read() or '').strip().splitlines()[-1:]}")
+            try:
+                urllib.request.urlopen(f"{base}/models", timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise ExportError(f"{path.name}: llama-cpp-python's server did not answer in 120 s") from None
+                time.sleep(0.3)
+        same = 0
+        for i, prompt in enumerate(CHECK_PROMPTS):
+            theirs = post({"messages": [{"role": "user", "content": prompt}], "temperature": 0, "top_p": 1,
+                           "repeat_penalty": 1.0, "max_tokens": max_tokens, "seed": 0})["choices"][0]["message"]["content"]
+            ours = engine.chat(messages_for(prompt, cfg.generate.system_prompt), max_tokens=max_tokens).text
+            if theirs.strip() != ours.strip():
+                raise ExportError(f"{path.name}: llama-cpp-python's own server (no system message) answers check prompt "
+                                  f"{i + 1} {prompt!r} with {theirs[:80]!r}, distillery serve with {ours[:80]!r}")
+            same += 1
+    finally:
+        engine.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {"server": f"llama_cpp.server {version('llama-cpp-python')}", "file": path.name, "prompts": len(CHECK_PROMPTS),
+            "same": same, "system_message_sent": False}
+
+
+def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows, evaluation, bar, task):
+    """Convert once to float32 GGUF (with the source tokenizer and the metadata runtimes read), quantize to
+    each listed type, check each, and write its Ollama Modelfile."""
     base = work / "student-f32.gguf"
     if not base.is_file():
         bar.update(task, info="gguf: convert")
-        meta = {"general.name": f"{cfg.name} student", "general.organization": "distillery"}
-        if licence:
-            meta["general.license"] = licence
-        gguf_io.build_float(merged, base, tokenizer_source(cfg), meta)
+        gguf_io.build_float(merged, base, tokenizer_source(cfg), gguf_metadata(cfg, ref.tok, evaluation, licence))
     results = []
     (out_dir / "gguf").mkdir(exist_ok=True)
     for quant in cfg.export.quants:
@@ -195,6 +320,7 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: str | None, ref
         finally:
             engine.close()
         result["file"] = str(path.relative_to(out_dir))
+        result["modelfile"] = str(write_modelfile(cfg, ref.tok, path, licence).relative_to(out_dir))
         saved.write_text(json.dumps(result), encoding="utf-8")
         results.append(result)
         bar.update(task, advance=1)
@@ -255,7 +381,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     if source is not None:
         gguf_io.open_reader(source)
     evaluation = json.loads((inputs["eval"] / "eval.json").read_text(encoding="utf-8"))
-    licence = (json.loads((inputs["merge"] / "manifest.json").read_text()).get("licence") or {}).get("teacher_licence")
+    licence = json.loads((inputs["merge"] / "manifest.json").read_text()).get("licence") or {}
     rows = heldout_rows(cfg, inputs["generate"])
     work = out_dir / RESUME_DIR
     work.mkdir(exist_ok=True)
@@ -266,8 +392,16 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     results: list[dict] = []
     with progress() as bar:
         task = bar.add_task("export", total=total, info="")
+        foreign = None
         if "gguf" in cfg.export.formats:
             results += _gguf(cfg, merged, out_dir, work, licence, ref, rows, evaluation, bar, task)
+            quant = "q8_0" if "q8_0" in cfg.export.quants else cfg.export.quants[0]
+            saved = work / "foreign-server.json"
+            if not saved.is_file():
+                bar.update(task, info=f"gguf {quant}: llama-cpp-python's server")
+                check = foreign_server_check(cfg, out_dir / "gguf" / f"{cfg.name}-{quant}.gguf", cfg.export.check_tokens)
+                saved.write_text(json.dumps(check), encoding="utf-8")
+            foreign = json.loads(saved.read_text(encoding="utf-8"))
         if "onnx" in cfg.export.formats:
             results += _onnx(cfg, merged, safetensors["parameters"], out_dir, work, ref, rows,
                              evaluation, bar, task)
@@ -281,7 +415,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     report = {"recipe": cfg.name, "teacher_gold": evaluation["retention"]["overall"]["teacher"],
               "gate_level": cfg.eval.gate_level,
               "pytorch": pytorch, "files": results, "check_prompts": CHECK_PROMPTS,
-              "check_tokens": cfg.export.check_tokens, "tokenizer_source": str(source) if source else None}
+              "check_tokens": cfg.export.check_tokens, "tokenizer_source": str(source) if source else None,
+              "foreign_server": foreign}
     (out_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "export.md").write_text(render_markdown(report), encoding="utf-8")
     console.print(render_markdown(report).split("\n\n")[1], highlight=False, soft_wrap=True)
@@ -322,6 +457,18 @@ def render_markdown(report: dict) -> str:
               "top-1 agreement and KL(PyTorch ‖ file) over the same sequences; tokenizer: identical ids on "
               "evals/tokenizer_strings.json. A near tie: the outputs part where PyTorch's own margin between the two "
               "tokens is under twice the largest logit difference between PyTorch and the file (float rounding).", ""]
+    made = [r for r in report["files"] if r.get("modelfile")]
+    if made:
+        lines += ["Laptop runtimes: every GGUF carries the chat template the student was trained with (the recipe's "
+                  "system prompt as its default), its end-of-turn token and its provenance, so llama-server and LM "
+                  "Studio run it as it is; for Ollama, from this folder:", ""]
+        lines += [f"    ollama create {report['recipe']}-{r['variant'].replace('_', '-')} -f {r['modelfile']}"
+                  for r in made] + [""]
+    f = report.get("foreign_server")
+    if f:
+        lines += [f"Checked in a server that is not ours: {f['server']} on {f['file']}, its chat format read from the "
+                  f"file, asked the {f['prompts']} check prompts without a system message, gave distillery serve's "
+                  f"greedy answers for {f['same']} of {f['prompts']}.", ""]
     notes = quality_notes(report)
     return "\n".join(lines + (notes + [""] if notes else []))
 
