@@ -262,6 +262,26 @@ def report(recipe: str, runs_root: str) -> None:
 @main.command()
 @recipe_arg
 @runs_opt
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to write the two model folders in.")
+@click.option("--repo", help="Also upload them to the Hugging Face Hub as ORG/NAME and ORG/NAME-GGUF (network, token).")
+@click.option("--base-model", help="The teacher's Hub id for the card (default: from an hf: teacher or its GGUF).")
+@click.option("--force", is_flag=True, help="Replace folders that exist.")
+@friendly
+def publish(recipe: str, runs_root: str, to: str, repo: str | None, base_model: str | None, force: bool) -> None:
+    """A folder a model hub takes as it is: the merged student with a model card (YAML metadata, eval table,
+    per-file quality and speed, inherited licence terms) and a -GGUF sibling with the GGUFs and Modelfiles."""
+    from toolchain import publish as pub
+
+    model, gguf = pub.build(_load(recipe), runs_root, Path(to), repo, force, base_model)
+    click.echo(f"{model}\n{gguf}")
+    if repo:
+        for url in pub.upload(model, gguf, repo):
+            click.echo(url)
+
+
+@main.command()
+@recipe_arg
+@runs_opt
 @click.option("--keep-layers", required=True, help="Comma-separated depths to try, e.g. 6,10,15,20.")
 @friendly
 def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:

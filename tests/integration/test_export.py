@@ -269,3 +269,33 @@ def test_gguf_carries_what_laptop_runtimes_read_and_a_foreign_server_answers_as_
 
     with pytest.raises(ExportError, match=r"llama-cpp-python's own server \(no system message\) answers check prompt 1"):
         foreign_server_check(recipe, q8, 16)  # the file without that default: the check catches it
+
+
+def test_publish_writes_hub_ready_folders_without_local_paths(ci_run, tmp_path):
+    import yaml
+
+    from toolchain import publish
+    from toolchain.recipe import load
+
+    recipe, runs, _ = ci_run
+    out = tmp_path / "pub"
+    proc = distillery("publish", str(recipe), "--runs", str(runs), "--to", str(out),
+                      "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    model, gguf = out / "ci", out / "ci-GGUF"
+    assert proc.stdout.split() == [str(model), str(gguf)]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= {p.name for p in model.iterdir()}
+    assert {"ci-q8_0.gguf", "ci-q8_0.Modelfile", "README.md"} <= {p.name for p in gguf.iterdir()}
+    card = (model / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == "apache-2.0" and front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert front["base_model_relation"] == "finetune" and front["pipeline_tag"] == "text-generation"
+    assert "distillation" in front["tags"] and "retention" in card and "## Licence" in card
+    assert "| gguf/ci-q8_0.gguf |" in card and "decode tokens/s" in card
+    for text in (card, (gguf / "README.md").read_text()):
+        assert publish.local_paths(text, [ROOT, runs, tmp_path]) == []
+        assert str(ROOT) not in text and str(tmp_path) not in text
+    assert distillery("publish", str(recipe), "--runs", str(runs), "--to", str(out), check=False).returncode == 1
+    # the GGUF sibling names the student's repo as its base model when there is one
+    model2, gguf2 = publish.build(load(str(recipe)), runs, tmp_path / "pub2", repo="acme/ci-student")
+    front = yaml.safe_load((gguf2 / "README.md").read_text().split("---\n")[1])
+    assert front["base_model"] == "acme/ci-student" and front["base_model_relation"] == "quantized"
