@@ -32,7 +32,31 @@ def export(model_dir: Path, out_dir: Path) -> Path:
     return path
 
 
-ONNX_VARIANTS = ("fp32", "int8", "int8_nbits", "int4")
+ONNX_VARIANTS = ("fp32", "int8", "int8_nbits", "int4", "genai_int4", "genai_fp32")
+
+
+def genai_build(model_dir: Path, out_dir: Path, variant: str) -> Path:
+    """onnxruntime-genai's model builder: its own decoder graph (fused attention with a shared KV buffer;
+    genai_int4: MatMulNBits int4 weights, RTN, blocks of 32), a genai_config.json and the tokenizer files. The
+    result is a plain ONNX decoder with past_key_values too, so it is checked, scored and served as the others."""
+    import os
+    import subprocess
+    import sys
+
+    precision = {"genai_int4": "int4", "genai_fp32": "fp32"}[variant]
+    cache = out_dir.with_name(out_dir.name + ".cache")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
+           "-p", precision, "-e", "cpu", "-c", str(cache)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    shutil.rmtree(cache, ignore_errors=True)
+    out = out_dir / "model.onnx"
+    if done.returncode != 0 or not out.is_file():
+        tail = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        raise ExportError(f"{model_dir}: onnxruntime-genai's model builder failed ({variant}): {tail[0]}")
+    for name in TOKENIZER_FILES:  # config.json and generation_config.json too, for our own engine
+        if (model_dir / name).is_file() and not (out_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+    return out
 
 
 def quantize(src: Path, out_dir: Path, variant: str) -> Path:
@@ -99,8 +123,15 @@ def external_files(path: Path) -> list[Path]:
     return sorted(set(found))
 
 
+# Operators onnxruntime registers in the default ONNX domain (onnxruntime-genai's graphs use them); the ONNX
+# checker does not know them, so a model that uses them is checked as a protobuf and opened by onnxruntime.
+ORT_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+
+
 def check(path: Path) -> dict:
-    """Re-open an ONNX model and run the full checker (shape inference included); what is in it."""
+    """Re-open an ONNX model and run the full checker (shape inference included; for a graph with
+    onnxruntime's own default-domain operators, the structural checks and an onnxruntime session instead);
+    what is in it."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -109,8 +140,18 @@ def check(path: Path) -> dict:
         raise ExportError(f"{path}: no such ONNX file")
     try:
         extra = external_files(path)
-        onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path), load_external_data=False)
+        if {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")} & ORT_DEFAULT_DOMAIN_OPS:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            try:
+                ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime's own error types
+                raise ValueError(f"onnxruntime cannot open it: {e}") from None
+        else:
+            onnx.checker.check_model(str(path), full_check=True)
     except ExportError:
         raise
     except (DecodeError, onnx.checker.ValidationError, OSError, ValueError) as e:

@@ -404,10 +404,11 @@ class ExportConfig(_Section):
     quants: list[Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"]] = Field(
         default_factory=lambda: ["f16", "q8_0", "q4_k_m"], description="GGUF types, quantized by llama.cpp itself."
     )
-    onnx: list[Literal["fp32", "int8", "int8_nbits", "int4"]] = Field(
+    onnx: list[Literal["fp32", "int8", "int8_nbits", "int4", "genai_int4", "genai_fp32"]] = Field(
         default_factory=lambda: ["fp32", "int8"],
         description="ONNX variants: fp32; int8 (onnxruntime quantize_dynamic: int8 weights and activations); "
-        "int8_nbits / int4 (weight-only MatMulNBits, blocks of 32).",
+        "int8_nbits / int4 (weight-only MatMulNBits, blocks of 32); genai_int4 / genai_fp32 (onnxruntime-genai's "
+        "model builder: fused attention, int4 RTN weights; runs in onnxruntime and onnxruntime-genai).",
     )
     check_tokens: int = Field(32, ge=1, le=512, description="Greedy tokens compared with PyTorch per check prompt.")
     score: bool = Field(True, description="Score every exported file on the held-out tasks (lm-eval, as eval does).")

@@ -299,3 +299,26 @@ def test_publish_writes_hub_ready_folders_without_local_paths(ci_run, tmp_path):
     model2, gguf2 = publish.build(load(str(recipe)), runs, tmp_path / "pub2", repo="acme/ci-student")
     front = yaml.safe_load((gguf2 / "README.md").read_text().split("---\n")[1])
     assert front["base_model"] == "acme/ci-student" and front["base_model_relation"] == "quantized"
+
+
+def test_onnxruntime_genai_builder_variants_are_checked_and_scored(ci_run, tmp_path):
+    """export.onnx: genai_int4 / genai_fp32 through onnxruntime-genai's model builder; the fp32 graph matches
+    PyTorch like optimum's; both load, run and are scored like every other file."""
+    from tests.conftest import stage_dirs
+
+    _, runs, _ = ci_run
+    mine = tmp_path / "runs" / "ci"
+    mine.mkdir(parents=True)
+    for stage, folder in stage_dirs(runs, "ci").items():
+        if stage in ("generate", "distill", "merge", "eval"):
+            shutil.copytree(folder, mine / folder.name)
+    recipe = recipe_copy(tmp_path, "ci", export={"formats": ["onnx"], "onnx": ["genai_int4", "genai_fp32"]})
+    distillery("export", str(recipe), "--runs", str(tmp_path / "runs"))
+    export = stage_dirs(tmp_path / "runs", "ci")["export"]
+    files = {r["variant"]: r for r in json.loads((export / "export.json").read_text())["files"]}
+    assert set(files) == {"genai_int4", "genai_fp32"}
+    assert (export / "onnx" / "genai_int4" / "genai_config.json").is_file()
+    fp32 = files["genai_fp32"]
+    assert fp32["greedy_same"] + fp32.get("greedy_near_ties", 0) == fp32["greedy_prompts"] and fp32["mean_kl"] < 1e-4
+    assert fp32["tokenizer_same_as_hf"] == fp32["tokenizer_strings"]
+    assert files["genai_int4"]["bits_per_weight"] < fp32["bits_per_weight"] and "gold" in files["genai_int4"]

@@ -332,7 +332,8 @@ def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, 
     from toolchain.backends.onnx import OnnxEngine
 
     fp32 = work / "onnx-fp32"
-    if not (fp32 / "model.onnx").is_file():
+    optimum = any(not v.startswith("genai_") for v in cfg.export.onnx)  # genai variants come from their builder
+    if optimum and not (fp32 / "model.onnx").is_file():
         bar.update(task, info="onnx: export")
         shutil.rmtree(fp32, ignore_errors=True)
         onnx_io.export(merged, work / "onnx-fp32.tmp")
@@ -350,6 +351,8 @@ def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, 
         shutil.rmtree(tmp, ignore_errors=True)
         if variant == "fp32":
             shutil.copytree(fp32, tmp)
+        elif variant.startswith("genai_"):
+            onnx_io.genai_build(merged, tmp, variant)
         else:
             onnx_io.quantize(fp32 / "model.onnx", tmp, variant)
         shutil.rmtree(folder, ignore_errors=True)
