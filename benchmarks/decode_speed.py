@@ -1,59 +1,62 @@
-"""Decode tokens/s of exported files side by side, one process, alternating, greedy on the same chat prompts.
+"""Decode speed of several GGUF files side by side, in one process, alternating, on the same prompt.
 
-    python benchmarks/decode_speed.py runs/default/export-*/gguf/default-q8_0.gguf runs/default/export-*/onnx/int8 ...
+    python benchmarks/decode_speed.py runs/default/export-*/gguf/default-q8_0.gguf --teacher q8_0 --repeats 5
 
-GGUF files run in llama.cpp, ONNX folders in onnxruntime through toolchain.backends.onnx (what
-`distillery serve --backend onnxruntime` uses). Prints the median (min-max) of the repeats and each file's ratio
-to the first.
+Each round decodes --tokens tokens greedily after the same chat prompt with every file in turn (EOS ignored, so
+every file does the same work), through distillery's llama.cpp engine. Prints the median tokens/s per file and
+its ratio to the teacher (rebuilt at --teacher's type, as bench does), one line per file.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
-PROMPTS = ["Write one sentence about the sea.", "List three primary colours.", "Summarise: the meeting moved to Friday."]
-
-
-def engine_for(path: Path):
-    if path.suffix == ".gguf":
-        from toolchain.backends.llama_cpp import LlamaCppEngine
-
-        return LlamaCppEngine(path, n_ctx=1024)
-    from toolchain.backends.onnx import OnnxEngine
-
-    return OnnxEngine(path)
-
-
-def decode_rate(engine, tokens: int) -> float:
-    done, spent = 0, 0.0
-    for p in PROMPTS:
-        ids = engine.tokenize(engine.chat_text([{"role": "user", "content": p}]))
-        engine.greedy(ids, 1, stop_ids=set())  # the prompt and first token: not decode
-        start = time.perf_counter()
-        out = engine.greedy(ids, tokens, stop_ids=set())
-        spent += time.perf_counter() - start
-        done += len(out)
-    return done / spent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("files", nargs="+", type=Path)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    a = ap.parse_args()
-    engines = {f: engine_for(f) for f in a.files}
-    rates: dict[Path, list[float]] = {f: [] for f in a.files}
-    for _ in range(a.repeats):
-        for f, e in engines.items():
-            rates[f].append(decode_rate(e, a.tokens))
-    first = statistics.median(rates[a.files[0]])
-    for f, r in rates.items():
-        m = statistics.median(r)
-        print(f"{str(f):70s} {m:7.1f} tok/s ({min(r):.1f}-{max(r):.1f})  {m / first:.2f}x")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--teacher", default="q8_0", help="Type the embedded teacher is rebuilt at for the comparison.")
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "default.yaml"))
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from toolchain import served
+    from toolchain.backends.llama_cpp import LlamaCppEngine
+    from toolchain.gguf_io import open_reader
+    from toolchain.recipe import load
+
+    teacher = served.teacher(load(args.recipe), "llama_cpp", args.teacher).path
+    paths = [Path(teacher)] + [Path(f) for f in args.files]
+    engines = [LlamaCppEngine(p, n_ctx=2048) for p in paths]
+    labels = ["teacher"] + [f"{int(open_reader(p).fields['llama.block_count'].contents())} layers, "
+                            f"{len(open_reader(p).fields['tokenizer.ggml.tokens'].contents())} tokens" for p in paths[1:]]
+    speeds: list[list[float]] = [[] for _ in engines]
+    for _ in range(args.repeats):
+        for i, e in enumerate(engines):
+            ids = e.tokenize(e.chat_text([{"role": "user", "content": "Write a short story about the sea."}]))
+            e._kv = []  # a cold cache: every file evaluates the whole prompt
+            import llama_cpp
+
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(e.llm._ctx.ctx), 0, 0, -1)
+            e._decode(ids)
+            start = time.perf_counter()
+            for _ in range(args.tokens):
+                e._decode([int(np.argmax(e.step_logits()))])
+            speeds[i].append(args.tokens / (time.perf_counter() - start))
+    base = statistics.median(speeds[0])
+    print(f"{'file':60s} {'model':24s} {'tokens/s':>9s} {'vs teacher':>10s}")
+    for p, label, v in zip(paths, labels, speeds):
+        m = statistics.median(v)
+        print(f"{str(p)[-60:]:60s} {label:24s} {m:9.1f} {m / base:9.2f}×")
 
 
 if __name__ == "__main__":
