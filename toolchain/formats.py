@@ -291,6 +291,7 @@ def read_prompts(sources: list, split: str, data=None, resolve: Callable[[str], 
         source = str(source)
         base, _ = split_source(source)
         path = None if base.startswith("hf:") else resolve(base)
+        stem = path.stem if path is not None else base.rsplit("/", 1)[-1]
         fmt, table, n = None, None, 0
         for where, rec in records(source, path, "train" if split == "train" else "test"):
             if fmt is None:
@@ -298,7 +299,6 @@ def read_prompts(sources: list, split: str, data=None, resolve: Callable[[str], 
                 table = _Table(data, rec, where) if fmt == "table" else None
             n += 1
             ex = _example(fmt, rec, where, table)
-            stem = (path.stem if path is not None else base.rsplit("/", 1)[-1])
             pid = ex.pop("id") or f"{stem}-{n}"
             if pid in seen:
                 raise DataError(f"{where}: duplicate id '{pid}' (first seen at {seen[pid]})")

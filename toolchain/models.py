@@ -122,8 +122,13 @@ def _resolve_pip(ref: str) -> ModelRef:
     return ModelRef(ref, "gguf", path=ggufs[0])
 
 
+def hub_repo(ref: str) -> str | None:
+    """The Hub repository id of an ``hf:<org>/<name>[@<revision>]`` reference (None for other kinds)."""
+    return ref[3:].partition("@")[0] if ref.startswith("hf:") else None
+
+
 def _resolve_hf(ref: str) -> ModelRef:
-    repo, _, revision = ref[3:].partition("@")
+    repo, revision = hub_repo(ref), ref[3:].partition("@")[2]
     try:
         from huggingface_hub import snapshot_download
 

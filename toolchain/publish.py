@@ -29,10 +29,11 @@ MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "to
 
 def hub_id(ref_text: str) -> str | None:
     """The Hugging Face id of a model reference, where it has one (hf:, or a GGUF that names its source repo)."""
-    if ref_text.startswith("hf:"):
-        return ref_text[3:].split("@", 1)[0]
-    from toolchain.models import gguf_metadata, resolve
+    from toolchain.models import gguf_metadata, hub_repo, resolve
 
+    repo = hub_repo(ref_text)
+    if repo:
+        return repo
     ref = resolve(ref_text)
     if ref.kind == "gguf" and ref.path is not None:
         meta = gguf_metadata(ref.path)

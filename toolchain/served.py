@@ -141,3 +141,42 @@ def from_file(path: Path, backend: str | None) -> Served:
         raise ModelError(f"{path}: a {kind} file runs on the {want} backend, not {backend}")
     folder = path.parent if path.suffix == ".onnx" else path
     return Served(folder if kind == "onnx" else path, want, path.stem if kind == "gguf" else folder.name, "file", kind)
+
+
+def start_child_server(argv, probe: str, what: str, timeout_s: float = 120.0):
+    """(process, port): an HTTP server started as a child on a free loopback port (``argv(port)`` is its command
+    line), once ``probe`` (a path such as /health) answers. RuntimeError naming ``what`` when it exits first or
+    does not answer within ``timeout_s``."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=2):
+                return proc, port
+        except OSError:
+            exited = proc.poll() is not None
+            if exited or time.time() > deadline:
+                stop_child_server(proc)
+                why = "did not start" if exited else f"did not answer in {timeout_s:.0f} s"
+                raise RuntimeError(f"{what} {why}: {(proc.stderr.read() or '').strip()[-300:]}") from None
+            time.sleep(0.3)
+
+
+def stop_child_server(proc, timeout_s: float = 30.0) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+

@@ -173,29 +173,17 @@ class _Served:
     official openai client."""
 
     def __init__(self, target: served.Served, max_new_tokens: int, stream_interval_ms: float):
-        import urllib.request
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
         self.max_new_tokens = max_new_tokens
-        code = ("import sys; from toolchain import served; from toolchain.server import Settings, serve; "
-                f"t = served.Served(__import__('pathlib').Path({str(target.path)!r}), {target.backend!r}, 'bench', "
-                f"'student', {target.quant!r}); serve(served.open_engine(t, n_ctx=4096), Settings(model_id='bench', "
-                f"max_new_tokens={max_new_tokens}, system_prompt=None, stream_interval_ms={stream_interval_ms!r}), "
-                f"'127.0.0.1', {self.port})")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.close()
-                    raise RuntimeError(f"bench server did not start: {self.proc.stderr.read()[-300:]}")
-                time.sleep(0.3)
+
+        def argv(port: int) -> list[str]:
+            code = ("import sys; from toolchain import served; from toolchain.server import Settings, serve; "
+                    f"t = served.Served(__import__('pathlib').Path({str(target.path)!r}), {target.backend!r}, 'bench', "
+                    f"'student', {target.quant!r}); serve(served.open_engine(t, n_ctx=4096), Settings(model_id='bench', "
+                    f"max_new_tokens={max_new_tokens}, system_prompt=None, stream_interval_ms={stream_interval_ms!r}), "
+                    f"'127.0.0.1', {port})")
+            return [sys.executable, "-c", code]
+
+        self.proc, self.port = served.start_child_server(argv, "/health", "bench server")
 
     def run(self, messages: list) -> dict:
         """One run: the first request warms up (as in the raw runs), the others are timed."""
@@ -210,8 +198,7 @@ class _Served:
         return {"requests": rows}
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        served.stop_child_server(self.proc)
 
 
 _CONTENT = re.compile(rb'"content": "[^"]')  # a text delta that is not empty (the role chunk's is)

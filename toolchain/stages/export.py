@@ -167,7 +167,7 @@ def _finish(cfg, kind: str, label: str, path: Path, describe: dict, engine, ref,
 
 def _base_models(cfg) -> list[dict]:
     """general.base_model.*: the teacher, and the student's own starting model when it is not the teacher."""
-    from toolchain.models import gguf_metadata
+    from toolchain.models import gguf_metadata, hub_repo
 
     out = []
     for ref_text in [cfg.teacher] + ([cfg.student.from_] if cfg.student.from_ != "teacher" else []):
@@ -178,21 +178,28 @@ def _base_models(cfg) -> list[dict]:
             entry["name"] = str(meta.get("general.name") or entry["name"])
             if meta.get("general.organization"):
                 entry["organization"] = str(meta["general.organization"])
-        if ref_text.startswith("hf:"):
-            repo = ref_text[3:].split("@", 1)[0]
+        repo = hub_repo(ref_text)
+        if repo:
             entry.update(name=repo.split("/")[-1], organization=repo.split("/")[0],
                          repo_url=f"https://huggingface.co/{repo}")
         out.append(entry)
     return out
 
 
+def runtime_chat(cfg, tok) -> tuple[str, dict]:
+    """The chat template the student was trained with, the recipe's system prompt as its default, and its
+    per-role parts (toolchain.runtimes.roles): what the GGUF and its Modelfile both carry."""
+    from toolchain.runtimes import roles, with_default_system
+
+    template = with_default_system(tok.chat_template, cfg.generate.system_prompt)
+    return template, roles(template, tok.bos_token or "", tok.eos_token or "")
+
+
 def gguf_metadata(cfg, tok, evaluation: dict, licence: dict) -> dict:
     """What a model browser, a licence scanner and a laptop runtime read from the file: provenance
     (general.*), the chat template the student was trained with (the recipe's system prompt as its default)
     and the end-of-turn token."""
-    from toolchain.runtimes import roles, with_default_system
-
-    template = with_default_system(tok.chat_template, cfg.generate.system_prompt)
+    template, parts = runtime_chat(cfg, tok)
     ov = evaluation["retention"]["overall"]
     result = ("" if ov.get("teacher") is None else
               f"; held-out gold {_pct(ov['student'])}% vs the teacher's {_pct(ov['teacher'])}% "
@@ -209,7 +216,7 @@ def gguf_metadata(cfg, tok, evaluation: dict, licence: dict) -> dict:
     meta["general.base_model.count"] = len(bases)
     for i, b in enumerate(bases):
         meta.update({f"general.base_model.{i}.{k}": v for k, v in b.items()})
-    end = roles(template, tok.bos_token or "", tok.eos_token or "")["assistant"][1].strip()
+    end = parts["assistant"][1].strip()
     eot = tok.convert_tokens_to_ids(end) if end else None
     if isinstance(eot, int) and eot != tok.unk_token_id:
         meta["tokenizer.ggml.eot_token_id"] = eot
@@ -218,10 +225,9 @@ def gguf_metadata(cfg, tok, evaluation: dict, licence: dict) -> dict:
 
 def write_modelfile(cfg, tok, gguf: Path, licence: dict) -> Path:
     """An Ollama Modelfile next to the GGUF: its template in Ollama's syntax, the system prompt, the stops."""
-    from toolchain.runtimes import modelfile, roles, with_default_system
+    from toolchain.runtimes import modelfile
 
-    r = roles(with_default_system(tok.chat_template, cfg.generate.system_prompt), tok.bos_token or "",
-              tok.eos_token or "")
+    _, r = runtime_chat(cfg, tok)
     stops = list(dict.fromkeys(x for x in (r["assistant"][1].strip(), tok.eos_token) if x))
     terms = " ".join(x for x in (licence.get("teacher_licence"), licence.get("student_terms")) if x)
     path = gguf.with_suffix(".Modelfile")
@@ -235,43 +241,29 @@ def foreign_server_check(cfg, path: Path, max_tokens: int) -> dict:
     asked the check prompts with no system message, answers as ``distillery serve`` does (which adds the
     recipe's system prompt): the file alone reproduces the training prompt. ExportError at the first that
     differs."""
-    import socket
-    import subprocess
     import sys
-    import time
     import urllib.request
     from importlib.metadata import version
 
+    from toolchain import served
     from toolchain.backends.llama_cpp import LlamaCppEngine
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}/v1"
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--verbose", "false"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        proc, port = served.start_child_server(
+            lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1",
+                          "--port", str(port), "--n_ctx", "2048", "--verbose", "false"],
+            "/v1/models", "llama-cpp-python's server")
+    except RuntimeError as err:
+        raise ExportError(f"{path.name}: {err}") from None
 
     def post(body: dict) -> dict:
-        req = urllib.request.Request(f"{base}/chat/completions", data=json.dumps(body).encode(),
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as resp:
             return json.loads(resp.read())
 
     engine = LlamaCppEngine(path, n_ctx=2048)
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise ExportError(f"{path.name}: llama-cpp-python's server did not start: "
-                                  f"{(proc.stderr.read() or '').strip().splitlines()[-1:]}")
-            try:
-                urllib.request.urlopen(f"{base}/models", timeout=2).read()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise ExportError(f"{path.name}: llama-cpp-python's server did not answer in 120 s") from None
-                time.sleep(0.3)
         same = 0
         for i, prompt in enumerate(CHECK_PROMPTS):
             theirs = post({"messages": [{"role": "user", "content": prompt}], "temperature": 0, "top_p": 1,
@@ -283,11 +275,7 @@ def foreign_server_check(cfg, path: Path, max_tokens: int) -> dict:
             same += 1
     finally:
         engine.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        served.stop_child_server(proc)
     return {"server": f"llama_cpp.server {version('llama-cpp-python')}", "file": path.name, "prompts": len(CHECK_PROMPTS),
             "same": same, "system_message_sent": False}
 
