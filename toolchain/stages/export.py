@@ -248,10 +248,14 @@ def foreign_server_check(cfg, path: Path, max_tokens: int) -> dict:
     from toolchain import served
     from toolchain.backends.llama_cpp import LlamaCppEngine
 
+    # the thread counts of our engine: llama.cpp's sums can round otherwise with another count (its server
+    # defaults to half the cores), and a near tie would then look like a template problem
+    threads = str(os.cpu_count() or 1)
     try:
         proc, port = served.start_child_server(
             lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1",
-                          "--port", str(port), "--n_ctx", "2048", "--verbose", "false"],
+                          "--port", str(port), "--n_ctx", "2048", "--n_threads", threads, "--n_threads_batch", threads,
+                          "--verbose", "false"],
             "/v1/models", "llama-cpp-python's server")
     except RuntimeError as err:
         raise ExportError(f"{path.name}: {err}") from None
