@@ -3,8 +3,9 @@
     python benchmarks/runtime_decode.py runs/default/export-*/gguf/default-q8_0.gguf runs/default/export-*/onnx/int8 ...
 
 GGUF files run in llama.cpp, ONNX folders in onnxruntime through toolchain.backends.onnx (what
-`distillery serve --backend onnxruntime` uses). Prints the median (min-max) of the repeats and each file's ratio
-to the first.
+`distillery serve --backend onnxruntime` uses); a folder from onnxruntime-genai's builder runs both there and in
+onnxruntime-genai's own loop (`--backend onnxruntime-genai`), as two rows. Prints the median (min-max) of the
+repeats and each row's ratio to the first.
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ from pathlib import Path
 PROMPTS = ["Write one sentence about the sea.", "List three primary colours.", "Summarise: the meeting moved to Friday."]
 
 
-def engine_for(path: Path):
+def engines_for(path: Path) -> dict[str, object]:
     if path.suffix == ".gguf":
         from toolchain.backends.llama_cpp import LlamaCppEngine
 
-        return LlamaCppEngine(path, n_ctx=1024)
+        return {str(path): LlamaCppEngine(path, n_ctx=1024)}
     from toolchain.backends.onnx import OnnxEngine
 
-    return OnnxEngine(path)
+    out = {f"{path} (onnxruntime)": OnnxEngine(path)}
+    if (path / "genai_config.json").is_file():
+        from toolchain.backends.onnx_genai import GenaiEngine
+
+        out[f"{path} (onnxruntime-genai)"] = GenaiEngine(path)
+    return out
 
 
 def decode_rate(engine, tokens: int) -> float:
@@ -45,15 +51,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    engines = {f: engine_for(f) for f in a.files}
-    rates: dict[Path, list[float]] = {f: [] for f in a.files}
+    engines = {name: e for f in a.files for name, e in engines_for(f).items()}
+    rates: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(a.repeats):
-        for f, e in engines.items():
-            rates[f].append(decode_rate(e, a.tokens))
-    first = statistics.median(rates[a.files[0]])
-    for f, r in rates.items():
+        for name, e in engines.items():
+            rates[name].append(decode_rate(e, a.tokens))
+    first = statistics.median(next(iter(rates.values())))
+    for name, r in rates.items():
         m = statistics.median(r)
-        print(f"{str(f):70s} {m:7.1f} tok/s ({min(r):.1f}-{max(r):.1f})  {m / first:.2f}x")
+        print(f"{name:90s} {m:7.1f} tok/s ({min(r):.1f}-{max(r):.1f})  {m / first:.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ file or, to compare at the same quantization, rebuilt through the same export pa
 
     student, llama_cpp      runs/<recipe>/export-<key>/gguf/<recipe>-<quant>.gguf
     student, onnxruntime    runs/<recipe>/export-<key>/onnx/<variant>/
+    student, onnxruntime_genai  runs/<recipe>/export-<key>/onnx/genai_<precision>/ (onnxruntime-genai's own loop)
     teacher, llama_cpp      the teacher GGUF when it already is <quant>; otherwise converted + quantized once
-    teacher, onnxruntime    the teacher exported by optimum (+ quantized) once
+    teacher, onnxruntime    the teacher exported by optimum (+ quantized) once, or by onnxruntime-genai's builder
 Rebuilt teachers live in ~/.cache/distillery/teachers/<sha256 of the teacher>-<quant>.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from toolchain import gguf_io, onnx_io
 from toolchain.models import ModelError, load_tokenizer, load_torch_model, resolve
 
-BACKENDS = ("llama_cpp", "onnxruntime")
+BACKENDS = ("llama_cpp", "onnxruntime", "onnxruntime_genai")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Served:
 def default_quant(cfg, backend: str) -> str:
     if backend == "llama_cpp":
         return "q8_0" if "q8_0" in cfg.export.quants else cfg.export.quants[0]
+    if backend == "onnxruntime_genai":
+        genai = [v for v in cfg.export.onnx if v.startswith("genai_")]
+        return "genai_int4" if "genai_int4" in genai or not genai else genai[0]
     return "int8" if "int8" in cfg.export.onnx else cfg.export.onnx[0]
 
 
@@ -48,6 +52,8 @@ def student(cfg, runs_root, backend: str, quant: str | None) -> Served:
     else:
         path = export / "onnx" / quant
         listed = cfg.export.onnx
+    if backend == "onnxruntime_genai" and not quant.startswith("genai_"):
+        raise ModelError(f"{quant}: the onnxruntime_genai backend runs genai_int4 / genai_fp32 folders (export.onnx)")
     if not path.exists():
         raise ModelError(f"{path}: not exported; the recipe's export lists {', '.join(listed)} for {backend}")
     return Served(path, backend, f"{cfg.name}-student-{quant}", "student", quant)
@@ -67,7 +73,9 @@ def teacher(cfg, backend: str, quant: str | None) -> Served:
         if quant not in gguf_io.FTYPES:
             raise ModelError(f"unknown GGUF type '{quant}' (one of {', '.join(gguf_io.FTYPES)})")
         return Served(_teacher_gguf(ref, quant), backend, f"{cfg.name}-teacher-{quant}", "teacher", quant)
-    quant = quant or "int8"
+    quant = quant or ("genai_int4" if backend == "onnxruntime_genai" else "int8")
+    if backend == "onnxruntime_genai" and not quant.startswith("genai_"):
+        raise ModelError(f"{quant}: the onnxruntime_genai backend runs genai_int4 / genai_fp32 builds")
     if quant not in onnx_io.ONNX_VARIANTS:
         raise ModelError(f"unknown ONNX variant '{quant}' (one of {', '.join(onnx_io.ONNX_VARIANTS)})")
     return Served(_teacher_onnx(ref, quant), backend, f"{cfg.name}-teacher-{quant}", "teacher", quant)
@@ -107,8 +115,13 @@ def _teacher_onnx(ref, variant: str) -> Path:
         return out
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         hf = _save_hf(ref, Path(tmp) / "hf")
-        fp32 = onnx_io.export(hf, Path(tmp) / "fp32")
         staged = Path(tmp) / "out"
+        if variant.startswith("genai_"):
+            onnx_io.genai_build(hf, staged, variant)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(staged, out)
+            return out
+        fp32 = onnx_io.export(hf, Path(tmp) / "fp32")
         if variant == "fp32":
             shutil.copytree(fp32.parent, staged)
         else:
@@ -123,6 +136,10 @@ def open_engine(served: Served, threads: int | None = None, n_ctx: int = 4096):
         from toolchain.backends.llama_cpp import LlamaCppEngine
 
         return LlamaCppEngine(served.path, n_ctx=n_ctx, threads=threads)
+    if served.backend == "onnxruntime_genai":
+        from toolchain.backends.onnx_genai import GenaiEngine
+
+        return GenaiEngine(served.path, threads=threads)
     from toolchain.backends.onnx import OnnxEngine
 
     return OnnxEngine(served.path, threads=threads)
@@ -136,10 +153,15 @@ def from_file(path: Path, backend: str | None) -> Served:
     kind = inspect(path)["format"]
     if kind == "safetensors":
         raise ModelError(f"{path}: serve a .gguf file or an ONNX folder (export the model first)")
+    folder = path.parent if path.suffix == ".onnx" else path
     want = "llama_cpp" if kind == "gguf" else "onnxruntime"
+    if kind == "onnx" and backend == "onnxruntime_genai":
+        if not (folder / "genai_config.json").is_file():
+            raise ModelError(f"{folder}: no genai_config.json; the onnxruntime_genai backend runs folders made by "
+                             "onnxruntime-genai's builder (export.onnx genai_int4 / genai_fp32)")
+        want = backend
     if backend and backend != want:
         raise ModelError(f"{path}: a {kind} file runs on the {want} backend, not {backend}")
-    folder = path.parent if path.suffix == ".onnx" else path
     return Served(folder if kind == "onnx" else path, want, path.stem if kind == "gguf" else folder.name, "file", kind)
 
 

@@ -43,6 +43,49 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+class TokenLoop:
+    """What an in-process engine over an HF tokenizer shares, given its ``_tokens(ids, max_tokens, temperature,
+    top_p, seed, stop)`` generator (token ids, the stop token included when reached): text in and out, greedy
+    and sampled streams, completions. onnxruntime and onnxruntime-genai differ only in how they make tokens."""
+
+    tokenizer = None
+    eos_ids: set[int] = set()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def chat_text(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
+        """Greedy continuation token ids (the stop token included when reached)."""
+        return list(self._tokens(ids, max_new_tokens, 0.0, 1.0, None, self.eos_ids if stop_ids is None else stop_ids))
+
+    def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None):
+        """Sampled (greedy at temperature 0) token ids until end of turn (not yielded) or ``max_tokens``."""
+        for tok in self._tokens(ids, max_tokens, temperature, top_p, seed, self.eos_ids):
+            if tok in self.eos_ids:
+                return
+            yield tok
+
+    def complete(self, text: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None) -> Completion:
+        ids = self.tokenize(text)
+        new = list(self._tokens(ids, max_tokens, temperature, top_p, seed, self.eos_ids))
+        finished = bool(new) and new[-1] in self.eos_ids
+        body, cut = cut_at_stop(self.detokenize(new[:-1] if finished else new), stop or [])
+        return Completion(text=body, finish_reason="stop" if finished or cut else "length",
+                          prompt_tokens=len(ids), completion_tokens=len(new))
+
+    def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None) -> Completion:
+        return self.complete(self.chat_text(messages), max_tokens, temperature, top_p, seed)
+
+
 def endpoint_options(g) -> dict:
     """OpenAIEngine options from the recipe's generate section (timeouts, retries, rate, key variable)."""
     return {"timeout_s": g.timeout_s, "max_retries": g.max_retries, "requests_per_minute": g.requests_per_minute,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.backends import Completion, cut_at_stop, pick
+from toolchain.backends import TokenLoop, pick
 from toolchain.onnx_io import external_files
 
 
@@ -27,7 +27,7 @@ def dynamic_ops(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
-class OnnxEngine:
+class OnnxEngine(TokenLoop):
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
         from transformers import AutoTokenizer
@@ -106,9 +106,6 @@ class OnnxEngine:
             logits, past = self._run(nxt[:, None].astype(np.int64), mask, past)
         return out
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of ``ids`` [n, vocab] in one pass."""
         return self._step(list(ids), self._empty_past(), 0)[0]
@@ -128,43 +125,9 @@ class OnnxEngine:
             logits, past = self._step([tok], past, pos)
             pos += 1
 
-    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
-        """Greedy continuation token ids (the stop token included when reached)."""
-        return list(self._tokens(ids, max_new_tokens, 0.0, 1.0, None, self.eos_ids if stop_ids is None else stop_ids))
-
-    def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None) -> Iterator[int]:
-        """Sampled (greedy at temperature 0) token ids until end of turn (not yielded) or ``max_tokens``."""
-        for tok in self._tokens(ids, max_tokens, temperature, top_p, seed, self.eos_ids):
-            if tok in self.eos_ids:
-                return
-            yield tok
-
     def step_logits(self) -> np.ndarray:
         """While ``stream`` runs: the logits the token just yielded was picked from."""
         return self._last
-
-    def detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def chat_text(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def complete(self, text: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list[str] | None = None) -> Completion:
-        if temperature > 0:
-            raise ValueError("the onnxruntime engine decodes greedily (temperature 0)")
-        ids = self.tokenize(text)
-        new = self.greedy(ids, max_tokens)
-        finished = bool(new) and new[-1] in self.eos_ids
-        body = self.tokenizer.decode(new[:-1] if finished else new, skip_special_tokens=True)
-        body, cut = cut_at_stop(body, stop or [])
-        return Completion(text=body, finish_reason="stop" if finished or cut else "length",
-                          prompt_tokens=len(ids), completion_tokens=len(new))
-
-    def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None) -> Completion:
-        return self.complete(self.chat_text(messages), max_tokens, temperature, top_p, seed)
 
     def close(self) -> None:
         self.session = None

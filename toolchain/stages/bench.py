@@ -351,7 +351,8 @@ def _exported(export_dir: Path, export_report: dict) -> list[tuple[served.Served
         if row["format"] == "gguf":
             out.append((served.Served(path, "llama_cpp", row["variant"], "student", row["variant"]), row))
         else:
-            out.append((served.Served(path.parent, "onnxruntime", row["variant"], "student", row["variant"]), row))
+            backend = "onnxruntime_genai" if row["variant"].startswith("genai_") else "onnxruntime"  # its own loop
+            out.append((served.Served(path.parent, backend, row["variant"], "student", row["variant"]), row))
     return out
 
 
