@@ -18,6 +18,8 @@ LLAMA_VERSION := 0.3.36
 # with other flags is never picked up.
 LLAMA_ISA ?= x86-64-v3
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF
+# export.imatrix builds llama.cpp's llama-imatrix and llama-quantize with the same flags (toolchain/gguf_io.py).
+export LLAMA_CMAKE_ARGS
 WHEELS ?= $(HOME)/.cache/distillery/wheels/$(LLAMA_ISA)
 LLAMA_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl))
 

@@ -179,6 +179,34 @@ def test_recipe_export_lists_are_checked():
         ExportConfig(onnx=["int3"])
 
 
+def test_every_gguf_type_the_recipe_accepts_is_one_llama_cpp_knows():
+    """The recipe's quant list, gguf_io's file types and llama-cpp-python's constants are one list; the types an
+    importance matrix weights are the quantized ones below q8_0."""
+    import typing
+
+    import llama_cpp
+
+    from toolchain import gguf_io
+    from toolchain.recipe import ExportConfig
+
+    listed = typing.get_args(typing.get_args(ExportConfig.model_fields["quants"].annotation)[0])
+    assert set(listed) == set(gguf_io.FTYPES)
+    assert all(hasattr(llama_cpp, f"LLAMA_FTYPE_{name}") for name in gguf_io.FTYPES.values())
+    assert set(gguf_io.IMATRIX_QUANTS) == {"q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_1", "q4_0", "iq4_nl"}
+
+
+def test_llama_cpp_tools_are_built_with_the_wheels_flags():
+    """export.imatrix's llama-imatrix / llama-quantize and the llama-cpp-python wheel: one portable flag set."""
+    import re
+
+    from tests.conftest import ROOT
+    from toolchain import gguf_io
+
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^LLAMA_CMAKE_ARGS \?= (.*)$", makefile, re.M).group(1) == gguf_io.PORTABLE_CMAKE_ARGS
+    assert "export LLAMA_CMAKE_ARGS" in makefile
+
+
 CONVERSATIONS = (
     [{"role": "user", "content": "Is 17 prime?"}],
     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},

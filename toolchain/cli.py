@@ -116,6 +116,23 @@ def validate(recipe: str) -> None:
 
 
 @main.command()
+@click.option("--markdown", "fmt", flag_value="markdown", default=True, help="The reference page (docs/recipes.md).")
+@click.option("--json", "fmt", flag_value="json", help="The JSON Schema, for editors that complete YAML.")
+def schema(fmt: str) -> None:
+    """Print every recipe field with its type, default and description (docs/recipes.md is this output)."""
+    import json
+
+    if fmt == "json":
+        from toolchain.recipe import Recipe
+
+        click.echo(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
+    else:
+        from toolchain.recipe_doc import markdown
+
+        click.echo(markdown(), nl=False)
+
+
+@main.command()
 @recipe_arg
 @runs_opt
 @friendly
@@ -311,7 +328,8 @@ def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:
 @recipe_arg
 @runs_opt
 @click.option("--model", "role", type=click.Choice(["student", "teacher"]), default="student", show_default=True)
-@click.option("--backend", type=click.Choice(["llama_cpp", "onnxruntime"]), default="llama_cpp", show_default=True)
+@click.option("--backend", type=click.Choice(["llama_cpp", "onnxruntime", "onnxruntime-genai"]), default="llama_cpp",
+              show_default=True, help="onnxruntime-genai: its own C++ generation loop, for genai_int4 / genai_fp32.")
 @click.option("--quant", default=None,
               help="GGUF type (q8_0, q4_k_m, ...) or ONNX variant (fp32, int8, ...). Default: q8_0 / int8 when exported; "
                    "a teacher is rebuilt at this type once to compare like with like.")
@@ -335,6 +353,7 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
     from toolchain.server import serve as run_server
 
     cfg = _load(recipe)
+    backend = backend.replace("-", "_")
     host = host or cfg.serve.host
     if not is_loopback(host) and not api_key:
         raise RecipeError(f"refusing to listen on {host} without an API key (--api-key or DISTILLERY_API_KEY)")

@@ -13,6 +13,7 @@ llama.cpp; copying the original metadata keeps the teacher's real BPE vocab, pre
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -28,13 +29,34 @@ GGUF_MAGIC = b"GGUF"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 
 # Quant presets → llama.cpp file types (names as in llama-quantize).
-FTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
-          "q4_1": "MOSTLY_Q4_1", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
+FTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q6_k": "MOSTLY_Q6_K",
+          "q5_k_m": "MOSTLY_Q5_K_M", "q5_0": "MOSTLY_Q5_0", "q4_k_m": "MOSTLY_Q4_K_M", "q4_1": "MOSTLY_Q4_1",
+          "q4_0": "MOSTLY_Q4_0", "iq4_nl": "MOSTLY_IQ4_NL"}
 FLOAT_QUANTS = ("f32", "f16", "bf16")
+# Types an importance matrix changes (llama.cpp weights each column's rounding error by it); q8_0 and floats
+# are stored as they are.
+IMATRIX_QUANTS = tuple(q for q in FTYPES if q not in FLOAT_QUANTS + ("q8_0",))
+TOOLS = ("llama-imatrix", "llama-quantize")
+# The Makefile's LLAMA_CMAKE_ARGS (it exports its value, which wins): a portable x86-64-v3 build, as the wheel.
+PORTABLE_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+                       "-DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF")
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
+
+
+def _fetch_sdist(dest: Path) -> Path:
+    """The source distribution of exactly the installed llama-cpp-python (llama.cpp under vendor/), via pip."""
+    version = importlib.metadata.version("llama_cpp_python")
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           f"llama-cpp-python=={version}", "-d", str(dest)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sdists = list(dest.glob("llama_cpp_python-*.tar.gz"))
+    if done.returncode != 0 or not sdists:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no sdist"]
+        raise ExportError(f"could not fetch llama.cpp's source (llama-cpp-python=={version} sdist): {last[0]}")
+    return sdists[0]
 
 
 def converter_dir() -> Path:
@@ -45,16 +67,55 @@ def converter_dir() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staged = Path(tmp) / "converter"
+        _extract_converter(_fetch_sdist(Path(tmp)), staged)
+        staged.rename(target)
+    return target
+
+
+def tools_dir(announce=None) -> Path:
+    """llama.cpp's ``llama-imatrix`` and ``llama-quantize``, built once (about 3 minutes on 2 cores) from the
+    same sdist as the runtime and the converter, with the wheel's portable CPU flags, and cached per version and
+    flags. ``announce`` (a callable) hears one line before a build starts."""
+    version = importlib.metadata.version("llama_cpp_python")
+    flags = os.environ.get("LLAMA_CMAKE_ARGS") or PORTABLE_CMAKE_ARGS
+    tag = hashlib.sha256(flags.encode()).hexdigest()[:8]
+    target = cache_root() / f"llama.cpp-tools-{version}-{tag}"
+    if all((target / t).is_file() for t in TOOLS):
+        return target
+    cmake = shutil.which("cmake")
+    if cmake is None or shutil.which("c++") is None:
+        raise ExportError("export.imatrix needs cmake and a C++ compiler to build llama.cpp's llama-imatrix "
+                          "(apt-get install cmake g++, or pip install cmake)")
+    if announce:
+        announce(f"building llama.cpp's {' and '.join(TOOLS)} {version} (once; cached in {target})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_path = Path(tmp)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", str(tmp_path)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(tmp_path.glob("llama_cpp_python-*.tar.gz"))
-        if done.returncode != 0 or not sdists:
-            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no sdist"]
-            raise ExportError(f"could not fetch the llama.cpp converter (llama-cpp-python=={version} sdist): {last[0]}")
-        staged = tmp_path / "converter"
-        _extract_converter(sdists[0], staged)
+        src, build = tmp_path / "src", tmp_path / "build"
+        with tarfile.open(_fetch_sdist(tmp_path)) as tar:
+            members = []
+            for m in tar.getmembers():
+                parts = Path(m.name).parts
+                if len(parts) > 3 and parts[1:3] == ("vendor", "llama.cpp") and (m.isfile() or m.isdir()):
+                    m.name = str(Path(*parts[3:]))
+                    members.append(m)
+            tar.extractall(src, members=members, filter="data")
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        configure = [cmake, "-S", str(src), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
+                     "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", *flags.split()]
+        compile_ = [cmake, "--build", str(build), "--target", *TOOLS, "-j", str(os.cpu_count() or 1)]
+        for cmd in (configure, compile_):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                errors = [ln for ln in (done.stdout + done.stderr).splitlines() if "error" in ln.lower()]
+                raise ExportError(f"building llama.cpp's tools failed: {(errors or ['(no error line)'])[0].strip()}")
+        staged = tmp_path / "tools"
+        staged.mkdir()
+        for t in TOOLS:
+            shutil.copy2(build / "bin" / t, staged / t)
+        shutil.rmtree(target, ignore_errors=True)
         staged.rename(target)
     return target
 
@@ -248,22 +309,57 @@ def add_value(writer, key: str, value) -> None:
         writer.add_string(key, str(value))
 
 
-def quantize(src: Path, out: Path, quant: str, threads: int | None = None) -> None:
-    """llama.cpp's quantizer (the runtime's own code) from a float GGUF to ``quant`` (f32: the file as it is)."""
+def quantize(src: Path, out: Path, quant: str, threads: int | None = None, imatrix: Path | None = None) -> None:
+    """llama.cpp's quantizer (the runtime's own code) from a float GGUF to ``quant`` (f32: the file as it is);
+    with ``imatrix``, its ``llama-quantize`` tool weighted by that importance matrix (paths relative to the
+    matrix's folder, so no local path lands in the file's metadata)."""
     import llama_cpp
 
     if quant == "f32":
         shutil.copyfile(src, out)
         return
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{FTYPES[quant]}")
-    params.nthread = threads or os.cpu_count() or 1
-    with captured_stderr() as log:  # llama.cpp prints a line per tensor (and every k-quant fallback)
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
+    threads = threads or os.cpu_count() or 1
+    if imatrix is not None and quant in IMATRIX_QUANTS:
+        work = imatrix.parent
+        cmd = [str(tools_dir() / "llama-quantize"), "--imatrix", imatrix.name, os.path.relpath(src, work),
+               os.path.relpath(out, work), quant.upper(), str(threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        rc, log = done.returncode, (done.stdout + done.stderr).splitlines()
+    else:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{FTYPES[quant]}")
+        params.nthread = threads
+        with captured_stderr() as log:  # llama.cpp prints a line per tensor (and every k-quant fallback)
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
     if rc != 0 or not out.is_file():
         tail = [ln for ln in log if ln.strip()][-1:] or [""]
         raise ExportError(f"{src}: llama.cpp could not quantize to {quant} (return code {rc}) {tail[0]}".rstrip())
+
+
+def compute_imatrix(model: Path, text: Path, out: Path, chunks: int, n_ctx: int = 512,
+                    threads: int | None = None) -> dict:
+    """llama.cpp's importance matrix of ``model`` over ``text`` (special tokens parsed, as the chat template
+    writes them), at most ``chunks`` windows of ``n_ctx`` tokens; written whole to ``out``. Paths are passed
+    relative to ``out``'s folder (llama.cpp records them in the matrix and the quantized file)."""
+    work = out.parent
+    tmp = out.with_name(out.stem + ".tmp.gguf")
+    cmd = [str(tools_dir() / "llama-imatrix"), "-m", os.path.relpath(model, work), "-f", os.path.relpath(text, work),
+           "-o", tmp.name, "--no-ppl", "--parse-special", "-c", str(n_ctx), "--chunks", str(chunks),
+           "-t", str(threads or os.cpu_count() or 1), "--output-frequency", "1000000"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+    if done.returncode != 0 or not tmp.is_file():
+        lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+        hint = next((ln for ln in reversed(lines) if "error" in ln.lower() or "need" in ln.lower()), lines[-1] if lines else "")
+        raise ExportError(f"{model}: llama-imatrix failed (return code {done.returncode}): {hint.strip()}")
+    os.replace(tmp, out)
+    r = open_reader(out)
+
+    def value(key):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else None
+
+    return {"file": out.name, "chunks": value("imatrix.chunk_count"), "chunk_tokens": value("imatrix.chunk_size"),
+            "entries": sum(1 for t in r.tensors if t.name.endswith(".in_sum2"))}
 
 
 @contextlib.contextmanager

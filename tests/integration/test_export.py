@@ -43,7 +43,7 @@ def test_every_format_is_written_reloaded_and_checked(ci_run):
     d = _dirs(runs)
     report = json.loads((d["export"] / "export.json").read_text())
     files = {(r["format"], r["variant"]): r for r in report["files"]}
-    assert set(files) == {("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8")}
+    assert set(files) == {("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "iq4_nl"), ("onnx", "fp32"), ("onnx", "int8")}
     for (fmt, variant), r in files.items():
         assert r["tokenizer_same_as_hf"] == r["tokenizer_strings"] == 50
         assert r["tokenizer_same_as_source"] == 50  # the teacher GGUF's own tokenizer
@@ -58,14 +58,14 @@ def test_every_format_is_written_reloaded_and_checked(ci_run):
         assert v["n"] > 0 and 0 <= v["p_below_pytorch"] <= 1
         if variant in ("f16", "fp32"):
             assert v["pytorch_only"] + v["file_only"] <= 1  # the same answers, but for a near tie
-    # real sizes, not preset names: q4_k_m falls back on 576-wide rows, so it is well above 4.5 bits/weight
+    # real sizes, not preset names: iq4_nl's tied embedding stays q8_0, so the file is above 4.5 bits/weight
     assert 15.9 < files["gguf", "f16"]["bits_per_weight"] < 16.1
     assert 8.4 < files["gguf", "q8_0"]["bits_per_weight"] < 8.6
-    assert files["gguf", "q4_k_m"]["bits_per_weight"] > 5.0
+    assert 4.5 < files["gguf", "iq4_nl"]["bits_per_weight"] < files["gguf", "q8_0"]["bits_per_weight"]
     assert files["onnx", "int8"]["bytes"] < 0.8 * files["onnx", "fp32"]["bytes"]
 
     teacher = resolve(TEACHER).path
-    for q in ("f16", "q8_0", "q4_k_m"):
+    for q in ("f16", "q8_0", "iq4_nl"):
         path = d["export"] / "gguf" / f"ci-{q}.gguf"
         info = describe(path)
         assert info["tokenizer_model"] == "gpt2" and info["tokenizer_pre"] == "smollm" and info["eos_token_id"] == 2
@@ -93,7 +93,7 @@ def test_every_format_is_written_reloaded_and_checked(ci_run):
     assert fp32.greedy_batch(prompts, 12) == [fp32.greedy(p, 12) for p in prompts]
 
     table = (d["export"] / "export.md").read_text()
-    for name in ("gguf/ci-f16.gguf", "gguf/ci-q8_0.gguf", "gguf/ci-q4_k_m.gguf", "onnx/fp32/model.onnx", "PyTorch"):
+    for name in ("gguf/ci-f16.gguf", "gguf/ci-q8_0.gguf", "gguf/ci-iq4_nl.gguf", "onnx/fp32/model.onnx", "PyTorch"):
         assert name in table
 
 
@@ -110,7 +110,7 @@ def test_tokenizer_fidelity_hf_teacher_gguf_exported_gguf(ci_run):
     assert len(strings) == 50 and any("<|im_start|>" in s for s in strings) and any("😀" in s for s in strings)
     hf = AutoTokenizer.from_pretrained(d["merge"] / "model")
     teacher = Llama(model_path=str(resolve(TEACHER).path), vocab_only=True, verbose=False)
-    exported = Llama(model_path=str(d["export"] / "gguf" / "ci-q4_k_m.gguf"), vocab_only=True, verbose=False)
+    exported = Llama(model_path=str(d["export"] / "gguf" / "ci-iq4_nl.gguf"), vocab_only=True, verbose=False)
     for s in strings:
         ids = hf(s, add_special_tokens=False).input_ids
         assert ids == teacher.tokenize(s.encode(), add_bos=False, special=True) == \
@@ -331,3 +331,78 @@ def test_onnxruntime_genai_builder_variants_are_checked_and_scored(ci_run, tmp_p
     assert fp32["greedy_same"] + fp32.get("greedy_near_ties", 0) == fp32["greedy_prompts"] and fp32["mean_kl"] < 1e-4
     assert fp32["tokenizer_same_as_hf"] == fp32["tokenizer_strings"]
     assert files["genai_int4"]["bits_per_weight"] < fp32["bits_per_weight"] and "gold" in files["genai_int4"]
+    # served by onnxruntime-genai's own loop (serve --backend onnxruntime-genai): the same greedy answer as the
+    # Python loop over onnxruntime on the same folder, through the same API, logprobs included
+    from fastapi.testclient import TestClient
+
+    from toolchain import served
+    from toolchain.backends.onnx import OnnxEngine
+    from toolchain.models import ModelError
+    from toolchain.recipe import load
+    from toolchain.server import Settings, create_app
+
+    target = served.student(load(recipe), tmp_path / "runs", "onnxruntime_genai", None)
+    assert target.quant == "genai_int4" and target.backend == "onnxruntime_genai"
+    fp32 = served.student(load(recipe), tmp_path / "runs", "onnxruntime_genai", "genai_fp32")
+    engine, plain = served.open_engine(fp32), OnnxEngine(fp32.path)
+    messages = [{"role": "user", "content": "What is the capital of Peru?"}]
+    ids = plain.tokenize(plain.chat_text(messages))
+    want = plain.greedy(ids, 12)
+    assert engine.greedy(ids, 12) == want
+    with TestClient(create_app(engine, Settings(model_id=fp32.model_id, max_new_tokens=16))) as client:
+        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 12, "logprobs": True,
+                                                       "top_logprobs": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == plain.detokenize([t for t in want if t not in plain.eos_ids])
+        chosen = body["choices"][0]["logprobs"]["content"]
+        assert chosen and all(c["logprob"] >= c["top_logprobs"][-1]["logprob"] - 1e-6 for c in chosen)
+    with pytest.raises(ModelError, match="genai_int4 / genai_fp32"):
+        served.student(load(recipe), tmp_path / "runs", "onnxruntime_genai", "int8")
+
+
+def test_imatrix_quantized_files_are_built_and_scored_beside_plain_ones(ci_run, tmp_path):
+    """export.imatrix: llama.cpp's llama-imatrix (built from the runtime's own source) on the training
+    conversations, then llama-quantize with it: a different q4_0 file from the plain one, both checked and scored,
+    the matrix recorded, the held-out prompts never in its text, no local path in the file's metadata."""
+    from tests.conftest import stage_dirs
+    from toolchain import gguf_io
+
+    _, runs, _ = ci_run
+    results = {}
+    for imatrix in (False, True):
+        root = tmp_path / str(imatrix) / "runs"
+        mine = root / "ci"
+        mine.mkdir(parents=True)
+        for stage, folder in stage_dirs(runs, "ci").items():
+            if stage in ("generate", "distill", "merge", "eval"):
+                shutil.copytree(folder, mine / folder.name)
+        recipe = recipe_copy(tmp_path / str(imatrix), "ci", export={
+            "formats": ["gguf"], "quants": ["q8_0", "q4_0"], "imatrix": imatrix, "imatrix_chunks": 4})
+        distillery("export", str(recipe), "--runs", str(root))
+        export = stage_dirs(root, "ci")["export"]
+        results[imatrix] = (export, {r["variant"]: r for r in json.loads((export / "export.json").read_text())["files"]})
+    (plain_dir, plain), (weighted_dir, weighted) = results[False], results[True]
+    assert plain["q4_0"]["imatrix"] is None and weighted["q8_0"]["imatrix"] is None  # q8_0 has no use for it
+    info = weighted["q4_0"]["imatrix"]
+    assert info["chunks"] >= 1 and info["entries"] > 0
+    for files in (plain, weighted):
+        assert files["q4_0"]["gold"] is not None and files["q4_0"]["perplexity"] > 0 and files["q4_0"]["top1_agreement"] > 0
+    q4 = [d / "gguf" / "ci-q4_0.gguf" for d in (plain_dir, weighted_dir)]
+    assert _sha(q4[0]) != _sha(q4[1])
+    assert _sha(plain_dir / "gguf" / "ci-q8_0.gguf") == _sha(weighted_dir / "gguf" / "ci-q8_0.gguf")
+    fields = gguf_io.open_reader(q4[1]).fields
+    keys = {k for k in fields if k.startswith("quantize.imatrix.")}
+    assert "quantize.imatrix.file" in keys
+    assert not any(str(tmp_path) in str(fields[k].contents()) for k in keys)
+    assert gguf_io.open_reader(weighted_dir / "gguf" / "imatrix.gguf").fields["imatrix.chunk_count"].contents() >= 1
+    from toolchain.recipe import load
+    from toolchain.stages.export import calibration_text
+    from transformers import AutoTokenizer
+
+    merged = stage_dirs(runs, "ci")["merge"] / "model"
+    calibration = calibration_text(load(recipe), AutoTokenizer.from_pretrained(merged),
+                                   stage_dirs(runs, "ci")["generate"] / "train.jsonl")
+    heldout = [json.loads(x)["prompt"] for x in (stage_dirs(runs, "ci")["generate"] / "heldout.jsonl").read_text().splitlines()]
+    assert calibration.count("<|im_start|>assistant") >= 4 and heldout and not any(p in calibration for p in heldout)
+    assert "(imatrix)" in (weighted_dir / "export.md").read_text()

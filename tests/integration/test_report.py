@@ -41,7 +41,7 @@ def test_bench_compares_teacher_and_student_at_the_same_quant(ci_run):
         assert tps > 0 and all(run["loaded"]["output_tokens"] > 0 for run in b["runs"][role])
         assert ld["usd_per_1m_output_tokens"][role] == pytest.approx(0.10 / 3600 / tps * 1e6)
     assert {(f["format"], f["variant"]) for f in b["per_file"]} == {
-        ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "fp32"), ("onnx", "int8")}
+        ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "iq4_nl"), ("onnx", "fp32"), ("onnx", "int8")}
 
 
 def test_report_html_renders_in_headless_chromium(ci_run, tmp_path):

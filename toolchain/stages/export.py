@@ -6,7 +6,8 @@ Outputs: gguf/<name>-<quant>.gguf, onnx/<variant>/ (model.onnx + tokenizer files
 and export.md (the table a user picks a file from).
 
 GGUF: llama.cpp's own converter at the runtime's version writes a float32 GGUF, the source GGUF's tokenizer
-metadata replaces whatever the converter would write, and llama.cpp's quantizer makes each listed type.
+metadata replaces whatever the converter would write, and llama.cpp's quantizer makes each listed type (with
+``export.imatrix``, weighted by llama-imatrix's importance matrix over the training conversations).
 ONNX: optimum exports one decoder with KV cache (``text-generation-with-past``); onnxruntime quantizes it.
 
 Checks on every file, before it counts as exported: it re-opens (GGUFReader / the full ONNX checker) and
@@ -29,6 +30,7 @@ from toolchain import eval_metrics as em
 from toolchain import gguf_io, onnx_io
 from toolchain.artifacts import ExportError, check_safetensors
 from toolchain.chat import messages_for
+from toolchain.data import iter_jsonl
 from toolchain.engine_lm import log_softmax
 from toolchain.models import resolve
 from toolchain.runs import RESUME_DIR, Manifest
@@ -284,13 +286,48 @@ def foreign_server_check(cfg, path: Path, max_tokens: int) -> dict:
             "same": same, "system_message_sent": False}
 
 
-def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows, evaluation, bar, task):
+def calibration_text(cfg, tok, train: Path) -> str:
+    """The training conversations token for token as the student trained on them (chat template, the row's own
+    system message and turns, the answer and its end-of-turn token), as text, one after another: what the
+    importance matrix is measured on."""
+    from toolchain.chat import tokenize_pairs
+
+    pairs, _, _ = tokenize_pairs(tok, [r for _, r in iter_jsonl(train)], cfg.generate.system_prompt, None)
+    return "\n".join(tok.decode(ids, skip_special_tokens=False) for ids, _ in pairs)
+
+
+def _imatrix(cfg, tok, train: Path, base: Path, work: Path, bar, task) -> tuple[Path | None, dict | None]:
+    """The importance matrix of the float32 student on the training conversations (once; resumed)."""
+    if not cfg.export.imatrix or not set(cfg.export.quants) & set(gguf_io.IMATRIX_QUANTS):
+        return None, None
+    out, saved = work / "imatrix.gguf", work / "imatrix.json"
+    if out.is_file() and saved.is_file():
+        return out, json.loads(saved.read_text(encoding="utf-8"))
+    gguf_io.tools_dir(announce=lambda line: console.print(f"  export: {line}"))
+    bar.update(task, info="gguf: importance matrix")
+    text = work / "imatrix-calibration.txt"
+    calibration = calibration_text(cfg, tok, train)
+    text.write_text(calibration, encoding="utf-8")
+    # llama-imatrix wants at least two windows of text: a small training set gets shorter windows
+    n_ctx = min(512, len(tok(calibration, add_special_tokens=False).input_ids) // 2 // 16 * 16)
+    if n_ctx < 32:
+        raise ExportError(f"{train}: too little training text for an importance matrix (export.imatrix)")
+    info = gguf_io.compute_imatrix(base, text, out, cfg.export.imatrix_chunks, n_ctx=n_ctx)
+    info["source"] = "generate/train.jsonl through the chat template"
+    saved.write_text(json.dumps(info), encoding="utf-8")
+    return out, info
+
+
+def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows, evaluation, bar, task,
+          train: Path):
     """Convert once to float32 GGUF (with the source tokenizer and the metadata runtimes read), quantize to
-    each listed type, check each, and write its Ollama Modelfile."""
+    each listed type (with the importance matrix where the recipe asks), check each, and write its Ollama
+    Modelfile."""
     base = work / "student-f32.gguf"
     if not base.is_file():
         bar.update(task, info="gguf: convert")
         gguf_io.build_float(merged, base, tokenizer_source(cfg), gguf_metadata(cfg, ref.tok, evaluation, licence))
+    imatrix, imatrix_info = _imatrix(cfg, ref.tok, train, base, work, bar, task)
     results = []
     (out_dir / "gguf").mkdir(exist_ok=True)
     for quant in cfg.export.quants:
@@ -302,7 +339,8 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows
             continue
         bar.update(task, info=f"gguf {quant}")
         tmp = path.with_suffix(".tmp")
-        gguf_io.quantize(base, tmp, quant)
+        weighted = imatrix is not None and quant in gguf_io.IMATRIX_QUANTS
+        gguf_io.quantize(base, tmp, quant, imatrix=imatrix if weighted else None)
         os.replace(tmp, path)
         from toolchain.backends.llama_cpp import LlamaCppEngine
 
@@ -312,10 +350,13 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows
         finally:
             engine.close()
         result["file"] = str(path.relative_to(out_dir))
+        result["imatrix"] = imatrix_info if weighted else None
         result["modelfile"] = str(write_modelfile(cfg, ref.tok, path, licence).relative_to(out_dir))
         saved.write_text(json.dumps(result), encoding="utf-8")
         results.append(result)
         bar.update(task, advance=1)
+    if imatrix is not None:  # kept beside the files: what they were quantized with, for requantizing later
+        shutil.copyfile(imatrix, out_dir / "gguf" / "imatrix.gguf")
     return results
 
 
@@ -389,7 +430,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         task = bar.add_task("export", total=total, info="")
         foreign = None
         if "gguf" in cfg.export.formats:
-            results += _gguf(cfg, merged, out_dir, work, licence, ref, rows, evaluation, bar, task)
+            results += _gguf(cfg, merged, out_dir, work, licence, ref, rows, evaluation, bar, task,
+                             inputs["generate"] / "train.jsonl")
             quant = "q8_0" if "q8_0" in cfg.export.quants else cfg.export.quants[0]
             saved = work / "foreign-server.json"
             if not saved.is_file():
@@ -442,7 +484,8 @@ def render_markdown(report: dict) -> str:
         tok = f"{r['tokenizer_same_as_hf']}/{r['tokenizer_strings']}"
         if r.get("tokenizer_same_as_source") is not None:
             tok += f" (source GGUF {r['tokenizer_same_as_source']}/{r['tokenizer_strings']})"
-        lines.append(f"| {r['file']} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {_pct(r.get('gold'))} | "
+        name = f"{r['file']} (imatrix)" if r.get("imatrix") else r["file"]
+        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {_pct(r.get('gold'))} | "
                      f"{_num(r.get('retention'))} | {_num(r.get('perplexity'))} | {_greedy(r)} | {_pct(r['top1_agreement'])} | "
                      f"{r['mean_kl']:.2g} | {tok} |")
     lines += ["", f"Teacher held-out gold: {_pct(report['teacher_gold'])}%. Retention = file's gold / teacher's gold. "
@@ -452,6 +495,11 @@ def render_markdown(report: dict) -> str:
               "top-1 agreement and KL(PyTorch ‖ file) over the same sequences; tokenizer: identical ids on "
               "evals/tokenizer_strings.json. A near tie: the outputs part where PyTorch's own margin between the two "
               "tokens is under twice the largest logit difference between PyTorch and the file (float rounding).", ""]
+    weighted = next((r["imatrix"] for r in report["files"] if r.get("imatrix")), None)
+    if weighted:
+        lines += [f"(imatrix): quantized with llama.cpp's importance matrix, measured by llama-imatrix on "
+                  f"{weighted['chunks']} windows of {weighted['chunk_tokens']} tokens of the training conversations "
+                  "(never the held-out prompts).", ""]
     made = [r for r in report["files"] if r.get("modelfile")]
     if made:
         lines += ["Laptop runtimes: every GGUF carries the chat template the student was trained with (the recipe's "
