@@ -32,3 +32,14 @@ def test_types_read_as_a_user_writes_them():
     assert _type(list[str]) == "list of str"
     assert _type(dict[str, int]) == "map of str to int"
     assert _type(Recipe) == "section" and issubclass(Recipe, BaseModel)
+
+
+def test_schema_command_prints_the_page_and_a_json_schema():
+    import json
+
+    from tests.conftest import distillery
+
+    assert distillery("schema").stdout == markdown()
+    schema = json.loads(distillery("schema", "--json").stdout)
+    assert {"teacher", "data", "export", "tasks"} <= set(schema["properties"]) and "name" in schema["required"]
+    assert schema["$defs"]["StudentConfig"]["properties"]["from"]["default"] == "teacher"  # aliases, as written

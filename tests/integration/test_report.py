@@ -50,9 +50,10 @@ def test_report_html_renders_in_headless_chromium(ci_run, tmp_path):
 
     from toolchain.report import screenshot
 
-    _, runs, proc = ci_run
+    recipe, runs, proc = ci_run
     page = runs / "ci" / "report" / "report.html"
     assert str(page) in proc.stdout  # `distillery run` wrote it
+    assert str(page) in distillery("report", str(recipe), "--runs", str(runs)).stdout  # and `distillery report` does
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 3 and "http" not in text.split("<body>")[1].split("Teacher")[0]
     for heading in ("Speed and cost", "Quality (lm-eval", "Exported files"):
