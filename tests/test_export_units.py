@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.artifacts import ExportError, check_safetensors, inspect
+from toolchain.artifacts import ExportError, check_safetensors
+from toolchain.model_files import inspect
 
 
 class TorchEngine:

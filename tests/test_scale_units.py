@@ -141,7 +141,7 @@ def test_api_key_comes_from_the_named_variable(monkeypatch):
 
 def test_endpoint_speed_settings_do_not_change_the_generate_key(tmp_path):
     from tests.conftest import recipe_copy
-    from toolchain.pipeline import PLANS
+    from toolchain.plans import PLANS
     from toolchain.recipe import load
     from toolchain.runs import stage_key
 

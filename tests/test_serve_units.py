@@ -2,7 +2,9 @@
 
 import pytest
 
-from toolchain.server import ChatRequest, CompletionRequest, RequestError, TextStream, _parse, is_loopback
+from toolchain.serve.schemas import ChatRequest, CompletionRequest, RequestError, _parse
+from toolchain.serve.settings import is_loopback
+from toolchain.serve.text import TextStream
 
 
 class ByteEngine:
@@ -77,7 +79,8 @@ def test_token_logprobs_are_a_normalised_top_k_of_the_step_logits():
 
     import numpy as np
 
-    from toolchain.server import Server, Settings
+    from toolchain.serve.scheduling import Server
+    from toolchain.serve.settings import Settings
 
     class StepEngine:
         def step_logits(self):

@@ -1,5 +1,6 @@
 """Model files on disk, checked before anything loads them: a bad file is one line naming it, never a crash
-deep inside a runtime. ``inspect`` is what ``distillery inspect FILE`` prints."""
+deep inside a runtime. The bottom floor: the error type every file module raises and the safetensors check
+(GGUF and ONNX have theirs in gguf_io and onnx_io; toolchain.model_files opens any of the three)."""
 
 from __future__ import annotations
 
@@ -40,22 +41,3 @@ def check_safetensors(path: Path) -> dict:
             count *= d
         params += count
     return {"bytes": size, "tensors": len(tensors), "parameters": params}
-
-
-def inspect(path: Path) -> dict:
-    """Open any model file distillery writes (.gguf, .onnx, .safetensors) with its checks; what is in it."""
-    path = Path(path)
-    if path.is_dir() and (path / "model.onnx").is_file():
-        path = path / "model.onnx"
-    suffix = path.suffix.lower()
-    if suffix == ".gguf":
-        from toolchain.gguf_io import describe
-
-        return {"format": "gguf", **describe(path)}
-    if suffix == ".onnx":
-        from toolchain.onnx_io import check
-
-        return {"format": "onnx", **check(path)}
-    if suffix == ".safetensors":
-        return {"format": "safetensors", **check_safetensors(path)}
-    raise ExportError(f"{path}: unknown model file type (expected .gguf, .onnx or .safetensors)")

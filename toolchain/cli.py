@@ -91,8 +91,8 @@ def main() -> None:
     """Distill a small student model from an open-weight teacher, offline.
 
     A recipe (YAML) says which teacher, which student, what data and how to train. Stages run in order
-    (generate → distill → merge → eval → export → bench); each writes runs/<recipe>/<stage>-<key>/ with a manifest, and a stage
-    whose inputs and settings have not changed is skipped.
+    (generate → distill → merge → eval → export → bench); each writes runs/<recipe>/<stage>-<key>/ with a
+    manifest, and a stage whose inputs and settings have not changed is skipped.
     """
 
 
@@ -138,7 +138,7 @@ def schema(fmt: str) -> None:
 @friendly
 def status(recipe: str, runs_root: str) -> None:
     """List each stage of RECIPE as done, stale (older settings), missing or waiting (on an earlier stage)."""
-    from toolchain.pipeline import status as stage_status
+    from toolchain.plans import status as stage_status
 
     cfg = _load(recipe)
     for stage, state, path in stage_status(cfg, runs_root):
@@ -167,9 +167,11 @@ _stage_command("generate", "Have the teacher answer RECIPE's prompts (resumes af
 @runs_opt
 @click.option("--force", is_flag=True, help="Re-run this stage even if it is up to date.")
 @click.option("--processes", type=click.IntRange(min=1), default=None,
-              help="Train in N processes under accelerate (DDP; gloo on a CPU). distill.batch_size stays the global batch.")
+              help="Train in N processes under accelerate (DDP; gloo on a CPU). distill.batch_size stays the global "
+                   "batch.")
 @click.option("--accelerate-config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="An accelerate config file (several GPUs or machines, FSDP, mixed precision); see configs/accelerate/.")
+              help="An accelerate config file (several GPUs or machines, FSDP, mixed precision); see "
+                   "configs/accelerate/.")
 @friendly
 def distill(recipe: str, runs_root: str, force: bool, processes: int | None, accelerate_config: str | None) -> None:
     """Train the student on the teacher's answers (needs generate; resumes after a kill, with any number of
@@ -179,7 +181,7 @@ def distill(recipe: str, runs_root: str, force: bool, processes: int | None, acc
 
     cfg = _load(recipe)
     if ((processes or 1) > 1 or accelerate_config) and world_size() == 1 and not os.environ.get("DISTILLERY_LAUNCHED"):
-        from toolchain.pipeline import finished
+        from toolchain.plans import finished
 
         finished(cfg, runs_root, "generate")  # a usage error here, not in every process
         args = ["distill", recipe, "--runs", runs_root] + (["--force"] if force else [])
@@ -279,7 +281,8 @@ def report(recipe: str, runs_root: str) -> None:
 @main.command()
 @recipe_arg
 @runs_opt
-@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to write the two model folders in.")
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to write the two model "
+                                                                                  "folders in.")
 @click.option("--repo", help="Also upload them to the Hugging Face Hub as ORG/NAME and ORG/NAME-GGUF (network, token).")
 @click.option("--base-model", help="The teacher's Hub id for the card (default: from an hf: teacher or its GGUF).")
 @click.option("--force", is_flag=True, help="Replace folders that exist.")
@@ -331,9 +334,11 @@ def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:
 @click.option("--backend", type=click.Choice(["llama_cpp", "onnxruntime", "onnxruntime-genai"]), default="llama_cpp",
               show_default=True, help="onnxruntime-genai: its own C++ generation loop, for genai_int4 / genai_fp32.")
 @click.option("--quant", default=None,
-              help="GGUF type (q8_0, q4_k_m, ...) or ONNX variant (fp32, int8, ...). Default: q8_0 / int8 when exported; "
+              help="GGUF type (q8_0, q4_k_m, ...) or ONNX variant (fp32, int8, ...). Default: q8_0 / int8 when "
+                   "exported; "
                    "a teacher is rebuilt at this type once to compare like with like.")
-@click.option("--file", "model_file", type=click.Path(), default=None, help="Serve this .gguf file or ONNX folder instead.")
+@click.option("--file", "model_file", type=click.Path(), default=None, help="Serve this .gguf file or ONNX folder "
+                                                                            "instead.")
 @click.option("--host", default=None, help="Bind address (default: the recipe's serve.host, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: the recipe's serve.port).")
 @click.option("--api-key", envvar="DISTILLERY_API_KEY", default=None,
@@ -349,8 +354,8 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
     """
     from toolchain import served
     from toolchain.recipe import RecipeError
-    from toolchain.server import Settings, is_loopback
-    from toolchain.server import serve as run_server
+    from toolchain.serve import Settings, is_loopback
+    from toolchain.serve import serve as run_server
 
     cfg = _load(recipe)
     backend = backend.replace("-", "_")
@@ -365,14 +370,22 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
         target = served.teacher(cfg, backend, quant)
     engine = served.open_engine(target, n_ctx=cfg.serve.n_ctx)
     s, c = cfg.serve, cfg.cost
-    settings = Settings(model_id=target.model_id, max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens,
-                        max_body_bytes=s.max_body_bytes, max_queue=s.max_queue, temperature=s.temperature,
-                        api_key=api_key, usd_per_hour=c.usd_per_hour,
-                        reference_usd_per_1m_input=c.reference_api_usd_per_1m_input,
-                        reference_usd_per_1m_output=c.reference_api_usd_per_1m_output,
-                        system_prompt=cfg.generate.system_prompt, batch=s.batch,
-                        n_ctx_per_slot=s.max_prompt_tokens + s.max_new_tokens + 8,
-                        stream_interval_ms=s.stream_interval_ms)
+    settings = Settings(
+        model_id=target.model_id,
+        max_prompt_tokens=s.max_prompt_tokens,
+        max_new_tokens=s.max_new_tokens,
+        max_body_bytes=s.max_body_bytes,
+        max_queue=s.max_queue,
+        temperature=s.temperature,
+        api_key=api_key,
+        usd_per_hour=c.usd_per_hour,
+        reference_usd_per_1m_input=c.reference_api_usd_per_1m_input,
+        reference_usd_per_1m_output=c.reference_api_usd_per_1m_output,
+        system_prompt=cfg.generate.system_prompt,
+        batch=s.batch,
+        n_ctx_per_slot=s.max_prompt_tokens + s.max_new_tokens + 8,
+        stream_interval_ms=s.stream_interval_ms,
+    )
     port = port or s.port
     click.echo(f"serving {target.model_id} ({target.path}) on http://{host}:{port}/v1", err=True)
     run_server(engine, settings, host, port)
@@ -420,7 +433,7 @@ def inspect(path: str) -> None:
     A truncated or corrupt file, or ONNX external data outside its folder: one line naming it, exit 1."""
     import json
 
-    from toolchain.artifacts import inspect as inspect_file
+    from toolchain.model_files import inspect as inspect_file
 
     click.echo(json.dumps(inspect_file(Path(path)), indent=2))
 

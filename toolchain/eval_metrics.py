@@ -99,7 +99,11 @@ def paired_tables(results: dict[str, dict], tasks: list[str]) -> dict[str, dict]
         student = {s["id"]: s.get("gold") for s in results["student"]["samples"].get(task, [])}
         ids = [i for i in teacher if teacher[i] is not None and student.get(i) is not None]
         if ids:
-            out[task] = {"ids": ids, "teacher": [int(teacher[i]) for i in ids], "student": [int(student[i]) for i in ids]}
+            out[task] = {
+                "ids": ids,
+                "teacher": [int(teacher[i]) for i in ids],
+                "student": [int(student[i]) for i in ids],
+            }
     return out
 
 
@@ -172,8 +176,11 @@ def label_report(labels: list[str], golds: dict[str, str], responses: dict[str, 
         hit = confusion.get(x, {}).get(x, 0)
         predicted = sum(r.get(x, 0) for r in confusion.values())
         support = sum(confusion.get(x, {}).values())
-        per_label[x] = {"precision": hit / predicted if predicted else None, "recall": hit / support if support else None,
-                        "support": support}
+        per_label[x] = {
+            "precision": hit / predicted if predicted else None,
+            "recall": hit / support if support else None,
+            "support": support,
+        }
     return {"confusion": confusion, "per_label": per_label}
 
 

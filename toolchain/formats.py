@@ -159,7 +159,9 @@ def _content(value, where: str, n: int) -> str:
     raise DataError(f"{where}: message {n} has no content (a string or a list of text parts)")
 
 
-def _turns(messages, where: str, role_key: str, content_key: str, roles: dict[str, str] | None) -> list[tuple[str, str]]:
+def _turns(
+    messages, where: str, role_key: str, content_key: str, roles: dict[str, str] | None
+) -> list[tuple[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: expected a non-empty list of messages")
     out = []

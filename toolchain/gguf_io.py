@@ -210,7 +210,9 @@ def open_reader(path: Path):
     try:
         reader = GGUFReader(path)
     except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on short or garbled files
-        raise ExportError(f"{path}: corrupt or truncated GGUF (its header does not parse: {type(e).__name__})") from None
+        raise ExportError(
+            f"{path}: corrupt or truncated GGUF (its header does not parse: {type(e).__name__})"
+        ) from None
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
@@ -253,9 +255,9 @@ def transplant_tokenizer(source_gguf: Path, converted: Path, out: Path, metadata
                          vocab_of: Path | None = None) -> None:
     """Copy ``converted`` to ``out`` with every ``tokenizer.*`` key taken from ``source_gguf`` instead, plus
     ``metadata`` (general.name, general.license, the chat template, ...: strings, ints, string lists), which
-    replaces the keys of those names (and, when it names base models, every general.base_model.* key). Tensors are copied byte for byte. When the model
-    directory ``vocab_of`` holds a trimmed vocabulary, the source's token tables are cut to its tokens and
-    its merges to those whose parts and result are kept."""
+    replaces the keys of those names (and, when it names base models, every general.base_model.* key).
+    Tensors are copied byte for byte. When the model directory ``vocab_of`` holds a trimmed vocabulary, the
+    source's token tables are cut to its tokens and its merges to those whose parts and result are kept."""
     import gguf
 
     src, tgt = open_reader(source_gguf), open_reader(converted)
@@ -349,7 +351,9 @@ def compute_imatrix(model: Path, text: Path, out: Path, chunks: int, n_ctx: int 
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
     if done.returncode != 0 or not tmp.is_file():
         lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
-        hint = next((ln for ln in reversed(lines) if "error" in ln.lower() or "need" in ln.lower()), lines[-1] if lines else "")
+        hint = next(
+            (ln for ln in reversed(lines) if "error" in ln.lower() or "need" in ln.lower()), lines[-1] if lines else ""
+        )
         raise ExportError(f"{model}: llama-imatrix failed (return code {done.returncode}): {hint.strip()}")
     os.replace(tmp, out)
     r = open_reader(out)

@@ -63,7 +63,9 @@ def summary(judged: list[dict], iters: int = 2000, seed: int = 0) -> dict:
     """Win/tie/loss, the mean score with a 95 % bootstrap interval, order agreement and parse failures."""
     scores = [j["score"] for j in judged if j["score"] is not None]
     both = [j for j in judged if all(v["verdict"] is not None for v in j["verdicts"])]
-    consistent = sum(1 for j in both if len({student_points(v["verdict"], v["student_is"]) for v in j["verdicts"]}) == 1)
+    consistent = sum(
+        1 for j in both if len({student_points(v["verdict"], v["student_is"]) for v in j["verdicts"]}) == 1
+    )
     out = {
         "n": len(judged), "judged": len(scores),
         "asked": sum(len(j["verdicts"]) for j in judged),

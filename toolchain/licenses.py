@@ -22,19 +22,31 @@ POLICY: dict[str, tuple[bool, str]] = {
         "apply to it and must be passed on to its users.",
     ),
     "llama2": (False, "Llama 2 Community License: acceptable-use policy applies; naming and user-count terms."),
-    "llama3": (False, "Llama 3 Community License: 'Built with Llama' attribution; derivative names start with 'Llama'."),
+    "llama3": (
+        False,
+        "Llama 3 Community License: 'Built with Llama' attribution; derivative names start with 'Llama'.",
+    ),
     "qwen": (False, "Qwen License Agreement: commercial use above 100M monthly users needs Alibaba's permission."),
     "qwen-research": (False, "Qwen Research License: non-commercial use only."),
     "deepseek": (False, "DeepSeek License Agreement: use-based restrictions apply to derivatives."),
     "own-data": (True, "Answers written by the data's owner: no third-party terms."),
     # Hosted providers whose terms forbid training competing models on their outputs.
-    "openai-terms": (False, "OpenAI Terms of Use, 'What you cannot do': you may not 'use Output to develop models "
-                            "that compete with OpenAI'."),
-    "anthropic-terms": (False, "Anthropic Commercial Terms of Service, Use Restrictions: customers may not use the "
-                               "Services 'to build a competing product or service, including to train competing AI "
-                               "models'."),
-    "google-terms": (False, "Gemini API Additional Terms of Service: you may not use the Services 'to develop models "
-                            "that compete with' them."),
+    "openai-terms": (
+        False,
+        "OpenAI Terms of Use, 'What you cannot do': you may not 'use Output to develop models "
+        "that compete with OpenAI'.",
+    ),
+    "anthropic-terms": (
+        False,
+        "Anthropic Commercial Terms of Service, Use Restrictions: customers may not use the "
+        "Services 'to build a competing product or service, including to train competing AI "
+        "models'.",
+    ),
+    "google-terms": (
+        False,
+        "Gemini API Additional Terms of Service: you may not use the Services 'to develop models "
+        "that compete with' them.",
+    ),
 }
 
 # Hosts of providers whose outputs are under their terms, and open-weight model ids -> licence id (first match).
@@ -105,7 +117,11 @@ def classify_source(source: str) -> tuple[str, str]:
         return "own-data", "the data's own answers"
     if kind == "open-weight":
         lic = open_weight_licence(rest)
-        return (lic, f"open-weight model id '{rest}'") if lic else ("unknown", f"open-weight model '{rest}' not in the table")
+        return (
+            (lic, f"open-weight model id '{rest}'")
+            if lic
+            else ("unknown", f"open-weight model '{rest}' not in the table")
+        )
     if kind == "openai" and "#" in rest:
         base, _, model = rest.partition("#")
         host = (urlparse(base).hostname or "").lower()

@@ -98,13 +98,17 @@ def _resolve_pip(ref: str) -> ModelRef:
     package, _, filename = ref[4:].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"{ref}: Python package '{package}' is not installed; run: pip install {_pip_install_name(package)}")
+        raise ModelError(
+            f"{ref}: Python package '{package}' is not installed; run: pip install {_pip_install_name(package)}"
+        )
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     if filename:
         path = pkg_dir / filename
         if not path.is_file():
             shipped = sorted(p.name for p in pkg_dir.glob("*.gguf"))
-            raise ModelError(f"{ref}: '{filename}' is not in package '{package}' (it ships: {', '.join(shipped) or 'no .gguf'})")
+            raise ModelError(
+                f"{ref}: '{filename}' is not in package '{package}' (it ships: {', '.join(shipped) or 'no .gguf'})"
+            )
         return ModelRef(ref, "gguf", path=path)
     module = importlib.import_module(package)
     if hasattr(module, "assemble"):
@@ -134,7 +138,9 @@ def _resolve_hf(ref: str) -> ModelRef:
 
         path = snapshot_download(repo_id=repo, revision=revision or None)
     except Exception as err:  # network, auth, missing repo: all become one line
-        raise ModelError(f"{ref}: could not fetch from the Hub ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise ModelError(
+            f"{ref}: could not fetch from the Hub ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
     return ModelRef(ref, "hf_dir", path=Path(path))
 
 
@@ -316,7 +322,9 @@ def load_torch_model(ref: ModelRef, dtype: str = "float32"):
         if folder is not None:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(ref.path.parent), gguf_file=ref.path.name, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(ref.path.parent), gguf_file=ref.path.name, dtype=torch_dtype
+            )
     elif ref.kind == "hf_dir":
         model = AutoModelForCausalLM.from_pretrained(str(ref.path), dtype=torch_dtype)
     else:

@@ -84,7 +84,9 @@ def quantize(src: Path, out_dir: Path, variant: str) -> Path:
     if variant in ("int8_nbits", "int4"):
         from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-        config = nbits.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=8 if variant == "int8_nbits" else 4)
+        config = nbits.DefaultWeightOnlyQuantConfig(
+            block_size=32, is_symmetric=True, bits=8 if variant == "int8_nbits" else 4
+        )
         quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
@@ -155,7 +157,9 @@ def check(path: Path) -> dict:
     except ExportError:
         raise
     except (DecodeError, onnx.checker.ValidationError, OSError, ValueError) as e:
-        raise ExportError(f"{path}: corrupt ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ExportError(
+            f"{path}: corrupt ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     weights: dict[str, int] = {}
     for init in model.graph.initializer:
         kind = onnx.TensorProto.DataType.Name(init.data_type)

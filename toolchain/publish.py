@@ -68,10 +68,13 @@ def _cards(cfg, data: dict, licence: dict, repo: str | None, base_model: str | N
                    "base_model_relation": "finetune" if teacher_id else None, "pipeline_tag": "text-generation",
                    "library_name": "transformers", "tags": tags}
     teacher_name = teacher_id or cfg.teacher.rsplit("/", 1)[-1]
-    summary = (f"A {cfg.distill.flavour}-label student distilled by distillery from `{teacher_name}` (recipe "
-               f"`{cfg.name}`). Held-out gold accuracy: student {100 * (ov['student'] or 0):.1f}%, teacher "
-               f"{100 * (ov['teacher'] or 0):.1f}%, retention {ov['retention'] if ov['retention'] is None else round(ov['retention'], 2)} "
-               f"over {ov['gold_docs']} prompts.")
+    summary = (
+        f"A {cfg.distill.flavour}-label student distilled by distillery from `{teacher_name}` (recipe "
+        f"`{cfg.name}`). Held-out gold accuracy: student {100 * (ov['student'] or 0):.1f}%, teacher "
+        f"{100 * (ov['teacher'] or 0):.1f}%, retention "
+        f"{ov['retention'] if ov['retention'] is None else round(ov['retention'], 2)} "
+        f"over {ov['gold_docs']} prompts."
+    )
     decision = LicenceDecision(**{k: licence.get(k) for k in LicenceDecision.__dataclass_fields__}) if licence else None
     body = [f"# {cfg.name} student", "", summary, "", "## Quality: teacher vs student (held-out prompts)", "", "```",
             render_table(data["eval"], data.get("gate")), "```", "",
@@ -81,15 +84,22 @@ def _cards(cfg, data: dict, licence: dict, repo: str | None, base_model: str | N
         body += ["", model_card_section(decision, teacher_name)]
     model_card = _front(model_front) + "\n".join(body) + "\n"
 
-    gguf_front = {"license": model_front["license"], "base_model": repo, "base_model_relation": "quantized" if repo else None,
-                  "pipeline_tag": "text-generation", "tags": tags + ["gguf"]}
+    gguf_front = {
+        "license": model_front["license"],
+        "base_model": repo,
+        "base_model_relation": "quantized" if repo else None,
+        "pipeline_tag": "text-generation",
+        "tags": tags + ["gguf"],
+    }
     files = [r for r in data["export"]["files"] if r["format"] == "gguf"]
-    lines = [f"# {cfg.name} student, GGUF", "", summary, "", "| file | size (MB) | bits/weight | held-out gold % | retention |",
+    lines = [f"# {cfg.name} student, GGUF", "", summary, "", "| file | size (MB) | bits/weight | held-out gold % | "
+                                                             "retention |",
              "|---|---:|---:|---:|---:|"]
     for r in files:
         gold = "-" if r.get("gold") is None else f"{100 * r['gold']:.1f}"
         ret = "-" if r.get("retention") is None else f"{r['retention']:.2f}"
-        lines.append(f"| {Path(r['file']).name} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {gold} | {ret} |")
+        lines.append(f"| {Path(r['file']).name} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {gold} | "
+                     f"{ret} |")
     lines += ["", "Each file carries the chat template the student was trained with (the recipe's system prompt as its "
               "default) and its end-of-turn token: `llama-server -m <file>` and LM Studio run it as it is. Ollama: "
               "`ollama create <name> -f <file>.Modelfile` in this folder."]
@@ -102,7 +112,7 @@ def build(cfg, runs_root, to: Path, repo: str | None = None, force: bool = False
           base_model: str | None = None) -> tuple[Path, Path]:
     """Write <to>/<recipe>/ and <to>/<recipe>-GGUF/ from the recipe's finished stages (``base_model``: the
     teacher's Hub id where its reference does not say it, e.g. a local GGUF)."""
-    from toolchain.pipeline import finished
+    from toolchain.plans import finished
     from toolchain.report import gather
 
     data = gather(cfg, runs_root)

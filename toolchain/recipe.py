@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,7 +33,8 @@ class StudentConfig(_Section):
     )
     select: Union[Literal["influence", "even"], list[int]] = Field(
         "influence",
-        description="Which layers to keep: 'influence' (block influence, 1 - cos(in, out)), 'even', or explicit indices.",
+        description="Which layers to keep: 'influence' (block influence, 1 - cos(in, out)), 'even', or explicit "
+                    "indices.",
     )
     influence_samples: int = Field(48, ge=1, description="Teacher responses used to score block influence.")
     vocab: int | None = Field(
@@ -142,7 +143,8 @@ class GenerateConfig(_Section):
         description="For base teachers without a chat template: the raw text sent to the teacher, with {prompt} "
         "where the prompt goes (e.g. 'Question: {prompt}\\nAnswer:'). None = the teacher's chat template.",
     )
-    stop: list[str] = Field(default_factory=list, description="Strings that end a teacher answer (with prompt_template).")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a teacher answer (with "
+                                                              "prompt_template).")
     n_ctx: int = Field(2048, ge=128, description="Teacher context window (llama.cpp).")
     threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (None = all cores).")
     batch: int = Field(
@@ -154,12 +156,15 @@ class GenerateConfig(_Section):
     concurrency: int = Field(
         1, ge=1, le=512, description="openai: teacher: requests in flight at once (local engines answer one at a time)."
     )
-    requests_per_minute: float | None = Field(None, gt=0, description="openai: teacher: most requests started per minute.")
-    timeout_s: float = Field(120.0, gt=0, description="openai: teacher: seconds before a request is abandoned and retried.")
+    requests_per_minute: float | None = Field(None, gt=0, description="openai: teacher: most requests started per "
+                                                                      "minute.")
+    timeout_s: float = Field(120.0, gt=0, description="openai: teacher: seconds before a request is abandoned and "
+                                                      "retried.")
     max_retries: int = Field(
         8, ge=0, le=100,
         description="openai: teacher: retries per prompt on 429, 5xx, timeouts and refused connections, with "
-        "exponential backoff (honouring Retry-After). A prompt that still fails stops the stage; answers so far are kept.",
+        "exponential backoff (honouring Retry-After). A prompt that still fails stops the stage; answers so far are "
+        "kept.",
     )
     api_key_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
@@ -167,12 +172,15 @@ class GenerateConfig(_Section):
         "OPENAI_API_KEY). The key itself never goes in a recipe.",
     )
     logprobs: int | None = Field(
-        None, ge=1, le=20, description="openai: teacher: record the top-k log-probs of every answer token when the server returns them."
+        None, ge=1, le=20, description="openai: teacher: record the top-k log-probs of every answer token when the "
+                                       "server returns them."
     )
     usd_per_1m_input: float | None = Field(
-        None, ge=0.0, description="openai: teacher: the endpoint's price per 1M prompt tokens (default: cost.reference_api_*)."
+        None, ge=0.0, description="openai: teacher: the endpoint's price per 1M prompt tokens (default: "
+                                  "cost.reference_api_*)."
     )
-    usd_per_1m_output: float | None = Field(None, ge=0.0, description="openai: teacher: its price per 1M answer tokens.")
+    usd_per_1m_output: float | None = Field(None, ge=0.0, description="openai: teacher: its price per 1M answer "
+                                                                      "tokens.")
 
     @model_validator(mode="before")
     @classmethod
@@ -205,7 +213,8 @@ class SoftConfig(_Section):
     """Soft-label KD (Hinton et al. 2015): match the teacher's token distribution, not only its tokens."""
 
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        "forward_kl", description="Divergence: forward KL (mode-covering), reverse KL (mode-seeking) or generalized JSD."
+        "forward_kl", description="Divergence: forward KL (mode-covering), reverse KL (mode-seeking) or generalized "
+                                  "JSD."
     )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture weight (0 = forward KL, 1 = reverse KL).")
     temperature: float = Field(
@@ -217,7 +226,8 @@ class SoftConfig(_Section):
     teacher_logits: Literal["online", "cache"] = Field(
         "cache", description="online: teacher forward pass every step; cache: top-k written once by generate."
     )
-    top_k: int = Field(32, ge=1, description="Teacher log-probs kept per position in the cache (the rest is one tail bucket).")
+    top_k: int = Field(32, ge=1, description="Teacher log-probs kept per position in the cache (the rest is one tail "
+                                             "bucket).")
 
 
 class ReasoningConfig(_Section):
@@ -301,7 +311,8 @@ class TaskConfig(_Section):
         "no gold needed). Case-insensitive, except golds of one or two characters.",
     )
     judge: str | None = Field(
-        None, description="judge: the judge model (any model reference, e.g. an openai: endpoint); default the teacher.")
+        None, description="judge: the judge model (any model reference, e.g. an openai: endpoint); default the "
+                          "teacher.")
     rubric: str | None = Field(None, description="judge: what makes an answer better (replaces the default rubric).")
     pattern: str | None = Field(None, description="regex: the pattern searched in the answer (case-insensitive).")
     keys: list[str] | None = Field(None, description="json: the keys compared with the gold's (default: all of them).")
@@ -463,15 +474,18 @@ class ServeConfig(_Section):
 class BenchConfig(_Section):
     prompts: int = Field(16, ge=1, description="Held-out prompts per model and repeat.")
     max_new_tokens: int = Field(128, ge=8, description="Tokens generated per prompt.")
-    repeats: int = Field(3, ge=1, description="Runs per model (teacher and student alternate); medians and spread reported.")
+    repeats: int = Field(3, ge=1, description="Runs per model (teacher and student alternate); medians and spread "
+                                              "reported.")
     backend: Literal["llama_cpp", "onnxruntime", "onnxruntime_genai"] = Field(
         "llama_cpp", description="onnxruntime_genai: onnxruntime-genai's own generation loop (genai_* variants)."
     )
     quant: str | None = Field(
         None, description="Type both models run at (default q8_0 / int8 / genai_int4); the teacher is rebuilt at it."
     )
-    served: bool = Field(True, description="Also measure the student through `distillery serve` (streamed) against raw.")
-    each_file: bool = Field(True, description="Also time every exported file once (speed per quantization, for the report).")
+    served: bool = Field(True, description="Also measure the student through `distillery serve` (streamed) against "
+                                           "raw.")
+    each_file: bool = Field(True, description="Also time every exported file once (speed per quantization, for the "
+                                              "report).")
     concurrency: int = Field(
         4, ge=0, le=64,
         description="llama.cpp: also measure a busy server, this many requests decoding together (serve.batch); its "
@@ -484,7 +498,8 @@ class CostConfig(_Section):
     reference_api_usd_per_1m_output: float = Field(10.0, ge=0.0, description="Frontier API price being replaced.")
     reference_api_usd_per_1m_input: float = Field(2.5, ge=0.0, description="Its price per 1M prompt tokens.")
     distill_hardware_usd_per_hour: float = Field(
-        0.10, ge=0.0, description="What the machine that ran generate + distill costs per hour (one-time cost, for ROI)."
+        0.10, ge=0.0, description="What the machine that ran generate + distill costs per hour (one-time cost, for "
+                                  "ROI)."
     )
 
 

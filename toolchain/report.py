@@ -26,14 +26,16 @@ def _load(path: Path) -> dict | None:
 
 def gather(cfg, runs_root) -> dict:
     """The numbers the report shows, from the recipe's current finished stages."""
-    from toolchain.pipeline import status
+    from toolchain.plans import status
 
     done = {stage: path for stage, state, path in status(cfg, runs_root) if state == "done"}
     missing = [s for s in ("eval", "export", "bench") if s not in done]
     if missing:
         from toolchain.runs import RunError
 
-        raise RunError(f"report needs {', '.join(missing)} for {cfg.name}; run them first (distillery run {cfg.source or ''})")
+        raise RunError(
+            f"report needs {', '.join(missing)} for {cfg.name}; run them first (distillery run {cfg.source or ''})"
+        )
     from toolchain.pipeline import gate_verdict
 
     run_dir = Path(runs_root) / cfg.name
@@ -138,21 +140,34 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
     lines += ["## Speed and cost", "", bench_md(data["bench"]).split("\n", 2)[2]]
     if images:
         lines += [f"![quality vs speed]({images['quality_vs_speed']})", f"![cost]({images['cost']})", ""]
-    lines += ["## Quality (lm-eval, held-out prompts)", "", "```", render_table(data["eval"], data.get("gate")), "```", ""]
+    lines += [
+        "## Quality (lm-eval, held-out prompts)",
+        "",
+        "```",
+        render_table(data["eval"], data.get("gate")),
+        "```",
+        "",
+    ]
     if images:
         lines += [f"![retention]({images['retention']})", ""]
     lines += [x.replace("## ", "### ", 1) if x.startswith("## ") else x
               for x in label_markdown(data["eval"]) + judge_markdown(data["eval"])] + [""]
     lines += ["## Exported files", "", export_md(data["export"]).split("\n", 2)[2]]
     if data.get("sweep"):
-        lines += ["## Sweep: layers kept vs quality and speed", "", "| layers | parameters (M) | student gold | retention | "
-                  "decode tokens/s | on the Pareto front |", "|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "## Sweep: layers kept vs quality and speed",
+            "",
+            "| layers | parameters (M) | student gold | retention | decode tokens/s | on the Pareto front |",
+            "|---:|---:|---:|---:|---:|---|",
+        ]
         students = data["sweep"]["students"]
         front = set(pareto([(r["decode_tps"], r["student_gold"] or 0) for r in students]))
         for i, r in enumerate(students):
             retention = "-" if r["retention"] is None else f"{r['retention']:.2f}"
-            lines.append(f"| {r['keep_layers']} | {r['parameters'] / 1e6:.1f} | {_pct(r['student_gold'])} | {retention} | "
-                         f"{r['decode_tps']:.1f} | {'yes' if i in front else ''} |")
+            lines.append(
+                f"| {r['keep_layers']} | {r['parameters'] / 1e6:.1f} | {_pct(r['student_gold'])} | {retention} | "
+                f"{r['decode_tps']:.1f} | {'yes' if i in front else ''} |"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -205,7 +220,8 @@ def _md_to_html(md: str) -> str:
     return "\n".join(out)
 
 
-STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}
 img{max-width:100%;display:block;margin:1em 0}h1{border-bottom:2px solid #27ae60}"""
@@ -226,7 +242,8 @@ def write(cfg, runs_root) -> Path:
     (tmp / "report.md").write_text(render_markdown(data, files), encoding="utf-8")
     embedded = {name: f"data:image/png;base64,{b64}" for name, b64 in images.items()}
     body = _md_to_html(render_markdown(data, embedded))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>distillery report: {html.escape(cfg.name)}</title>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>distillery report: "
+            f"{html.escape(cfg.name)}</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
     (tmp / "report.html").write_text(page, encoding="utf-8")
     (tmp / "data.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -243,8 +260,16 @@ def screenshot(page: Path, out: Path, width: int = 1200, height: int = 2400) -> 
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         raise ExportError("chromium is not installed (apt-get install chromium) — needed to screenshot the report")
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},{height}",
-           f"--screenshot={out}", page.resolve().as_uri()]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--window-size={width},{height}",
+        f"--screenshot={out}",
+        page.resolve().as_uri(),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if not out.is_file():
         raise ExportError(f"chromium wrote no screenshot: {(done.stderr or '').strip().splitlines()[-1:]}")

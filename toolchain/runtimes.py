@@ -93,7 +93,9 @@ def ollama_template(r: dict) -> str:
     parts = ["{{- range .Messages }}"]
     for i, role in enumerate(("system", "user", "assistant")):
         pre, suf = r[role]
-        parts.append(("{{ if" if i == 0 else "{{ else if") + f' eq .Role "{role}" }}}}{_go(pre)}{{{{ .Content }}}}{_go(suf)}')
+        parts.append(
+            ("{{ if" if i == 0 else "{{ else if") + f' eq .Role "{role}" }}}}{_go(pre)}{{{{ .Content }}}}{_go(suf)}'
+        )
     parts.append("{{ end }}{{ end }}" + _go(r["generation"]))
     return _go(r["start"]) + "".join(parts)
 

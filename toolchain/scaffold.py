@@ -135,7 +135,9 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
             lines.append(f"  template: {_yaml(template)}   # CHECK: the prompt around the text (any {{column}})")
             check.append(f"template: the teacher is asked {_yaml(template)}")
         else:
-            lines.append("  # template: \"Classify this message.\\n\\n{text}\"   # the prompt around the text, any {column}")
+            lines.append(
+                '  # template: "Classify this message.\\n\\n{text}"   # the prompt around the text, any {column}'
+            )
     if n >= 20:
         lines.append("  heldout_fraction: 0.2      # held out, seeded and stratified by task; never trained on")
         held = round(n * 0.2)
@@ -146,7 +148,10 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
         check.append(f"only {n} rows: too few to hold any out; add data.heldout with examples never trained on")
     lines.append(f"  # limit: {min(64, n)}               # a quick first run on the first rows")
     answer_tokens = 32 if labels_only else 256
-    lines += ["generate:", f"  max_new_tokens: {answer_tokens}" + ("       # a label is a word or two" if labels_only else "")]
+    lines += [
+        "generate:",
+        f"  max_new_tokens: {answer_tokens}" + ("       # a label is a word or two" if labels_only else ""),
+    ]
     if found["references"]:
         lines.append(f"  # answers: reference        # {found['references']} rows already have an answer: distil "
                      "from them, not the teacher")

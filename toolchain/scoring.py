@@ -136,7 +136,9 @@ def check(spec: dict, answer: str, gold: str) -> bool:
     if metric == "number":
         return numbers_match(answer, gold, spec.get("tolerance") or 1e-6)
     if metric == "keywords":
-        return all(any(contains(answer, alt) for alt in k.split("|") if alt.strip()) for k in gold.split(";") if k.strip())
+        return all(
+            any(contains(answer, alt) for alt in k.split("|") if alt.strip()) for k in gold.split(";") if k.strip()
+        )
     if metric == "regex":
         return regex_match(answer, gold, spec["pattern"])
     if metric == "json":

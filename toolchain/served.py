@@ -42,7 +42,7 @@ def default_quant(cfg, backend: str) -> str:
 
 
 def student(cfg, runs_root, backend: str, quant: str | None) -> Served:
-    from toolchain.pipeline import finished
+    from toolchain.plans import finished
 
     quant = quant or default_quant(cfg, backend)
     export = finished(cfg, runs_root, "export")
@@ -147,7 +147,7 @@ def open_engine(served: Served, threads: int | None = None, n_ctx: int = 4096):
 
 def from_file(path: Path, backend: str | None) -> Served:
     """Any .gguf file or ONNX folder, checked first."""
-    from toolchain.artifacts import inspect
+    from toolchain.model_files import inspect
 
     path = Path(path)
     kind = inspect(path)["format"]

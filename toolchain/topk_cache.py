@@ -82,12 +82,16 @@ class TopKCache:
     def __init__(self, root: Path):
         p = _paths(root)
         if not p["json"].is_file():
-            raise CacheError(f"{root}: no teacher top-k cache (was generate run with distill.soft.teacher_logits: cache?)")
+            raise CacheError(
+                f"{root}: no teacher top-k cache (was generate run with distill.soft.teacher_logits: cache?)"
+            )
         self.header = json.loads(p["json"].read_text())
         self.k = self.header["k"]
         self.index = {r["id"]: (r["start"], r["rows"]) for r in read_jsonl_resumable(p["index.jsonl"])}
         rows = sum(n for _, n in self.index.values())
-        self.ids = np.memmap(p["ids.bin"], dtype=self.header["id_dtype"], mode="r", shape=(rows, self.k)) if rows else None
+        self.ids = (
+            np.memmap(p["ids.bin"], dtype=self.header["id_dtype"], mode="r", shape=(rows, self.k)) if rows else None
+        )
         self.logp = np.memmap(p["logp.bin"], dtype=np.float16, mode="r", shape=(rows, self.k)) if rows else None
 
     def check(self, k: int, temperature: float) -> None:

@@ -339,7 +339,7 @@ def test_onnxruntime_genai_builder_variants_are_checked_and_scored(ci_run, tmp_p
     from toolchain.backends.onnx import OnnxEngine
     from toolchain.models import ModelError
     from toolchain.recipe import load
-    from toolchain.server import Settings, create_app
+    from toolchain.serve import Settings, create_app
 
     target = served.student(load(recipe), tmp_path / "runs", "onnxruntime_genai", None)
     assert target.quant == "genai_int4" and target.backend == "onnxruntime_genai"

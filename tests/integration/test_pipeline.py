@@ -6,10 +6,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import ROOT, distillery, recipe_copy as _recipe, stage_dirs as _stage_dirs
 

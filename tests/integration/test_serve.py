@@ -192,7 +192,7 @@ def test_onnxruntime_backend_serves_the_same_api(ci_run):
 
     from toolchain import served
     from toolchain.recipe import load
-    from toolchain.server import Settings, create_app
+    from toolchain.serve import Settings, create_app
 
     recipe, runs, _ = ci_run
     target = served.student(load(recipe), runs, "onnxruntime", None)

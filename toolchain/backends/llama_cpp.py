@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.backends import Completion
+from toolchain.backends.base import Completion
 
 
 class LlamaCppEngine:
@@ -74,9 +74,13 @@ class LlamaCppEngine:
         if longest >= self.llm.n_ctx():
             raise ValueError(f"a prompt of {longest} tokens does not fit the context of {self.llm.n_ctx()}")
         n_ctx = min(self.llm.n_ctx(), longest + max_new_tokens + 1)
-        decoder = BatchDecoder(self, min(slots, len(prompts)) + 1, n_ctx, threads=self.llm.n_threads)  # +1: the shared prefix
+        decoder = BatchDecoder(
+            self, min(slots, len(prompts)) + 1, n_ctx, threads=self.llm.n_threads
+        )  # +1: the shared prefix
         try:
-            yield from greedy_stream(decoder, prompts, max_new_tokens, self.eos_ids if stop_ids is None else stop_ids, keep)
+            yield from greedy_stream(
+                decoder, prompts, max_new_tokens, self.eos_ids if stop_ids is None else stop_ids, keep
+            )
         finally:
             decoder.close()
 

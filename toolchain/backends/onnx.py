@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.backends import TokenLoop, pick
+from toolchain.backends.base import TokenLoop, pick
 from toolchain.onnx_io import external_files
 
 
@@ -72,7 +72,9 @@ class OnnxEngine(TokenLoop):
             feed["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1]:]
         outs = self.session.run(None, feed)
         names = [o.name for o in self.session.get_outputs()]
-        present = {n.replace("present.", "past_key_values."): v for n, v in zip(names, outs) if n.startswith("present.")}
+        present = {
+            n.replace("present.", "past_key_values."): v for n, v in zip(names, outs) if n.startswith("present.")
+        }
         return outs[names.index("logits")], present
 
     def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.backends import TokenLoop
+from toolchain.backends.base import TokenLoop
 
 
 class GenaiEngine(TokenLoop):

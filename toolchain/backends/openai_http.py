@@ -12,7 +12,7 @@ import random
 import threading
 import time
 
-from toolchain.backends import Completion
+from toolchain.backends.base import Completion
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 

@@ -146,16 +146,19 @@ def _summary(runs: list[dict]) -> dict:
         reqs = r["requests"]
         decode_tokens = sum(q["completion_tokens"] - 1 for q in reqs if q["completion_tokens"] > 1)
         decode_time = sum(q["wall_s"] - q["ttft_s"] for q in reqs if q["completion_tokens"] > 1)
-        per_run.append({
-            "decode_tps": decode_tokens / decode_time if decode_time else None,
-            "prompt_tps": sum(q["prompt_tokens"] for q in reqs) / sum(q["ttft_s"] for q in reqs),
-            "ttft_ms": 1000 * statistics.median(q["ttft_s"] for q in reqs),
-            "seconds_per_output_token": sum(q["wall_s"] for q in reqs) / max(1, sum(q["completion_tokens"] for q in reqs)),
-            "output_tokens": sum(q["completion_tokens"] for q in reqs),
-            "peak_rss_bytes": r.get("peak_rss_bytes"),
-            "load_s": r.get("load_s"),
-            "loaded_tps": r["loaded"]["tokens_per_s"] if r.get("loaded") else None,
-        })
+        per_run.append(
+            {
+                "decode_tps": decode_tokens / decode_time if decode_time else None,
+                "prompt_tps": sum(q["prompt_tokens"] for q in reqs) / sum(q["ttft_s"] for q in reqs),
+                "ttft_ms": 1000 * statistics.median(q["ttft_s"] for q in reqs),
+                "seconds_per_output_token": sum(q["wall_s"] for q in reqs)
+                / max(1, sum(q["completion_tokens"] for q in reqs)),
+                "output_tokens": sum(q["completion_tokens"] for q in reqs),
+                "peak_rss_bytes": r.get("peak_rss_bytes"),
+                "load_s": r.get("load_s"),
+                "loaded_tps": r["loaded"]["tokens_per_s"] if r.get("loaded") else None,
+            }
+        )
     out = {}
     for key in per_run[0]:
         values = [p[key] for p in per_run if p[key] is not None]
@@ -176,11 +179,13 @@ class _Served:
         self.max_new_tokens = max_new_tokens
 
         def argv(port: int) -> list[str]:
-            code = ("import sys; from toolchain import served; from toolchain.server import Settings, serve; "
-                    f"t = served.Served(__import__('pathlib').Path({str(target.path)!r}), {target.backend!r}, 'bench', "
-                    f"'student', {target.quant!r}); serve(served.open_engine(t, n_ctx=4096), Settings(model_id='bench', "
-                    f"max_new_tokens={max_new_tokens}, system_prompt=None, stream_interval_ms={stream_interval_ms!r}), "
-                    f"'127.0.0.1', {port})")
+            code = (
+                "import sys; from toolchain import served; from toolchain.serve import Settings, serve; "
+                f"t = served.Served(__import__('pathlib').Path({str(target.path)!r}), {target.backend!r}, 'bench', "
+                f"'student', {target.quant!r}); serve(served.open_engine(t, n_ctx=4096), Settings(model_id='bench', "
+                f"max_new_tokens={max_new_tokens}, system_prompt=None, stream_interval_ms={stream_interval_ms!r}), "
+                f"'127.0.0.1', {port})"
+            )
             return [sys.executable, "-c", code]
 
         self.proc, self.port = served.start_child_server(argv, "/health", "bench server")
@@ -254,7 +259,9 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     folder = "gguf" if b.backend == "llama_cpp" else "onnx"
     path = inputs["export"] / folder / (f"{cfg.name}-{quant}.gguf" if folder == "gguf" else quant)
     if not path.exists():
-        raise ValueError(f"bench: the student was not exported as {quant} for {b.backend} (see export.quants / export.onnx)")
+        raise ValueError(
+            f"bench: the student was not exported as {quant} for {b.backend} (see export.quants / export.onnx)"
+        )
     student = served.Served(path, b.backend, f"{cfg.name}-student-{quant}", "student", quant)
     console.print(f"  bench: teacher at {quant} ({b.backend})")
     teacher = served.teacher(cfg, b.backend, quant)
@@ -304,27 +311,47 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     saving = c.reference_api_usd_per_1m_output - usd["student"]
     if all("loaded_tps" in summary[role] for role in runs):  # a busy server: requests decoding together
         busy = {role: c.usd_per_hour / 3600 / summary[role]["loaded_tps"]["median"] * 1e6 for role in runs}
-        loaded_report = {"concurrency": b.concurrency, "usd_per_1m_output_tokens": busy,
-                         "tps_ratio": summary["student"]["loaded_tps"]["median"] / summary["teacher"]["loaded_tps"]["median"],
-                         "student_cost_vs_api": busy["student"] / c.reference_api_usd_per_1m_output
-                         if c.reference_api_usd_per_1m_output else None}
+        loaded_report = {
+            "concurrency": b.concurrency,
+            "usd_per_1m_output_tokens": busy,
+            "tps_ratio": summary["student"]["loaded_tps"]["median"] / summary["teacher"]["loaded_tps"]["median"],
+            "student_cost_vs_api": busy["student"] / c.reference_api_usd_per_1m_output
+            if c.reference_api_usd_per_1m_output
+            else None,
+        }
     else:
         loaded_report = None
     report = {
-        "recipe": cfg.name, "backend": b.backend, "quant": quant, "prompts": len(rows), "repeats": b.repeats,
-        "max_new_tokens": b.max_new_tokens, "threads": os.cpu_count(),
-        "files": {"teacher": str(teacher.path), "student": str(student.path)}, "bytes": sizes,
-        "summary": summary, "runs": runs, "per_file": per_file,
-        "quality": {"teacher_gold": teacher_gold, "student_gold": student_gold,
-                    "retention": student_gold / teacher_gold if teacher_gold and student_gold is not None else None},
+        "recipe": cfg.name,
+        "backend": b.backend,
+        "quant": quant,
+        "prompts": len(rows),
+        "repeats": b.repeats,
+        "max_new_tokens": b.max_new_tokens,
+        "threads": os.cpu_count(),
+        "files": {"teacher": str(teacher.path), "student": str(student.path)},
+        "bytes": sizes,
+        "summary": summary,
+        "runs": runs,
+        "per_file": per_file,
+        "quality": {
+            "teacher_gold": teacher_gold,
+            "student_gold": student_gold,
+            "retention": student_gold / teacher_gold if teacher_gold and student_gold is not None else None,
+        },
         "usd_per_1m_output_tokens": usd,
         "reference_api_usd_per_1m_output": c.reference_api_usd_per_1m_output,
         "ratios": _ratios(summary, sizes, usd, c.reference_api_usd_per_1m_output),
-        "break_even": {"one_time_seconds": one_time_s, "one_time_usd": one_time_usd,
-                       "saving_usd_per_1m_output": saving,
-                       "output_tokens": one_time_usd / saving * 1e6 if saving > 0 else None,
-                       "capacity_tokens_per_month": 3600 * HOURS_PER_MONTH / summary["student"]["seconds_per_output_token"]["median"],
-                       "hardware_usd_per_month": c.usd_per_hour * HOURS_PER_MONTH},
+        "break_even": {
+            "one_time_seconds": one_time_s,
+            "one_time_usd": one_time_usd,
+            "saving_usd_per_1m_output": saving,
+            "output_tokens": one_time_usd / saving * 1e6 if saving > 0 else None,
+            "capacity_tokens_per_month": 3600
+            * HOURS_PER_MONTH
+            / summary["student"]["seconds_per_output_token"]["median"],
+            "hardware_usd_per_month": c.usd_per_hour * HOURS_PER_MONTH,
+        },
         "settings": {"usd_per_hour": c.usd_per_hour, "distill_hardware_usd_per_hour": c.distill_hardware_usd_per_hour},
         "loaded": loaded_report,
     }
@@ -384,41 +411,63 @@ def render_markdown(report: dict) -> str:
     def num(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
-    lines = [f"# Bench: {report['recipe']} ({report['backend']}, {report['quant']}, {report['threads']} threads)", "",
-             "| | teacher | student | student / teacher |", "|---|---:|---:|---:|",
-             f"| decode tokens/s | {_cell(s['teacher'].get('decode_tps'))} | {_cell(s['student'].get('decode_tps'))} | **{num(r['decode_tps'])}×** |",
-             f"| prompt tokens/s | {_cell(s['teacher'].get('prompt_tps'))} | {_cell(s['student'].get('prompt_tps'))} | {num(r['prompt_tps'])}× |",
-             f"| time to first token (ms) | {_cell(s['teacher'].get('ttft_ms'))} | {_cell(s['student'].get('ttft_ms'))} | {num(r['ttft'])}× |",
-             f"| peak RSS (MB) | {_cell(s['teacher'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | {_cell(s['student'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | {num(r['peak_rss'])}× |",
-             f"| size on disk (MB) | {report['bytes']['teacher'] / 1e6:.1f} | {report['bytes']['student'] / 1e6:.1f} | {num(r['size'])}× |",
-             f"| $ per 1M output tokens | {usd['teacher']:.4f} | {usd['student']:.4f} | {num(r['usd_per_1m'])}× |",
-             f"| held-out gold % | {num(q['teacher_gold'] and 100 * q['teacher_gold'], '{:.1f}')} | "
-             f"{num(q['student_gold'] and 100 * q['student_gold'], '{:.1f}')} | {num(q['retention'])} (retention) |",
-             "",
-             f"Median (min–max) over {report['repeats']} runs of {report['prompts']} held-out prompts, up to "
-             f"{report['max_new_tokens']} new tokens, greedy, teacher and student alternating, each in its own process.",
-             f"$ per 1M output tokens at ${report['settings']['usd_per_hour']}/hour, one request at a time, prompt "
-             f"processing included. Reference API: ${report['reference_api_usd_per_1m_output']}/1M output tokens → the "
-             f"student costs **1/{1 / r['student_cost_vs_api']:.0f}** of it." if r["student_cost_vs_api"] else "", ""]
+    lines = [
+        f"# Bench: {report['recipe']} ({report['backend']}, {report['quant']}, {report['threads']} threads)",
+        "",
+        "| | teacher | student | student / teacher |",
+        "|---|---:|---:|---:|",
+        f"| decode tokens/s | {_cell(s['teacher'].get('decode_tps'))} | {_cell(s['student'].get('decode_tps'))} | "
+        f"**{num(r['decode_tps'])}×** |",
+        f"| prompt tokens/s | {_cell(s['teacher'].get('prompt_tps'))} | {_cell(s['student'].get('prompt_tps'))} | "
+        f"{num(r['prompt_tps'])}× |",
+        f"| time to first token (ms) | {_cell(s['teacher'].get('ttft_ms'))} | {_cell(s['student'].get('ttft_ms'))} | "
+        f"{num(r['ttft'])}× |",
+        f"| peak RSS (MB) | {_cell(s['teacher'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | "
+        f"{_cell(s['student'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | {num(r['peak_rss'])}× |",
+        f"| size on disk (MB) | {report['bytes']['teacher'] / 1e6:.1f} | {report['bytes']['student'] / 1e6:.1f} | "
+        f"{num(r['size'])}× |",
+        f"| $ per 1M output tokens | {usd['teacher']:.4f} | {usd['student']:.4f} | {num(r['usd_per_1m'])}× |",
+        f"| held-out gold % | {num(q['teacher_gold'] and 100 * q['teacher_gold'], '{:.1f}')} | "
+        f"{num(q['student_gold'] and 100 * q['student_gold'], '{:.1f}')} | {num(q['retention'])} (retention) |",
+        "",
+        f"Median (min–max) over {report['repeats']} runs of {report['prompts']} held-out prompts, up to "
+        f"{report['max_new_tokens']} new tokens, greedy, teacher and student alternating, each in its own process.",
+        f"$ per 1M output tokens at ${report['settings']['usd_per_hour']}/hour, one request at a time, prompt "
+        f"processing included. Reference API: ${report['reference_api_usd_per_1m_output']}/1M output tokens → the "
+        f"student costs **1/{1 / r['student_cost_vs_api']:.0f}** of it."
+        if r["student_cost_vs_api"]
+        else "",
+        "",
+    ]
     be = report["break_even"]
     if be["output_tokens"]:
         lines.append(f"Break-even: distillation took {be['one_time_seconds'] / 60:.1f} machine-minutes "
-                     f"(${be['one_time_usd']:.4f} at ${report['settings']['distill_hardware_usd_per_hour']}/hour); each 1M "
+                     f"(${be['one_time_usd']:.4f} at ${report['settings']['distill_hardware_usd_per_hour']}/hour); "
+                     "each 1M "
                      f"output tokens saves ${be['saving_usd_per_1m_output']:.2f}, so it pays back after "
-                     f"{be['output_tokens']:,.0f} output tokens. A dedicated machine (${be['hardware_usd_per_month']:.0f}/month) "
+                     f"{be['output_tokens']:,.0f} output tokens. A dedicated machine "
+                     f"(${be['hardware_usd_per_month']:.0f}/month) "
                      f"serves up to {be['capacity_tokens_per_month'] / 1e6:,.0f}M output tokens a month at this speed.")
     ld = report.get("loaded")
     if ld:
-        lines += ["", f"A busy server ({ld['concurrency']} requests decoding together, `serve.batch: "
-                      f"{ld['concurrency']}`): {_cell(s['teacher'].get('loaded_tps'))} tokens/s teacher, "
-                      f"{_cell(s['student'].get('loaded_tps'))} student (**{num(ld['tps_ratio'])}×**); $ per 1M output "
-                      f"tokens at full load {ld['usd_per_1m_output_tokens']['teacher']:.4f} vs "
-                      f"{ld['usd_per_1m_output_tokens']['student']:.4f}"
-                      + (f" → **1/{1 / ld['student_cost_vs_api']:.0f}** of the reference API." if ld["student_cost_vs_api"] else ".")]
+        lines += [
+            "",
+            f"A busy server ({ld['concurrency']} requests decoding together, `serve.batch: "
+            f"{ld['concurrency']}`): {_cell(s['teacher'].get('loaded_tps'))} tokens/s teacher, "
+            f"{_cell(s['student'].get('loaded_tps'))} student (**{num(ld['tps_ratio'])}×**); $ per 1M output "
+            f"tokens at full load {ld['usd_per_1m_output_tokens']['teacher']:.4f} vs "
+            f"{ld['usd_per_1m_output_tokens']['student']:.4f}"
+            + (
+                f" → **1/{1 / ld['student_cost_vs_api']:.0f}** of the reference API."
+                if ld["student_cost_vs_api"]
+                else "."
+            ),
+        ]
     if "served" in report:
         sv = report["served"]
         pairs = sv.get("decode_ratio_runs") or []
-        lines += ["", f"Served through `distillery serve` (HTTP, streamed): decode {_cell(sv['summary'].get('decode_tps'))} "
+        lines += ["", f"Served through `distillery serve` (HTTP, streamed): decode "
+                      f"{_cell(sv['summary'].get('decode_tps'))} "
                       f"tokens/s = **{num(sv['decode_ratio_vs_raw'])}×** raw llama-cpp-python on the same file"
                       + (f" (median of {len(pairs)} runs, each right after a raw run: "
                          + ", ".join(f"{x:.2f}" for x in pairs) + ")." if pairs else ".")]

@@ -74,7 +74,12 @@ def decoder_hidden(decoder, batch: dict[str, torch.Tensor], shared: int = 0) -> 
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b = len(ids)
-    if shared <= 0 or b == 1 or ids.shape[1] <= shared or not torch.equal(ids[:, :shared], ids[:1, :shared].expand(b, -1)):
+    if (
+        shared <= 0
+        or b == 1
+        or ids.shape[1] <= shared
+        or not torch.equal(ids[:, :shared], ids[:1, :shared].expand(b, -1))
+    ):
         return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     head = decoder(input_ids=ids[:1, :shared], use_cache=True)
     past = head.past_key_values
@@ -147,12 +152,18 @@ class OnlineTeacher:
             ids = self.to_teacher[ids]
         p = len(self.prefix)
         decoder = self.model.get_decoder()
-        if self.cache is None or ids.shape[1] <= p or keep[:, :p].any() or not torch.equal(ids[:, :p], self.prefix.expand(len(ids), -1)):
+        if (
+            self.cache is None
+            or ids.shape[1] <= p
+            or keep[:, :p].any()
+            or not torch.equal(ids[:, :p], self.prefix.expand(len(ids), -1))
+        ):
             hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
             return self._project(hidden[keep])
         b = len(ids)
-        past = DynamicCache.from_legacy_cache(tuple((k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous())
-                                                    for k, v in self.cache))
+        past = DynamicCache.from_legacy_cache(
+            tuple((k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous()) for k, v in self.cache)
+        )
         positions = torch.arange(p, ids.shape[1]).expand(b, -1)
         hidden = decoder(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, position_ids=positions,
                          use_cache=True).last_hidden_state[:, :-1]
@@ -380,10 +391,17 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         task = bar.add_task("distill", total=total, completed=step, info="")
         while step < total:
             epoch, index = divmod(step, steps_per_epoch)
-            batch_ids, real = shard(batches_for_epoch(len(pairs), d.batch_size, d.seed, epoch, lengths)[index], rank, world)
+            batch_ids, real = shard(
+                batches_for_epoch(len(pairs), d.batch_size, d.seed, epoch, lengths)[index], rank, world
+            )
             batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in batch_ids], pad_id).items()}
-            topk = None if cache is None else tuple(t.to(accelerator.device)
-                                                    for t in _cached_rows(cache, [keys[i] for i in batch_ids], batch, lookup))
+            topk = (
+                None
+                if cache is None
+                else tuple(
+                    t.to(accelerator.device) for t in _cached_rows(cache, [keys[i] for i in batch_ids], batch, lookup)
+                )
+            )
             n_local = int((batch["labels"][:, 1:] != IGNORE).sum()) if real else 0
             n_global = _total(accelerator, [n_local])[0] if world > 1 else n_local
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=d.bf16):

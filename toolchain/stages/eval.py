@@ -100,7 +100,11 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
                     "dataset_kwargs": {"data_files": {"test": str(data)}}}
             if not kind:
                 until = list(cfg.generate.stop) if _raw_teacher(cfg, role) else []
-                body["generation_kwargs"] = {"until": until, "do_sample": False, "max_gen_toks": cfg.eval.max_new_tokens}
+                body["generation_kwargs"] = {
+                    "until": until,
+                    "do_sample": False,
+                    "max_gen_toks": cfg.eval.max_new_tokens,
+                }
             (folder / f"{name}.yaml").write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
             names.append(name)
     return names
@@ -137,10 +141,18 @@ def score(cfg, lm, task_dir: Path, names: list[str], chat: bool, rows: list[dict
 
     e = cfg.eval
     out = lm_eval.simple_evaluate(
-        model=with_context(cfg, lm, rows) if chat else lm, tasks=names, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-        apply_chat_template=chat, system_instruction=cfg.generate.system_prompt if chat else None, log_samples=True,
-        bootstrap_iters=0, random_seed=e.seed, numpy_random_seed=e.seed, torch_random_seed=e.seed,
-        fewshot_random_seed=e.seed, verbosity="ERROR",
+        model=with_context(cfg, lm, rows) if chat else lm,
+        tasks=names,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        apply_chat_template=chat,
+        system_instruction=cfg.generate.system_prompt if chat else None,
+        log_samples=True,
+        bootstrap_iters=0,
+        random_seed=e.seed,
+        numpy_random_seed=e.seed,
+        torch_random_seed=e.seed,
+        fewshot_random_seed=e.seed,
+        verbosity="ERROR",
     )
     metrics = {}
     for name in names:
@@ -234,7 +246,9 @@ def _models(cfg, inputs: dict[str, Path]):
         return load_torch_model(teacher_ref), load_tokenizer(teacher_ref)
 
     def student():
-        return AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(merged)
+        return AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+            merged
+        )
 
     def base():
         tok = AutoTokenizer.from_pretrained(merged)
@@ -357,7 +371,9 @@ def _judge(cfg, rows: list[dict], results: dict, resume: Path) -> dict:
                 docs = [{"id": i, "prompt": prompts[i], "teacher": answers["teacher"][i], "student": s}
                         for i, s in answers["student"].items()]
                 bar.update(bar_task, info=f"{t} ({ref.ref})")
-                judged = judge.judge_task(engine, tasks[t].rubric, docs, on_done=lambda: bar.update(bar_task, advance=1))
+                judged = judge.judge_task(
+                    engine, tasks[t].rubric, docs, on_done=lambda: bar.update(bar_task, advance=1)
+                )
                 engine.close()
                 done[t] = {"rows": judged, "summary": {**judge.summary(judged, cfg.eval.bootstrap_iters, cfg.eval.seed),
                                                        "judge": ref.ref, "rubric": tasks[t].rubric or judge.RUBRIC}}
@@ -410,10 +426,16 @@ def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str
         "docs": {t: sum(1 for r in rows if r["task"] == t) for t in tasks},
         "gold_docs": counts,
         "models": {role: {"sha256": sha} for role, sha in shas.items()},
-        "settings": {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "max_new_tokens": cfg.eval.max_new_tokens,
-                     "greedy": True, "apply_chat_template": True, "system_prompt": cfg.generate.system_prompt,
-                     "teacher_prompt_template": cfg.generate.prompt_template,
-                     "limit": cfg.eval.limit},
+        "settings": {
+            "batch_size": cfg.eval.batch_size,
+            "seed": cfg.eval.seed,
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "greedy": True,
+            "apply_chat_template": True,
+            "system_prompt": cfg.generate.system_prompt,
+            "teacher_prompt_template": cfg.generate.prompt_template,
+            "limit": cfg.eval.limit,
+        },
         "versions": {p: version(p) for p in ("lm_eval", "transformers", "torch", "sacrebleu")},
         "quality_ceiling": em.QUALITY_CEILING,
     }
@@ -456,7 +478,9 @@ def render_table(report: dict, verdict: dict | None = None) -> str:
     """The console table: gold accuracy of teacher and student with 95% intervals, retention, McNemar's p of
     "student below teacher" and the gate's decision per task; then agreement with the teacher and perplexity."""
     verdict = verdict if verdict is not None else report.get("gate")
-    lines = [f"{'task':12s} {'n':>4s}  {'teacher gold':17s} {'student gold':17s} {'retention':17s} {'p(s<t)':>7s}  gate"]
+    lines = [
+        f"{'task':12s} {'n':>4s}  {'teacher gold':17s} {'student gold':17s} {'retention':17s} {'p(s<t)':>7s}  gate"
+    ]
     for name, n, t, s, r, p, g in _quality_rows(report, verdict):
         lines.append(f"{name:12s} {n:>4s}  {t:17s} {s:17s} {r:17s} {p:>7s}  {g}")
     scores = report["scores"]
@@ -525,13 +549,21 @@ def label_markdown(report: dict) -> list[str]:
     for task, lab in (report.get("labels") or {}).items():
         roles = [r for r in ROLES if r in lab]
         base = lab["baselines"]
-        out += ["", f"## {task}: labels", "",
-                f"Baselines: always '{base['majority_label']}' {_fmt(base['majority'])}%, a uniform guess "
-                f"{_fmt(base['uniform'])}%. Precision / recall (%) per label; the label an answer names first "
-                "counts, \"(none)\" when it names none.", "",
-                "| label | support | " + " | ".join(f"{r} P / R" for r in roles) + " |", "|---|---:|" + "---:|" * len(roles)]
+        out += [
+            "",
+            f"## {task}: labels",
+            "",
+            f"Baselines: always '{base['majority_label']}' {_fmt(base['majority'])}%, a uniform guess "
+            f"{_fmt(base['uniform'])}%. Precision / recall (%) per label; the label an answer names first "
+            'counts, "(none)" when it names none.',
+            "",
+            "| label | support | " + " | ".join(f"{r} P / R" for r in roles) + " |",
+            "|---|---:|" + "---:|" * len(roles),
+        ]
         for x in lab["labels"]:
-            cells = [f"{_fmt(lab[r]['per_label'][x]['precision'])} / {_fmt(lab[r]['per_label'][x]['recall'])}" for r in roles]
+            cells = [
+                f"{_fmt(lab[r]['per_label'][x]['precision'])} / {_fmt(lab[r]['per_label'][x]['recall'])}" for r in roles
+            ]
             out.append(f"| {x} | {lab[roles[0]]['per_label'][x]['support']} | " + " | ".join(cells) + " |")
         for r in roles:
             cols = list(lab["labels"]) + [em.NO_LABEL]
@@ -558,14 +590,24 @@ def render_markdown(report: dict, rows: list[dict], results: dict[str, dict]) ->
                    f"| {n} | {t} | {s_} | {bold}{r}{bold} | {p} | {g} |")
     roles = [r for r in ROLES if r in scores]
     names = {"teacher": "teacher", "student": "student", "base": "student before distillation"}
-    out += ["", "Agreement and chrF against the teacher's own held-out answers; perplexity of the teacher's answers "
-            "per student token.", "",
-            "| task | docs | " + " | ".join(f"{names[r]} gold" for r in roles) + " | exact agree | chrF | ppl (student / teacher) |",
-            "|---|---:|" + "---:|" * len(roles) + "---:|---:|---:|"]
+    out += [
+        "",
+        "Agreement and chrF against the teacher's own held-out answers; perplexity of the teacher's answers "
+        "per student token.",
+        "",
+        "| task | docs | "
+        + " | ".join(f"{names[r]} gold" for r in roles)
+        + " | exact agree | chrF | ppl (student / teacher) |",
+        "|---|---:|" + "---:|" * len(roles) + "---:|---:|---:|",
+    ]
     for task in ret["tasks"]:
         s_, t = scores["student"][task], scores["teacher"][task]
-        out.append(f"| {task} | {report['docs'][task]} | " + " | ".join(_fmt(scores[r][task].get("gold")) for r in roles)
-                   + f" | {_fmt(s_['exact'])} | {s_['chrf']:.1f} | {_fmt(s_['perplexity'], False)} / {_fmt(t['perplexity'], False)} |")
+        out.append(
+            f"| {task} | {report['docs'][task]} | "
+            + " | ".join(_fmt(scores[r][task].get("gold")) for r in roles)
+            + f" | {_fmt(s_['exact'])} | {s_['chrf']:.1f} | {_fmt(s_['perplexity'], False)} / "
+              f"{_fmt(t['perplexity'], False)} |"
+        )
     out += [""] + [f"> {n}" for n in interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)]
     out += label_markdown(report) + judge_markdown(report)
     by_id = {r["id"]: r for r in rows}
@@ -575,9 +617,13 @@ def render_markdown(report: dict, rows: list[dict], results: dict[str, dict]) ->
         teacher = {s["id"]: s for s in results["teacher"]["samples"][task]}
         for s in student:
             r = by_id[s["id"]]
-            out += [f"**{r['id']}** — {_one_line(r['prompt'])}" + (f" (gold: {r['gold']})" if r["gold"] is not None else ""),
-                    f"- teacher: {_one_line(teacher[s['id']]['response'])}",
-                    f"- student: {_one_line(s['response'])}", ""]
+            out += [
+                f"**{r['id']}** — {_one_line(r['prompt'])}"
+                + (f" (gold: {r['gold']})" if r["gold"] is not None else ""),
+                f"- teacher: {_one_line(teacher[s['id']]['response'])}",
+                f"- student: {_one_line(s['response'])}",
+                "",
+            ]
     return "\n".join(out) + "\n"
 
 
@@ -596,7 +642,8 @@ def judge_markdown(report: dict) -> list[str]:
         iv = f" [{j['interval'][0]:.2f}-{j['interval'][1]:.2f}]" if j["interval"] else ""
         agree = "-" if j["order_agreement"] is None else f"{100 * j['order_agreement']:.0f}%"
         score = "-" if j["score"] is None else f"{j['score']:.2f}{iv}"
-        out.append(f"| {task} | {j['judge']} | {j['n']} | {j['wins']} | {j['ties']} | {j['losses']} | {score} | {agree} "
+        out.append(f"| {task} | {j['judge']} | {j['n']} | {j['wins']} | {j['ties']} | {j['losses']} | {score} | "
+                   f"{agree} "
                    f"| {j['parse_failures']} of {j['asked']} |")
     weak = [t for t, j in judged.items() if j["order_agreement"] is not None and j["order_agreement"] < 0.5]
     if weak:

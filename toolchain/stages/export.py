@@ -106,10 +106,17 @@ def compare(engine, ref: Reference) -> dict:
         q = log_softmax(have)
         kl.append(float((np.exp(p) * (p - q)).sum(-1).mean()))
         top1.append(float((want.argmax(-1) == have.argmax(-1)).mean()))
-    return {"tokenizer_strings": len(ref.strings), "tokenizer_same_as_hf": same_hf, "tokenizer_same_as_source": same_src,
-            "tokenizer_mismatches": mismatched[:5], "greedy_prompts": len(ref.greedy), "greedy_same": greedy_same,
-            "greedy_near_ties": near_ties,
-            "top1_agreement": float(np.mean(top1)), "mean_kl": float(np.mean(kl))}
+    return {
+        "tokenizer_strings": len(ref.strings),
+        "tokenizer_same_as_hf": same_hf,
+        "tokenizer_same_as_source": same_src,
+        "tokenizer_mismatches": mismatched[:5],
+        "greedy_prompts": len(ref.greedy),
+        "greedy_same": greedy_same,
+        "greedy_near_ties": near_ties,
+        "top1_agreement": float(np.mean(top1)),
+        "mean_kl": float(np.mean(kl)),
+    }
 
 
 def _greedy(r: dict) -> str:
@@ -136,12 +143,16 @@ def _verdict(kind: str, label: str, path: Path, checks: dict) -> None:
     n = checks["tokenizer_strings"]
     if checks["tokenizer_same_as_hf"] != n or checks["tokenizer_same_as_source"] not in (None, n):
         bad = checks["tokenizer_mismatches"][0] if checks["tokenizer_mismatches"] else "(source GGUF differs)"
-        raise ExportError(f"{path}: tokenizer differs from the student's on {n - checks['tokenizer_same_as_hf']} of {n} "
-                          f"strings, e.g. {bad!r}")
+        raise ExportError(
+            f"{path}: tokenizer differs from the student's on {n - checks['tokenizer_same_as_hf']} of {n} "
+            f"strings, e.g. {bad!r}"
+        )
     if label in EXACT and checks["greedy_same"] + checks.get("greedy_near_ties", 0) != checks["greedy_prompts"]:
-        raise ExportError(f"{path}: {kind} {label} greedy output differs from PyTorch on "
-                          f"{checks['greedy_prompts'] - checks['greedy_same']} of {checks['greedy_prompts']} check prompts "
-                          "(not at a near tie)")
+        raise ExportError(
+            f"{path}: {kind} {label} greedy output differs from PyTorch on "
+            f"{checks['greedy_prompts'] - checks['greedy_same']} of {checks['greedy_prompts']} check prompts "
+            "(not at a near tie)"
+        )
 
 
 def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path, evaluation: dict) -> dict:
@@ -272,18 +283,33 @@ def foreign_server_check(cfg, path: Path, max_tokens: int) -> dict:
     try:
         same = 0
         for i, prompt in enumerate(CHECK_PROMPTS):
-            theirs = post({"messages": [{"role": "user", "content": prompt}], "temperature": 0, "top_p": 1,
-                           "repeat_penalty": 1.0, "max_tokens": max_tokens, "seed": 0})["choices"][0]["message"]["content"]
+            theirs = post(
+                {
+                    "messages": [{"role": "user", "content": prompt}],
+                    "temperature": 0,
+                    "top_p": 1,
+                    "repeat_penalty": 1.0,
+                    "max_tokens": max_tokens,
+                    "seed": 0,
+                }
+            )["choices"][0]["message"]["content"]
             ours = engine.chat(messages_for(prompt, cfg.generate.system_prompt), max_tokens=max_tokens).text
             if theirs.strip() != ours.strip():
-                raise ExportError(f"{path.name}: llama-cpp-python's own server (no system message) answers check prompt "
-                                  f"{i + 1} {prompt!r} with {theirs[:80]!r}, distillery serve with {ours[:80]!r}")
+                raise ExportError(
+                    f"{path.name}: llama-cpp-python's own server (no system message) answers check prompt "
+                    f"{i + 1} {prompt!r} with {theirs[:80]!r}, distillery serve with {ours[:80]!r}"
+                )
             same += 1
     finally:
         engine.close()
         served.stop_child_server(proc)
-    return {"server": f"llama_cpp.server {version('llama-cpp-python')}", "file": path.name, "prompts": len(CHECK_PROMPTS),
-            "same": same, "system_message_sent": False}
+    return {
+        "server": f"llama_cpp.server {version('llama-cpp-python')}",
+        "file": path.name,
+        "prompts": len(CHECK_PROMPTS),
+        "same": same,
+        "system_message_sent": False,
+    }
 
 
 def calibration_text(cfg, tok, train: Path) -> str:
@@ -396,7 +422,9 @@ def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, 
         described["parameters"] = params
         engine = OnnxEngine(folder)
         try:
-            result = _finish(cfg, "onnx", variant, folder / "model.onnx", described, engine, ref, rows, work, evaluation)
+            result = _finish(
+                cfg, "onnx", variant, folder / "model.onnx", described, engine, ref, rows, work, evaluation
+            )
         finally:
             engine.close()
         result["file"] = str((folder / "model.onnx").relative_to(out_dir))
@@ -424,7 +452,9 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
     console.print("  export: PyTorch reference (check prompts, tokenizer strings)")
     ref = Reference(cfg, merged)
-    total = len(cfg.export.quants) * ("gguf" in cfg.export.formats) + len(cfg.export.onnx) * ("onnx" in cfg.export.formats)
+    total = len(cfg.export.quants) * ("gguf" in cfg.export.formats) + len(cfg.export.onnx) * (
+        "onnx" in cfg.export.formats
+    )
     results: list[dict] = []
     with progress() as bar:
         task = bar.add_task("export", total=total, info="")
@@ -436,7 +466,9 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             saved = work / "foreign-server.json"
             if not saved.is_file():
                 bar.update(task, info=f"gguf {quant}: llama-cpp-python's server")
-                check = foreign_server_check(cfg, out_dir / "gguf" / f"{cfg.name}-{quant}.gguf", cfg.export.check_tokens)
+                check = foreign_server_check(
+                    cfg, out_dir / "gguf" / f"{cfg.name}-{quant}.gguf", cfg.export.check_tokens
+                )
                 saved.write_text(json.dumps(check), encoding="utf-8")
             foreign = json.loads(saved.read_text(encoding="utf-8"))
         if "onnx" in cfg.export.formats:
@@ -485,9 +517,11 @@ def render_markdown(report: dict) -> str:
         if r.get("tokenizer_same_as_source") is not None:
             tok += f" (source GGUF {r['tokenizer_same_as_source']}/{r['tokenizer_strings']})"
         name = f"{r['file']} (imatrix)" if r.get("imatrix") else r["file"]
-        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {_pct(r.get('gold'))} | "
-                     f"{_num(r.get('retention'))} | {_num(r.get('perplexity'))} | {_greedy(r)} | {_pct(r['top1_agreement'])} | "
-                     f"{r['mean_kl']:.2g} | {tok} |")
+        lines.append(
+            f"| {name} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {_pct(r.get('gold'))} | "
+            f"{_num(r.get('retention'))} | {_num(r.get('perplexity'))} | {_greedy(r)} | {_pct(r['top1_agreement'])} | "
+            f"{r['mean_kl']:.2g} | {tok} |"
+        )
     lines += ["", f"Teacher held-out gold: {_pct(report['teacher_gold'])}%. Retention = file's gold / teacher's gold. "
               "bits/weight = bytes of tensor data (GGUF) or of the whole file (ONNX, PyTorch) × 8 / parameters; "
               "k-quants fall back to other types on rows not divisible by 256, so the preset name is not the size.",

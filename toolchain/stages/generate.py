@@ -30,7 +30,15 @@ import numpy as np
 import torch
 
 from toolchain.backends import Completion, endpoint_options, open_engine
-from toolchain.chat import context, encode_pair, final_answer, flat_prompt, messages_for, tokenize_pairs, with_instruction
+from toolchain.chat import (
+    context,
+    encode_pair,
+    final_answer,
+    flat_prompt,
+    messages_for,
+    tokenize_pairs,
+    with_instruction,
+)
 from toolchain.data import JsonlAppender, iter_jsonl, read_jsonl_resumable, write_jsonl
 from toolchain.formats import load_prompts
 from toolchain.models import load_tokenizer, load_torch_model, resolve
@@ -387,7 +395,7 @@ def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
     """Seed a fresh run with the answers of a finished generate run that asked the same teacher the same
     prompts with the same settings and differs only in the top-k cache (hard-label first, soft-label next:
     the teacher is not asked again). The usual resume path then keeps them."""
-    from toolchain.pipeline import PLANS, _external_inputs
+    from toolchain.plans import PLANS, external_inputs
     from toolchain.runs import read_manifest
 
     if out_path.exists():
@@ -397,7 +405,7 @@ def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
         return json.loads(canonical(semantic_config({k: v for k, v in config.items() if k != "topk"})))
 
     want = answers_only(PLANS["generate"].config(cfg))
-    digests = {k: d for k, (d, _) in _external_inputs(cfg, "generate").items()}
+    digests = {k: d for k, (d, _) in external_inputs(cfg, "generate").items()}
     for sibling in sorted(out_dir.parent.parent.glob("generate-*"), reverse=True):
         if sibling.name == out_dir.name:  # this very stage, forced to run again: the teacher is asked again
             continue
@@ -452,8 +460,10 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     }
     if cfg.teacher.startswith("openai:"):
         metrics.update(_endpoint_cost(cfg, rows))
-        console.print(f"  at the endpoint's price: ${metrics['endpoint_usd']:.4f} for {metrics['prompt_tokens']} prompt "
-                      f"+ {metrics['completion_tokens']} answer tokens")
+        console.print(
+            f"  at the endpoint's price: ${metrics['endpoint_usd']:.4f} for {metrics['prompt_tokens']} prompt "
+            f"+ {metrics['completion_tokens']} answer tokens"
+        )
     if cfg.distill.flavour == "reasoning":
         graded = [r for r in rows if r["split"] == "train" and r["gold"] is not None]
         metrics["teacher_traces_correct"] = sum(bool(r.get("verified")) for r in graded)

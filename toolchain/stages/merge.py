@@ -50,9 +50,11 @@ def _model_card(cfg, info: dict, decision: dict | None, metrics: dict) -> str:
         "",
         f"Distilled by distillery from `{cfg.teacher}` ({cfg.distill.flavour}-label, {cfg.distill.method}).",
         "",
-        f"- layers: {len(layers)}" + (f" of the teacher's {info['teacher_layers']} (kept: {layers})" if "teacher_layers" in info else ""),
+        f"- layers: {len(layers)}"
+        + (f" of the teacher's {info['teacher_layers']} (kept: {layers})" if "teacher_layers" in info else ""),
         f"- parameters: {info.get('student_params', 0) / 1e6:.1f}M",
-        f"- merge check: max |logit diff| {metrics['max_abs_logit_diff']:.2e}, tied embeddings: {metrics['tied_embeddings']}",
+        f"- merge check: max |logit diff| {metrics['max_abs_logit_diff']:.2e}, tied embeddings: "
+        f"{metrics['tied_embeddings']}",
         "",
     ]
     if decision:

@@ -1,0 +1,169 @@
+"""The stage table: which stages exist, in which order, what each reads, which recipe fields and input files make
+up its key, and where a recipe's finished stages are. One floor below the pipeline that runs them, so stages,
+serving and publishing can find a finished stage without importing the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from toolchain.models import file_sha256, resolve
+from toolchain.runs import RunDir, RunError, read_manifest, stage_key
+
+STAGES = ("generate", "distill", "merge", "eval", "export", "bench")
+GATE = (
+    "min_retention",
+    "gate",
+    "gate_level",
+    "gate_margin",
+)  # judged after the fact, never in a key (nor tasks.*.min_retention)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    upstream: tuple[str, ...]
+    config: Callable  # cfg -> dict (the fields that define this stage's output)
+    module: str
+
+
+def _teacher_io(cfg) -> dict:
+    return {"teacher": cfg.teacher}
+
+
+def _generate_extras(cfg) -> dict:
+    """Only what changes generate's output: hard and online soft-label share one generate result."""
+    d = cfg.distill
+    if d.flavour == "reasoning":
+        return {"reasoning": cfg.section("reasoning")}
+    if d.flavour == "soft" and d.soft.teacher_logits == "cache":
+        return {"topk": {"k": d.soft.top_k, "temperature": d.soft.temperature}}
+    return {}
+
+
+def _scoring(cfg) -> dict:
+    """The tasks section as scoring sees it: each task's metric, without its gate floor (judged afterwards)."""
+    return {name: t.model_dump(exclude={"min_retention"}) for name, t in sorted(cfg.tasks.items())}
+
+
+def _vocab_rules(cfg) -> dict:
+    """A trimmed vocabulary depends on the rules that choose it (toolchain.vocab.RULES), not only on its size."""
+    if cfg.student.vocab is None:
+        return {}
+    from toolchain.vocab import RULES
+
+    return {"vocab_rules": RULES}
+
+
+PLANS = {
+    "generate": StagePlan(
+        "generate", (),
+        # Prompt files enter the key by content (see external_inputs), not by path: moving a recipe or its
+        # data does not re-run the teacher.
+        lambda c: {**_teacher_io(c), "generate": c.section("generate"),
+                   "data": {k: v for k, v in c.section("data").items() if k not in ("train", "heldout")},
+                   **_generate_extras(c)},
+        "toolchain.stages.generate",
+    ),
+    "distill": StagePlan(
+        "distill", ("generate",),
+        lambda c: {**_teacher_io(c), "distill": c.section("distill"), "student": c.section("student"),
+                   "system_prompt": c.generate.system_prompt, **_vocab_rules(c)},
+        "toolchain.stages.distill",
+    ),
+    "merge": StagePlan(
+        "merge", ("distill",),
+        lambda c: {"merge": c.section("merge"), "max_new_tokens": c.eval.max_new_tokens,
+                   "flavour": c.distill.flavour, "system_prompt": c.generate.system_prompt,
+                   "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
+        "toolchain.stages.merge",
+    ),
+    "eval": StagePlan(
+        "eval", ("generate", "distill", "merge"),
+        # The gate (floors, rule, level) is applied to the results afterwards: changing it re-runs nothing.
+        lambda c: {**_teacher_io(c), "eval": {k: v for k, v in c.section("eval").items() if k not in GATE},
+                   "tasks": _scoring(c), "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
+                   "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
+        "toolchain.stages.eval",
+    ),
+    "export": StagePlan(
+        "export", ("generate", "merge", "eval"),
+        # Scored like eval (same tasks, prompts and settings), so eval's settings are part of the key too.
+        lambda c: {"export": c.section("export"),
+                   "eval": {k: v for k, v in c.section("eval").items() if k not in (*GATE, "base", "log_samples")},
+                   "tasks": _scoring(c),
+                   "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
+                   "reasoning": c.section("reasoning") if c.distill.flavour == "reasoning" else None},
+        "toolchain.stages.export",
+    ),
+    "bench": StagePlan(
+        "bench", ("generate", "distill", "merge", "eval", "export"),
+        lambda c: {**_teacher_io(c), "bench": c.section("bench"), "cost": c.section("cost"),
+                   "system_prompt": c.generate.system_prompt, "stream_interval_ms": c.serve.stream_interval_ms},
+        "toolchain.stages.bench",
+    ),
+}
+
+
+def external_inputs(cfg, stage: str) -> dict[str, tuple[str, Path | None]]:
+    """Inputs from outside the run directory: model files and prompt files, by content hash."""
+    out: dict[str, tuple[str, Path | None]] = {}
+    if stage == "generate":
+        out["teacher"] = (resolve(cfg.teacher).sha256(), None)
+        for split in ("train", "heldout"):
+            for i, p in enumerate(getattr(cfg.data, split)):
+                path = cfg.data_path(p)
+                if not path.is_file():
+                    from toolchain.data import DataError
+
+                    raise DataError(f"{path}: prompt file not found (data.{split}[{i}])")
+                out[f"data:{split}:{i}"] = (file_sha256(path), None)
+    if stage == "distill":
+        ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
+        out["student_init"] = (resolve(ref).sha256(), None)
+    return out
+
+
+def stage_inputs(cfg, run: RunDir, stage: str, finished: dict[str, Path]) -> dict[str, tuple[str, Path | None]]:
+    inputs = external_inputs(cfg, stage)
+    for up in PLANS[stage].upstream:
+        manifest = read_manifest(finished[up], verify=False)
+        inputs[up] = (manifest["digest"], finished[up])
+    return inputs
+
+
+def status(cfg, runs_root: str | Path) -> list[tuple[str, str, Path | None]]:
+    """(stage, done|stale|missing|waiting, dir) for every stage, without running anything."""
+    run = RunDir.for_recipe(runs_root, cfg.name)
+    rows: list[tuple[str, str, Path | None]] = []
+    finished: dict[str, Path] = {}
+    for stage in STAGES:
+        plan = PLANS[stage]
+        if any(up not in finished for up in plan.upstream):
+            others = run.others(stage, "")
+            rows.append((stage, "stale" if others else "waiting", others[-1] if others else None))
+            continue
+        inputs = stage_inputs(cfg, run, stage, finished)
+        key = stage_key(stage, plan.config(cfg), {k: v[0] for k, v in inputs.items()})
+        done = run.done(stage, key)
+        if done:
+            finished[stage] = done
+            rows.append((stage, "done", done))
+        elif run.others(stage, key):
+            rows.append((stage, "stale", run.others(stage, key)[-1]))
+        else:
+            rows.append((stage, "missing", run.final(stage, key)))
+    return rows
+
+
+def finished(cfg, runs_root: str | Path, stage: str) -> Path:
+    """The finished directory of ``stage`` for the recipe as it is now (RunError naming what to run otherwise)."""
+    for name, state, path in status(cfg, runs_root):
+        if name == stage:
+            if state != "done" or path is None:
+                command = f"distillery {stage} {cfg.source or ''}".rstrip()
+                raise RunError(f"'{stage}' is {state} for {cfg.name}; run it first ({command})")
+            return path
+    raise RunError(f"unknown stage '{stage}'")

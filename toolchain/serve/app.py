@@ -1,0 +1,171 @@
+"""The HTTP routes: authentication, parsing, queue limits, streamed and whole responses, errors in OpenAI's
+shape."""
+
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at runtime.
+import hmac
+import json
+import time
+import uuid
+
+from toolchain.serve.scheduling import Server
+from toolchain.serve.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    _error_body,
+    _parse,
+)
+from toolchain.serve.settings import Settings, is_loopback
+
+
+def create_app(engine, settings: Settings):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    server = Server(engine, settings)
+    app = FastAPI(title="distillery", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    def fail(status: int, message: str, endpoint: str, param=None, code=None, headers=None):
+        server.metrics.count(endpoint, status)
+        return JSONResponse(_error_body(status, message, param, code), status_code=status, headers=headers)
+
+    def authorised(request: Request) -> bool:
+        if not settings.api_key:
+            return True
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        return hmac.compare_digest(token.encode(), settings.api_key.encode())
+
+    async def body_of(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            raise RequestError(413, f"request body is {declared} bytes; the limit is {settings.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise RequestError(413, f"request body is over the limit of {settings.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def handle(request: Request, kind: str):
+        endpoint = "chat" if kind == "chat" else "completions"
+        if not authorised(request):
+            return fail(401, "invalid API key", endpoint, code="invalid_api_key")
+        try:
+            req = _parse(ChatRequest if kind == "chat" else CompletionRequest, await body_of(request))
+            max_tokens = server.max_tokens(req)
+            ids, _ = server.prompt_ids(req)
+            if req.logprobs_k() is not None and (req.stream or not hasattr(engine, "step_logits")):
+                raise RequestError(400, "logprobs are served without streaming only", param="logprobs")
+        except RequestError as e:
+            return fail(e.status, e.message, endpoint, e.param, e.code)
+        if server.metrics.waiting >= settings.max_queue:
+            return fail(429, f"{settings.max_queue} requests are already queued; retry shortly", endpoint,
+                        headers={"Retry-After": "1"})
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        server.metrics.count(endpoint, 200)
+
+        def choice(text: str | None, finish: str | None, delta: bool, logprobs: list | None = None) -> dict:
+            if kind == "chat":
+                key = "delta" if delta else "message"
+                body = (
+                    ({"content": text} if text is not None else {}) if delta else {"role": "assistant", "content": text}
+                )
+                return {"index": 0, key: body, "finish_reason": finish,
+                        "logprobs": None if logprobs is None else {"content": logprobs}}
+            return {"index": 0, "text": text or "", "finish_reason": finish,
+                    "logprobs": None if logprobs is None else {
+                        "tokens": [t["token"] for t in logprobs], "token_logprobs": [t["logprob"] for t in logprobs],
+                        "top_logprobs": [{x["token"]: x["logprob"] for x in t["top_logprobs"]} for t in logprobs]}}
+
+        if not req.stream:
+            parts = []
+            async for ev, value in server.generate(req, ids, max_tokens):
+                if ev == "text":
+                    parts.append(value)
+                elif ev == "error":
+                    return fail(503, f"generation failed: {value}", endpoint)
+                else:
+                    finish, usage, cost, logprobs = value
+            return JSONResponse({"id": rid, "object": obj, "created": created, "model": settings.model_id,
+                                 "choices": [choice("".join(parts), finish, False, logprobs)], "usage": usage,
+                                 "cost": cost})
+
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        async def events():
+            def sse(payload: dict) -> str:
+                return f"data: {json.dumps(payload)}\n\n"
+
+            base = {"id": rid, "object": chunk_obj, "created": created, "model": settings.model_id}
+            if kind == "chat":
+                yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "finish_reason": None}]})
+            async for ev, value in server.generate(req, ids, max_tokens):
+                if ev == "text":
+                    yield sse({**base, "choices": [choice(value, None, True)]})
+                elif ev == "error":
+                    yield sse({"error": _error_body(503, f"generation failed: {value}")["error"]})
+                    break
+                else:
+                    finish, usage, cost, _ = value
+                    yield sse({**base, "choices": [choice(None if kind == "chat" else "", finish, True)], "cost": cost})
+                    if include_usage:
+                        yield sse({**base, "choices": [], "usage": usage, "cost": cost})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handle(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, "completions")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if not authorised(request):
+            return fail(401, "invalid API key", "models", code="invalid_api_key")
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model",
+                                             "created": int(server.started), "owned_by": "distillery"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_id, "queue": server.metrics.waiting,
+                "uptime_s": round(time.time() - server.started, 1)}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        if not authorised(request):
+            return fail(401, "invalid API key", "metrics", code="invalid_api_key")
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc):
+        return JSONResponse(_error_body(404, f"no route {request.method} {request.url.path}"), status_code=404)
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, exc):
+        return JSONResponse(_error_body(405, f"{request.method} is not allowed on {request.url.path}"), status_code=405)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):
+        return JSONResponse(_error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+
+    return app
+
+
+def serve(engine, settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    if not is_loopback(host) and not settings.api_key:
+        raise ValueError(f"refusing to listen on {host} without an API key (--api-key or DISTILLERY_API_KEY)")
+    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,33 @@
+"""What a server is started with (limits, prices, the key), and which addresses count as local."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_id: str
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+    max_body_bytes: int = 1_000_000
+    max_queue: int = 64
+    temperature: float = 0.0
+    api_key: str | None = None
+    usd_per_hour: float = 0.10
+    reference_usd_per_1m_input: float = 2.5
+    reference_usd_per_1m_output: float = 10.0
+    system_prompt: str | None = None  # added to chat requests that bring no system message (as in training)
+    batch: int = 1  # requests decoded together (llama.cpp); 1 = one at a time
+    n_ctx_per_slot: int = 4096
+    stream_interval_ms: float = 0.0  # streamed text at most this often (first token at once); 0 = every token
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
