@@ -1,11 +1,12 @@
 # distillery: `make run` and `make test` do all the set-up on a fresh machine.
 #   make run                          default recipe, end to end
-#   make recipe=recipes/ci.yaml       any recipe, end to end
+#   make recipe=recipes/ci.yaml       any recipe, end to end (RUNS=dir: where runs go, default runs/)
 #   make generate|distill|merge|eval|export|bench|report|status recipe=...   one stage (or the report)
 #   make serve recipe=...             the student behind an OpenAI-compatible API on 127.0.0.1
 #   make test                         the test suite
 
 recipe ?= recipes/default.yaml
+RUNS ?= runs
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,7 +29,7 @@ LLAMA_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)
 
 # Every stage in order; the eval stage's quality gate (exit 3) stops the chain before export when the student falls short.
 all: $(STAMP)
-	$(BIN)/distillery run $(recipe)
+	$(BIN)/distillery run $(recipe) --runs $(RUNS)
 
 run: all
 
@@ -56,7 +57,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-generate distill merge eval export bench report serve status validate: $(STAMP)
+generate distill merge eval export bench report serve status: $(STAMP)
+	$(BIN)/distillery $@ $(recipe) --runs $(RUNS)
+
+validate: $(STAMP)
 	$(BIN)/distillery $@ $(recipe)
 
 clean-runs:

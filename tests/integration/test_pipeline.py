@@ -148,6 +148,10 @@ def test_rerun_skips_and_one_distill_field_reruns_only_downstream(ci_run, tmp_pa
     before = _stage_dirs(runs, "ci")
     again = distillery("run", str(recipe), "--runs", str(runs))
     assert again.stderr.count("up to date") == 6  # generate, distill, merge, eval, export, bench
+    # the README's `make run` / `make recipe=...` path: the same chain through the Makefile, exit 0
+    made = subprocess.run(["make", "run", f"recipe={recipe}", f"RUNS={runs}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert made.returncode == 0 and made.stderr.count("up to date") == 6, made.stdout + made.stderr
     changed = _recipe(tmp_path, "ci", distill__lr=3e-4)  # not over the shared recipe file
     st = distillery("status", str(changed), "--runs", str(runs)).stdout.split("\n")
     states = {line.split()[0]: line.split()[1] for line in st if line.strip()}
