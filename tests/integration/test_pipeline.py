@@ -152,6 +152,9 @@ def test_rerun_skips_and_one_distill_field_reruns_only_downstream(ci_run, tmp_pa
     made = subprocess.run(["make", "run", f"recipe={recipe}", f"RUNS={runs}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
     assert made.returncode == 0 and made.stderr.count("up to date") == 6, made.stdout + made.stderr
+    one = subprocess.run(["make", "distill", f"recipe={recipe}", f"RUNS={runs}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert one.returncode == 0 and "distill: up to date" in one.stderr, one.stdout + one.stderr
     changed = _recipe(tmp_path, "ci", distill__lr=3e-4)  # not over the shared recipe file
     st = distillery("status", str(changed), "--runs", str(runs)).stdout.split("\n")
     states = {line.split()[0]: line.split()[1] for line in st if line.strip()}
