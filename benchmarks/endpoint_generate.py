@@ -75,7 +75,8 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         server = subprocess.Popen([sys.executable, "-m", "toolchain.cli", "serve", str(ROOT / "recipes" / "ci.yaml"),
-                                   "--file", str(resolve(TEACHER).path), "--port", str(port)], cwd=ROOT,
+                                   "--file", str(resolve(TEACHER).path), "--port", str(port),
+                                   "--served-model-name", args.model], cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}/v1"
         for _ in range(240):

@@ -339,13 +339,15 @@ def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:
                    "a teacher is rebuilt at this type once to compare like with like.")
 @click.option("--file", "model_file", type=click.Path(), default=None, help="Serve this .gguf file or ONNX folder "
                                                                             "instead.")
+@click.option("--served-model-name", "names", multiple=True,
+              help="Another name requests may use in `model` (repeatable); any other name gets 404 model_not_found.")
 @click.option("--host", default=None, help="Bind address (default: the recipe's serve.host, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: the recipe's serve.port).")
 @click.option("--api-key", envvar="DISTILLERY_API_KEY", default=None,
               help="Clients must send 'Authorization: Bearer KEY' (also $DISTILLERY_API_KEY). Required off loopback.")
 @friendly
 def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | None, model_file: str | None,
-          host: str | None, port: int | None, api_key: str | None) -> None:
+          names: tuple[str, ...], host: str | None, port: int | None, api_key: str | None) -> None:
     """Serve the student (or the teacher) behind an OpenAI-compatible API with per-request cost.
 
     POST /v1/chat/completions and /v1/completions (stream: true for server-sent events), GET /v1/models,
@@ -370,8 +372,11 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
         target = served.teacher(cfg, backend, quant)
     engine = served.open_engine(target, n_ctx=cfg.serve.n_ctx)
     s, c = cfg.serve, cfg.cost
+    recipe_name = () if model_file else (cfg.name if role == "student" else f"{cfg.name}-teacher",)
     settings = Settings(
         model_id=target.model_id,
+        aliases=(*recipe_name, *names),
+        file=target.path.name,
         max_prompt_tokens=s.max_prompt_tokens,
         max_new_tokens=s.max_new_tokens,
         max_body_bytes=s.max_body_bytes,

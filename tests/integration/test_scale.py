@@ -114,7 +114,7 @@ def _rows(runs, name):
 
 
 def _endpoint_recipe(tmp_path, name, url, **changes):
-    return recipe_copy(tmp_path, name, teacher=f"openai:{url}/v1#smollm2-135m", generate__max_retries=12,
+    return recipe_copy(tmp_path, name, teacher=f"openai:{url}/v1#m", generate__max_retries=12,
                        generate__timeout_s=60, licence__teacher="apache-2.0", **changes)
 
 

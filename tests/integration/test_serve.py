@@ -31,7 +31,7 @@ class Running:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "toolchain.cli", "serve", str(recipe), "--runs", str(runs), "--port", str(self.port),
-             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+             "--served-model-name", "m", *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "DISTILLERY_NO_PROGRESS": "1"})
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -76,7 +76,7 @@ def server(ci_run, tmp_path_factory):
 
 def test_chat_completion_and_streaming_with_usage_and_cost(server):
     client = server.client()
-    assert [m.id for m in client.models.list()] == ["ci-student-q8_0"]
+    assert [m.id for m in client.models.list()] == ["ci-student-q8_0", "ci", "m"]  # the file, the recipe, --served-model-name
     r = client.chat.completions.create(model="ci-student-q8_0", max_tokens=16,
                                        messages=[{"role": "user", "content": "What is the capital of Peru?"}])
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
@@ -88,7 +88,7 @@ def test_chat_completion_and_streaming_with_usage_and_cost(server):
     assert cost["engine_ms"] == pytest.approx(cost["wall_ms"], rel=0.05)  # alone on the engine: its whole wall time
     assert cost["reference_usd"] == pytest.approx((u.prompt_tokens * 2.5 + u.completion_tokens * 10.0) / 1e6)
 
-    stream = client.chat.completions.create(model="x", max_tokens=16, stream=True, stream_options={"include_usage": True},
+    stream = client.chat.completions.create(model="m", max_tokens=16, stream=True, stream_options={"include_usage": True},
                                             messages=[{"role": "user", "content": "What is the capital of Peru?"}])
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -154,6 +154,105 @@ def test_bad_requests_are_4xx_with_a_message(server):
     status, body = server.post("/v1/completions", json.dumps({"prompt": "x" * 30000}).encode())
     assert status == 413 and "limit" in body["error"]["message"]
     assert server.proc.poll() is None
+
+
+def test_openai_conformance_unknown_model_tools_and_unsupported_formats(server):
+    """A client that names another model, asks for tools or for JSON never gets a silent 200 from the student."""
+    from openai import BadRequestError, NotFoundError
+
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(NotFoundError) as e:
+        server.client().chat.completions.create(model="gpt-4o", messages=hi, max_tokens=4)
+    assert e.value.body["code"] == "model_not_found" and "ci-student-q8_0" in e.value.body["message"]
+    status, body = server.post("/v1/completions", json.dumps({"model": "gpt-4o", "prompt": "x"}).encode())
+    assert status == 404 and body["error"]["param"] == "model"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(BadRequestError, match="tool calls are not supported"):
+        server.client().chat.completions.create(model="m", messages=hi, tools=[tool], max_tokens=4)
+    status, body = server.post("/v1/chat/completions", json.dumps(
+        {"messages": hi, "response_format": {"type": "json_object"}}).encode())
+    assert status == 400 and body["error"]["param"] == "response_format"
+    # what JSON allows but a model cannot take: lone surrogates, depth bombs, huge numbers, token ids out of range
+    for path, raw in (("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+                      ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000),
+                      ("/v1/chat/completions", b'{"messages": ' + b'[' * 500 + b']' * 500 + b'}'),
+                      ("/v1/completions", b'{"prompt": "x", "max_tokens": 1' + b'0' * 6000 + b'}'),
+                      ("/v1/completions", b'{"prompt": [1, 2, 99999999]}'),
+                      ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}')):
+        status, body = server.post(path, raw)
+        assert 400 <= status < 500 and body["error"]["message"], (raw[:60], status, body)
+    assert server.proc.poll() is None
+
+
+def _mutants(n: int, seed: int = 0) -> list[bytes]:
+    """Request bodies mutated from valid ones: a key dropped or renamed, a value of another type anywhere
+    (numbers far out of range, NaN, nested lists and objects, lone surrogates, null), bytes cut or flipped."""
+    import random
+
+    rng = random.Random(seed)
+    valid = [
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "a"}]}],
+         "max_tokens": 2, "temperature": 0.5, "top_p": 0.9, "seed": 3, "stop": ["\n"]},
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True}},
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True, "top_logprobs": 2},
+        {"prompt": "The sky is", "max_tokens": 2},
+        {"prompt": [1, 2, 3], "max_tokens": 2, "logprobs": 1},
+    ]
+    odd = [None, True, -1, 0, 2**63, -(2**70), 1e308, -1e308, 0.5, "", "\ud800", "x" * 2000, [], {}, [[[]]],
+           {"a": {"b": {"c": []}}}, [None], ["\udfff"], {"type": "json_schema"}, "NaN"]
+
+    def paths(node, prefix=()):
+        yield prefix
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from paths(v, prefix + (k,))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from paths(v, prefix + (i,))
+
+    out = []
+    while len(out) < n:
+        body = json.loads(json.dumps(rng.choice(valid)))
+        where = rng.choice([p for p in paths(body) if p])
+        parent = body
+        for step in where[:-1]:
+            parent = parent[step]
+        kind = rng.randrange(5)
+        if kind == 0 and isinstance(parent, dict):
+            del parent[where[-1]]
+        elif kind == 1 and isinstance(parent, dict):
+            parent[where[-1] + "_"] = parent.pop(where[-1])
+        else:
+            parent[where[-1]] = rng.choice(odd)
+        raw = json.dumps(body).encode().replace(b'"NaN"', b"NaN").replace(b'"\\ud800"', b'"\ud800"')
+        if kind == 4:  # bytes cut or flipped
+            i = rng.randrange(len(raw))
+            raw = raw[:i] if rng.random() < 0.5 else raw[:i] + bytes([rng.randrange(256)]) + raw[i + 1:]
+        out.append(raw)
+    return out
+
+
+def test_fuzzed_bodies_never_get_a_5xx_and_the_server_lives(server):
+    bodies = _mutants(600)
+    codes = []
+    for i, raw in enumerate(bodies):
+        path = "/v1/completions" if b'"prompt"' in raw else "/v1/chat/completions"
+        req = urllib.request.Request(f"{server.url}{path}", data=raw, method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                r.read()
+                codes.append(r.status)
+        except urllib.error.HTTPError as e:
+            e.read()
+            codes.append(e.code)
+        assert codes[-1] < 500, (i, raw[:200], codes[-1])
+    assert server.proc.poll() is None and len(set(codes)) >= 3  # some answered, some refused, some not found
+    with urllib.request.urlopen(f"{server.url}/health") as r:
+        assert json.loads(r.read())["status"] == "ok"
+    r = server.client().chat.completions.create(model="m", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content is not None
 
 
 def test_lm_eval_api_models_evaluate_a_task_against_the_server(server, ci_run, tmp_path, monkeypatch):
@@ -314,3 +413,36 @@ def teacher_gguf() -> str:
     from toolchain.models import DEFAULT_TEACHER, resolve
 
     return str(resolve(DEFAULT_TEACHER).path)
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_metrics_histograms_count_every_request_and_token(server):
+    """vLLM-style histograms and token counters, labelled by model and file: their counts move by exactly the
+    requests (and the gaps between tokens) made here."""
+    def scrape() -> str:
+        req = urllib.request.Request(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        return urllib.request.urlopen(req).read().decode()
+
+    before = scrape()
+    client, usages = server.client(), []
+    for i in range(3):
+        r = client.chat.completions.create(model="m", max_tokens=6, messages=[{"role": "user", "content": f"Say {i}."}])
+        usages.append(r.usage)
+    after = scrape()
+    assert 'model="ci-student-q8_0",file="ci-q8_0.gguf"' in after
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+        full = f"distillery_{name}"
+        assert _metric(after, full + "_count") - _metric(before, full + "_count") == 3, name
+        assert f'{full}_bucket{{model="ci-student-q8_0",file="ci-q8_0.gguf",le="+Inf"}}' in after
+    gaps = sum(max(u.completion_tokens - 1, 0) for u in usages)
+    assert _metric(after, "distillery_inter_token_latency_seconds_count") - \
+        _metric(before, "distillery_inter_token_latency_seconds_count") == gaps
+    assert _metric(after, "distillery_generation_tokens_total") - _metric(before, "distillery_generation_tokens_total") \
+        == sum(u.completion_tokens for u in usages)
+    cached = [u.prompt_tokens_details.cached_tokens for u in usages]
+    assert cached[1] > 0 and cached[2] > 0  # the system prompt and chat header, reused from the request before
+    assert _metric(after, "distillery_prompt_tokens_cached_total") - \
+        _metric(before, "distillery_prompt_tokens_cached_total") == sum(cached)

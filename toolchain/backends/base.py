@@ -52,6 +52,9 @@ class TokenLoop:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 

@@ -32,6 +32,7 @@ class LlamaCppEngine:
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None) -> Completion:
         self._kv = None
+        self.cached_tokens = 0
         out = self.llm.create_chat_completion(messages=messages, **_sampling(max_tokens, temperature, top_p, seed))
         return _completion(out, out["choices"][0]["message"]["content"])
 
@@ -123,6 +124,7 @@ class LlamaCppEngine:
             yield from self._greedy(list(ids), max_tokens)
             return
         self._kv = None
+        self.cached_tokens = 0
         if seed is not None:
             self.llm.set_seed(seed)
         count = 0
@@ -146,6 +148,7 @@ class LlamaCppEngine:
         while common < min(len(kv), len(ids) - 1) and kv[common] == ids[common]:
             common += 1
         L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, common, -1)
+        self.cached_tokens = common  # prompt tokens reused from the last request (/metrics, usage)
         self.llm.n_tokens = 0  # llama-cpp-python's own record of the cache no longer holds; it starts afresh
         self._kv = ids[:common]
         self._decode(ids[common:])
@@ -184,6 +187,9 @@ class LlamaCppEngine:
         from toolchain.backends.llama_batch import logits_row
 
         return logits_row(llama_cpp, self.llm._ctx.ctx, -1, self.llm.n_vocab())
+
+    def vocab_size(self) -> int:
+        return self.llm.n_vocab()
 
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")

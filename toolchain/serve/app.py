@@ -55,6 +55,13 @@ def create_app(engine, settings: Settings):
             return fail(401, "invalid API key", endpoint, code="invalid_api_key")
         try:
             req = _parse(ChatRequest if kind == "chat" else CompletionRequest, await body_of(request))
+            if req.model is not None and req.model not in settings.model_ids():
+                raise RequestError(404, f"The model '{req.model}' does not exist; this server serves "
+                                   f"{', '.join(repr(m) for m in settings.model_ids())}", param="model",
+                                   code="model_not_found")
+            refused = req.unsupported()
+            if refused:
+                raise RequestError(400, refused[1], param=refused[0])
             max_tokens = server.max_tokens(req)
             ids, _ = server.prompt_ids(req)
             if req.logprobs_k() is not None and (req.stream or not hasattr(engine, "step_logits")):
@@ -134,8 +141,8 @@ def create_app(engine, settings: Settings):
     async def models(request: Request):
         if not authorised(request):
             return fail(401, "invalid API key", "models", code="invalid_api_key")
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model",
-                                             "created": int(server.started), "owned_by": "distillery"}]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": int(server.started),
+                                             "owned_by": "distillery"} for m in settings.model_ids()]}
 
     @app.get("/health")
     async def health():

@@ -1,18 +1,62 @@
-"""What /metrics reports: requests by status, token and cost totals (Prometheus text)."""
+"""What /metrics reports (Prometheus text): requests by status; prompt, generated and cached-prompt tokens;
+latency histograms with the names vLLM's operators already scrape (time to first token, inter-token latency,
+end-to-end latency, queue time); cost totals. Every series is labelled with the model id and the file served."""
 
 from __future__ import annotations
 
+import bisect
 import threading
+
+# Bucket upper bounds in seconds (vLLM's for time to first token and inter-token latency, wider for the others).
+BUCKETS = {
+    "time_to_first_token_seconds": (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                                    7.5, 10.0),
+    "inter_token_latency_seconds": (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                                    0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0),
+    "e2e_request_latency_seconds": (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                                    40.0, 50.0, 60.0, 120.0),
+    "request_queue_time_seconds": (0.001, 0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
+                                   30.0, 60.0),
+}
+
+
+class Histogram:
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds, self.counts, self.sum, self.n = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.bounds, value)
+        if i < len(self.counts):
+            self.counts[i] += 1
+        self.sum += value
+        self.n += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out, running = [f"# TYPE {name} histogram"], 0
+        for bound, count in zip(self.bounds, self.counts):
+            running += count
+            out.append(f'{name}_bucket{{{labels},le="{bound}"}} {running}')
+        out += [f'{name}_bucket{{{labels},le="+Inf"}} {self.n}', f"{name}_sum{{{labels}}} {self.sum}",
+                f"{name}_count{{{labels}}} {self.n}"]
+        return out
 
 
 class Metrics:
-    def __init__(self, model_id: str):
-        self.model_id = model_id
+    def __init__(self, model_id: str, file: str = ""):
+        self.model_id, self.file = model_id, file
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}
         self.totals = {"prompt_tokens": 0, "completion_tokens": 0, "engine_seconds": 0.0, "queue_seconds": 0.0,
-                       "ttft_seconds": 0.0, "cost_usd": 0.0, "reference_cost_usd": 0.0, "generations": 0}
+                       "ttft_seconds": 0.0, "cost_usd": 0.0, "reference_cost_usd": 0.0, "generations": 0,
+                       "cached_tokens": 0}
+        self.histograms = {name: Histogram(bounds) for name, bounds in BUCKETS.items()}
         self.waiting = 0
+
+    def observe_gaps(self, gaps: list[float]) -> None:
+        """The times between one request's successive tokens (inter-token latency)."""
+        with self.lock:
+            for gap in gaps:
+                self.histograms["inter_token_latency_seconds"].observe(gap)
 
     def count(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -29,9 +73,14 @@ class Metrics:
             t["cost_usd"] += cost["usd"]
             t["reference_cost_usd"] += cost["reference_usd"]
             t["generations"] += 1
+            t["cached_tokens"] += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            h = self.histograms
+            h["time_to_first_token_seconds"].observe(cost["ttft_ms"] / 1000)
+            h["e2e_request_latency_seconds"].observe((cost["queue_ms"] + cost["wall_ms"]) / 1000)
+            h["request_queue_time_seconds"].observe(cost["queue_ms"] / 1000)
 
     def render(self) -> str:
-        m = f'model="{self.model_id}"'
+        m = f'model="{self.model_id}",file="{self.file}"'
         with self.lock:
             lines = ["# TYPE distillery_requests_total counter"]
             for (endpoint, status), n in sorted(self.requests.items()):
@@ -44,8 +93,12 @@ class Metrics:
                                     ("time_to_first_token_seconds_total", "ttft_seconds", "counter"),
                                     ("generations_total", "generations", "counter"),
                                     ("cost_usd_total", "cost_usd", "counter"),
-                                    ("reference_api_cost_usd_total", "reference_cost_usd", "counter")):
+                                    ("reference_api_cost_usd_total", "reference_cost_usd", "counter"),
+                                    ("generation_tokens_total", "completion_tokens", "counter"),
+                                    ("prompt_tokens_cached_total", "cached_tokens", "counter")):
                 lines += [f"# TYPE distillery_{name} {kind}", f"distillery_{name}{{{m}}} {t[key]}"]
+            for name, hist in self.histograms.items():
+                lines += hist.lines(f"distillery_{name}", m)
             done = t["completion_tokens"]
             lines += ["# TYPE distillery_usd_per_1m_output_tokens gauge",
                       f"distillery_usd_per_1m_output_tokens{{{m}}} {t['cost_usd'] / done * 1e6 if done else 0.0}",

@@ -30,6 +30,8 @@ class Job:
         self.t_queued = time.perf_counter()
         self.t_start = self.t_first = None
         self.machine_s = 0.0  # this request's share of the engine's time
+        self.cached = 0  # prompt tokens the engine took from its cache instead of evaluating them
+        self.gaps: list[float] = []  # seconds between successive tokens
         self.held, self.t_sent = "", 0.0  # text not yet sent (stream_interval_ms), when text last went out
 
     def start(self) -> None:
@@ -38,8 +40,12 @@ class Job:
     def token(self, tok: int, logits) -> bool:
         """Take one generated token (EOS already excluded); True when the request is finished."""
         self.n += 1
+        now = time.perf_counter()
         if self.t_first is None:
-            self.t_first = time.perf_counter()
+            self.t_first = now
+        else:
+            self.gaps.append(now - self.t_last)
+        self.t_last = now
         if self.logprobs is not None:
             self.logprobs.append(self.server.token_logprobs(tok, self.k, logits()))
         self.held += self.out.push(tok)
@@ -57,9 +63,11 @@ class Job:
             self.emit(("text", rest))
         t_end = time.perf_counter()
         ids, n = self.ids, self.n
-        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+        usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
+                 "prompt_tokens_details": {"cached_tokens": self.cached}}
         cost = self.server.cost(len(ids), n, self.t_queued, self.t_start, self.t_first, t_end, self.machine_s)
         self.server.metrics.add(usage, cost)
+        self.server.metrics.observe_gaps(self.gaps)
         self.emit(("done", (finish, usage, cost, self.logprobs)))
 
     def fail(self, err: Exception) -> None:
@@ -70,7 +78,7 @@ class Server:
     def __init__(self, engine, settings: Settings):
         self.engine, self.s = engine, settings
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.metrics = Metrics(settings.model_id)
+        self.metrics = Metrics(settings.model_id, settings.file)
         self.started = time.time()
         self.batcher = Batcher(self, settings.batch) if settings.batch > 1 and hasattr(engine, "llm") else None
 
@@ -115,6 +123,12 @@ class Server:
                 raise RequestError(400, "echo is not supported", param="echo")
             p = req.prompt
             if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
+                size = self.engine.vocab_size()
+                if any(not 0 <= x < size for x in p):
+                    raise RequestError(400, f"prompt: token ids must be in [0, {size})", param="prompt")
+                if len(p) > self.s.max_prompt_tokens:
+                    raise RequestError(400, f"prompt is {len(p)} tokens; this server takes at most "
+                                       f"{self.s.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
                 return list(p), ""
             if isinstance(p, list):
                 if len(p) != 1:
@@ -156,6 +170,8 @@ class Server:
         ended = True  # the stream ran out: the model ended its turn
         try:
             for tok in self.engine.stream(job.ids, job.max_tokens, job.temperature, job.req.top_p, job.req.seed):
+                if job.n == 0:
+                    job.cached = getattr(self.engine, "cached_tokens", 0)
                 if job.token(tok, self.engine.step_logits):
                     ended = job.out.stopped
                     break

@@ -20,6 +20,24 @@ class _Request(BaseModel):
     stream_options: dict | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None
+    # Accepted so that a request using them is answered with a clear 400 instead of being ignored.
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) for a feature this server would otherwise silently ignore."""
+        if self.tools or self.functions:
+            return ("tools" if self.tools else "functions",
+                    "tool calls are not supported by this server (a distilled student without a tool-calling "
+                    "template); send the request without tools")
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", "tool calls are not supported by this server"
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            return "response_format", f"response_format {kind!r} is not supported by this server"
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -30,15 +48,22 @@ class _Request(BaseModel):
         return stops
 
 
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow")  # image_url, input_audio, ...: parts this text model ignores
+
+    type: str
+    text: str | None = None
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict] | None = None
+    content: str | list[_Part] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 
@@ -74,13 +99,41 @@ def _error_body(status: int, message: str, param: str | None = None, code: str |
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+MAX_DEPTH = 32  # OpenAI's request shapes nest 6 deep; a deeper body is refused before validation walks it
+
+
+def _check_values(data) -> None:
+    """Refuse what JSON allows but a model cannot take: nesting deeper than MAX_DEPTH and text with a lone
+    surrogate (``"\\ud800"`` parses into a str that UTF-8 cannot encode). Iterative: no recursion to exhaust."""
+    todo = [(data, 1, "body")]
+    while todo:
+        value, depth, where = todo.pop()
+        if depth > MAX_DEPTH:
+            raise RequestError(400, f"{where}: the request nests more than {MAX_DEPTH} levels deep", param=where)
+        if isinstance(value, dict):
+            todo += [(v, depth + 1, str(k)) for k, v in value.items()]
+            todo += [(k, depth, "key") for k in value]
+        elif isinstance(value, list):
+            todo += [(v, depth + 1, where) for v in value]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(400, f"{where}: text is not valid Unicode (a lone surrogate)", param=where) from None
+
+
 def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"request body is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    except RecursionError:
+        raise RequestError(400, f"request body nests more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        raise RequestError(400, f"request body has a number out of range ({e})") from None
     if not isinstance(data, dict):
         raise RequestError(400, "request body must be a JSON object")
+    _check_values(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:

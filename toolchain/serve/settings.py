@@ -22,6 +22,12 @@ class Settings:
     batch: int = 1  # requests decoded together (llama.cpp); 1 = one at a time
     n_ctx_per_slot: int = 4096
     stream_interval_ms: float = 0.0  # streamed text at most this often (first token at once); 0 = every token
+    file: str = ""  # the served file's name, a label on every metric
+    aliases: tuple[str, ...] = ()  # other names a request's `model` may use (the recipe name, the file name)
+
+    def model_ids(self) -> list[str]:
+        """What a request may name in `model` (and /v1/models lists); anything else is 404 model_not_found."""
+        return [self.model_id, *(a for a in self.aliases if a != self.model_id)]
 
 
 def is_loopback(host: str) -> bool:
