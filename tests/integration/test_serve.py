@@ -170,7 +170,7 @@ def test_openai_conformance_unknown_model_tools_and_unsupported_formats(server):
     with pytest.raises(BadRequestError, match="tool calls are not supported"):
         server.client().chat.completions.create(model="m", messages=hi, tools=[tool], max_tokens=4)
     status, body = server.post("/v1/chat/completions", json.dumps(
-        {"messages": hi, "response_format": {"type": "json_object"}}).encode())
+        {"messages": hi, "response_format": {"type": "xml"}}).encode())
     assert status == 400 and body["error"]["param"] == "response_format"
     # what JSON allows but a model cannot take: lone surrogates, depth bombs, huge numbers, token ids out of range
     for path, raw in (("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
@@ -182,6 +182,36 @@ def test_openai_conformance_unknown_model_tools_and_unsupported_formats(server):
         status, body = server.post(path, raw)
         assert 400 <= status < 500 and body["error"]["message"], (raw[:60], status, body)
     assert server.proc.poll() is None
+
+
+def test_response_format_json_schema_and_json_object_are_always_valid_json(server):
+    """llama.cpp's grammar (from llama-cpp-python's JSON Schema converter) constrains every token: the 8-layer
+    CI student writes little of sense, but what it writes parses and fits the schema. (The converter does not
+    bound numbers by minimum/maximum, so the schema here has none.)"""
+    schema = {"type": "object", "additionalProperties": False, "required": ["label", "urgent"],
+              "properties": {"label": {"type": "string", "enum": ["positive", "negative", "neutral"]},
+                             "urgent": {"type": "boolean"}}}
+    client = server.client()
+    prompts = ["Is 'a wonderful film' positive?", "Classify: 'the food was cold'", "Sentiment of 'it rained'?",
+               "Review: 'best purchase ever'", "Review: 'broke after a day'", "What is the capital of Peru?",
+               "Tell me a joke.", "Label this: 'meh'", "Is 'I love it' positive or negative?", "Summarise: sun."]
+    for p in prompts:
+        r = client.chat.completions.create(
+            model="m", max_tokens=48, messages=[{"role": "user", "content": p}],
+            response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}})
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        value = json.loads(r.choices[0].message.content)
+        assert set(value) == {"label", "urgent"} and value["label"] in ("positive", "negative", "neutral")
+        assert isinstance(value["urgent"], bool)
+    r = client.chat.completions.create(model="m", max_tokens=64, messages=[{"role": "user", "content": "Describe Lima."}],
+                                       response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:  # cut by max_tokens: a prefix of an object
+        assert r.choices[0].message.content.lstrip().startswith("{")
+    status, body = server.post("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}).encode())
+    assert status == 400 and "schema" in body["error"]["message"]
 
 
 def _mutants(n: int, seed: int = 0) -> list[bytes]:
@@ -308,6 +338,9 @@ def test_onnxruntime_backend_serves_the_same_api(ci_run):
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and len(events) >= 3
         assert client.post("/v1/completions", json={"prompt": "x", "temperature": -1}).status_code == 400
+        refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                             "response_format": {"type": "json_object"}})
+        assert refused.status_code == 400 and "not supported by this backend" in refused.json()["error"]["message"]
         per_token = _texts(client, "The sky is")
     # serve.stream_interval_ms: the first token at once, then at most one event per interval, the rest at the end
     grouped = create_app(engine, Settings(model_id=target.model_id, max_new_tokens=16, stream_interval_ms=1000.0))

@@ -116,11 +116,37 @@ class LlamaCppEngine:
             out[i] = toks
         return out
 
+    def _end_of_generation(self, tok: int) -> bool:
+        """Any end-of-generation token of the vocabulary (a finished grammar allows only those, and a model may
+        pick <|endoftext|> rather than its end of turn)."""
+        import llama_cpp as L
+
+        return bool(L.llama_vocab_is_eog(self.llm._model.vocab, tok))
+
+    def grammar(self, kind: str, schema: dict | None = None):
+        """llama.cpp's grammar for ``json_object`` (any JSON object) or ``json_schema`` (llama-cpp-python turns
+        the schema into GBNF); compiled once per distinct schema. ValueError for a schema it cannot express."""
+        import json
+
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        key = kind if schema is None else json.dumps(schema, sort_keys=True)
+        cache = self.__dict__.setdefault("_grammars", {})
+        if key not in cache:
+            try:
+                cache[key] = (LlamaGrammar.from_string(JSON_GBNF, verbose=False) if schema is None
+                              else LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False))
+            except Exception as e:  # the converter raises ValueError / KeyError / RuntimeError on what it lacks
+                raise ValueError(f"this JSON Schema cannot be turned into a grammar ({type(e).__name__})") from None
+            if len(cache) > 64:
+                cache.pop(next(iter(cache)))
+        return cache[key]
+
     def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None) -> Iterator[int]:
+               seed: int | None = None, grammar=None) -> Iterator[int]:
         """Sampled (or, at temperature 0, greedy) token ids until end of turn or ``max_tokens``; the end-of-turn
         token is not yielded. The KV cache of the longest prefix shared with the last call is reused."""
-        if temperature <= 0:
+        if temperature <= 0 and grammar is None:
             yield from self._greedy(list(ids), max_tokens)
             return
         self._kv = None
@@ -129,8 +155,8 @@ class LlamaCppEngine:
             self.llm.set_seed(seed)
         count = 0
         for tok in self.llm.generate(list(ids), temp=temperature, top_p=top_p, top_k=0 if temperature > 0 else 1,
-                                     min_p=0.0, reset=True):
-            if tok in self.eos_ids or count >= max_tokens:
+                                     min_p=0.0, reset=True, grammar=grammar):
+            if tok in self.eos_ids or count >= max_tokens or self._end_of_generation(tok):
                 return
             yield tok
             count += 1

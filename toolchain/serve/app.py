@@ -62,6 +62,7 @@ def create_app(engine, settings: Settings):
             refused = req.unsupported()
             if refused:
                 raise RequestError(400, refused[1], param=refused[0])
+            grammar = server.grammar(req.output_format())
             max_tokens = server.max_tokens(req)
             ids, _ = server.prompt_ids(req)
             if req.logprobs_k() is not None and (req.stream or not hasattr(engine, "step_logits")):
@@ -91,7 +92,7 @@ def create_app(engine, settings: Settings):
 
         if not req.stream:
             parts = []
-            async for ev, value in server.generate(req, ids, max_tokens):
+            async for ev, value in server.generate(req, ids, max_tokens, grammar):
                 if ev == "text":
                     parts.append(value)
                 elif ev == "error":
@@ -113,7 +114,7 @@ def create_app(engine, settings: Settings):
             if kind == "chat":
                 yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                 "finish_reason": None}]})
-            async for ev, value in server.generate(req, ids, max_tokens):
+            async for ev, value in server.generate(req, ids, max_tokens, grammar):
                 if ev == "text":
                     yield sse({**base, "choices": [choice(value, None, True)]})
                 elif ev == "error":

@@ -30,6 +30,7 @@ class Job:
         self.t_queued = time.perf_counter()
         self.t_start = self.t_first = None
         self.machine_s = 0.0  # this request's share of the engine's time
+        self.grammar = None  # the engine's constraint for response_format
         self.cached = 0  # prompt tokens the engine took from its cache instead of evaluating them
         self.gaps: list[float] = []  # seconds between successive tokens
         self.held, self.t_sent = "", 0.0  # text not yet sent (stream_interval_ms), when text last went out
@@ -169,7 +170,9 @@ class Server:
         job.start()
         ended = True  # the stream ran out: the model ended its turn
         try:
-            for tok in self.engine.stream(job.ids, job.max_tokens, job.temperature, job.req.top_p, job.req.seed):
+            extra = {"grammar": job.grammar} if job.grammar is not None else {}
+            for tok in self.engine.stream(job.ids, job.max_tokens, job.temperature, job.req.top_p, job.req.seed,
+                                          **extra):
                 if job.n == 0:
                     job.cached = getattr(self.engine, "cached_tokens", 0)
                 if job.token(tok, self.engine.step_logits):
@@ -180,11 +183,28 @@ class Server:
         except Exception as e:  # an engine failure ends this request, not the server
             job.fail(e)
 
-    async def generate(self, req, ids: list[int], max_tokens: int):
+    def grammar(self, output_format):
+        """The engine's compiled constraint for a request's response_format (None for free text); a 400 where
+        this engine or this server's settings cannot constrain its output, never a silent 200 in prose."""
+        if output_format is None:
+            return None
+        if not hasattr(self.engine, "grammar"):
+            raise RequestError(400, "response_format is not supported by this backend (llama.cpp only)",
+                               param="response_format")
+        if self.batcher is not None:
+            raise RequestError(400, "response_format needs one request at a time (serve.batch: 1)",
+                               param="response_format")
+        try:
+            return self.engine.grammar(*output_format)
+        except ValueError as e:
+            raise RequestError(400, f"response_format: {e}", param="response_format") from None
+
+    async def generate(self, req, ids: list[int], max_tokens: int, grammar=None):
         """Yields ("text", piece) as tokens arrive, then ("done", (finish_reason, usage, cost, logprobs or None))."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(self, req, ids, max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        job.grammar = grammar
         self.metrics.waiting += 1
         if self.batcher is not None:
             future = loop.create_future()

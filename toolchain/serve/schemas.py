@@ -34,10 +34,24 @@ class _Request(BaseModel):
                     "template); send the request without tools")
         if self.tool_choice not in (None, "none"):
             return "tool_choice", "tool calls are not supported by this server"
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            return "response_format", f"response_format {kind!r} is not supported by this server"
         return None
+
+    def output_format(self) -> tuple[str, dict | None] | None:
+        """None for free text; ("json_object", None) or ("json_schema", schema) for constrained output."""
+        fmt = self.response_format or {}
+        kind = fmt.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return "json_object", None
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise RequestError(400, "response_format.json_schema.schema: a JSON Schema object is required",
+                                   param="response_format")
+            return "json_schema", spec["schema"]
+        raise RequestError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                           param="response_format")
 
     @field_validator("stop")
     @classmethod
