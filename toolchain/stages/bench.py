@@ -207,6 +207,7 @@ class _Served:
 
 
 _CONTENT = re.compile(rb'"content": "[^"]')  # a text delta that is not empty (the role chunk's is)
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens": (\d+)')
 
 
 def _stream_once(port: int, body: dict) -> tuple[float | None, int]:
@@ -228,9 +229,10 @@ def _stream_once(port: int, body: dict) -> tuple[float | None, int]:
     if not raw.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"bench server answered {raw[:120]!r}")
     usage = raw.rfind(b'"usage": {')
-    if usage < 0:
+    found = _COMPLETION_TOKENS.search(raw, usage) if usage >= 0 else None
+    if found is None:
         raise RuntimeError("bench server's stream ended without usage")
-    return first, json.loads(raw[usage + 9: raw.index(b"}", usage) + 1])["completion_tokens"]
+    return first, int(found.group(1))
 
 
 def _quality(export_report: dict, eval_report: dict, backend: str, quant: str) -> tuple[float | None, float | None]:
