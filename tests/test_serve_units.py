@@ -116,3 +116,20 @@ def test_text_stream_decodes_real_tokens_as_the_whole_sequence_does():
     pieces = [out.push(t) for t in ids] + [out.flush()]
     assert "".join(pieces) == Engine().detokenize(ids) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_task_constraints_come_from_the_task_definitions():
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from toolchain.constraints import label_grammar, task_constraints
+
+    specs = {"triage": {"metric": "label", "labels": ["urgent", 'say "hi"', "back\\slash"]},
+             "fields": {"metric": "json", "keys": ["name", "city"]},
+             "summary": {"metric": "keywords", "labels": None}}
+    got = task_constraints(specs)
+    assert set(got) == {"triage", "fields"}
+    kind, text = got["triage"]
+    assert kind == "gbnf" and text == label_grammar(specs["triage"]["labels"])
+    LlamaGrammar.from_string(text, verbose=False)  # llama.cpp parses it (quotes and backslashes escaped)
+    assert got["fields"] == ("json_schema", {"type": "object", "required": ["name", "city"],
+                                             "properties": {"name": {}, "city": {}}})

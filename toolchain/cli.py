@@ -373,7 +373,11 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
     engine = served.open_engine(target, n_ctx=cfg.serve.n_ctx)
     s, c = cfg.serve, cfg.cost
     recipe_name = () if model_file else (cfg.name if role == "student" else f"{cfg.name}-teacher",)
+    constraints, unconstrained = served.task_constraints(cfg)
     settings = Settings(
+        constraints=constraints,
+        unconstrained=unconstrained,
+        default_task=s.task,
         model_id=target.model_id,
         aliases=(*recipe_name, *names),
         file=target.path.name,

@@ -455,6 +455,16 @@ class ServeConfig(_Section):
     max_new_tokens: int = Field(512, ge=1, description="The most tokens one request may ask for (400 beyond).")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
     max_queue: int = Field(64, ge=1, description="Requests waiting or running at once; more get 429.")
+    constrain: Literal["none", "task"] = Field(
+        "none",
+        description="task: a request that names a task (header X-Distillery-Task, or metadata.task) is decoded under "
+        "that task's constraint from `tasks:` (label metric: exactly one of its labels; json metric with keys: an "
+        "object with those keys); llama.cpp backend only.",
+    )
+    task: str | None = Field(
+        None, description="With constrain: task, the task a request that names none is decoded as (a server for one "
+        "task).",
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Used when a request does not say (0 = greedy).")
     n_ctx: int = Field(4096, ge=256, description="llama.cpp context size.")
     stream_interval_ms: float = Field(

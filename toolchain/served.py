@@ -131,6 +131,24 @@ def _teacher_onnx(ref, variant: str) -> Path:
     return out
 
 
+def task_constraints(cfg) -> tuple[dict, tuple[str, ...]]:
+    """serve.constrain: task — each task's decoding constraint from the recipe (labels inferred from the data's
+    gold values where `tasks:` gives none, as eval does), and the tasks that have none."""
+    from toolchain.constraints import task_constraints as build
+    from toolchain.formats import load_prompts
+    from toolchain.recipe import RecipeError
+
+    if cfg.serve.constrain == "none":
+        return {}, ()
+    train, heldout = load_prompts(cfg)
+    specs = cfg.task_specs([{"task": p.task, "gold": p.gold} for p in [*train, *heldout]])
+    constraints = build(specs)
+    if cfg.serve.task is not None and cfg.serve.task not in specs:
+        raise RecipeError(f"serve.task: '{cfg.serve.task}' is not a task of the recipe's data "
+                          f"({', '.join(sorted(specs))})")
+    return constraints, tuple(sorted(set(specs) - set(constraints)))
+
+
 def open_engine(served: Served, threads: int | None = None, n_ctx: int = 4096):
     if served.backend == "llama_cpp":
         from toolchain.backends.llama_cpp import LlamaCppEngine

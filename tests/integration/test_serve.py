@@ -479,3 +479,33 @@ def test_metrics_histograms_count_every_request_and_token(server):
     assert cached[1] > 0 and cached[2] > 0  # the system prompt and chat header, reused from the request before
     assert _metric(after, "distillery_prompt_tokens_cached_total") - \
         _metric(before, "distillery_prompt_tokens_cached_total") == sum(cached)
+
+
+def test_task_constrained_serving_answers_only_labels(ci_run, tmp_path):
+    """serve.constrain: task — a request naming a label task (metadata.task or the X-Distillery-Task header) is
+    decoded under a grammar of the recipe's labels: every held-out prompt of that task gets exactly a label."""
+    recipe, runs, _ = ci_run
+    constrained = recipe_copy(tmp_path, "ci", serve__constrain="task", serve__max_new_tokens=16)
+    labels = {"positive", "negative", "sports", "technology", "food", "politics"}  # recipes/ci.yaml's classify labels
+    rows = [json.loads(line) for line in (ROOT / "recipes/data/heldout.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows if r["task"] == "classify"]
+    assert len(prompts) >= 60
+    srv = Running(constrained, runs)
+    try:
+        client = srv.client()
+        answers = [client.chat.completions.create(model="m", max_tokens=16, messages=[{"role": "user", "content": p}],
+                                                  extra_body={"metadata": {"task": "classify"}}).choices[0]
+                   for p in prompts]
+        assert all(a.message.content in labels and a.finish_reason == "stop" for a in answers), \
+            [a.message.content for a in answers if a.message.content not in labels][:5]
+        by_header = client.chat.completions.create(model="m", max_tokens=16, extra_headers={"X-Distillery-Task": "classify"},
+                                                   messages=[{"role": "user", "content": "Tell me about Lima."}])
+        assert by_header.choices[0].message.content in labels
+        free = client.chat.completions.create(model="m", max_tokens=8, extra_body={"metadata": {"task": "summary"}},
+                                              messages=[{"role": "user", "content": "Tell me about Lima."}])
+        assert free.choices[0].message.content  # a task with no shape to enforce: free text
+        status, body = srv.post("/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "x"}], "metadata": {"task": "nope"}}).encode())
+        assert status == 400 and "unknown task" in body["error"]["message"]
+    finally:
+        srv.stop()

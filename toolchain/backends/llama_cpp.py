@@ -124,18 +124,23 @@ class LlamaCppEngine:
         return bool(L.llama_vocab_is_eog(self.llm._model.vocab, tok))
 
     def grammar(self, kind: str, schema: dict | None = None):
-        """llama.cpp's grammar for ``json_object`` (any JSON object) or ``json_schema`` (llama-cpp-python turns
-        the schema into GBNF); compiled once per distinct schema. ValueError for a schema it cannot express."""
+        """llama.cpp's grammar for ``json_object`` (any JSON object), ``json_schema`` (llama-cpp-python turns the
+        schema into GBNF) or ``gbnf`` (grammar text); compiled once per distinct definition. ValueError for a
+        schema it cannot express."""
         import json
 
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-        key = kind if schema is None else json.dumps(schema, sort_keys=True)
+        key = f"{kind}:{schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)}"
         cache = self.__dict__.setdefault("_grammars", {})
         if key not in cache:
             try:
-                cache[key] = (LlamaGrammar.from_string(JSON_GBNF, verbose=False) if schema is None
-                              else LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False))
+                if kind == "gbnf":  # a grammar written by toolchain.constraints
+                    cache[key] = LlamaGrammar.from_string(schema, verbose=False)
+                elif schema is None:
+                    cache[key] = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+                else:
+                    cache[key] = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
             except Exception as e:  # the converter raises ValueError / KeyError / RuntimeError on what it lacks
                 raise ValueError(f"this JSON Schema cannot be turned into a grammar ({type(e).__name__})") from None
             if len(cache) > 64:

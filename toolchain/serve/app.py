@@ -37,6 +37,21 @@ def create_app(engine, settings: Settings):
         token = given[7:] if given.lower().startswith("bearer ") else ""
         return hmac.compare_digest(token.encode(), settings.api_key.encode())
 
+    def task_format(request: Request, req):
+        """serve.constrain: task — the constraint of the task the request names (or the server's task)."""
+        if not settings.constraints and not settings.default_task:
+            return None
+        named = request.headers.get("x-distillery-task") or (req.metadata or {}).get("task") or settings.default_task
+        if named is None:
+            return None
+        if not isinstance(named, str) or named not in settings.constraints:
+            if isinstance(named, str) and named in settings.unconstrained:
+                return None
+            raise RequestError(400, f"unknown task {named!r}; this server knows "
+                               f"{', '.join(sorted([*settings.constraints, *settings.unconstrained]))}",
+                               param="metadata.task")
+        return settings.constraints[named]
+
     async def body_of(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
@@ -62,7 +77,7 @@ def create_app(engine, settings: Settings):
             refused = req.unsupported()
             if refused:
                 raise RequestError(400, refused[1], param=refused[0])
-            grammar = server.grammar(req.output_format())
+            grammar = server.grammar(req.output_format() or task_format(request, req))
             max_tokens = server.max_tokens(req)
             ids, _ = server.prompt_ids(req)
             if req.logprobs_k() is not None and (req.stream or not hasattr(engine, "step_logits")):

@@ -25,6 +25,7 @@ class _Request(BaseModel):
     tool_choice: str | dict | None = None
     functions: list | None = None
     response_format: dict | None = None
+    metadata: dict | None = None  # OpenAI's free-form tags; metadata.task picks a task's constraint
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for a feature this server would otherwise silently ignore."""

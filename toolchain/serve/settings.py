@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,11 @@ class Settings:
     stream_interval_ms: float = 0.0  # streamed text at most this often (first token at once); 0 = every token
     file: str = ""  # the served file's name, a label on every metric
     aliases: tuple[str, ...] = ()  # other names a request's `model` may use (the recipe name, the file name)
+    # serve.constrain: task -> (grammar kind, definition) (toolchain.constraints), and the task of a request
+    # that names none
+    constraints: dict = field(default_factory=dict)
+    default_task: str | None = None
+    unconstrained: tuple[str, ...] = ()  # tasks of the recipe whose metric has no shape to enforce
 
     def model_ids(self) -> list[str]:
         """What a request may name in `model` (and /v1/models lists); anything else is 404 model_not_found."""
