@@ -278,7 +278,7 @@ def test_fuzzed_bodies_never_get_a_5xx_and_the_server_lives(server):
             e.read()
             codes.append(e.code)
         assert codes[-1] < 500, (i, raw[:200], codes[-1])
-    assert server.proc.poll() is None and len(set(codes)) >= 3  # some answered, some refused, some not found
+    assert server.proc.poll() is None and {200, 400} <= set(codes)  # some answered, some refused
     with urllib.request.urlopen(f"{server.url}/health") as r:
         assert json.loads(r.read())["status"] == "ok"
     r = server.client().chat.completions.create(model="m", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
