@@ -133,3 +133,26 @@ def test_task_constraints_come_from_the_task_definitions():
     LlamaGrammar.from_string(text, verbose=False)  # llama.cpp parses it (quotes and backslashes escaped)
     assert got["fields"] == ("json_schema", {"type": "object", "required": ["name", "city"],
                                              "properties": {"name": {}, "city": {}}})
+
+
+def test_gpu_settings_are_checked_against_this_machines_builds():
+    """serve.n_gpu_layers and serve.onnx_providers pass through to llama.cpp and onnxruntime; asking for a GPU
+    the installed builds lack is one line naming the field, never a silent run on the CPU."""
+    import llama_cpp
+    import onnxruntime as ort
+
+    from toolchain.models import ModelError
+    from toolchain.served import check_accelerators
+
+    check_accelerators(0, ["CPUExecutionProvider"])
+    if llama_cpp.llama_supports_gpu_offload():
+        check_accelerators(99, ["CPUExecutionProvider"])
+    else:
+        with pytest.raises(ModelError, match="serve.n_gpu_layers: 99 layers"):
+            check_accelerators(99, ["CPUExecutionProvider"])
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        check_accelerators(0, cuda)
+    else:
+        with pytest.raises(ModelError, match="serve.onnx_providers: CUDAExecutionProvider not in this onnxruntime"):
+            check_accelerators(0, cuda)

@@ -370,7 +370,9 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
         target = served.student(cfg, runs_root, backend, quant)
     else:
         target = served.teacher(cfg, backend, quant)
-    engine = served.open_engine(target, n_ctx=cfg.serve.n_ctx)
+    served.check_accelerators(cfg.serve.n_gpu_layers, cfg.serve.onnx_providers)
+    engine = served.open_engine(target, n_ctx=cfg.serve.n_ctx, n_gpu_layers=cfg.serve.n_gpu_layers,
+                                providers=cfg.serve.onnx_providers)
     s, c = cfg.serve, cfg.cost
     recipe_name = () if model_file else (cfg.name if role == "student" else f"{cfg.name}-teacher",)
     constraints, unconstrained = served.task_constraints(cfg)

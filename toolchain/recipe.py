@@ -467,6 +467,16 @@ class ServeConfig(_Section):
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Used when a request does not say (0 = greedy).")
     n_ctx: int = Field(4096, ge=256, description="llama.cpp context size.")
+    n_gpu_layers: int = Field(
+        0, ge=-1,
+        description="llama.cpp: layers offloaded to the GPU (-1: all). Needs llama-cpp-python built with a GPU "
+        "backend (make LLAMA_ISA=cuda LLAMA_CMAKE_ARGS=-DGGML_CUDA=ON); serve refuses it on a CPU-only build.",
+    )
+    onnx_providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime execution providers in order of preference, e.g. [CUDAExecutionProvider, "
+        "CPUExecutionProvider] with onnxruntime-gpu installed; serve refuses one this onnxruntime lacks.",
+    )
     stream_interval_ms: float = Field(
         16.0, ge=0.0, le=1000.0,
         description="Streamed text goes out at most this often: the first token at once, then what has been "

@@ -149,18 +149,38 @@ def task_constraints(cfg) -> tuple[dict, tuple[str, ...]]:
     return constraints, tuple(sorted(set(specs) - set(constraints)))
 
 
-def open_engine(served: Served, threads: int | None = None, n_ctx: int = 4096):
+def check_accelerators(n_gpu_layers: int, providers: list[str]) -> None:
+    """serve.n_gpu_layers and serve.onnx_providers against what this machine's builds can do: ModelError in one
+    line naming the field (a CPU-only llama.cpp would silently run everything on the CPU)."""
+    if n_gpu_layers:
+        import llama_cpp
+
+        if not llama_cpp.llama_supports_gpu_offload():
+            raise ModelError(f"serve.n_gpu_layers: {n_gpu_layers} layers to offload, but this llama-cpp-python was "
+                             "built without a GPU backend (make LLAMA_ISA=cuda LLAMA_CMAKE_ARGS=-DGGML_CUDA=ON)")
+    wanted = [p for p in providers if p != "CPUExecutionProvider"]
+    if wanted:
+        import onnxruntime as ort
+
+        missing = [p for p in wanted if p not in ort.get_available_providers()]
+        if missing:
+            raise ModelError(f"serve.onnx_providers: {', '.join(missing)} not in this onnxruntime "
+                             f"({', '.join(ort.get_available_providers())}; pip install onnxruntime-gpu for CUDA)")
+
+
+def open_engine(served: Served, threads: int | None = None, n_ctx: int = 4096, n_gpu_layers: int = 0,
+                providers: list[str] | None = None):
     if served.backend == "llama_cpp":
         from toolchain.backends.llama_cpp import LlamaCppEngine
 
-        return LlamaCppEngine(served.path, n_ctx=n_ctx, threads=threads)
+        return LlamaCppEngine(served.path, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
     if served.backend == "onnxruntime_genai":
         from toolchain.backends.onnx_genai import GenaiEngine
 
         return GenaiEngine(served.path, threads=threads)
     from toolchain.backends.onnx import OnnxEngine
 
-    return OnnxEngine(served.path, threads=threads)
+    return OnnxEngine(served.path, threads=threads, providers=providers)
 
 
 def from_file(path: Path, backend: str | None) -> Served:

@@ -13,7 +13,7 @@ from toolchain.backends.base import Completion
 
 class LlamaCppEngine:
     def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None, seed: int = 0,
-                 logits_all: bool = False):
+                 logits_all: bool = False, n_gpu_layers: int = 0):
         from llama_cpp import Llama
 
         self.path = Path(path)
@@ -23,6 +23,7 @@ class LlamaCppEngine:
             n_threads=threads or os.cpu_count() or 1,
             seed=seed,
             logits_all=logits_all,  # needed for logits() at every position (checks and likelihoods)
+            n_gpu_layers=n_gpu_layers,  # layers offloaded to a GPU (a llama.cpp built with one; ignored otherwise)
             verbose=False,
         )
         self.eos_ids = {self.llm.token_eos()}

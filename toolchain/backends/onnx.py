@@ -28,7 +28,7 @@ def dynamic_ops(path: Path) -> set[str]:
 
 
 class OnnxEngine(TokenLoop):
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None):
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -38,7 +38,7 @@ class OnnxEngine(TokenLoop):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.path), opts, providers=providers or ["CPUExecutionProvider"])
         self.tokenizer = AutoTokenizer.from_pretrained(self.path.parent)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
