@@ -7,8 +7,9 @@ held-out accuracy of every label task, and decode speed.
 Each held-out prompt of a label task is answered greedily twice per file, through the engine `distillery serve`
 uses: free, scored by the task's metric (the first label the answer names), and under the grammar of the
 task's labels (the answer is a label). Prints accuracy with a 95% bootstrap interval, McNemar's test between the
-two, and tokens/s of each (the grammar path samples through llama-cpp-python's sampler chain, the free path
-through distillery's own greedy loop: the ratio is what a user of the server pays).
+two, the time for all answers, and decode tokens/s (the tokens after each answer's first, so prompt time is left
+out) with their ratio (the grammar path samples through llama-cpp-python's sampler chain, the free path through
+distillery's own greedy loop: the ratio is what a user of the server pays per token).
 """
 
 from __future__ import annotations
@@ -46,23 +47,35 @@ def main() -> None:
             rows = [p for p in heldout if p.task == task and p.gold is not None]
             right = {"free": [], "constrained": []}
             spent = {"free": [0, 0.0], "constrained": [0, 0.0]}
+            decode = {"free": [0, 0.0], "constrained": [0, 0.0]}
             for p in rows:
                 ids = engine.tokenize(engine.chat_text(messages_for(p.prompt, cfg.generate.system_prompt, context(p))))
                 for mode in ("free", "constrained"):
                     extra = {"grammar": grammar} if mode == "constrained" else {}
                     start = time.perf_counter()
-                    toks = list(engine.stream(ids, a.max_tokens, **extra))
+                    toks, first = [], None
+                    for tok in engine.stream(ids, a.max_tokens, **extra):
+                        toks.append(tok)
+                        if first is None:
+                            first = time.perf_counter()
+                    end = time.perf_counter()
                     spent[mode][0] += len(toks)
-                    spent[mode][1] += time.perf_counter() - start
+                    spent[mode][1] += end - start
+                    if first is not None and len(toks) > 1:  # decode only: the tokens after the first
+                        decode[mode][0] += len(toks) - 1
+                        decode[mode][1] += end - first
                     right[mode].append(check(specs[task], engine.detokenize(toks), p.gold))
             print(f"{path.name} task {task}, {len(rows)} held-out prompts with a gold label")
             for mode, hits in right.items():
                 x = np.array(hits, dtype=float)
                 boot = x[rng.integers(0, len(x), (10_000, len(x)))].mean(1)
                 lo, hi = np.percentile(boot, [2.5, 97.5])
-                tps = spent[mode][0] / spent[mode][1]
+                tps = decode[mode][0] / decode[mode][1] if decode[mode][1] else float("nan")
                 print(f"  {mode:12s} accuracy {100 * x.mean():5.1f}% [{100 * lo:.1f}-{100 * hi:.1f}]  "
-                      f"{spent[mode][0]:5d} tokens  {tps:7.1f} tok/s  {spent[mode][1]:.2f} s")
+                      f"{spent[mode][0]:5d} tokens in {spent[mode][1]:.2f} s; decode {tps:7.1f} tok/s "
+                      f"({decode[mode][0]} tokens after the first)")
+            ratio = (decode["constrained"][0] / decode["constrained"][1]) / (decode["free"][0] / decode["free"][1])
+            print(f"  decode tokens/s constrained / free: {ratio:.2f}x")
             test = mcnemar(right["free"], right["constrained"])
             print(f"  McNemar free vs constrained: {test}")
         engine.close()
