@@ -93,14 +93,7 @@ def tools_dir(announce=None) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_path = Path(tmp)
         src, build = tmp_path / "src", tmp_path / "build"
-        with tarfile.open(_fetch_sdist(tmp_path)) as tar:
-            members = []
-            for m in tar.getmembers():
-                parts = Path(m.name).parts
-                if len(parts) > 3 and parts[1:3] == ("vendor", "llama.cpp") and (m.isfile() or m.isdir()):
-                    m.name = str(Path(*parts[3:]))
-                    members.append(m)
-            tar.extractall(src, members=members, filter="data")
+        _extract_llama_cpp(_fetch_sdist(tmp_path), src)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         configure = [cmake, "-S", str(src), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
                      "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
@@ -120,19 +113,25 @@ def tools_dir(announce=None) -> Path:
     return target
 
 
-def _extract_converter(sdist: Path, dest: Path) -> None:
-    """Only the converter's files, and only paths that stay inside ``dest``."""
+def _extract_llama_cpp(sdist: Path, dest: Path, only: tuple[str, ...] | None = None) -> None:
+    """The sdist's vendor/llama.cpp/ (or only its top-level entries named in ``only``) into ``dest``: plain files
+    and folders, and only paths that stay inside ``dest``."""
     with tarfile.open(sdist) as tar:
         members = []
         for m in tar.getmembers():
             parts = Path(m.name).parts
-            if len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp") or parts[3] not in CONVERTER_PARTS:
+            if len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp") or (only and parts[3] not in only):
                 continue
             if not (m.isfile() or m.isdir()) or ".." in parts:
                 continue
             m.name = str(Path(*parts[3:]))
             members.append(m)
         tar.extractall(dest, members=members, filter="data")
+
+
+def _extract_converter(sdist: Path, dest: Path) -> None:
+    """Only the converter's files."""
+    _extract_llama_cpp(sdist, dest, CONVERTER_PARTS)
     if not (dest / "convert_hf_to_gguf.py").is_file():
         raise ExportError(f"{sdist.name}: no vendor/llama.cpp/convert_hf_to_gguf.py inside")
 

@@ -118,14 +118,12 @@ def _teacher_onnx(ref, variant: str) -> Path:
         staged = Path(tmp) / "out"
         if variant.startswith("genai_"):
             onnx_io.genai_build(hf, staged, variant)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(staged, out)
-            return out
-        fp32 = onnx_io.export(hf, Path(tmp) / "fp32")
-        if variant == "fp32":
-            shutil.copytree(fp32.parent, staged)
         else:
-            onnx_io.quantize(fp32, staged, variant)
+            fp32 = onnx_io.export(hf, Path(tmp) / "fp32")
+            if variant == "fp32":
+                shutil.copytree(fp32.parent, staged)
+            else:
+                onnx_io.quantize(fp32, staged, variant)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(staged, out)
     return out

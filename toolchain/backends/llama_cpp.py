@@ -28,6 +28,7 @@ class LlamaCppEngine:
         )
         self.eos_ids = {self.llm.token_eos()}
         self._kv: list[int] | None = None  # tokens in the KV cache after a greedy stream (None: unknown)
+        self._grammars: dict = {}  # compiled constraints by definition (grammar())
         self._batch = None
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -133,7 +134,7 @@ class LlamaCppEngine:
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
         key = f"{kind}:{schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)}"
-        cache = self.__dict__.setdefault("_grammars", {})
+        cache = self._grammars
         if key not in cache:
             try:
                 if kind == "gbnf":  # a grammar written by toolchain.constraints

@@ -42,11 +42,9 @@ def create_app(engine, settings: Settings):
         if not settings.constraints and not settings.default_task:
             return None
         named = request.headers.get("x-distillery-task") or (req.metadata or {}).get("task") or settings.default_task
-        if named is None:
+        if named is None or named in settings.unconstrained:
             return None
         if not isinstance(named, str) or named not in settings.constraints:
-            if isinstance(named, str) and named in settings.unconstrained:
-                return None
             raise RequestError(400, f"unknown task {named!r}; this server knows "
                                f"{', '.join(sorted([*settings.constraints, *settings.unconstrained]))}",
                                param="metadata.task")

@@ -73,7 +73,7 @@ class Metrics:
             t["cost_usd"] += cost["usd"]
             t["reference_cost_usd"] += cost["reference_usd"]
             t["generations"] += 1
-            t["cached_tokens"] += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            t["cached_tokens"] += usage["prompt_tokens_details"]["cached_tokens"]
             h = self.histograms
             h["time_to_first_token_seconds"].observe(cost["ttft_ms"] / 1000)
             h["e2e_request_latency_seconds"].observe((cost["queue_ms"] + cost["wall_ms"]) / 1000)

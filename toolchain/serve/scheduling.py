@@ -19,7 +19,7 @@ class Job:
     budget / a client that went away, and accounts for what it cost. Both runners (one stream at a time, or
     several batched) drive it the same way."""
 
-    def __init__(self, server: "Server", req, ids: list[int], max_tokens: int, emit):
+    def __init__(self, server: "Server", req, ids: list[int], max_tokens: int, emit, grammar=None):
         self.server, self.req, self.ids, self.max_tokens, self.emit = server, req, ids, max_tokens, emit
         self.temperature = server.s.temperature if req.temperature is None else req.temperature
         self.k = req.logprobs_k()
@@ -30,7 +30,7 @@ class Job:
         self.t_queued = time.perf_counter()
         self.t_start = self.t_first = None
         self.machine_s = 0.0  # this request's share of the engine's time
-        self.grammar = None  # the engine's constraint for response_format
+        self.grammar = grammar  # the engine's constraint (response_format, serve.constrain)
         self.cached = 0  # prompt tokens the engine took from its cache instead of evaluating them
         self.gaps: list[float] = []  # seconds between successive tokens
         self.held, self.t_sent = "", 0.0  # text not yet sent (stream_interval_ms), when text last went out
@@ -41,12 +41,12 @@ class Job:
     def token(self, tok: int, logits) -> bool:
         """Take one generated token (EOS already excluded); True when the request is finished."""
         self.n += 1
-        now = time.perf_counter()
+        arrived = time.perf_counter()
         if self.t_first is None:
-            self.t_first = now
+            self.t_first = arrived
         else:
-            self.gaps.append(now - self.t_last)
-        self.t_last = now
+            self.gaps.append(arrived - self.t_last)
+        self.t_last = arrived
         if self.logprobs is not None:
             self.logprobs.append(self.server.token_logprobs(tok, self.k, logits()))
         self.held += self.out.push(tok)
@@ -173,11 +173,10 @@ class Server:
             extra = {"grammar": job.grammar} if job.grammar is not None else {}
             for tok in self.engine.stream(job.ids, job.max_tokens, job.temperature, job.req.top_p, job.req.seed,
                                           **extra):
-                if job.n == 0:
-                    job.cached = getattr(self.engine, "cached_tokens", 0)
                 if job.token(tok, self.engine.step_logits):
                     ended = job.out.stopped
                     break
+            job.cached = getattr(self.engine, "cached_tokens", 0)  # set by the engine as the stream began
             job.machine_s = time.perf_counter() - job.t_start
             job.finish(ended)
         except Exception as e:  # an engine failure ends this request, not the server
@@ -203,8 +202,7 @@ class Server:
         """Yields ("text", piece) as tokens arrive, then ("done", (finish_reason, usage, cost, logprobs or None))."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(self, req, ids, max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        job.grammar = grammar
+        job = Job(self, req, ids, max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), grammar)
         self.metrics.waiting += 1
         if self.batcher is not None:
             future = loop.create_future()
