@@ -63,6 +63,21 @@ def divergence(kind: str, student_log: torch.Tensor, teacher_log: torch.Tensor, 
     raise ValueError(f"unknown divergence '{kind}'")
 
 
+def sampled_reverse_kl(student_log: torch.Tensor, teacher_log: torch.Tensor, tokens: torch.Tensor,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reverse KL from the tokens the student sampled (on-policy distillation as in tinker-cookbook / Qwen3).
+
+    For x ~ p_student, log p_s(x) - log p_t(x) is an unbiased estimate of KL(p_s‖p_t) at that position, and
+    E[(log p_s(x) - log p_t(x))·∇log p_s(x)] is its exact gradient (E[∇log p_s] = 0). So the per-token advantage
+    is log p_t(x) - log p_s(x) (detached) and the surrogate to minimise is -advantage·log p_s(x). Only the sampled
+    token's two log-probs are needed. Returns (surrogate, estimate), both means over positions.
+    """
+    s = student_log.gather(-1, tokens[:, None])[:, 0]
+    t = teacher_log.gather(-1, tokens[:, None])[:, 0]
+    gap = (s - t).detach()
+    return (gap * s).mean(), gap.mean()
+
+
 TAIL_FLOOR = math.log(1e-12)
 
 

@@ -43,6 +43,17 @@ def _generate_extras(cfg) -> dict:
     return {}
 
 
+def _distill_section(cfg) -> dict:
+    """The distill section; on-policy settings and the warm start enter the key only when they are used, so
+    recipes without them keep the keys (and finished runs) they had."""
+    d = cfg.section("distill")
+    if not cfg.distill.on_policy.fraction:
+        d.pop("on_policy")
+    if not cfg.distill.warmup_epochs:
+        d.pop("warmup_epochs")
+    return d
+
+
 def _scoring(cfg) -> dict:
     """The tasks section as scoring sees it: each task's metric, without its gate floor (judged afterwards)."""
     return {name: t.model_dump(exclude={"min_retention"}) for name, t in sorted(cfg.tasks.items())}
@@ -69,7 +80,7 @@ PLANS = {
     ),
     "distill": StagePlan(
         "distill", ("generate",),
-        lambda c: {**_teacher_io(c), "distill": c.section("distill"), "student": c.section("student"),
+        lambda c: {**_teacher_io(c), "distill": _distill_section(c), "student": c.section("student"),
                    "system_prompt": c.generate.system_prompt, **_vocab_rules(c)},
         "toolchain.stages.distill",
     ),

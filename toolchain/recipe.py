@@ -262,12 +262,44 @@ class ReasoningConfig(_Section):
         return v
 
 
+class OnPolicyConfig(_Section):
+    """On-policy distillation (GKD, Agarwal et al. 2024; on-policy distillation as in Qwen3): on a share of the
+    optimizer steps the student answers the batch's prompts itself and the teacher scores every token it wrote."""
+
+    fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="GKD's lambda: the share of optimizer steps trained on the student's own samples (0 = off-policy "
+        "only, 1 = every step). Spread evenly: at 0.25 every fourth step.",
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, le=64,
+        description="Rollouts per prompt; a step keeps batch_size sequences, so it samples batch_size / this prompts.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest student sample, in tokens.")
+    temperature: float = Field(
+        1.0, ge=0.0, le=5.0,
+        description="Sampling temperature of the rollouts (0 = greedy). sampled_reverse_kl is unbiased at 1.")
+    loss: Literal["jsd", "forward_kl", "reverse_kl", "sampled_reverse_kl"] = Field(
+        "jsd",
+        description="On the student's samples: a divergence over the whole (or trimmed) vocabulary at every sampled "
+        "position (jsd uses distill.soft.beta, all use distill.soft.temperature), or sampled_reverse_kl: student "
+        "log-prob minus teacher log-prob of the sampled token, used as a per-token advantage (a policy-gradient "
+        "estimate of reverse KL; cheapest, noisiest).",
+    )
+
+
 class DistillConfig(_Section):
     flavour: Literal["hard", "soft", "reasoning"] = Field(
         "hard", description="hard: teacher responses as labels; soft: match teacher distributions; reasoning: "
         "verified chain-of-thought traces as labels."
     )
     soft: SoftConfig = Field(default_factory=SoftConfig)
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
+    warmup_epochs: float = Field(
+        0.0, ge=0.0,
+        description="The first this-many of `epochs` train with plain cross-entropy on the teacher's answers, then "
+        "the soft-label / on-policy loss (a hard-label warm start: the student's first samples are then worth "
+        "scoring).",
+    )
     method: Literal["lora", "full"] = Field("full", description="LoRA adapters or a full fine-tune.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     epochs: float = Field(2.0, gt=0, description="Passes over the kept teacher data (fractions allowed).")
@@ -568,6 +600,14 @@ class Recipe(_Section):
     def _student_vs_distill(self) -> "Recipe":
         if self.student.from_ != "teacher" and self.student.keep_layers is not None:
             raise ValueError("student.keep_layers only applies when student.from is 'teacher'")
+        if self.distill.warmup_epochs and self.distill.warmup_epochs >= self.distill.epochs:
+            raise ValueError("distill.warmup_epochs: must be less than distill.epochs (it is part of them)")
+        if self.distill.on_policy.fraction > 0 and self.distill.flavour != "soft":
+            raise ValueError("distill.on_policy: on-policy distillation is a soft-label method; set distill.flavour: "
+                             "soft")
+        if self.distill.on_policy.fraction > 0 and self.teacher.startswith("openai:"):
+            raise ValueError("distill.on_policy: the teacher must score tokens it did not write, which only a local "
+                             "teacher (HF directory, GGUF or pip: model) does here; an openai: endpoint cannot")
         if self.distill.flavour == "soft" and self.teacher.startswith("openai:"):
             raise ValueError("distill.flavour: soft-label needs the teacher's logits, which an openai: endpoint does "
                              "not give; use flavour: hard (or reasoning)")

@@ -16,12 +16,14 @@ Checkpoints (trainable weights, optimizer, scheduler, step, log) go to .resume/ 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -32,7 +34,7 @@ from toolchain.distributed import local_world_size
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import RESUME_DIR, Manifest
 from toolchain.chat import IGNORE, common_prefix, tokenize_pairs
-from toolchain.losses import kd_loss
+from toolchain.losses import kd_loss, log_probs, sampled_reverse_kl
 from toolchain.topk_cache import TopKCache, example_key
 from toolchain.ui import console, progress
 
@@ -93,8 +95,9 @@ def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, to
               ) -> tuple[torch.Tensor, int, dict[str, float]]:
     """Loss on response tokens only; the vocabulary projection runs only where there is a label.
 
-    hard: cross-entropy. soft: alpha·KD + (1 - alpha)·CE, with the teacher's distribution from an online
-    forward pass (``teacher``) or from the top-k cache (``topk`` = (ids, log-probs), rows in batch order).
+    hard: cross-entropy. soft: alpha·KD + (1 - alpha)·CE, with the teacher's distribution from the top-k cache
+    (``topk`` = (ids, log-probs), rows in batch order) when given, else from an online forward pass (``teacher``).
+    ``soft.loss`` may also be ``sampled_reverse_kl`` (on-policy batches: the labels are the student's own samples).
     ``shared``: how many leading tokens every row has in common (``decoder_hidden``).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -105,11 +108,15 @@ def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, to
     ce = torch.nn.functional.cross_entropy(logits, targets[keep])
     if soft is None:
         return ce, int(keep.sum()), {"ce": float(ce.detach())}
-    if teacher is not None:
+    if topk is not None:
+        kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_topk=topk)
+    elif soft.loss == "sampled_reverse_kl":
+        t_logits = teacher.logits_at(batch, keep)
+        surrogate, estimate = sampled_reverse_kl(log_probs(logits), log_probs(t_logits), targets[keep])
+        kd = surrogate - surrogate.detach() + estimate  # the estimate's value, the surrogate's gradient
+    else:
         t_logits = teacher.logits_at(batch, keep)
         kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_logits=t_logits)
-    else:
-        kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_topk=topk)
     loss = soft.alpha * kd + (1 - soft.alpha) * ce
     return loss, int(keep.sum()), {"ce": float(ce.detach()), "kd": float(kd.detach())}
 
@@ -137,14 +144,22 @@ class OnlineTeacher:
             self.head_bias = None if self.head_bias is None else self.head_bias.detach()[self.to_teacher].clone()
         self.prefix = torch.tensor(prefix[:-1] if prefix else [], dtype=torch.long, device=device)  # >= 1 token left
         self.cache = None
+        self.seconds = 0.0  # time spent in logits_at (the train log's teacher_s)
         if len(self.prefix):
             with torch.inference_mode():
                 out = model.get_decoder()(input_ids=self.prefix[None], use_cache=True)
             self.cache = [(k.clone(), v.clone()) for k, v in out.past_key_values.to_legacy_cache()]
 
-    @torch.no_grad()
     def logits_at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         """Teacher logits (float32) at the positions ``keep`` marks, as ``step_loss`` orders them."""
+        started = time.perf_counter()
+        try:
+            return self._logits_at(batch, keep)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    @torch.no_grad()
+    def _logits_at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
 
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -178,15 +193,88 @@ class TrainStep(torch.nn.Module):
     they wrap, so the whole of ``step_loss`` (decoder, then the vocabulary projection at labelled positions
     only) runs inside it. The frozen teacher is not a submodule: it is never wrapped or synchronised."""
 
-    def __init__(self, model, soft=None, teacher=None, shared: int = 0):
+    def __init__(self, model, teacher=None, shared: int = 0):
         super().__init__()
         self.model = model
-        self.soft = soft
         self.shared = shared
         self._teacher = [teacher]
 
-    def forward(self, batch: dict[str, torch.Tensor], topk=None):
-        return step_loss(self.model, batch, self.soft, self._teacher[0], topk, self.shared)
+    def forward(self, batch: dict[str, torch.Tensor], topk=None, loss=None):
+        """``loss``: the soft-label settings of this step (None: plain cross-entropy, a warm-start step)."""
+        return step_loss(self.model, batch, loss, self._teacher[0], topk, self.shared)
+
+
+def is_on_policy(step: int, fraction: float) -> bool:
+    """Whether optimizer step ``step`` (0-based) trains on the student's samples: exactly ``fraction`` of the
+    steps, spread evenly (at 0.25 every fourth), a pure function of the step, so a resumed run agrees."""
+    return fraction > 0 and math.floor((step + 1) * fraction) > math.floor(step * fraction)
+
+
+@torch.no_grad()
+def rollout(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_id: int, pad_id: int,
+            seed: int) -> list[list[int]]:
+    """The student's answers to ``prompts`` (token ids), sampled with its KV cache in one left-padded batch.
+
+    Sampling draws from a generator seeded with ``seed`` only, so the same weights and seed give the same tokens
+    (a resumed run replays its rollouts). Each answer ends with ``eos_id`` unless it ran out of tokens. Measured
+    against ``transformers``' generate on the default student (benchmarks/train_speed.py --on-policy): this loop
+    skips its per-token logits processors and stopping-criteria checks.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    b, width = len(prompts), max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    samples: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    last = positions[:, -1:]
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float().cpu()
+        if temperature > 0:
+            picked = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)[:, 0]
+        else:
+            picked = logits.argmax(-1)
+        for i, t in enumerate(picked.tolist()):
+            if not done[i]:
+                samples[i].append(t)
+                done[i] = t == eos_id
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)
+        last = last + 1
+        out = model(input_ids=picked[:, None].to(device), attention_mask=mask, position_ids=last,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return samples
+
+
+def on_policy_batch(model, pairs: list[tuple[list[int], list[int]]], batch_ids: list[int], op, *, seq_len: int,
+                    eos_id: int, pad_id: int, seed: int) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """The student's own training sequences for a batch: ``op.samples_per_prompt`` rollouts of each of the first
+    len(batch) / samples_per_prompt prompts (as many sequences as the batch has), labelled on the sampled tokens
+    only. Returns (examples, sampled lengths)."""
+    n = len(batch_ids)
+    chosen = [batch_ids[i // op.samples_per_prompt] for i in range(n)][:n]
+    prompts = []
+    for i in chosen:
+        ids, labels = pairs[i]
+        start = next(j for j, y in enumerate(labels) if y != IGNORE)
+        prompts.append(ids[:start])
+    room = max(1, min(op.max_new_tokens, seq_len - max(len(p) for p in prompts)))
+    was_training = model.training
+    model.eval()
+    try:
+        samples = rollout(model, prompts, max_new_tokens=room, temperature=op.temperature, eos_id=eos_id,
+                          pad_id=pad_id, seed=seed)
+    finally:
+        model.train(was_training)
+    examples = [(p + x, [IGNORE] * len(p) + x) for p, x in zip(prompts, samples)]
+    return examples, [len(x) for x in samples]
 
 
 def shard(batch_ids: list[int], rank: int, world: int) -> tuple[list[int], bool]:
@@ -219,7 +307,8 @@ def _build_student(cfg, tok, pairs):
     s = cfg.student
     info: dict = {"from": s.from_}
     teacher = None
-    online = cfg.distill.flavour == "soft" and cfg.distill.soft.teacher_logits == "online"
+    d = cfg.distill
+    online = d.flavour == "soft" and (d.soft.teacher_logits == "online" or d.on_policy.fraction > 0)
     if s.from_ == "teacher" or online:
         teacher = load_torch_model(resolve(cfg.teacher))
     if s.from_ == "teacher":
@@ -361,7 +450,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         teacher = OnlineTeacher(teacher.to(accelerator.device), prefix, kept)
     lookup = None if cache is None or kept is None else vocab.lookup(kept, int(cache.header["vocab_size"]))
     shared = max(0, len(prefix) - 1)  # at least one token of each row left
-    train_step, opt = accelerator.prepare(TrainStep(model, soft, teacher, shared), opt)
+    train_step, opt = accelerator.prepare(TrainStep(model, teacher, shared), opt)
     rank, world = accelerator.process_index, accelerator.num_processes
     # FSDP shards the weights: resume checkpoints (whole trainable weights from rank 0) are DDP/1-process only.
     fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -386,6 +475,14 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
     lengths = [len(ids) for ids, _ in pairs]
     pad_id = tok.pad_token_id
+    op = d.on_policy
+    # On-policy steps: the divergence alone on the student's samples (its own tokens are no target for CE).
+    on_soft = None if soft is None else SimpleNamespace(loss=op.loss, temperature=soft.temperature, beta=soft.beta,
+                                                        alpha=1.0)
+    warm_steps = round(d.warmup_epochs * steps_per_epoch)
+    timing = {"rollout_s": sum(r.get("rollout_s", 0.0) for r in log),
+              "teacher_s": sum(r.get("teacher_s", 0.0) for r in log)}
+    n_on = sum(1 for r in log if r.get("on_policy"))
     started, tokens_seen = time.time(), 0
     with progress() as bar:
         task = bar.add_task("distill", total=total, completed=step, info="")
@@ -394,18 +491,32 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             batch_ids, real = shard(
                 batches_for_epoch(len(pairs), d.batch_size, d.seed, epoch, lengths)[index], rank, world
             )
-            batch = {k: v.to(accelerator.device) for k, v in collate([pairs[i] for i in batch_ids], pad_id).items()}
+            warm = step < warm_steps
+            on_policy = soft is not None and not warm and is_on_policy(step, op.fraction)
+            extra: dict = {}
+            if on_policy:
+                t0 = time.perf_counter()
+                examples, sampled = on_policy_batch(
+                    model, pairs, batch_ids, op, seq_len=d.seq_len, eos_id=tok.eos_token_id, pad_id=pad_id,
+                    seed=(d.seed * 1_000_003 + step) * 1_009 + rank)
+                extra = {"rollout_s": time.perf_counter() - t0, "sampled_len": sum(sampled) / len(sampled),
+                         "rollout": hashlib.sha256(json.dumps([e[0] for e in examples]).encode()).hexdigest()[:12]}
+            else:
+                examples = [pairs[i] for i in batch_ids]
+            batch = {k: v.to(accelerator.device) for k, v in collate(examples, pad_id).items()}
             topk = (
                 None
-                if cache is None
+                if cache is None or on_policy or warm
                 else tuple(
                     t.to(accelerator.device) for t in _cached_rows(cache, [keys[i] for i in batch_ids], batch, lookup)
                 )
             )
+            loss_cfg = None if warm else on_soft if on_policy else soft
+            teacher_before = teacher.seconds if teacher is not None else 0.0
             n_local = int((batch["labels"][:, 1:] != IGNORE).sum()) if real else 0
             n_global = _total(accelerator, [n_local])[0] if world > 1 else n_local
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=d.bf16):
-                loss, _, parts = train_step(batch, topk)
+                loss, _, parts = train_step(batch, topk, loss_cfg)
             # Every label token of the global batch weighs the same, however the batch was split: this
             # process's mean × its share of the tokens × the number of processes (DDP averages the gradients).
             accelerator.backward(loss * (n_local * world / n_global))
@@ -421,9 +532,25 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             parts = {k: v / n_global for k, v in zip(names, sums[1:-1])}
             tokens_seen += int(sums[-1])
             rate = tokens_seen / max(time.time() - started, 1e-9)
-            log.append({"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": sched.get_last_lr()[0],
-                        "tokens": int(n_global), **{k: round(v, 5) for k, v in parts.items()}})
-            bar.update(task, advance=1, info=f"loss {loss:.3f} · {rate:.0f} tok/s")
+            row = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": sched.get_last_lr()[0],
+                   "tokens": int(n_global), **{k: round(v, 5) for k, v in parts.items()}}
+            info_ = f"loss {loss:.3f} · {rate:.0f} tok/s"
+            if teacher is not None:
+                row["teacher_s"] = round(teacher.seconds - teacher_before, 3)
+                timing["teacher_s"] += row["teacher_s"]
+            if op.fraction > 0:
+                n_on += on_policy
+                timing["rollout_s"] += extra.get("rollout_s", 0.0)
+                row.update(on_policy=on_policy, **{k: round(v, 3) if isinstance(v, float) else v
+                                                   for k, v in extra.items()})
+                info_ += (f" · on-policy {n_on}/{step} · rollouts {timing['rollout_s']:.0f}s"
+                          f" · teacher {timing['teacher_s']:.0f}s")
+            elif teacher is not None:
+                info_ += f" · teacher {timing['teacher_s']:.0f}s"
+            if warm:
+                row["warmup"] = True
+            log.append(row)
+            bar.update(task, advance=1, info=info_)
             if accelerator.is_main_process and not fsdp and (step % d.checkpoint_every == 0 and step < total):
                 _save_checkpoint(ckpt, model, opt, sched, step, log)
 
@@ -452,6 +579,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     return Manifest(
         metrics={"examples": len(pairs), "cut": cut, "steps": step, "final_loss": round(sum(tail) / len(tail), 4),
                  "first_loss": log[0]["loss"] if log else None, "student_params": info["student_params"],
-                 "student_layers": len(info["kept_layers"])},
+                 "student_layers": len(info["kept_layers"]),
+                 **({"on_policy_steps": n_on, "rollout_s": round(timing["rollout_s"], 1)} if op.fraction > 0 else {}),
+                 **({"teacher_s": round(timing["teacher_s"], 1)} if teacher is not None else {})},
         seeds={"distill": d.seed},
     )
