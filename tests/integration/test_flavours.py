@@ -56,6 +56,27 @@ def test_soft_label_online_end_to_end(tmp_path):
     assert (new[0] / "responses.jsonl").read_text() == (dirs["generate"] / "responses.jsonl").read_text()
 
 
+def test_on_policy_on_the_real_teacher(soft_run):
+    """fraction 0.5 on the CI recipe: every other step the pruned student answers the prompts itself and the real
+    teacher (the GGUF, dequantized into torch) scores each sampled token; the other steps read the top-k cache.
+    The teacher's answers are reused (on-policy does not change generate's key)."""
+    recipe, runs = soft_run
+    tmp = recipe.parent
+    on = recipe_copy(tmp, "ci-soft", base="ci-soft",
+                     distill__on_policy={"fraction": 0.5, "samples_per_prompt": 2, "max_new_tokens": 24})
+    proc = distillery("run", str(on), "--runs", str(runs), "--until", "merge")
+    assert "generate: up to date" in proc.stderr
+    dirs = sorted((runs / "ci-soft").glob("distill-*"), key=lambda p: p.stat().st_mtime)
+    manifest = json.loads((dirs[-1] / "manifest.json").read_text())
+    log = [json.loads(l) for l in (dirs[-1] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["on_policy"] for r in log] == [False, True, False]
+    assert manifest["metrics"]["on_policy_steps"] == 1 and manifest["metrics"]["rollout_s"] > 0
+    sampled = log[1]
+    assert 1 <= sampled["sampled_len"] <= 24 and sampled["kd"] > 0 and sampled["teacher_s"] > 0
+    assert sampled["loss"] == pytest.approx(sampled["kd"], rel=1e-4)
+    assert manifest["config"]["distill"]["on_policy"]["fraction"] == 0.5
+
+
 def test_real_teacher_cached_top32_against_online(soft_run):
     """On the real teacher at T=1, top-32 KD is a lower bound on online full-vocabulary KD and within 10 % of it;
     the cache generate wrote from llama.cpp's own decoding logits agrees with a PyTorch pass of the teacher.
