@@ -216,9 +216,9 @@ def rollout(model, prompts: list[list[int]], *, max_new_tokens: int, temperature
     """The student's answers to ``prompts`` (token ids), sampled with its KV cache in one left-padded batch.
 
     Sampling draws from a generator seeded with ``seed`` only, so the same weights and seed give the same tokens
-    (a resumed run replays its rollouts). Each answer ends with ``eos_id`` unless it ran out of tokens. Measured
-    against ``transformers``' generate on the default student (benchmarks/train_speed.py --on-policy): this loop
-    skips its per-token logits processors and stopping-criteria checks.
+    (a resumed run replays its rollouts). Each answer ends with ``eos_id`` unless it ran out of tokens; a finished
+    answer leaves the batch (its rows of the KV cache too), so the others do not pay for it. Measured against
+    ``transformers``' generate on the default student: benchmarks/train_speed.py --on-policy.
     """
     gen = torch.Generator().manual_seed(seed)
     b, width = len(prompts), max(len(p) for p in prompts)
@@ -232,7 +232,7 @@ def rollout(model, prompts: list[list[int]], *, max_new_tokens: int, temperature
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     samples: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
+    alive = list(range(b))  # rows still writing, in batch order; a finished row leaves the batch and its cache
     last = positions[:, -1:]
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1].float().cpu()
@@ -240,16 +240,23 @@ def rollout(model, prompts: list[list[int]], *, max_new_tokens: int, temperature
             picked = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)[:, 0]
         else:
             picked = logits.argmax(-1)
-        for i, t in enumerate(picked.tolist()):
-            if not done[i]:
-                samples[i].append(t)
-                done[i] = t == eos_id
-        if all(done):
+        keep = []
+        for j, t in enumerate(picked.tolist()):
+            samples[alive[j]].append(t)
+            if t != eos_id:
+                keep.append(j)
+        if not keep:
             break
-        mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)
+        past = out.past_key_values
+        if len(keep) < len(alive):
+            rows = torch.tensor(keep, device=device)
+            past.batch_select_indices(rows)
+            mask, last, picked = mask[rows], last[rows], picked[keep]
+            alive = [alive[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         last = last + 1
         out = model(input_ids=picked[:, None].to(device), attention_mask=mask, position_ids=last,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    past_key_values=past, use_cache=True)
     return samples
 
 
