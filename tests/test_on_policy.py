@@ -14,6 +14,8 @@ from toolchain.recipe import RecipeError, parse
 from toolchain.stages import distill
 from toolchain.stages.distill import OnlineTeacher, TrainStep, collate, is_on_policy, rollout
 
+from tests.conftest import tiny_generate_dir as _generate_dir, tiny_recipe, tiny_train
+
 EXAMPLES = [([1, 5, 9, 13, 2, 7, 7, 3], [IGNORE] * 4 + [2, 7, 7, 3]),
             ([1, 5, 9, 16, 32, 1], [IGNORE] * 3 + [16, 32, 1])]
 
@@ -92,54 +94,12 @@ def test_an_on_policy_step_trains_on_the_sampled_tokens_only(tiny_llama, kind):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
 
-# --- whole distill runs on a tiny random model (the real tokenizer, so chat templates and eos are real) ---
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from toolchain.models import DEFAULT_TEACHER, load_tokenizer, resolve
-
-    tok = load_tokenizer(resolve(DEFAULT_TEACHER))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def _recipe(folder, tmp, **distill_):
-    base = {"flavour": "soft", "soft": {"loss": "jsd", "teacher_logits": "online", "alpha": 0.5},
-            "method": "full", "epochs": 1, "batch_size": 4, "seq_len": 96, "lr": 1e-3, "checkpoint_every": 2,
-            "warmup_steps": 0}
-    data = tmp / "p.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "task": "t"}) + "\n" for w in "ab"))
-    return parse({"name": "tiny", "teacher": str(folder), "student": {"from": "teacher", "keep_layers": 2,
-                                                                      "select": "even"},
-                  "data": {"train": [str(data)], "heldout": [str(data)]},
-                  "distill": {**base, **distill_}}, str(tmp / "r.yaml"))
-
-
-def _generate_dir(tmp):
-    gen = tmp / "gen"
-    gen.mkdir(exist_ok=True)
-    words = ["red", "blue", "green", "seven", "tea", "snow", "a cat", "the sea"]
-    rows = [{"id": f"p{i}", "sample": 0, "prompt": f"Name thing {i}.", "response": f"It is {w}.", "task": "t"} for i, w in enumerate(words)]
-    (gen / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return gen
+    return tiny_recipe(folder, tmp, soft={"loss": "jsd", "teacher_logits": "online", "alpha": 0.5}, **distill_)
 
 
 def _train(cfg, tmp, name):
-    out = tmp / name
-    out.mkdir()
-    manifest = distill.run(cfg, {"generate": _generate_dir(tmp)}, out)
-    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    from safetensors.torch import load_file
-
-    return manifest, log, load_file(out / "model" / "model.safetensors")
+    return tiny_train(cfg, tmp, name)
 
 
 def test_fraction_zero_trains_exactly_as_offline_soft_label(tiny_dir, tmp_path):

@@ -21,8 +21,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for 16-bit tensors; float32 and float64 stay as they are (float64 is the tests' reference)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    return F.log_softmax(upcast(logits) / temperature, dim=-1)
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
@@ -110,7 +115,7 @@ def with_tail(topk_log: torch.Tensor, kept: torch.Tensor | None = None) -> torch
 
     With ``kept`` (a trimmed student vocabulary) the slots of tokens the student lacks are dropped and the rest
     renormalised: the teacher conditioned on what the student can write (the tail is taken as writable)."""
-    topk_log = topk_log.float()
+    topk_log = upcast(topk_log)
     tail = _log1mexp(torch.logsumexp(topk_log, dim=-1, keepdim=True))
     if kept is not None:
         topk_log = topk_log.masked_fill(~kept, MASKED)
@@ -137,3 +142,65 @@ def kd_loss(kind: str, student_logits: torch.Tensor, *, temperature: float = 1.0
     else:
         raise ValueError("kd_loss needs teacher_logits or teacher_topk")
     return loss * temperature**2
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Sums of a loss over rows of hidden states, projected to the vocabulary one chunk of rows at a time.
+
+    Forward runs, per chunk, the projection and ``fn`` under autograd and takes the gradients of the chunk's loss
+    with respect to its hidden states and the output matrix right away; only those gradients (the size of the
+    inputs) are kept, never a [rows, vocabulary] tensor beyond one chunk. Backward scales them by the incoming
+    gradient. The result equals the unchunked loss and its gradients up to summation order (Liger-Kernel's fused
+    linear losses do the same with hand-written gradients; here any ``fn`` works)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, fn, chunk):
+        n = hidden.shape[0]
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        total = None
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            with torch.enable_grad():
+                h = hidden[a:b].detach().requires_grad_(need_h)
+                w = weight.detach().requires_grad_(need_w)
+                bb = None if bias is None else bias.detach().requires_grad_(need_b)
+                out = fn(torch.nn.functional.linear(h, w, bb), a, b)
+                wanted = [x for x, need in ((h, need_h), (w, need_w), (bb, need_b)) if need]
+                grads = list(torch.autograd.grad(out[0], wanted)) if wanted and out.requires_grad else []
+            if grads and need_h:
+                grad_h[a:b] = grads.pop(0)
+            if grads and need_w:
+                grad_w += grads.pop(0)
+            if grads and need_b:
+                grad_b += grads.pop(0)
+            total = out.detach() if total is None else total + out.detach()
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
+        ctx.needs = (need_h, need_w, need_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        scale = grad_out[0]
+        grads = [g * scale.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]
+        return grads[0], grads[1], grads[2], None, None
+
+
+def auto_chunk(vocab: int, budget_elements: int = 1 << 25) -> int:
+    """Positions per chunk so one chunk's float32 logits stay near 128 MB (2^25 values): 682 positions at a
+    49,152-token vocabulary, 220 at Qwen2.5's 151,936."""
+    return max(16, budget_elements // max(1, vocab))
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fn, chunk: int | None,
+              ) -> torch.Tensor:
+    """``fn(logits, a, b)`` -> a 1-d tensor of sums over rows a..b (its first entry the loss to differentiate) for
+    the projection of ``hidden`` [N, H] by the output layer, summed over the rows. With ``chunk`` (positions) below N
+    the projection runs a chunk at a time (``_ChunkedHeadLoss``); otherwise in one piece, as a plain graph."""
+    n = hidden.shape[0]
+    if not chunk or chunk >= n:
+        return fn(torch.nn.functional.linear(hidden, weight, bias), 0, n)
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, fn, int(chunk))

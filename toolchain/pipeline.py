@@ -14,7 +14,7 @@ from toolchain.runs import RunDir, RunError, execute, read_manifest, stage_key
 def preflight(cfg) -> None:
     """Checks that need the files, run before any stage (and by ``distillery validate``): every prompt file
     parses (a bad line is named by file and line number) and soft-label teachers share the student's vocabulary."""
-    from toolchain.models import vocabulary
+    from toolchain.models import dimensions, vocabulary
     from toolchain.recipe import RecipeError
     from toolchain.formats import load_prompts
 
@@ -27,13 +27,25 @@ def preflight(cfg) -> None:
     check_golds(cfg, train + heldout)
     check_dimensions(cfg)
 
-    if cfg.distill.flavour == "soft" and cfg.student.from_ != "teacher":
+    if cfg.distill.flavour == "soft" and cfg.teacher.startswith("openai:"):
+        from toolchain.ui import console
+
+        console.print("  soft-label from an openai: teacher: the token strings of its top log-probs are mapped to ids "
+                      "with the student's tokenizer; generate's manifest counts any that do not map")
+    elif cfg.distill.flavour == "soft" and cfg.student.from_ != "teacher":
         teacher, student = resolve(cfg.teacher), resolve(cfg.student.from_)
         if vocabulary(teacher) != vocabulary(student):
             raise RecipeError(
                 f"{cfg.source}: distill.flavour: soft-label needs one shared vocabulary, but {cfg.teacher} and "
                 f"{cfg.student.from_} tokenize differently; use flavour: hard (works across tokenizers)"
             )
+        rows = {name: dimensions(ref)["vocab"] for name, ref in (("teacher", teacher), ("student", student))}
+        if None not in rows.values() and rows["teacher"] != rows["student"]:
+            from toolchain.ui import console
+
+            console.print(f"  soft-label: one tokenizer, but output layers of {rows['teacher']} (teacher) and "
+                          f"{rows['student']} (student) rows: the divergence uses the {min(rows.values())} both have "
+                          f"(the rest are padding, no token maps to them)")
 
 
 def check_golds(cfg, prompts) -> None:

@@ -43,15 +43,18 @@ def _generate_extras(cfg) -> dict:
     return {}
 
 
+# Distill settings added after runs existed: at these values they enter no key, so recipes without them keep the
+# keys (and finished runs) they had. teacher_device never does: where the teacher runs changes no result.
+_LATER_DEFAULTS = {"warmup_epochs": 0.0, "dtype": "float32", "teacher_dtype": "float32", "loss_chunk": None,
+                   "gradient_checkpointing": False}
+
+
 def _distill_section(cfg) -> dict:
-    """The distill section; on-policy settings and the warm start enter the key only when they are used, so
-    recipes without them keep the keys (and finished runs) they had."""
     d = cfg.section("distill")
     if not cfg.distill.on_policy.fraction:
         d.pop("on_policy")
-    if not cfg.distill.warmup_epochs:
-        d.pop("warmup_epochs")
-    return d
+    d.pop("teacher_device")
+    return {k: v for k, v in d.items() if k not in _LATER_DEFAULTS or _LATER_DEFAULTS[k] != v}
 
 
 def _scoring(cfg) -> dict:

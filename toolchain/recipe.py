@@ -317,6 +317,22 @@ class DistillConfig(_Section):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = all cores).")
     bf16: bool = Field(False, description="bfloat16 autocast for the forward passes (fast on recent CPUs and GPUs).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="The trainable student's weights. Below float32 the optimizer keeps float32 master "
+        "copies (AdamW updates of 1e-4 vanish in bfloat16's 8-bit mantissa) and the loss is float32.")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="The frozen teacher's weights (online and on-policy soft-label, pruning): bfloat16 "
+        "halves its memory (a 7B teacher: 14 GB instead of 28).")
+    teacher_device: str | None = Field(
+        None, description="Where the frozen teacher runs, e.g. cuda:1 (None: with the student). Logits come back to "
+        "the student's device.")
+    loss_chunk: int | None = Field(
+        None, ge=0, description="Positions projected to the vocabulary at a time in the loss, student and online "
+        "teacher alike (same loss and gradients; peak memory of one chunk's logits). None: automatic (about 128 MB "
+        "of float32 logits per chunk: 220 positions at a 151,936-token vocabulary); 0: never chunk.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the student's layer activations in backward instead of keeping them (less "
+        "memory, ~30% more compute; the shared-prompt-prefix saving is off then).")
 
 
 class MergeConfig(_Section):
@@ -609,8 +625,20 @@ class Recipe(_Section):
             raise ValueError("distill.on_policy: the teacher must score tokens it did not write, which only a local "
                              "teacher (HF directory, GGUF or pip: model) does here; an openai: endpoint cannot")
         if self.distill.flavour == "soft" and self.teacher.startswith("openai:"):
-            raise ValueError("distill.flavour: soft-label needs the teacher's logits, which an openai: endpoint does "
-                             "not give; use flavour: hard (or reasoning)")
+            soft, g = self.distill.soft, self.generate
+            if soft.teacher_logits != "cache":
+                raise ValueError("distill.soft.teacher_logits: an openai: teacher gives soft labels only through the "
+                                 "cache (the top log-probs it returns with each answer); set it to cache")
+            if not g.logprobs or g.logprobs < soft.top_k:
+                raise ValueError(f"generate.logprobs: soft-label from an openai: teacher needs its top log-probs: set "
+                                 f"generate.logprobs to at least distill.soft.top_k ({soft.top_k}; servers give up to "
+                                 f"20)")
+            if soft.temperature != 1.0:
+                raise ValueError("distill.soft.temperature: an endpoint's log-probs are at temperature 1; only 1.0 "
+                                 "works with an openai: teacher")
+            if self.student.from_ == "teacher":
+                raise ValueError("student.from: an openai: teacher has no weights to start a student from; name a "
+                                 "local model with the teacher's tokenizer")
         if self.distill.method == "lora":
             bad = {"lm_head", "embed_tokens"} & set(self.distill.lora.targets)
             if bad:

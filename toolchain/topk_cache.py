@@ -36,14 +36,16 @@ def _paths(root: Path) -> dict[str, Path]:
 
 
 class TopKWriter:
-    def __init__(self, root: Path, k: int, temperature: float, vocab_size: int):
+    def __init__(self, root: Path, k: int, temperature: float, vocab_size: int, padded: bool = False):
+        """``padded``: rows may hold fewer than k real slots (an endpoint returned fewer); the empty slots carry
+        the id ``vocab_size`` (the header's ``pad_id``), which training maps to "no token" (no mass either side)."""
         self.p = _paths(root)
         self.k = k
-        self.id_dtype = np.uint16 if vocab_size <= 65536 else np.int32
+        self.id_dtype = np.uint16 if vocab_size + padded <= 65536 else np.int32
         self.bytes_per_position = k * (np.dtype(self.id_dtype).itemsize + 2)
         header = {"k": k, "temperature": temperature, "vocab_size": vocab_size,
                   "id_dtype": np.dtype(self.id_dtype).name, "logp_dtype": "float16",
-                  "bytes_per_position": self.bytes_per_position}
+                  "bytes_per_position": self.bytes_per_position, **({"pad_id": vocab_size} if padded else {})}
         if self.p["json"].exists() and json.loads(self.p["json"].read_text()) != header:
             raise CacheError(f"{self.p['json']}: written with other settings; delete the work directory")
         self.p["json"].write_text(json.dumps(header, indent=2))
@@ -129,6 +131,74 @@ def teacher_topk(teacher, ids: list[int], labels: list[int], k: int, temperature
     logits = teacher(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
     pos = torch.tensor(target_positions(labels), dtype=torch.long)
     return topk_logprobs(logits[pos].float(), k, temperature)
+
+
+PAD_LOGP = -30.0  # the log-prob written in an empty slot (masked in training; exp() is 0 in float16 anyway)
+
+
+class EndpointTopK:
+    """The top-k rows of an answer from the per-token log-probs an OpenAI-compatible endpoint returned (generate's
+    ``logprobs``: token, logprob, top [[token, logprob], ...]), in the ids of a tokenizer the teacher shares.
+
+    Tokens come back as text. A string maps to the id whose decoded text it is; vLLM's ``token_id:N`` form (its
+    --return-tokens-as-token-ids) maps directly. Where several ids decode alike (byte pieces, a special token
+    and its text), the answer's own token wins for the chosen slot and the lowest id otherwise. Positions past
+    the endpoint's tokens (the end-of-turn token a server does not report) or where the answer tokenizes
+    otherwise than the endpoint's tokens get the answer's token with all the mass: cross-entropy there. Every
+    such case is counted (``counts``), never dropped silently.
+    """
+
+    def __init__(self, tok, k: int):
+        self.k, self.vocab = k, len(tok)
+        self.by_text: dict[str, list[int]] = {}
+        for i in range(len(tok)):
+            self.by_text.setdefault(tok.decode([i]), []).append(i)
+        self.counts = {"positions": 0, "from_endpoint": 0, "end_of_turn": 0, "unaligned": 0, "short_rows": 0,
+                       "unmapped_tokens": 0, "ambiguous_tokens": 0}
+
+    def _id(self, text: str, prefer: int | None = None) -> int | None:
+        if text.startswith("token_id:") and text[9:].isdigit():
+            return int(text[9:])
+        ids = self.by_text.get(text)
+        if not ids:
+            self.counts["unmapped_tokens"] += 1
+            return None
+        if len(ids) > 1:
+            self.counts["ambiguous_tokens"] += 1
+            return prefer if prefer in ids else ids[0]
+        return ids[0]
+
+    def rows(self, labels: list[int], entries: list[dict] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [n, k], log-probs [n, k]) for an answer whose trained tokens are ``labels`` (in order)."""
+        ids = np.full((len(labels), self.k), self.vocab, dtype=np.int64)
+        logp = np.full((len(labels), self.k), PAD_LOGP, dtype=np.float32)
+        entries = entries or []
+        aligned = True
+        for j, label in enumerate(labels):
+            self.counts["positions"] += 1
+            e = entries[j] if j < len(entries) and aligned else None
+            if e is not None and self._id(e["token"], prefer=label) != label:
+                aligned = False  # the answer tokenizes otherwise from here on: no safe alignment after it
+                e = None
+            if e is None:
+                self.counts["end_of_turn" if aligned and j >= len(entries) else "unaligned"] += 1
+                ids[j, 0], logp[j, 0] = label, 0.0
+                continue
+            slots, seen = [], set()
+            for text, value in e.get("top") or []:
+                i = self._id(text)
+                if i is not None and i not in seen and i < self.vocab:
+                    seen.add(i)
+                    slots.append((i, value))
+            if label not in seen and e.get("logprob") is not None:
+                slots.append((label, e["logprob"]))  # the chosen token is always known
+            slots = sorted(slots, key=lambda x: -x[1])[: self.k]
+            if len(slots) < self.k:
+                self.counts["short_rows"] += 1
+            for slot, (i, value) in enumerate(slots):
+                ids[j, slot], logp[j, slot] = i, value
+            self.counts["from_endpoint"] += 1
+        return torch.from_numpy(ids), torch.from_numpy(logp)
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

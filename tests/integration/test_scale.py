@@ -162,6 +162,51 @@ def test_generate_with_an_endpoint_teacher_at_concurrency_4(endpoint_run, ci_run
     assert m["endpoint_usd"] == pytest.approx(tokens_in * 2.5 / 1e6 + tokens_out * 10 / 1e6, abs=1e-6)
 
 
+def test_soft_label_from_an_endpoint_teacher(teacher_server, tmp_path):
+    """A teacher that never enters training memory: `distillery serve` of the embedded teacher returns top-20
+    log-probs with each answer, generate maps them to ids and writes the top-k cache, and the student distils from
+    it. The cache equals (to float16) the one the same GGUF writes in-process for the same answers."""
+    import numpy as np
+
+    from toolchain.models import DEFAULT_TEACHER
+    from toolchain.topk_cache import TopKCache
+
+    soft = {"loss": "forward_kl", "temperature": 1.0, "alpha": 0.5, "teacher_logits": "cache", "top_k": 20}
+    runs = tmp_path / "runs"
+    local = recipe_copy(tmp_path, "local20", distill__flavour="soft", distill__soft=soft)
+    distillery("generate", str(local), "--runs", str(runs))
+    remote = _endpoint_recipe(tmp_path, "remote20", teacher_server.url, distill__flavour="soft", distill__soft=soft,
+                              generate__logprobs=20, student={"from": DEFAULT_TEACHER}, distill__max_steps=2,
+                              distill__method="lora")
+    proc = distillery("run", str(remote), "--runs", str(runs), "--until", "distill")
+    assert "endpoint log-probs:" in proc.stderr
+    gen = stage_dirs(runs, "remote20")["generate"]
+    m = json.loads((gen / "manifest.json").read_text())["metrics"]
+    assert m["topk_k"] == 20 and m["topk_endpoint_unmapped_tokens"] == 0
+    assert m["topk_endpoint_from_endpoint"] >= 0.9 * m["topk_endpoint_positions"]
+    assert m["topk_endpoint_end_of_turn"] == 12  # one per answer: servers do not report the end-of-turn token
+
+    mine, theirs = TopKCache(stage_dirs(runs, "local20")["generate"]), TopKCache(gen)
+    local_rows = {r["id"]: r["response"] for r in _rows(runs, "local20")}
+    compared, diffs = 0, []
+    for r in _rows(runs, "remote20"):
+        key = f"{r['id']}#{r['sample']}"
+        if r["split"] != "train" or local_rows.get(r["id"]) != r["response"] or key not in mine.index:
+            continue
+        n = min(mine.index[key][1], theirs.index[key][1]) - 1  # the end-of-turn position is the answer's token alone
+        a_ids, a_lp = mine.rows_for(key, n)
+        b_ids, b_lp = theirs.rows_for(key, n)
+        assert float((a_ids[:, 0] == b_ids[:, 0]).float().mean()) >= 0.95  # the same most likely token
+        for j in range(n):
+            theirs_at = dict(zip(b_ids[j].tolist(), b_lp[j].tolist()))
+            diffs += [abs(v - theirs_at[i]) for i, v in zip(a_ids[j].tolist(), a_lp[j].tolist()) if i in theirs_at]
+        compared += n
+    assert compared >= 50
+    assert np.mean(diffs) <= 2e-3 and np.quantile(diffs, 0.99) <= 1e-2  # float16 rounding is ±0.004 at log p = -8
+    log = [json.loads(x) for x in (stage_dirs(runs, "remote20")["distill"] / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["kd"] > 0 for r in log)
+
+
 class FlakyProxy:
     """Between generate and the server: answers 503 (Retry-After: 0) to every third request, 502 while the
     server is down, and logs which prompt each forwarded request asked."""

@@ -34,7 +34,7 @@ from toolchain.distributed import local_world_size
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import RESUME_DIR, Manifest
 from toolchain.chat import IGNORE, common_prefix, tokenize_pairs
-from toolchain.losses import kd_loss, log_probs, sampled_reverse_kl
+from toolchain.losses import head_loss, kd_loss, log_probs, sampled_reverse_kl, upcast
 from toolchain.topk_cache import TopKCache, example_key
 from toolchain.ui import console, progress
 
@@ -92,33 +92,52 @@ def decoder_hidden(decoder, batch: dict[str, torch.Tensor], shared: int = 0) -> 
 
 
 def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, topk=None, shared: int = 0,
-              ) -> tuple[torch.Tensor, int, dict[str, float]]:
+              chunk: int | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
     """Loss on response tokens only; the vocabulary projection runs only where there is a label.
 
     hard: cross-entropy. soft: alpha·KD + (1 - alpha)·CE, with the teacher's distribution from the top-k cache
     (``topk`` = (ids, log-probs), rows in batch order) when given, else from an online forward pass (``teacher``).
     ``soft.loss`` may also be ``sampled_reverse_kl`` (on-policy batches: the labels are the student's own samples).
-    ``shared``: how many leading tokens every row has in common (``decoder_hidden``).
+    ``shared``: how many leading tokens every row has in common (``decoder_hidden``). ``chunk``: positions
+    projected to the vocabulary at a time, student and online teacher alike (``losses.head_loss``; None: all).
+    A teacher whose output layer has padding rows the student's lacks (or the reverse) is compared on the rows
+    both have: padding rows carry no token of the shared tokenizer.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = decoder_hidden(causal_lm.get_decoder(), batch, shared)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    ce = torch.nn.functional.cross_entropy(logits, targets[keep])
-    if soft is None:
-        return ce, int(keep.sum()), {"ce": float(ce.detach())}
-    if topk is not None:
-        kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_topk=topk)
-    elif soft.loss == "sampled_reverse_kl":
-        t_logits = teacher.logits_at(batch, keep)
-        surrogate, estimate = sampled_reverse_kl(log_probs(logits), log_probs(t_logits), targets[keep])
-        kd = surrogate - surrogate.detach() + estimate  # the estimate's value, the surrogate's gradient
-    else:
-        t_logits = teacher.logits_at(batch, keep)
-        kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta, teacher_logits=t_logits)
-    loss = soft.alpha * kd + (1 - soft.alpha) * ce
-    return loss, int(keep.sum()), {"ce": float(ce.detach()), "kd": float(kd.detach())}
+    h, y = hidden[:, :-1][keep], targets[keep]
+    n = len(y)
+    t_hidden = teacher.hidden_at(batch, keep) if soft is not None and topk is None else None
+
+    def rows(logits: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """[loss, ce, kd] summed over rows a..b (only the first carries gradients)."""
+        logits = upcast(logits)
+        ce = torch.nn.functional.cross_entropy(logits, y[a:b], reduction="sum")
+        if soft is None:
+            return torch.stack([ce, ce.detach()])
+        if topk is not None:
+            kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta,
+                         teacher_topk=tuple(t[a:b] for t in topk)) * (b - a)
+        else:
+            t_logits = teacher.project(t_hidden[a:b])
+            v = min(logits.shape[-1], t_logits.shape[-1])
+            s_logits, t_logits = logits[:, :v], t_logits[:, :v]
+            if soft.loss == "sampled_reverse_kl":
+                surrogate, estimate = sampled_reverse_kl(log_probs(s_logits), log_probs(t_logits), y[a:b])
+                kd = (surrogate - surrogate.detach() + estimate) * (b - a)  # the estimate's value, the surrogate's grad
+            else:
+                kd = kd_loss(soft.loss, s_logits, temperature=soft.temperature, beta=soft.beta,
+                             teacher_logits=t_logits) * (b - a)
+        loss = soft.alpha * kd + (1 - soft.alpha) * ce
+        return torch.stack([loss, ce.detach(), kd.detach()])
+
+    head = causal_lm.get_output_embeddings()
+    sums = head_loss(h, head.weight, head.bias, rows, chunk) / max(n, 1)
+    logged = sums.detach()
+    parts = {"ce": float(logged[1])} if soft is None else {"ce": float(logged[1]), "kd": float(logged[2])}
+    return sums[0], n, parts
 
 
 class OnlineTeacher:
@@ -129,11 +148,13 @@ class OnlineTeacher:
     runs only the rest, then projects to the vocabulary only where there is a label.
     """
 
-    def __init__(self, model, prefix: list[int], to_teacher: list[int] | None = None):
+    def __init__(self, model, prefix: list[int], to_teacher: list[int] | None = None, out_device=None):
         """``to_teacher``: a trimmed student's kept token ids (student id -> teacher id). Batches then come in
-        student ids, and the logits are the teacher's at the kept ids only (the projection onto those rows)."""
+        student ids, and the logits are the teacher's at the kept ids only (the projection onto those rows).
+        ``out_device``: where the student trains (logits are returned there); the teacher stays on its own."""
         self.model = model
         device = next(model.parameters()).device
+        self.device = torch.device(out_device) if out_device is not None else device
         head = model.get_output_embeddings()
         self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
         self.to_teacher = None
@@ -144,7 +165,7 @@ class OnlineTeacher:
             self.head_bias = None if self.head_bias is None else self.head_bias.detach()[self.to_teacher].clone()
         self.prefix = torch.tensor(prefix[:-1] if prefix else [], dtype=torch.long, device=device)  # >= 1 token left
         self.cache = None
-        self.seconds = 0.0  # time spent in logits_at (the train log's teacher_s)
+        self.seconds = 0.0  # time spent in the teacher (the train log's teacher_s)
         if len(self.prefix):
             with torch.inference_mode():
                 out = model.get_decoder()(input_ids=self.prefix[None], use_cache=True)
@@ -152,17 +173,23 @@ class OnlineTeacher:
 
     def logits_at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         """Teacher logits (float32) at the positions ``keep`` marks, as ``step_loss`` orders them."""
+        return self.project(self.hidden_at(batch, keep))
+
+    def hidden_at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        """The teacher's last hidden states at the positions ``keep`` marks (``project`` turns them into logits,
+        a chunk at a time in a chunked loss)."""
         started = time.perf_counter()
         try:
-            return self._logits_at(batch, keep)
+            return self._hidden_at(batch, keep)
         finally:
             self.seconds += time.perf_counter() - started
 
     @torch.no_grad()
-    def _logits_at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    def _hidden_at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
 
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        device = self.head_weight.device
+        ids, mask, keep = batch["input_ids"].to(device), batch["attention_mask"].to(device), keep.to(device)
         if self.to_teacher is not None:
             ids = self.to_teacher[ids]
         p = len(self.prefix)
@@ -173,19 +200,23 @@ class OnlineTeacher:
             or keep[:, :p].any()
             or not torch.equal(ids[:, :p], self.prefix.expand(len(ids), -1))
         ):
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
-            return self._project(hidden[keep])
+            return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
         b = len(ids)
         past = DynamicCache.from_legacy_cache(
             tuple((k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous()) for k, v in self.cache)
         )
-        positions = torch.arange(p, ids.shape[1]).expand(b, -1)
+        positions = torch.arange(p, ids.shape[1], device=device).expand(b, -1)
         hidden = decoder(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, position_ids=positions,
                          use_cache=True).last_hidden_state[:, :-1]
-        return self._project(hidden[keep[:, p:]])
+        return hidden[keep[:, p:]]
 
-    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.head_weight, self.head_bias).float()
+    @torch.no_grad()
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, on the student's device) from hidden states at scored positions."""
+        started = time.perf_counter()
+        out = upcast(torch.nn.functional.linear(hidden, self.head_weight, self.head_bias))
+        self.seconds += time.perf_counter() - started
+        return out.to(self.device)
 
 
 class TrainStep(torch.nn.Module):
@@ -193,15 +224,16 @@ class TrainStep(torch.nn.Module):
     they wrap, so the whole of ``step_loss`` (decoder, then the vocabulary projection at labelled positions
     only) runs inside it. The frozen teacher is not a submodule: it is never wrapped or synchronised."""
 
-    def __init__(self, model, teacher=None, shared: int = 0):
+    def __init__(self, model, teacher=None, shared: int = 0, chunk: int | None = None):
         super().__init__()
         self.model = model
         self.shared = shared
+        self.chunk = chunk
         self._teacher = [teacher]
 
     def forward(self, batch: dict[str, torch.Tensor], topk=None, loss=None):
         """``loss``: the soft-label settings of this step (None: plain cross-entropy, a warm-start step)."""
-        return step_loss(self.model, batch, loss, self._teacher[0], topk, self.shared)
+        return step_loss(self.model, batch, loss, self._teacher[0], topk, self.shared, self.chunk)
 
 
 def is_on_policy(step: int, fraction: float) -> bool:
@@ -317,7 +349,7 @@ def _build_student(cfg, tok, pairs):
     d = cfg.distill
     online = d.flavour == "soft" and (d.soft.teacher_logits == "online" or d.on_policy.fraction > 0)
     if s.from_ == "teacher" or online:
-        teacher = load_torch_model(resolve(cfg.teacher))
+        teacher = load_torch_model(resolve(cfg.teacher), dtype=d.teacher_dtype)
     if s.from_ == "teacher":
         n = len(students.decoder_layers(teacher))
         scores = None
@@ -325,13 +357,14 @@ def _build_student(cfg, tok, pairs):
             sample = [ids for ids, _ in pairs[: s.influence_samples]]
             scores = students.block_influence(teacher, sample)
         keep = students.choose_layers(n, s.keep_layers, s.select, scores)
-        model = students.prune(teacher, keep) if len(keep) < n else load_torch_model(resolve(cfg.teacher))
+        model = students.prune(teacher, keep) if len(keep) < n else load_torch_model(resolve(cfg.teacher), d.dtype)
         info.update(teacher_layers=n, kept_layers=keep, select=s.select,
                     influence=[round(x, 5) for x in scores] if scores else None,
                     teacher_params=students.parameter_count(teacher))
     else:
-        model = load_torch_model(resolve(s.from_))
+        model = load_torch_model(resolve(s.from_), dtype=d.dtype)
         info.update(kept_layers=list(range(len(students.decoder_layers(model)))))
+    model = model.to(getattr(torch, d.dtype))
     info["student_params"] = students.parameter_count(model)
     if teacher is not None:
         info.setdefault("teacher_params", students.parameter_count(teacher))
@@ -380,6 +413,30 @@ def _trainable(model, cfg):
     return model
 
 
+class MasterWeights:
+    """float32 copies of low-precision trainable weights for the optimizer: AdamW steps on the copies (an update
+    of lr·1e-4 survives), the model's weights are rounded from them after each step. float32 weights are their
+    own masters (no copy)."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        low = (torch.float16, torch.bfloat16)
+        self.masters = [p.detach().float().clone().requires_grad_(True) if p.dtype in low else p for p in params]
+        self.copies = any(m is not p for m, p in zip(self.masters, params))
+
+    def grads_in(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def weights_out(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m)
+
+
 def _fused_adamw(params: list[torch.Tensor]) -> bool | None:
     """The fused AdamW where torch has it for these parameters (float32/16 on CPU or CUDA), else the default."""
     ok = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -395,9 +452,10 @@ def _total(accelerator, values: list[float]) -> list[float]:
     return accelerator.reduce(t, reduction="sum").tolist()
 
 
-def _save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict]) -> None:
+def _save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict], masters: MasterWeights) -> None:
     state = {
         "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "masters": [m.detach().clone() for m in masters.masters] if masters.copies else None,
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "step": step,
@@ -437,7 +495,12 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     from accelerate.utils import DistributedType
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    params = [p for p in model.parameters() if p.requires_grad]
+    if d.gradient_checkpointing:
+        # Non-reentrant: works with frozen embeddings (no input that requires grad) and LoRA.
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    masters = MasterWeights([p for p in model.parameters() if p.requires_grad])
+    params = masters.masters
     # The fused kernel: one pass over each tensor instead of a chain of foreach ops (0.04 s instead of 0.15-0.37 s
     # per step for 71M float32 parameters on 2 cores, measured); same update rule.
     opt = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay, fused=_fused_adamw(params))
@@ -454,10 +517,22 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     kept = info.get("vocab_kept")
     prefix = common_prefix([ids for ids, _ in pairs])
     if teacher is not None:
-        teacher = OnlineTeacher(teacher.to(accelerator.device), prefix, kept)
-    lookup = None if cache is None or kept is None else vocab.lookup(kept, int(cache.header["vocab_size"]))
-    shared = max(0, len(prefix) - 1)  # at least one token of each row left
-    train_step, opt = accelerator.prepare(TrainStep(model, teacher, shared), opt)
+        teacher = OnlineTeacher(teacher.to(d.teacher_device or accelerator.device), prefix, kept,
+                                out_device=accelerator.device)
+    lookup = None
+    if cache is not None:
+        rows_, cached_vocab = model.get_output_embeddings().weight.shape[0], int(cache.header["vocab_size"])
+        padded = "pad_id" in cache.header  # empty slots (an endpoint's short rows) hold id vocab_size
+        # trimmed, a teacher whose output layer has padding rows, or empty slots: ids the student lacks carry no mass
+        if kept is not None or cached_vocab > rows_ or padded:
+            lookup = vocab.lookup(kept if kept is not None else list(range(min(rows_, cached_vocab))),
+                                  cached_vocab + padded)
+    # at least one token of each row left; checkpointed layers take no KV cache, so no shared prefix with them
+    shared = 0 if d.gradient_checkpointing else max(0, len(prefix) - 1)
+    from toolchain.losses import auto_chunk
+
+    chunk = auto_chunk(model.get_output_embeddings().weight.shape[0]) if d.loss_chunk is None else d.loss_chunk
+    train_step, opt = accelerator.prepare(TrainStep(model, teacher, shared, chunk), opt)
     rank, world = accelerator.process_index, accelerator.num_processes
     # FSDP shards the weights: resume checkpoints (whole trainable weights from rank 0) are DDP/1-process only.
     fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -475,6 +550,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         with torch.no_grad():
             for n, w in state["weights"].items():
                 named[n].copy_(w)
+            for m, w in zip(masters.masters, state.get("masters") or []):
+                m.copy_(w)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, log = state["step"], state["log"]
@@ -527,8 +604,10 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             # Every label token of the global batch weighs the same, however the batch was split: this
             # process's mean × its share of the tokens × the number of processes (DDP averages the gradients).
             accelerator.backward(loss * (n_local * world / n_global))
+            masters.grads_in()
             accelerator.clip_grad_norm_(params, 1.0)
             opt.step()
+            masters.weights_out()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -559,7 +638,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             log.append(row)
             bar.update(task, advance=1, info=info_)
             if accelerator.is_main_process and not fsdp and (step % d.checkpoint_every == 0 and step < total):
-                _save_checkpoint(ckpt, model, opt, sched, step, log)
+                _save_checkpoint(ckpt, model, opt, sched, step, log, masters)
 
     accelerator.wait_for_everyone()
     full_state = None

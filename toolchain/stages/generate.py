@@ -372,6 +372,8 @@ def _write_topk_cache(cfg, out_dir: Path) -> dict:
     decoding wrote as it answered (``_StepCache``), and a teacher forward pass for the rest."""
     soft = cfg.distill.soft
     ref = resolve(cfg.teacher)
+    if ref.kind == "openai":
+        return _endpoint_topk_cache(cfg, out_dir)
     tok = load_tokenizer(ref)
     rows = [r for _, r in iter_jsonl(out_dir / "train.jsonl")]
     pairs, source, _ = tokenize_pairs(tok, rows, cfg.generate.system_prompt, None)
@@ -389,6 +391,34 @@ def _write_topk_cache(cfg, out_dir: Path) -> dict:
                 bar.update(task, advance=1, info=f"{n_pos / max(time.time() - started, 1e-9):.0f} pos/s")
     writer.close()
     return {"topk_k": writer.k, "topk_positions": writer.rows, "topk_bytes_per_position": writer.bytes_per_position}
+
+
+def _endpoint_topk_cache(cfg, out_dir: Path) -> dict:
+    """The top-k cache from the log-probs an openai: teacher returned with its answers (generate.logprobs), its
+    token strings mapped to ids with the student's tokenizer (the teacher's, or the same one padded): soft-label
+    from a teacher that never enters training memory. What could not be mapped is counted in the manifest."""
+    from toolchain.chat import IGNORE
+    from toolchain.topk_cache import EndpointTopK
+
+    soft = cfg.distill.soft
+    tok = load_tokenizer(resolve(cfg.student.from_))
+    rows = [r for _, r in iter_jsonl(out_dir / "train.jsonl")]
+    pairs, source, _ = tokenize_pairs(tok, rows, cfg.generate.system_prompt, None)
+    mapper = EndpointTopK(tok, soft.top_k)
+    writer = TopKWriter(out_dir, soft.top_k, soft.temperature, len(tok), padded=True)
+    for (_, labels), i in zip(pairs, source):
+        if example_key(rows[i]) not in writer.done:
+            trained = [y for y in labels if y != IGNORE]
+            writer.append(example_key(rows[i]), *mapper.rows(trained, rows[i].get("logprobs")))
+    writer.close()
+    c = mapper.counts
+    if c["positions"]:
+        console.print(f"  endpoint log-probs: {c['from_endpoint']} of {c['positions']} positions; "
+                      f"{c['end_of_turn']} end-of-turn and {c['unaligned']} unaligned positions train on the answer's "
+                      f"token alone; {c['short_rows']} rows had fewer than k={soft.top_k}; "
+                      f"{c['unmapped_tokens']} token strings did not map, {c['ambiguous_tokens']} were ambiguous")
+    return {"topk_k": writer.k, "topk_positions": writer.rows, "topk_bytes_per_position": writer.bytes_per_position,
+            **{f"topk_endpoint_{k}": v for k, v in c.items()}}
 
 
 def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
