@@ -15,7 +15,6 @@ distillery's own greedy loop: the ratio is what a user of the server pays per to
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,9 @@ import numpy as np
 
 def main() -> None:
     from toolchain.backends.llama_cpp import LlamaCppEngine
-    from toolchain.chat import context, messages_for
-    from toolchain.constraints import task_constraints
+    from toolchain.constraints import free_and_constrained
     from toolchain.formats import load_prompts
     from toolchain.recipe import load
-    from toolchain.scoring import check
-    from toolchain.stats import mcnemar
 
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
@@ -38,47 +34,27 @@ def main() -> None:
     cfg = load(a.recipe)
     train, heldout = load_prompts(cfg)
     specs = cfg.task_specs([{"task": p.task, "gold": p.gold} for p in [*train, *heldout]])
-    constraints = {t: c for t, c in task_constraints(specs).items() if c[0] == "gbnf"}
+    rows = [{"prompt": p.prompt, "task": p.task, "gold": p.gold, **p.extras()} for p in heldout]
     rng = np.random.default_rng(0)
     for path in a.files:
         engine = LlamaCppEngine(path, n_ctx=2048)
-        for task, (kind, definition) in constraints.items():
-            grammar = engine.grammar(kind, definition)
-            rows = [p for p in heldout if p.task == task and p.gold is not None]
-            right = {"free": [], "constrained": []}
-            spent = {"free": [0, 0.0], "constrained": [0, 0.0]}
-            decode = {"free": [0, 0.0], "constrained": [0, 0.0]}
-            for p in rows:
-                ids = engine.tokenize(engine.chat_text(messages_for(p.prompt, cfg.generate.system_prompt, context(p))))
-                for mode in ("free", "constrained"):
-                    extra = {"grammar": grammar} if mode == "constrained" else {}
-                    start = time.perf_counter()
-                    toks, first = [], None
-                    for tok in engine.stream(ids, a.max_tokens, **extra):
-                        toks.append(tok)
-                        if first is None:
-                            first = time.perf_counter()
-                    end = time.perf_counter()
-                    spent[mode][0] += len(toks)
-                    spent[mode][1] += end - start
-                    if first is not None and len(toks) > 1:  # decode only: the tokens after the first
-                        decode[mode][0] += len(toks) - 1
-                        decode[mode][1] += end - first
-                    right[mode].append(check(specs[task], engine.detokenize(toks), p.gold))
-            print(f"{path.name} task {task}, {len(rows)} held-out prompts with a gold label")
-            for mode, hits in right.items():
-                x = np.array(hits, dtype=float)
+        try:
+            results = free_and_constrained(engine, specs, rows, cfg.generate.system_prompt, a.max_tokens)
+        finally:
+            engine.close()
+        for task, c in results.items():
+            print(f"{path.name} task {task}, {c['n']} held-out prompts with a gold answer")
+            for mode in ("free", "constrained"):
+                m = c[mode]
+                x = np.array(m["right"], dtype=float)
                 boot = x[rng.integers(0, len(x), (10_000, len(x)))].mean(1)
                 lo, hi = np.percentile(boot, [2.5, 97.5])
-                tps = decode[mode][0] / decode[mode][1] if decode[mode][1] else float("nan")
+                tps = m["decode_tokens_per_s"] or float("nan")
                 print(f"  {mode:12s} accuracy {100 * x.mean():5.1f}% [{100 * lo:.1f}-{100 * hi:.1f}]  "
-                      f"{spent[mode][0]:5d} tokens in {spent[mode][1]:.2f} s; decode {tps:7.1f} tok/s "
-                      f"({decode[mode][0]} tokens after the first)")
-            ratio = (decode["constrained"][0] / decode["constrained"][1]) / (decode["free"][0] / decode["free"][1])
-            print(f"  decode tokens/s constrained / free: {ratio:.2f}x")
-            test = mcnemar(right["free"], right["constrained"])
-            print(f"  McNemar free vs constrained: {test}")
-        engine.close()
+                      f"{m['tokens']:5d} tokens in {m['seconds']:.2f} s; decode {tps:7.1f} tok/s "
+                      f"({m['decode_tokens']} tokens after the first)")
+            print(f"  decode tokens/s constrained / free: {c['speed_ratio']:.2f}x")
+            print(f"  McNemar, constrained below free: {c['mcnemar']}")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ PLANS = {
     "export": StagePlan(
         "export", ("generate", "merge", "eval"),
         # Scored like eval (same tasks, prompts and settings), so eval's settings are part of the key too.
-        lambda c: {"export": c.section("export"),
+        # serve.constrain: task adds the free/constrained comparison to every GGUF's scores (keys unchanged without it).
+        lambda c: {"export": c.section("export"), **({"constrain": "task"} if c.serve.constrain == "task" else {}),
                    "eval": {k: v for k, v in c.section("eval").items() if k not in (*GATE, "base", "log_samples")},
                    "tasks": _scoring(c),
                    "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,

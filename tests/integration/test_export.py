@@ -406,3 +406,29 @@ def test_imatrix_quantized_files_are_built_and_scored_beside_plain_ones(ci_run, 
     heldout = [json.loads(x)["prompt"] for x in (stage_dirs(runs, "ci")["generate"] / "heldout.jsonl").read_text().splitlines()]
     assert calibration.count("<|im_start|>assistant") >= 4 and heldout and not any(p in calibration for p in heldout)
     assert "(imatrix)" in (weighted_dir / "export.md").read_text()
+
+
+def test_export_scores_each_gguf_free_and_task_constrained(ci_run, tmp_path):
+    """serve.constrain: task: every GGUF's held-out prompts of each task with a constraint (the CI recipe's label
+    task) are answered free and under the task's grammar; both accuracies, the McNemar test and the decode speed
+    ratio land in export.json and export.md."""
+    from tests.conftest import stage_dirs
+
+    _, runs, _ = ci_run
+    root = tmp_path / "runs"
+    mine = root / "ci"
+    mine.mkdir(parents=True)
+    for stage, folder in stage_dirs(runs, "ci").items():
+        if stage in ("generate", "distill", "merge", "eval"):
+            shutil.copytree(folder, mine / folder.name)
+    recipe = recipe_copy(tmp_path, "ci", export={"formats": ["gguf"], "quants": ["q8_0"]}, serve={"constrain": "task"})
+    distillery("export", str(recipe), "--runs", str(root))
+    export = stage_dirs(root, "ci")["export"]
+    (row,) = json.loads((export / "export.json").read_text())["files"]
+    c = row["constrained"]
+    assert set(c) == {"classify"}  # the only task with a constraint (label metric)
+    golds = [json.loads(x) for x in (stage_dirs(runs, "ci")["generate"] / "heldout.jsonl").read_text().splitlines()]
+    n = sum(1 for r in golds if r["task"] == "classify" and r.get("gold") is not None)
+    assert c["classify"]["n"] == n == len(c["classify"]["free"]["right"]) == len(c["classify"]["constrained"]["right"])
+    assert 0 <= c["classify"]["constrained"]["accuracy"] <= 1 and c["classify"]["speed_ratio"] > 0
+    assert "Task-constrained decoding" in (export / "export.md").read_text()

@@ -373,6 +373,12 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows
         engine = LlamaCppEngine(path, n_ctx=2048, logits_all=True)
         try:
             result = _finish(cfg, "gguf", quant, path, gguf_io.describe(path), engine, ref, rows, work, evaluation)
+            if cfg.serve.constrain == "task" and cfg.export.score:
+                from toolchain.constraints import free_and_constrained
+
+                bar.update(task, info=f"gguf {quant}: task-constrained decoding")
+                result["constrained"] = free_and_constrained(engine, cfg.task_specs(rows), rows,
+                                                             cfg.generate.system_prompt, cfg.eval.max_new_tokens)
         finally:
             engine.close()
         result["file"] = str(path.relative_to(out_dir))
@@ -546,8 +552,27 @@ def render_markdown(report: dict) -> str:
         lines += [f"Checked in a server that is not ours: {f['server']} on {f['file']}, its chat format read from the "
                   f"file, asked the {f['prompts']} check prompts without a system message, gave distillery serve's "
                   f"greedy answers for {f['same']} of {f['prompts']}.", ""]
+    lines += _constrained_lines(report)
     notes = quality_notes(report)
     return "\n".join(lines + (notes + [""] if notes else []))
+
+
+def _constrained_lines(report: dict) -> list[str]:
+    """serve.constrain: task: each GGUF's held-out accuracy and decode speed free and under the task's constraint."""
+    rows = [(r, task, c) for r in report["files"] for task, c in sorted((r.get("constrained") or {}).items())]
+    if not rows:
+        return []
+    out = ["Task-constrained decoding (`serve.constrain: task`): the held-out prompts of every task with a constraint, "
+           "answered greedily through `distillery serve`'s engine free and under the task's grammar; p: McNemar's "
+           "exact test of \"constrained below free\"; decode tokens/s leave prompt time out.", "",
+           "| file | task | n | free % | constrained % | p | decode tok/s free | constrained | ratio |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r, task, c in rows:
+        f, k = c["free"], c["constrained"]
+        out.append(f"| {r['file']} | {task} | {c['n']} | {_pct(f['accuracy'])} | {_pct(k['accuracy'])} | "
+                   f"{_p(c['mcnemar']['p_student_below'])} | {_num(f['decode_tokens_per_s'])} | "
+                   f"{_num(k['decode_tokens_per_s'])} | {_num(c['speed_ratio'])} |")
+    return out + [""]
 
 
 def _p(p: float) -> str:
