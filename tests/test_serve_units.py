@@ -86,8 +86,8 @@ def test_token_logprobs_are_a_normalised_top_k_of_the_step_logits():
         def step_logits(self):
             return np.array([0.0, 2.0, 1.0, -1.0], dtype=np.float32)
 
-        def detokenize(self, ids):
-            return "".join("abcd"[i] for i in ids)
+        def token_text(self, token):
+            return "abcd"[token]
 
     out = Server(StepEngine(), Settings(model_id="m")).token_logprobs(2, 2)
     norm = math.log(sum(math.exp(x) for x in (0.0, 2.0, 1.0, -1.0)))

@@ -152,7 +152,7 @@ class EndpointTopK:
         self.k, self.vocab = k, len(tok)
         self.by_text: dict[str, list[int]] = {}
         for i in range(len(tok)):
-            self.by_text.setdefault(tok.decode([i]), []).append(i)
+            self.by_text.setdefault(tok.decode([i], clean_up_tokenization_spaces=False), []).append(i)
         self.counts = {"positions": 0, "from_endpoint": 0, "end_of_turn": 0, "unaligned": 0, "short_rows": 0,
                        "unmapped_tokens": 0, "ambiguous_tokens": 0}
 

@@ -227,6 +227,10 @@ class LlamaCppEngine:
     def detokenize(self, ids: list[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
+    def token_text(self, token: int) -> str:
+        """One token's text as log-probs name it: special tokens by their name (as vLLM and HF tokenizers do)."""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
     def chat_text(self, messages: list[dict]) -> str:
         """The GGUF's own chat template (``tokenizer.chat_template``) applied to ``messages``."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter

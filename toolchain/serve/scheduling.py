@@ -161,9 +161,9 @@ class Server:
         lse = float(np.log(np.exp(z - z.max()).sum()) + z.max())
         top = np.argpartition(-z, k)[:k] if 0 < k < len(z) else np.arange(len(z) if k else 0)
         top = top[np.argsort(-z[top])]
-        name = self.engine.detokenize
-        return {"token": name([tok]), "logprob": float(z[tok] - lse),
-                "top_logprobs": [{"token": name([int(t)]), "logprob": float(z[t] - lse)} for t in top]}
+        name = self.engine.token_text
+        return {"token": name(tok), "logprob": float(z[tok] - lse),
+                "top_logprobs": [{"token": name(int(t)), "logprob": float(z[t] - lse)} for t in top]}
 
     def run_one(self, job: Job) -> None:
         """One request alone on the engine (its own sampler, llama.cpp's KV-cache prefix reuse)."""
