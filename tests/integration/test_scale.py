@@ -184,7 +184,9 @@ def test_soft_label_from_an_endpoint_teacher(teacher_server, tmp_path):
     m = json.loads((gen / "manifest.json").read_text())["metrics"]
     assert m["topk_k"] == 20 and m["topk_endpoint_unmapped_tokens"] == 0
     assert m["topk_endpoint_from_endpoint"] >= 0.9 * m["topk_endpoint_positions"]
-    assert m["topk_endpoint_end_of_turn"] == 12  # one per answer: servers do not report the end-of-turn token
+    kept = len((gen / "train.jsonl").read_text().splitlines())
+    assert m["topk_endpoint_end_of_turn"] == kept  # one per answer: servers do not report the end-of-turn token
+    assert m["topk_endpoint_unaligned"] == 0 and m["topk_endpoint_short_rows"] == 0
 
     mine, theirs = TopKCache(stage_dirs(runs, "local20")["generate"]), TopKCache(gen)
     local_rows = {r["id"]: r["response"] for r in _rows(runs, "local20")}
@@ -202,7 +204,8 @@ def test_soft_label_from_an_endpoint_teacher(teacher_server, tmp_path):
             diffs += [abs(v - theirs_at[i]) for i, v in zip(a_ids[j].tolist(), a_lp[j].tolist()) if i in theirs_at]
         compared += n
     assert compared >= 50
-    assert np.mean(diffs) <= 2e-3 and np.quantile(diffs, 0.99) <= 1e-2  # float16 rounding is ±0.004 at log p = -8
+    # measured: identical (the same GGUF, llama.cpp's logits on both sides, one float16 rounding)
+    assert np.mean(diffs) <= 1e-3 and np.quantile(diffs, 0.99) <= 4e-3
     log = [json.loads(x) for x in (stage_dirs(runs, "remote20")["distill"] / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["kd"] > 0 for r in log)
 
