@@ -36,8 +36,8 @@ from toolchain.models import DEFAULT_TEACHER, load_tokenizer, load_torch_model, 
 from toolchain.stages.distill import OnlineTeacher, collate  # noqa: E402
 
 
-def _newest(pattern: str) -> Path | None:
-    found = sorted(glob.glob(str(ROOT / pattern)), key=os.path.getmtime)
+def _newest(runs: Path, pattern: str) -> Path | None:
+    found = sorted(glob.glob(str(runs / pattern)), key=os.path.getmtime)
     return Path(found[-1]) if found else None
 
 
@@ -46,17 +46,18 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the default recipe's runs are")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    pairs_file = _newest("runs/*/generate-*/train.jsonl")
+    pairs_file = _newest(args.runs, "*/generate-*/train.jsonl")
     if pairs_file is None:
         sys.exit("no teacher answers found: run `distillery generate recipes/ci.yaml` first")
     ref = resolve(DEFAULT_TEACHER)
     tok = load_tokenizer(ref)
     rows = [r for _, r in iter_jsonl(pairs_file)][: args.batches * args.batch]
     pairs, _, _ = tokenize_pairs(tok, rows, None, 256)
-    student = _newest("runs/default/distill-*/student.json")
+    student = _newest(args.runs, "default/distill-*/student.json")
     kept = json.loads(student.read_text()).get("vocab_kept") if student else None
     teacher = OnlineTeacher(load_torch_model(ref), common_prefix([ids for ids, _ in pairs]))
     kept_t = None if kept is None else torch.tensor(kept)
