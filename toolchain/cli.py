@@ -161,6 +161,33 @@ def _stage_command(name: str, doc: str):
     return cmd
 
 
+@main.command()
+@recipe_arg
+@runs_opt
+@click.option("--force", is_flag=True, help="Re-run this stage even if it is up to date.")
+@click.option("--preview", type=click.IntRange(min=1), default=None,
+              help="Then print N kept and N dropped new prompts, with the reason each was dropped.")
+@friendly
+def synthesize(recipe: str, runs_root: str, force: bool, preview: int | None) -> None:
+    """Have the teacher write new training prompts like RECIPE's seeds (its synthesize: section; resumes after a
+    kill). generate then answers seeds and new prompts alike."""
+    from toolchain.pipeline import run_stages
+    from toolchain.stages.synthesize import preview as show
+
+    cfg = _load(recipe)
+    if cfg.synthesize is None:
+        raise click.UsageError(f"{recipe}: no synthesize: section (see docs/recipes.md#synthesize)")
+    out = run_stages(cfg, runs_root, only="synthesize", force=force)["synthesize"]
+    if preview:
+        kept, dropped = show(out, preview)
+        for title, rows in (("kept", kept), ("dropped", dropped)):
+            click.echo(f"{title} ({len(rows)}):")
+            for r in rows:
+                why = "" if r["kept"] else f"[{r['reason']}] "
+                click.echo(f"  {why}{r['task']}: {r['prompt'][:160]!r}  (from {r['seed_id']}, round {r['round']})")
+    click.echo(out)
+
+
 _stage_command("generate", "Have the teacher answer RECIPE's prompts (resumes after a kill).")
 @main.command()
 @recipe_arg
@@ -201,7 +228,8 @@ _stage_command("merge", "Merge LoRA into a standalone student directory and chec
 @main.command()
 @recipe_arg
 @runs_opt
-@click.option("--until", type=click.Choice(["generate", "distill", "merge", "eval", "export", "bench"]), default=None,
+@click.option("--until", type=click.Choice(["synthesize", "generate", "distill", "merge", "eval", "export", "bench"]),
+              default=None,
               help="Stop after this stage.")
 @no_gate_opt
 @friendly

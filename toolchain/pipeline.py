@@ -169,6 +169,8 @@ def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str |
     finished: dict[str, Path] = {}
     for stage in STAGES[: last + 1]:
         plan = PLANS[stage]
+        if not plan.active(cfg):
+            continue
         inputs = stage_inputs(cfg, run, stage, finished)
         if only and stage != only:
             key = stage_key(stage, plan.config(cfg), {k: v[0] for k, v in inputs.items()})

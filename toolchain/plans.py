@@ -12,7 +12,7 @@ from typing import Callable
 from toolchain.models import file_sha256, resolve
 from toolchain.runs import RunDir, RunError, read_manifest, stage_key
 
-STAGES = ("generate", "distill", "merge", "eval", "export", "bench")
+STAGES = ("synthesize", "generate", "distill", "merge", "eval", "export", "bench")
 GATE = (
     "min_retention",
     "gate",
@@ -27,6 +27,7 @@ class StagePlan:
     upstream: tuple[str, ...]
     config: Callable  # cfg -> dict (the fields that define this stage's output)
     module: str
+    active: Callable = lambda cfg: True  # a stage a recipe does not use is skipped, and is no input of later ones
 
 
 def _teacher_io(cfg) -> dict:
@@ -71,13 +72,23 @@ def _vocab_rules(cfg) -> dict:
     return {"vocab_rules": RULES}
 
 
+def _data_settings(cfg) -> dict:
+    # Prompt files enter keys by content (see external_inputs), not by path: moving a recipe or its data does not
+    # re-run the teacher.
+    return {k: v for k, v in cfg.section("data").items() if k not in ("train", "heldout")}
+
+
 PLANS = {
+    "synthesize": StagePlan(
+        "synthesize", (),
+        lambda c: {**_teacher_io(c), "synthesize": c.section("synthesize"), "data": _data_settings(c),
+                   "backend": c.generate.backend, "system_prompt": c.generate.system_prompt},
+        "toolchain.stages.synthesize",
+        active=lambda c: c.synthesize is not None,
+    ),
     "generate": StagePlan(
-        "generate", (),
-        # Prompt files enter the key by content (see external_inputs), not by path: moving a recipe or its
-        # data does not re-run the teacher.
-        lambda c: {**_teacher_io(c), "generate": c.section("generate"),
-                   "data": {k: v for k, v in c.section("data").items() if k not in ("train", "heldout")},
+        "generate", ("synthesize",),
+        lambda c: {**_teacher_io(c), "generate": c.section("generate"), "data": _data_settings(c),
                    **_generate_extras(c)},
         "toolchain.stages.generate",
     ),
@@ -125,7 +136,7 @@ PLANS = {
 def external_inputs(cfg, stage: str) -> dict[str, tuple[str, Path | None]]:
     """Inputs from outside the run directory: model files and prompt files, by content hash."""
     out: dict[str, tuple[str, Path | None]] = {}
-    if stage == "generate":
+    if stage in ("synthesize", "generate"):
         out["teacher"] = (resolve(cfg.teacher).sha256(), None)
         for split in ("train", "heldout"):
             for i, p in enumerate(getattr(cfg.data, split)):
@@ -144,6 +155,8 @@ def external_inputs(cfg, stage: str) -> dict[str, tuple[str, Path | None]]:
 def stage_inputs(cfg, run: RunDir, stage: str, finished: dict[str, Path]) -> dict[str, tuple[str, Path | None]]:
     inputs = external_inputs(cfg, stage)
     for up in PLANS[stage].upstream:
+        if not PLANS[up].active(cfg):
+            continue
         manifest = read_manifest(finished[up], verify=False)
         inputs[up] = (manifest["digest"], finished[up])
     return inputs
@@ -156,7 +169,9 @@ def status(cfg, runs_root: str | Path) -> list[tuple[str, str, Path | None]]:
     finished: dict[str, Path] = {}
     for stage in STAGES:
         plan = PLANS[stage]
-        if any(up not in finished for up in plan.upstream):
+        if not plan.active(cfg):
+            continue
+        if any(up not in finished for up in plan.upstream if PLANS[up].active(cfg)):
             others = run.others(stage, "")
             rows.append((stage, "stale" if others else "waiting", others[-1] if others else None))
             continue

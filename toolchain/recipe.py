@@ -580,11 +580,68 @@ class LicenceConfig(_Section):
     )
 
 
+class SynthesizeConfig(_Section):
+    """More training prompts from the ones the data has: the teacher writes new inputs like the seeds, filtered,
+    deduplicated and kept away from the held-out prompts, before generate answers them."""
+
+    method: Literal["self_instruct", "evolve", "paraphrase"] = Field(
+        "self_instruct", description="self_instruct: a new input like three seeds of the task (Self-Instruct); "
+        "evolve: a seed rewritten harder or more varied (Evol-Instruct); paraphrase: a seed reworded.")
+    target: int = Field(
+        ge=1, description="Training prompts to reach, seeds included, shared among the tasks as the seeds are.")
+    per_seed: int = Field(1, ge=1, le=16, description="New prompts asked per seed in each round.")
+    max_rounds: int = Field(20, ge=1, le=1000, description="Passes over the seeds before giving up on the target.")
+    tasks: list[str] | None = Field(None, description="Only these tasks get new prompts (default: every seed task).")
+    instruction: str | None = Field(
+        None, description="What the teacher is asked ({examples}: the seed inputs, {seed}: one seed); default per "
+        "method.")
+    temperature: float = Field(0.9, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(160, ge=8, le=4096, description="Longest new prompt, in tokens.")
+    min_words: int = Field(3, ge=1, description="Shorter new prompts are dropped.")
+    max_words: int = Field(300, ge=1, description="Longer new prompts are dropped.")
+    patterns: dict[str, str] = Field(
+        default_factory=dict, description="task -> a regular expression every new prompt of the task must match "
+        "(its language or format, e.g. '^Classify the sentiment').")
+    dedup_threshold: float = Field(
+        0.7, gt=0.0, le=1.0, description="A new prompt whose estimated Jaccard similarity (MinHash LSH, 128 "
+        "permutations, word 2-shingles) with a seed or a kept prompt reaches this is a near-duplicate.")
+    decontaminate_ngram: int = Field(5, ge=1, le=50, description="Word n-gram length for decontamination.")
+    decontaminate_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="A new prompt sharing at least this share of its word n-grams with one "
+        "held-out prompt is dropped (it would inflate every held-out score).")
+    gold: Literal["none", "teacher"] = Field(
+        "none", description="teacher: for tasks whose seeds have gold answers, the teacher labels each new prompt "
+        "`samples` times at `temperature`; only prompts whose labels all agree are kept (self-consistency).")
+    samples: int = Field(3, ge=2, le=16, description="gold: teacher: labels asked per new prompt.")
+    seed: int = 0
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for task, pattern in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{task}: not a regular expression ({err})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _words(self) -> "SynthesizeConfig":
+        if self.min_words > self.max_words:
+            raise ValueError("min_words is above max_words")
+        return self
+
+
 class Recipe(_Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; outputs go to runs/<name>/.")
     teacher: str = Field(..., min_length=1, description="Teacher model reference (pip:, local path, hf:, openai:).")
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig
+    synthesize: SynthesizeConfig | None = Field(
+        None, description="New training prompts written by the teacher before generate (off when absent).")
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

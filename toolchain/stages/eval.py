@@ -330,6 +330,10 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
     judged = _judge(cfg, rows, results, resume)
     report = _report(cfg, rows, results, {role: sha for role, _, sha in models})
+    synthetic = json.loads((inputs["generate"] / "manifest.json").read_text(encoding="utf-8"))["metrics"].get(
+        "synthetic")
+    if synthetic:
+        report["synthetic"] = synthetic
     if judged:
         report["judge"] = {task: j["summary"] for task, j in judged.items()}
         write_jsonl(out_dir / "judge.jsonl", [{"task": t, **row} for t, j in judged.items() for row in j["rows"]])
@@ -608,7 +612,8 @@ def render_markdown(report: dict, rows: list[dict], results: dict[str, dict]) ->
             + f" | {_fmt(s_['exact'])} | {s_['chrf']:.1f} | {_fmt(s_['perplexity'], False)} / "
               f"{_fmt(t['perplexity'], False)} |"
         )
-    out += [""] + [f"> {n}" for n in interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)]
+    out += [""] + [f"> {n}" for n in interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)
+                   + synthetic_notes(report)]
     out += label_markdown(report) + judge_markdown(report)
     by_id = {r["id"]: r for r in rows}
     for task in ret["tasks"]:
@@ -625,6 +630,18 @@ def render_markdown(report: dict, rows: list[dict], results: dict[str, dict]) ->
                 "",
             ]
     return "\n".join(out) + "\n"
+
+
+def synthetic_notes(report: dict) -> list[str]:
+    """Where the training prompts came from when the teacher wrote some (synthesize), and how many of those were
+    dropped for resembling a held-out prompt: the user sees that the scores above are not inflated by them."""
+    s = report.get("synthetic")
+    if not s:
+        return []
+    return [f"training prompts: {s['seeds']} from the data and {s['kept']} written by the teacher ({s['method']}; "
+            f"{s['written']} written); {s.get('dropped_contaminated', 0)} dropped as contaminated (sharing at least "
+            f"{s['decontaminate_threshold']:.0%} of their word {s['decontaminate_ngram']}-grams with a held-out "
+            f"prompt), {s.get('dropped_exact_duplicate', 0) + s.get('dropped_near_duplicate', 0)} as duplicates"]
 
 
 def judge_markdown(report: dict) -> list[str]:

@@ -452,6 +452,10 @@ def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     g = cfg.generate
     train, heldout = load_prompts(cfg)
+    if "synthesize" in inputs:  # the teacher's new prompts, after the seeds
+        from toolchain.formats import read_prompts
+
+        train += read_prompts([str(inputs["synthesize"] / "prompts.jsonl")], "train")
     jobs = [(p, s) for p in train for s in range(g.n)] + [(p, 0) for p in heldout]
     out_path = out_dir / "responses.jsonl"
     _reuse_answers(cfg, out_dir, out_path)
@@ -488,6 +492,11 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         **{f"dropped_{k}": n for k, n in why.items()},
         "completion_tokens": sum(r["completion_tokens"] for r in rows), **speed,
     }
+    if "synthesize" in inputs:  # what the new prompts went through, for eval's report
+        synth = json.loads((inputs["synthesize"] / "manifest.json").read_text(encoding="utf-8"))["metrics"]
+        metrics["synthetic"] = {**synth, "method": cfg.synthesize.method,
+                                "decontaminate_ngram": cfg.synthesize.decontaminate_ngram,
+                                "decontaminate_threshold": cfg.synthesize.decontaminate_threshold}
     if cfg.teacher.startswith("openai:"):
         metrics.update(_endpoint_cost(cfg, rows))
         console.print(

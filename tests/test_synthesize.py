@@ -1,0 +1,121 @@
+"""synthesize: near-duplicate and contamination filters, reply cleaning, quotas, and a resumed run that writes the
+same file (a tiny random model with the embedded tokenizer as the teacher)."""
+
+import json
+
+import pytest
+
+from toolchain.recipe import RecipeError, parse
+from toolchain.stages import synthesize as syn
+
+
+
+def test_near_duplicates_catch_rewordings_and_keep_distinct_prompts():
+    near = syn.NearDuplicates(threshold=0.7)
+    near.add("a", "Classify the sentiment of this review: the pasta was cold and the waiter was rude to us.")
+    near.add("b", "Summarise in one sentence: the city council voted to build a new bridge over the river.")
+    # one word changed, one added: Jaccard over word 2-shingles well above 0.7
+    assert near.similar("Classify the sentiment of this review: the pasta was cold and the waiter was very rude "
+                        "to us.") == "a"
+    assert near.similar("summarise in one sentence:  The city council voted to build a new bridge over the river!") == "b"
+    # the same task on another subject, and another task: kept
+    assert near.similar("Classify the sentiment of this review: the hotel room was spotless and the staff kind.") is None
+    assert near.similar("Extract the person's name: Maria Lopez opened a bakery in Lyon last spring.") is None
+
+
+def test_decontamination_drops_a_paraphrase_of_a_heldout_prompt_and_keeps_an_unrelated_one():
+    dirty = syn.Contamination(["What is the capital city of Australia and when was it founded?",
+                               "Classify the sentiment: the battery died after two days of light use."], n=5)
+    assert dirty.overlap("What is the capital city of Australia, and when was it founded?") == pytest.approx(1.0)
+    assert dirty.overlap("Tell me: what is the capital city of Australia and when was it founded") >= 0.5
+    assert dirty.overlap("Classify the sentiment: the concert was loud, crowded and wonderful.") < 0.5
+    assert dirty.overlap("Name the largest planet of the solar system.") == 0.0
+
+
+@pytest.mark.parametrize("reply, prompt", [
+    ("New input: Summarise the following text.", "Summarise the following text."),
+    ('"What is the boiling point of water?"', "What is the boiling point of water?"),
+    ("**Input:** Classify: great food", "Classify: great food"),
+    ("  Plain prompt.  ", "Plain prompt."),
+])
+def test_replies_are_cleaned_to_the_prompt(reply, prompt):
+    assert syn.clean_reply(reply) == prompt
+
+
+def _recipe(tmp_path, teacher, **changes):
+    seeds = tmp_path / "seeds.jsonl"
+    rows = [{"id": f"s{i}", "task": "ask" if i % 2 else "tell", "prompt": f"Question number {i} about topic {i * 7}?"}
+            for i in range(6)]
+    seeds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"id": "h0", "task": "ask", "prompt": "A held out question?"}) + "\n")
+    s = {"target": 12, "max_new_tokens": 12, "min_words": 1, "max_rounds": 3, "dedup_threshold": 0.9, **changes}
+    return parse({"name": "syn", "teacher": str(teacher), "data": {"train": [str(seeds)], "heldout": [str(held)]},
+                  "synthesize": s}, str(tmp_path / "r.yaml"))
+
+
+def test_quotas_share_the_target_as_the_seeds_are(tiny_dir, tmp_path):
+    from toolchain.formats import load_prompts
+
+    cfg = _recipe(tmp_path, tiny_dir, target=30)
+    train, _ = load_prompts(cfg)
+    assert syn.quotas(cfg, train) == {"ask": 12, "tell": 12}
+    only = _recipe(tmp_path, tiny_dir, target=30, tasks=["ask"])
+    assert syn.quotas(only, train) == {"ask": 12}
+
+
+def test_a_killed_synthesize_resumes_and_writes_the_same_file(tiny_dir, tmp_path, monkeypatch):
+    cfg = _recipe(tmp_path, tiny_dir)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    m = syn.run(cfg, {}, whole)
+    assert m.metrics["written"] >= 1 and m.metrics["written"] == sum(
+        v for k, v in m.metrics.items() if k.startswith("dropped_")) + m.metrics["kept"]
+
+    from toolchain.backends.hf import HFEngine
+
+    real, calls = HFEngine.chat, {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    monkeypatch.setattr(HFEngine, "chat", dying)
+    with pytest.raises(KeyboardInterrupt):
+        syn.run(cfg, {}, killed)
+    assert len((killed / "candidates.jsonl").read_text().splitlines()) == 3
+    monkeypatch.setattr(HFEngine, "chat", real)
+    syn.run(cfg, {}, killed)
+    assert (killed / "candidates.jsonl").read_text() == (whole / "candidates.jsonl").read_text()
+    assert (killed / "prompts.jsonl").read_text() == (whole / "prompts.jsonl").read_text()
+
+
+def test_synthesize_settings_are_checked(tmp_path):
+    with pytest.raises(RecipeError, match="synthesize.patterns: ask: not a regular expression"):
+        parse({"name": "x", "teacher": "pip:x/y.gguf", "data": {"train": ["a"], "heldout": ["b"]},
+               "synthesize": {"target": 10, "patterns": {"ask": "(("}}}, "r.yaml")
+
+
+def test_teacher_gold_keeps_only_prompts_whose_labels_agree(tiny_dir, tmp_path):
+    """gold: teacher on a task whose seeds have golds: each new prompt is labelled `samples` times; disagreeing
+    labels drop it, an agreeing one becomes its gold, and the agreement rate is reported."""
+    seeds = tmp_path / "gold.jsonl"
+    seeds.write_text("".join(json.dumps({"id": f"g{i}", "task": "ask", "prompt": f"Is {i} even? Answer yes or no.",
+                                         "gold": "yes" if i % 2 == 0 else "no"}) + "\n" for i in range(4)))
+    cfg = _recipe(tmp_path, tiny_dir, gold="teacher", samples=2, target=8, max_rounds=1)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [str(seeds)]}),
+                                 "generate": cfg.generate.model_copy(update={"max_new_tokens": 4})})
+    out = tmp_path / "out"
+    out.mkdir()
+    m = syn.run(cfg, {}, out)
+    rows = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
+    labelled = [r for r in rows if "agreement" in r]
+    assert labelled and 0 < m.metrics["label_agreement"] <= 1
+    for r in labelled:
+        assert (r["reason"] == "kept") == (r["agreement"] == 1.0) == (r["gold"] is not None)
+    kept = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
+    assert all(p["gold"] for p in kept)

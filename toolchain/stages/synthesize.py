@@ -1,0 +1,299 @@
+"""synthesize: the teacher writes new training prompts like the seeds the data has (off unless the recipe has a
+``synthesize:`` section).
+
+Inputs: the recipe's training prompts (the seeds, after data.limit) and held-out prompts (for decontamination).
+Outputs:
+    candidates.jsonl  every prompt the teacher wrote, in order, with its job, seed, round, and why it was dropped
+                      (appended as it is written: a killed run resumes after the last whole line)
+    prompts.jsonl     the kept ones as an ordinary prompt file (id, prompt, task, gold, and the provenance
+                      seed_id, method, round) that generate reads after the seeds
+
+Filters, each counted in the manifest: empty, too short or too long (words), not matching the task's pattern,
+an exact duplicate (after normalising case and spaces) of a seed or of a kept prompt, a near-duplicate (MinHash
+LSH from datasketch over word 2-shingles: estimated Jaccard similarity at or above ``dedup_threshold``), and
+contaminated: sharing at least ``decontaminate_threshold`` of its word n-grams with one held-out prompt.
+With ``gold: teacher`` a task whose seeds have gold answers gets its new prompts labelled by the teacher
+``samples`` times; prompts whose labels disagree are dropped (self-consistency) and the agreement rate reported.
+Every teacher call has its own sampling seed from (synthesize.seed, job), so a resumed run asks the same things.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections import Counter
+from pathlib import Path
+
+from toolchain.chat import messages_for
+from toolchain.data import JsonlAppender, Prompt, read_jsonl_resumable, write_jsonl
+from toolchain.runs import Manifest
+from toolchain.ui import console, progress
+
+INSTRUCTIONS = {
+    "self_instruct": "Here are inputs of one task:\n\n{examples}\n\nWrite one new input for the same task, on a "
+                     "different subject than these, in the same style and format. Reply with the new input only.",
+    "evolve": "Rewrite this input so that it is harder or more varied, staying the same kind of task in the same "
+              "format:\n\n{seed}\n\nReply with the rewritten input only.",
+    "paraphrase": "Paraphrase this input with different words, keeping its meaning and its format:\n\n{seed}\n\n"
+                  "Reply with the paraphrase only.",
+}
+_LEAD = re.compile(r"^\s*(?:\*\*)?(?:new |rewritten |paraphrased )?(?:input|prompt|paraphrase|question)\s*:"
+                   r"\s*(?:\*\*)?", re.IGNORECASE)
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def clean_reply(text: str) -> str:
+    """The new prompt in a reply: a leading "New input:" label and wrapping quotes removed."""
+    out = _LEAD.sub("", text.strip()).strip()
+    if len(out) >= 2 and out[0] == out[-1] and out[0] in "\"'`":
+        out = out[1:-1].strip()
+    return out
+
+
+class NearDuplicates:
+    """MinHash LSH (datasketch, 128 permutations) over word 2-shingles: ``seen`` answers whether a text is at or above
+    the Jaccard threshold with anything added before (estimated; the exact similarity is checked for candidates)."""
+
+    def __init__(self, threshold: float, num_perm: int = 128):
+        from datasketch import MinHashLSH
+
+        self.threshold, self.num_perm = threshold, num_perm
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.shingles: dict[str, set[str]] = {}
+
+    @staticmethod
+    def shingle(text: str) -> set[str]:
+        w = words(text)
+        return {" ".join(w[i:i + 2]) for i in range(len(w) - 1)} or set(w)
+
+    def _minhash(self, sh: set[str]):
+        from datasketch import MinHash
+
+        m = MinHash(num_perm=self.num_perm, seed=1)
+        m.update_batch([s.encode("utf-8") for s in sorted(sh)])
+        return m
+
+    def similar(self, text: str) -> str | None:
+        """The key of a text added before that this one nearly duplicates, or None."""
+        sh = self.shingle(text)
+        if not sh:
+            return None
+        for key in self.lsh.query(self._minhash(sh)):
+            other = self.shingles[key]
+            if len(sh & other) / len(sh | other) >= self.threshold:
+                return key
+        return None
+
+    def add(self, key: str, text: str) -> None:
+        sh = self.shingle(text)
+        if sh and key not in self.shingles:
+            self.shingles[key] = sh
+            self.lsh.insert(key, self._minhash(sh))
+
+
+class Contamination:
+    """Word n-gram overlap with the held-out prompts: the largest share of a text's n-grams found in one held-out
+    prompt (texts shorter than n words are compared as one n-gram of their whole length)."""
+
+    def __init__(self, heldout: list[str], n: int):
+        self.n = n
+        self.index: dict[tuple, set[int]] = {}
+        for i, text in enumerate(heldout):
+            for g in self.grams(text):
+                self.index.setdefault(g, set()).add(i)
+
+    def grams(self, text: str) -> set[tuple]:
+        w = words(text)
+        n = min(self.n, len(w))
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)} if n else set()
+
+    def overlap(self, text: str) -> float:
+        grams = self.grams(text)
+        if not grams:
+            return 0.0
+        hits = Counter(i for g in grams for i in self.index.get(g, ()))
+        return max(hits.values(), default=0) / len(grams)
+
+
+def _seeds(cfg, train: list[Prompt]) -> dict[str, list[Prompt]]:
+    s = cfg.synthesize
+    by_task: dict[str, list[Prompt]] = {}
+    for p in train:
+        if s.tasks is None or p.task in s.tasks:
+            by_task.setdefault(p.task, []).append(p)
+    return by_task
+
+
+def quotas(cfg, train: list[Prompt]) -> dict[str, int]:
+    """New prompts wanted per task: the target shared among the tasks as their seeds are (seeds counted)."""
+    by_task = _seeds(cfg, train)
+    total = len(train)
+    return {t: max(0, round(cfg.synthesize.target * len(ps) / total) - len(ps)) for t, ps in by_task.items()}
+
+
+def _ask(s, seed: Prompt, others: list[Prompt]) -> str:
+    template = s.instruction or INSTRUCTIONS[s.method]
+    examples = "\n\n".join(f"Input: {p.prompt}" for p in [seed, *others])
+    return template.replace("{examples}", examples).replace("{seed}", seed.prompt)
+
+
+def _labels(engine, cfg, prompt: Prompt, spec: dict, job: str) -> tuple[str | None, float]:
+    """The teacher's label for a new prompt by self-consistency: (the label all samples agree on or None, the
+    share of samples that gave the most common label)."""
+    from toolchain.scoring import normalise as norm_answer
+
+    s = cfg.synthesize
+    answers = []
+    for k in range(s.samples):
+        c = engine.chat(messages_for(prompt.prompt, cfg.generate.system_prompt), max_tokens=cfg.generate.max_new_tokens,
+                        temperature=max(s.temperature, 0.3), top_p=s.top_p, seed=_job_seed(s.seed, f"{job}/gold{k}"))
+        text = (c.text or "").strip()
+        if spec.get("labels"):
+            low = norm_answer(text)
+            text = next((label for label in spec["labels"] if norm_answer(label) in low), text)
+        answers.append(norm_answer(text))
+    top, n = Counter(answers).most_common(1)[0]
+    return (top if n == s.samples and top else None), n / s.samples
+
+
+def _job_seed(seed: int, job: str) -> int:
+    return zlib.crc32(f"{seed}:{job}".encode()) & 0x7FFFFFFF
+
+
+def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+    from toolchain.backends import open_engine
+    from toolchain.formats import load_prompts
+    from toolchain.models import resolve
+    from toolchain.backends import endpoint_options
+
+    s, g = cfg.synthesize, cfg.generate
+    train, _ = load_prompts(cfg)
+    _, heldout = load_prompts(cfg, limits=False)
+    by_task = _seeds(cfg, train)
+    if not by_task:
+        raise ValueError(f"synthesize.tasks: no training prompt of {', '.join(s.tasks or [])}")
+    want = quotas(cfg, train)
+    specs = cfg.task_specs([{"task": p.task, "gold": p.gold} for p in train + heldout])
+    gold_tasks = {t for t, ps in by_task.items() if s.gold == "teacher" and any(p.gold is not None for p in ps)}
+
+    exact = {normalise(p.prompt) for p in train}
+    near = NearDuplicates(s.dedup_threshold)
+    for p in train:
+        near.add(f"seed:{p.id}", p.prompt)
+    dirty = Contamination([p.prompt for p in heldout], s.decontaminate_ngram)
+    cand_path = out_dir / "candidates.jsonl"
+    done = read_jsonl_resumable(cand_path)
+    kept = {t: 0 for t in by_task}
+    for r in done:  # the state a killed run had: dedup and counts rebuilt from its decisions
+        if r["kept"]:
+            kept[r["task"]] += 1
+            exact.add(normalise(r["prompt"]))
+            near.add(r["id"], r["prompt"])
+    asked = {r["job"] for r in done}
+    if done:
+        console.print(f"  resuming: {len(done)} prompts written before, {sum(kept.values())} kept")
+
+    ref = resolve(cfg.teacher)
+    endpoint = ref.kind == "openai"
+    engine = open_engine(ref, g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=s.seed,
+                         endpoint=endpoint_options(g) if endpoint else None)
+    counts = Counter(r["reason"] for r in done)
+    agreement: list[float] = [r["agreement"] for r in done if r.get("agreement") is not None]
+    total_want = sum(want.values())
+    try:
+        with progress() as bar, JsonlAppender(cand_path) as sink:
+            task_bar = bar.add_task("synthesize", total=total_want, completed=min(total_want, sum(kept.values())),
+                                    info="")
+            for rnd in range(s.max_rounds):
+                if all(kept[t] >= want[t] for t in want):
+                    break
+                for task, seeds in by_task.items():
+                    for i, seed in enumerate(seeds):
+                        for j in range(s.per_seed):
+                            if kept[task] >= want[task]:
+                                break
+                            job = f"{rnd}:{seed.id}:{j}"
+                            if job in asked:
+                                continue
+                            rng = random.Random(_job_seed(s.seed, job))
+                            others = rng.sample([p for p in seeds if p is not seed], min(2, len(seeds) - 1))
+                            c = engine.chat(messages_for(_ask(s, seed, others), None), max_tokens=s.max_new_tokens,
+                                            temperature=s.temperature, top_p=s.top_p, seed=_job_seed(s.seed, job))
+                            text = clean_reply(c.text or "")
+                            row = {"job": job, "id": f"syn-{seed.id}-r{rnd}-{j}", "task": task, "seed_id": seed.id,
+                                   "method": s.method, "round": rnd, "prompt": text}
+                            reason = _filter(s, task, text, exact, near, dirty)
+                            if reason is None and task in gold_tasks:
+                                label, share = _labels(engine, cfg, Prompt(id=row["id"], prompt=text, task=task),
+                                                       specs[task], job)
+                                row.update(gold=label, agreement=share)
+                                agreement.append(share)
+                                reason = None if label is not None else "labels disagree"
+                            row.update(kept=reason is None, reason=reason or "kept")
+                            sink.write(row)
+                            counts[row["reason"]] += 1
+                            if reason is None:
+                                kept[task] += 1
+                                exact.add(normalise(text))
+                                near.add(row["id"], text)
+                                bar.update(task_bar, advance=1)
+                            dropped = sum(v for k, v in counts.items() if k != "kept")
+                            bar.update(task_bar, info=f"kept {sum(kept.values())} · dropped {dropped}")
+    finally:
+        engine.close()
+
+    rows = read_jsonl_resumable(cand_path)
+    out = [{"id": r["id"], "prompt": r["prompt"], "task": r["task"], **({"gold": r["gold"]} if r.get("gold") else {}),
+            "seed_id": r["seed_id"], "method": r["method"], "round": r["round"]} for r in rows if r["kept"]]
+    write_jsonl(out_dir / "prompts.jsonl", out)
+    written = len(rows)
+    reasons = Counter(r["reason"] for r in rows)
+    metrics = {"seeds": len(train), "written": written, "kept": len(out),
+               "target": s.target, "reached": all(kept[t] >= want[t] for t in want),
+               **{f"dropped_{k.replace(' ', '_')}": v for k, v in sorted(reasons.items()) if k != "kept"},
+               "duplicate_rate": round((reasons["exact duplicate"] + reasons["near duplicate"]) / max(written, 1), 4),
+               "contamination_rate": round(reasons["contaminated"] / max(written, 1), 4)}
+    if agreement:
+        metrics["label_agreement"] = round(sum(agreement) / len(agreement), 4)
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(reasons.items()) if k != "kept") or "none"
+    console.print(f"  kept {len(out)} new prompts of {written} written (target {s.target} with the {len(train)} "
+                  f"seeds); dropped: {summary}")
+    if not metrics["reached"]:
+        console.print(f"  [yellow]the target was not reached in {s.max_rounds} rounds; raise synthesize.max_rounds "
+                      "or lower synthesize.dedup_threshold[/]")
+    return Manifest(metrics=metrics, seeds={"synthesize": s.seed})
+
+
+def _filter(s, task: str, text: str, exact: set[str], near: NearDuplicates, dirty: Contamination) -> str | None:
+    """Why a new prompt is dropped, or None to keep it."""
+    n = len(words(text))
+    if not text.strip():
+        return "empty"
+    if n < s.min_words:
+        return "too short"
+    if n > s.max_words:
+        return "too long"
+    pattern = s.patterns.get(task)
+    if pattern and not re.search(pattern, text):
+        return "wrong format"
+    if normalise(text) in exact:
+        return "exact duplicate"
+    if near.similar(text) is not None:
+        return "near duplicate"
+    if dirty.overlap(text) >= s.decontaminate_threshold:
+        return "contaminated"
+    return None
+
+
+def preview(out_dir: Path, n: int) -> tuple[list[dict], list[dict]]:
+    """The first ``n`` kept and ``n`` dropped prompts of a finished (or interrupted) synthesize stage."""
+    rows = read_jsonl_resumable(out_dir / "candidates.jsonl")
+    return [r for r in rows if r["kept"]][:n], [r for r in rows if not r["kept"]][:n]
