@@ -81,7 +81,8 @@ def _data_settings(cfg) -> dict:
 PLANS = {
     "synthesize": StagePlan(
         "synthesize", (),
-        lambda c: {**_teacher_io(c), "synthesize": c.section("synthesize"), "data": _data_settings(c),
+        lambda c: {**_teacher_io(c), "synthesize": c.section("synthesize") if c.synthesize else None,
+                   "data": _data_settings(c),
                    "backend": c.generate.backend, "system_prompt": c.generate.system_prompt},
         "toolchain.stages.synthesize",
         active=lambda c: c.synthesize is not None,
@@ -116,8 +117,9 @@ PLANS = {
     "export": StagePlan(
         "export", ("generate", "merge", "eval"),
         # Scored like eval (same tasks, prompts and settings), so eval's settings are part of the key too.
-        # serve.constrain: task adds the free/constrained comparison to every GGUF's scores (keys unchanged without it).
-        lambda c: {"export": c.section("export"), **({"constrain": "task"} if c.serve.constrain == "task" else {}),
+        # serve.constrain: task at export time adds the free/constrained comparison to every GGUF's scores; like the
+        # gate it is no part of the key (turning it on must not make the served files stale): `export --force` adds it.
+        lambda c: {"export": c.section("export"),
                    "eval": {k: v for k, v in c.section("eval").items() if k not in (*GATE, "base", "log_samples")},
                    "tasks": _scoring(c),
                    "system_prompt": c.generate.system_prompt, "flavour": c.distill.flavour,
