@@ -263,3 +263,23 @@ def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
     assert open_reader(gguf).fields["general.license"].contents() == "gemma"
     done = json.loads((dirs["export"] / "export.json").read_text())["files"][0]
     assert done["greedy_prompts"] == 5 and done["tokenizer_same_as_source"] == 50
+
+
+def test_bfloat16_student_and_teacher_on_the_ci_recipe(tmp_path):
+    """distill.dtype and teacher_dtype bfloat16, chunked loss and checkpointing on the CI recipe (LoRA) with the real
+    teacher: the student's base weights are bfloat16 (peft keeps its adapters float32) and the loss falls."""
+    recipe = recipe_copy(tmp_path, "ci-bf16", base="ci", distill__dtype="bfloat16", distill__teacher_dtype="bfloat16",
+                         distill__epochs=4, distill__lr=2e-3, distill__warmup_steps=0, distill__loss_chunk=16,
+                         distill__gradient_checkpointing=True)
+    runs = tmp_path / "runs"
+    distillery("run", str(recipe), "--runs", str(runs), "--until", "distill")
+    dirs = stage_dirs(runs, "ci-bf16")
+    log = [json.loads(l) for l in (dirs["distill"] / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 12
+    # the same 12 examples each epoch: the last epoch's mean loss against the first's
+    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert last < 0.85 * first, (first, last)
+    from safetensors import safe_open
+
+    with safe_open(str(dirs["distill"] / "base" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
