@@ -113,19 +113,25 @@ def bench_distillery_on_policy(student, teacher, tok, pairs, args) -> dict:
     return {"wall_s": time.perf_counter() - started, "tokens": tokens, "sampled": sampled, "rollout_s": rollout_s}
 
 
-def bench_trl_on_policy(student, teacher, tok, rows, args) -> dict:
+def _gkd_trainer(student, teacher, tok, rows, args, out: str, **options):
+    """TRL's GKDTrainer on the same answers, batch, steps, beta, learning rate and precision as distillery's side;
+    ``options``: the GKDConfig fields that differ between the offline and on-policy runs."""
     from datasets import Dataset
     from trl import GKDConfig, GKDTrainer
 
     data = Dataset.from_list([{"messages": messages_for(r["prompt"], None) + [{"role": "assistant", "content": r["response"]}]}
                               for r in rows])
+    cfg = GKDConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps, beta=args.beta,
+                    learning_rate=args.lr, max_length=args.seq_len, save_strategy="no", report_to=[],
+                    logging_steps=10_000, use_cpu=True, seed=0, lr_scheduler_type="constant", warmup_steps=0,
+                    dataloader_num_workers=0, bf16=args.bf16, fp16=False, **options)
+    return GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok)
+
+
+def bench_trl_on_policy(student, teacher, tok, rows, args) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cfg = GKDConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps, lmbda=1.0,
-                        beta=args.beta, temperature=1.0, max_new_tokens=args.max_new_tokens, learning_rate=args.lr,
-                        max_length=args.seq_len, save_strategy="no", report_to=[], logging_steps=10_000, use_cpu=True,
-                        seed=0, lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0, bf16=args.bf16,
-                        fp16=False)
-        trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok)
+        trainer = _gkd_trainer(student, teacher, tok, rows, args, out, lmbda=1.0, temperature=1.0,
+                               max_new_tokens=args.max_new_tokens)
         counted = {"tokens": 0, "sampled": 0, "rollout_s": 0.0}
         generate = trainer.generate_on_policy_outputs
 
@@ -170,18 +176,8 @@ def bench_rollout_engines(student, tok, pairs, args) -> dict:
 
 
 def bench_trl(student, teacher, tok, rows, args) -> tuple[float, int]:
-    from datasets import Dataset
-    from trl import GKDConfig, GKDTrainer
-
-    data = Dataset.from_list([{"messages": messages_for(r["prompt"], None) + [{"role": "assistant", "content": r["response"]}]}
-                              for r in rows])
     with tempfile.TemporaryDirectory() as out:
-        cfg = GKDConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps, lmbda=0.0,
-                        beta=args.beta, learning_rate=args.lr, max_length=args.seq_len, save_strategy="no",
-                        report_to=[], logging_steps=10_000, use_cpu=True, seed=0, lr_scheduler_type="constant",
-                        warmup_steps=0, dataloader_num_workers=0, bf16=args.bf16, fp16=False)
-        trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=data,
-                             processing_class=tok)
+        trainer = _gkd_trainer(student, teacher, tok, rows, args, out, lmbda=0.0)
         counted = {"tokens": 0}
         inner = trainer.data_collator
 

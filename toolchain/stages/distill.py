@@ -34,7 +34,7 @@ from toolchain.distributed import local_world_size
 from toolchain.models import load_tokenizer, load_torch_model, resolve
 from toolchain.runs import RESUME_DIR, Manifest
 from toolchain.chat import IGNORE, common_prefix, tokenize_pairs
-from toolchain.losses import head_loss, kd_loss, log_probs, sampled_reverse_kl, upcast
+from toolchain.losses import auto_chunk, head_loss, kd_loss, log_probs, sampled_reverse_kl, upcast
 from toolchain.topk_cache import TopKCache, example_key
 from toolchain.ui import console, progress
 
@@ -298,7 +298,7 @@ def on_policy_batch(model, pairs: list[tuple[list[int], list[int]]], batch_ids: 
     len(batch) / samples_per_prompt prompts (as many sequences as the batch has), labelled on the sampled tokens
     only. Returns (examples, sampled lengths)."""
     n = len(batch_ids)
-    chosen = [batch_ids[i // op.samples_per_prompt] for i in range(n)][:n]
+    chosen = [batch_ids[i // op.samples_per_prompt] for i in range(n)]
     prompts = []
     for i in chosen:
         ids, labels = pairs[i]
@@ -519,9 +519,10 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     if teacher is not None:
         teacher = OnlineTeacher(teacher.to(d.teacher_device or accelerator.device), prefix, kept,
                                 out_device=accelerator.device)
+    rows_ = model.get_output_embeddings().weight.shape[0]  # the student's output layer (padding rows included)
     lookup = None
     if cache is not None:
-        rows_, cached_vocab = model.get_output_embeddings().weight.shape[0], int(cache.header["vocab_size"])
+        cached_vocab = int(cache.header["vocab_size"])
         padded = "pad_id" in cache.header  # empty slots (an endpoint's short rows) hold id vocab_size
         # trimmed, a teacher whose output layer has padding rows, or empty slots: ids the student lacks carry no mass
         if kept is not None or cached_vocab > rows_ or padded:
@@ -529,9 +530,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                                   cached_vocab + padded)
     # at least one token of each row left; checkpointed layers take no KV cache, so no shared prefix with them
     shared = 0 if d.gradient_checkpointing else max(0, len(prefix) - 1)
-    from toolchain.losses import auto_chunk
-
-    chunk = auto_chunk(model.get_output_embeddings().weight.shape[0]) if d.loss_chunk is None else d.loss_chunk
+    chunk = auto_chunk(rows_) if d.loss_chunk is None else d.loss_chunk
     train_step, opt = accelerator.prepare(TrainStep(model, teacher, shared, chunk), opt)
     rank, world = accelerator.process_index, accelerator.num_processes
     # FSDP shards the weights: resume checkpoints (whole trainable weights from rank 0) are DDP/1-process only.

@@ -397,8 +397,7 @@ def _endpoint_topk_cache(cfg, out_dir: Path) -> dict:
     """The top-k cache from the log-probs an openai: teacher returned with its answers (generate.logprobs), its
     token strings mapped to ids with the student's tokenizer (the teacher's, or the same one padded): soft-label
     from a teacher that never enters training memory. What could not be mapped is counted in the manifest."""
-    from toolchain.chat import IGNORE
-    from toolchain.topk_cache import EndpointTopK
+    from toolchain.topk_cache import EndpointTopK, target_positions
 
     soft = cfg.distill.soft
     tok = load_tokenizer(resolve(cfg.student.from_))
@@ -408,7 +407,7 @@ def _endpoint_topk_cache(cfg, out_dir: Path) -> dict:
     writer = TopKWriter(out_dir, soft.top_k, soft.temperature, len(tok), padded=True)
     for (_, labels), i in zip(pairs, source):
         if example_key(rows[i]) not in writer.done:
-            trained = [y for y in labels if y != IGNORE]
+            trained = [labels[t + 1] for t in target_positions(labels)]  # the cache's positions, in order
             writer.append(example_key(rows[i]), *mapper.rows(trained, rows[i].get("logprobs")))
     writer.close()
     c = mapper.counts
