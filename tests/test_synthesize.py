@@ -37,9 +37,23 @@ def test_decontamination_drops_a_paraphrase_of_a_heldout_prompt_and_keeps_an_unr
     ('"What is the boiling point of water?"', "What is the boiling point of water?"),
     ("**Input:** Classify: great food", "Classify: great food"),
     ("  Plain prompt.  ", "Plain prompt."),
+    ("Name the capital of Peru.\nAnswer: Lima", "Name the capital of Peru."),
+    ("Sure! Here is a new text:\n\nThe soup was cold.", "The soup was cold."),
 ])
 def test_replies_are_cleaned_to_the_prompt(reply, prompt):
     assert syn.clean_reply(reply) == prompt
+
+
+def test_a_task_pattern_cuts_the_preamble_before_the_prompt():
+    pattern = r'^Which city is mentioned in this sentence\? "'
+    reply = ('Sure! Here is a new input for the task:\n\nWhich city is mentioned in this sentence? "The fair in Oslo '
+             'drew Ana Lee." Answer with the city only.\n**Output:** Oslo')
+    assert syn.clean_reply(reply, pattern) == ('Which city is mentioned in this sentence? "The fair in Oslo drew Ana '
+                                               'Lee." Answer with the city only.')
+    assert syn.clean_reply("Nothing like the task here.", pattern) == "Nothing like the task here."
+    question = r"^(What|Which|Name)\b[^\n]{0,80}$"
+    assert syn.clean_reply("I'm here to help with that. What is the capital of Japan?", question) == \
+        "What is the capital of Japan?"
 
 
 def _recipe(tmp_path, teacher, **changes):
@@ -119,3 +133,76 @@ def test_teacher_gold_keeps_only_prompts_whose_labels_agree(tiny_dir, tmp_path):
         assert (r["reason"] == "kept") == (r["agreement"] == 1.0) == (r["gold"] is not None)
     kept = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
     assert all(p["gold"] for p in kept)
+
+
+class _Writer:
+    """An OpenAI-shaped teacher on loopback that writes a prompt from the request's seed (so answers are reproducible)
+    after a random delay (so they arrive out of order), counting the requests in flight."""
+
+    def __init__(self):
+        import random
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner, lock = self, threading.Lock()
+        self.in_flight = self.most = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with lock:
+                    owner.in_flight += 1
+                    owner.most = max(owner.most, owner.in_flight)
+                time.sleep(random.random() * 0.05)
+                seed = body.get("seed", 0)
+                asked = body["messages"][-1]["content"]
+                text = (f"Question {seed % 6}: is it even?" if "Write one new input" in asked
+                        else ["yes", "no"][seed % 4 == 0])
+                with lock:
+                    owner.in_flight -= 1
+                raw = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                               "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"openai:http://127.0.0.1:{self.httpd.server_address[1]}/v1#m"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_an_endpoint_teacher_is_asked_concurrently_and_the_files_do_not_depend_on_it(tmp_path):
+    """generate.concurrency requests go out at once; decisions (duplicates, quotas, labels) are taken in job order,
+    so concurrency 1 and 6 write the same candidates and prompts."""
+    server = _Writer()
+    seeds = tmp_path / "gold.jsonl"
+    seeds.write_text("".join(json.dumps({"id": f"g{i}", "task": "ask", "prompt": f"Is {i} even? Answer yes or no.",
+                                         "gold": "yes" if i % 2 == 0 else "no"}) + "\n" for i in range(4)))
+    outs = {}
+    try:
+        for workers in (1, 6):
+            cfg = _recipe(tmp_path, "x", gold="teacher", samples=2, target=8, max_rounds=6)
+            cfg = cfg.model_copy(update={"teacher": server.url,
+                                         "data": cfg.data.model_copy(update={"train": [str(seeds)]}),
+                                         "generate": cfg.generate.model_copy(update={"concurrency": workers})})
+            out = tmp_path / f"c{workers}"
+            out.mkdir()
+            server.most = 0
+            m = syn.run(cfg, {}, out)
+            outs[workers] = ((out / "candidates.jsonl").read_text(), (out / "prompts.jsonl").read_text(), server.most)
+    finally:
+        server.httpd.shutdown()
+    assert outs[1][2] == 1 and outs[6][2] > 1
+    assert outs[1][:2] == outs[6][:2]
+    rows = [json.loads(x) for x in outs[6][0].splitlines()]
+    reasons = {r["reason"] for r in rows}
+    assert "kept" in reasons and "exact duplicate" in reasons and "labels disagree" in reasons
+    assert m.metrics["kept"] == 4 and m.metrics["reached"]

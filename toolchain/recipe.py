@@ -580,13 +580,25 @@ class LicenceConfig(_Section):
     )
 
 
+def _regex(pattern: str, where: str) -> str:
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{where}not a regular expression ({err})") from None
+    return pattern
+
+
 class SynthesizeConfig(_Section):
     """More training prompts from the ones the data has: the teacher writes new inputs like the seeds, filtered,
     deduplicated and kept away from the held-out prompts, before generate answers them."""
 
-    method: Literal["self_instruct", "evolve", "paraphrase"] = Field(
+    method: Literal["self_instruct", "evolve", "paraphrase", "fill"] = Field(
         "self_instruct", description="self_instruct: a new input like three seeds of the task (Self-Instruct); "
-        "evolve: a seed rewritten harder or more varied (Evol-Instruct); paraphrase: a seed reworded.")
+        "evolve: a seed rewritten harder or more varied (Evol-Instruct); paraphrase: a seed reworded; fill: the "
+        "teacher writes only what varies between seeds of the same wording (the review, the text, the sentence) "
+        "and it is put back in that wording (seeds without shared wording get a self_instruct prompt).")
     target: int = Field(
         ge=1, description="Training prompts to reach, seeds included, shared among the tasks as the seeds are.")
     per_seed: int = Field(1, ge=1, le=16, description="New prompts asked per seed in each round.")
@@ -603,30 +615,40 @@ class SynthesizeConfig(_Section):
     patterns: dict[str, str] = Field(
         default_factory=dict, description="task -> a regular expression every new prompt of the task must match "
         "(its language or format, e.g. '^Classify the sentiment').")
+    reject: str | None = Field(
+        None, description="A regular expression: a new prompt (under fill, the text the teacher wrote) that matches it "
+        "is dropped, e.g. the teacher talking about the task instead of writing it ('(?i)^(here|sure|I )').")
     dedup_threshold: float = Field(
-        0.7, gt=0.0, le=1.0, description="A new prompt whose estimated Jaccard similarity (MinHash LSH, 128 "
-        "permutations, word 2-shingles) with a seed or a kept prompt reaches this is a near-duplicate.")
+        0.7, gt=0.0, le=0.98, description="A new prompt whose estimated Jaccard similarity (MinHash LSH, 128 "
+        "permutations, word 2-shingles) with a seed or a kept prompt reaches this is a near-duplicate (at most 0.98: "
+        "LSH needs two bands; exact duplicates are always dropped).")
     decontaminate_ngram: int = Field(5, ge=1, le=50, description="Word n-gram length for decontamination.")
+    decontaminate_boilerplate: int = Field(
+        2, ge=2, description="An n-gram found in this many held-out prompts or more is the tasks' wording, not a "
+        "prompt's content, and counts for nothing in decontamination.")
     decontaminate_threshold: float = Field(
         0.5, gt=0.0, le=1.0, description="A new prompt sharing at least this share of its word n-grams with one "
         "held-out prompt is dropped (it would inflate every held-out score).")
     gold: Literal["none", "teacher"] = Field(
-        "none", description="teacher: for tasks whose seeds have gold answers, the teacher labels each new prompt "
-        "`samples` times at `temperature`; only prompts whose labels all agree are kept (self-consistency).")
+        "none", description="teacher: for tasks whose seeds have gold answers and whose metric compares a short "
+        "answer (label, exact, contains, number), the teacher labels each new prompt `samples` times at "
+        "`gold_temperature`; only prompts whose labels all agree are kept (self-consistency).")
     samples: int = Field(3, ge=2, le=16, description="gold: teacher: labels asked per new prompt.")
+    gold_temperature: float = Field(0.3, gt=0.0, le=2.0, description="gold: teacher: sampling temperature of the "
+                                    "labels (above 0, or the samples could not disagree).")
     seed: int = 0
 
     @field_validator("patterns")
     @classmethod
     def _patterns(cls, v: dict[str, str]) -> dict[str, str]:
-        import re
-
         for task, pattern in v.items():
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"{task}: not a regular expression ({err})") from None
+            _regex(pattern, f"{task}: ")
         return v
+
+    @field_validator("reject")
+    @classmethod
+    def _reject(cls, v: str | None) -> str | None:
+        return v if v is None else _regex(v, "")
 
     @model_validator(mode="after")
     def _words(self) -> "SynthesizeConfig":

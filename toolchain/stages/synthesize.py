@@ -12,9 +12,11 @@ Filters, each counted in the manifest: empty, too short or too long (words), not
 an exact duplicate (after normalising case and spaces) of a seed or of a kept prompt, a near-duplicate (MinHash
 LSH from datasketch over word 2-shingles: estimated Jaccard similarity at or above ``dedup_threshold``), and
 contaminated: sharing at least ``decontaminate_threshold`` of its word n-grams with one held-out prompt.
-With ``gold: teacher`` a task whose seeds have gold answers gets its new prompts labelled by the teacher
-``samples`` times; prompts whose labels disagree are dropped (self-consistency) and the agreement rate reported.
-Every teacher call has its own sampling seed from (synthesize.seed, job), so a resumed run asks the same things.
+With ``gold: teacher`` a task whose seeds have gold answers and whose metric compares a short answer gets its new
+prompts labelled by the teacher ``samples`` times; prompts whose labels disagree are dropped (self-consistency) and
+the agreement rate reported. Every teacher call has its own sampling seed from (synthesize.seed, job), so a resumed
+run asks the same things; an openai: teacher gets generate.concurrency requests at once (with its retries and
+pacing), and the files are the same at any concurrency.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import random
 import re
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 from toolchain.chat import messages_for
@@ -37,9 +41,11 @@ INSTRUCTIONS = {
               "format:\n\n{seed}\n\nReply with the rewritten input only.",
     "paraphrase": "Paraphrase this input with different words, keeping its meaning and its format:\n\n{seed}\n\n"
                   "Reply with the paraphrase only.",
+    "fill": "Here are examples of one kind of text:\n\n{examples}\n\nWrite one new text of the same kind, on a "
+            "different subject than these, in the same style and length. Reply with the new text only.",
 }
-_LEAD = re.compile(r"^\s*(?:\*\*)?(?:new |rewritten |paraphrased )?(?:input|prompt|paraphrase|question)\s*:"
-                   r"\s*(?:\*\*)?", re.IGNORECASE)
+_LEAD = re.compile(r"^\s*(?:\*\*)?(?:new |rewritten |paraphrased )?(?:input|prompt|paraphrase|question|text|example)"
+                   r"\s*:\s*(?:\*\*)?", re.IGNORECASE)
 
 
 def normalise(text: str) -> str:
@@ -50,9 +56,26 @@ def words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def clean_reply(text: str) -> str:
-    """The new prompt in a reply: a leading "New input:" label and wrapping quotes removed."""
+_ANSWER = re.compile(r"^\s*(?:\*\*)?(?:output|answer|response|label|solution)\s*:", re.IGNORECASE | re.MULTILINE)
+
+
+def clean_reply(text: str, pattern: str | None = None) -> str:
+    """The new prompt in a reply: a leading "New input:" label, leading lines that end in a colon ("Here is a new
+    one:"), an answer the teacher appended on a line of its own ("Answer: ...") and wrapping quotes removed; with
+    the task's ``pattern``, a preamble before the first line or sentence from which it matches is cut too."""
     out = _LEAD.sub("", text.strip()).strip()
+    lines = out.splitlines()
+    while len(lines) > 1 and (lines[0].rstrip().endswith(":") or not lines[0].strip()):  # "Here is a new one:"
+        lines = lines[1:]
+    out = _LEAD.sub("", "\n".join(lines).strip()).strip()
+    cut = _ANSWER.search(out)
+    if cut and cut.start() > 0:
+        out = out[:cut.start()].strip()
+    if pattern and not re.search(pattern, out):
+        starts = [m.end() for m in re.finditer(r"\n\s*|[.!?:]\s+", out)]  # each line and sentence start, in order
+        start = next((k for k in starts if re.search(pattern, out[k:].strip())), None)
+        if start is not None:
+            out = _LEAD.sub("", out[start:].strip()).strip()
     if len(out) >= 2 and out[0] == out[-1] and out[0] in "\"'`":
         out = out[1:-1].strip()
     return out
@@ -101,14 +124,18 @@ class NearDuplicates:
 
 class Contamination:
     """Word n-gram overlap with the held-out prompts: the largest share of a text's n-grams found in one held-out
-    prompt (texts shorter than n words are compared as one n-gram of their whole length)."""
+    prompt (texts shorter than n words are compared as one n-gram of their whole length). An n-gram found in
+    ``boilerplate`` or more distinct held-out prompts is the tasks' wording ("classify the sentiment of this review"),
+    not a prompt's content, and counts for nothing: without that, every new prompt of a templated task would be
+    "contaminated" (of the default data's 250 seed prompts, 137 would be at 5-grams and 0.5)."""
 
-    def __init__(self, heldout: list[str], n: int):
+    def __init__(self, heldout: list[str], n: int, boilerplate: int = 2):
         self.n = n
         self.index: dict[tuple, set[int]] = {}
-        for i, text in enumerate(heldout):
+        for i, text in enumerate(dict.fromkeys(normalise(t) for t in heldout)):
             for g in self.grams(text):
                 self.index.setdefault(g, set()).add(i)
+        self.common = {g for g, where in self.index.items() if len(where) >= boilerplate}
 
     def grams(self, text: str) -> set[tuple]:
         w = words(text)
@@ -116,11 +143,32 @@ class Contamination:
         return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)} if n else set()
 
     def overlap(self, text: str) -> float:
-        grams = self.grams(text)
+        grams = self.grams(text) - self.common
         if not grams:
             return 0.0
         hits = Counter(i for g in grams for i in self.index.get(g, ()))
         return max(hits.values(), default=0) / len(grams)
+
+
+_OPENS = ("\n", ": ", ' "', "? ", ". ")  # a seed's fixed wording ends after one of these ...
+_CLOSES = ('"', "\n")                   # ... and starts again at one of these
+
+
+def frames(texts: list[str], min_share: int | None = None) -> list[tuple[str, str]]:
+    """Each text's fixed wording around what varies, as (prefix, suffix): the longest prefix ending at a delimiter
+    and the longest suffix starting at one that at least ``min_share`` texts (default: max(3, n/10)) have in common,
+    with something left between them. ("", "") for a text that shares none."""
+    need = min_share or max(3, len(texts) // 10)
+    heads = Counter(t[:k] for t in texts for k in range(1, len(t)) if t[:k].endswith(_OPENS))
+    tails = Counter(t[k:] for t in texts for k in range(1, len(t)) if t[k:].startswith(_CLOSES))
+    out = []
+    for t in texts:
+        head = max((t[:k] for k in range(1, len(t)) if t[:k].endswith(_OPENS) and heads[t[:k]] >= need),
+                   key=len, default="")
+        tail = max((t[k:] for k in range(len(head) + 1, len(t)) if t[k:].startswith(_CLOSES) and tails[t[k:]] >= need
+                    and t[len(head):k].strip()), key=len, default="")
+        out.append((head, tail) if t[len(head):len(t) - len(tail)].strip() else ("", ""))
+    return out
 
 
 def _seeds(cfg, train: list[Prompt]) -> dict[str, list[Prompt]]:
@@ -139,10 +187,14 @@ def quotas(cfg, train: list[Prompt]) -> dict[str, int]:
     return {t: max(0, round(cfg.synthesize.target * len(ps) / total) - len(ps)) for t, ps in by_task.items()}
 
 
-def _ask(s, seed: Prompt, others: list[Prompt]) -> str:
+def _ask(s, seed: Prompt, others: list[Prompt], content=lambda p: p.prompt) -> str:
     template = s.instruction or INSTRUCTIONS[s.method]
-    examples = "\n\n".join(f"Input: {p.prompt}" for p in [seed, *others])
-    return template.replace("{examples}", examples).replace("{seed}", seed.prompt)
+    label = "Text" if s.method == "fill" else "Input"
+    examples = "\n\n".join(f"{label}: {content(p)}" for p in [seed, *others])
+    return template.replace("{examples}", examples).replace("{seed}", content(seed))
+
+
+GOLD_METRICS = ("label", "exact", "contains", "number")  # metrics whose gold is a short answer the teacher can give
 
 
 def _labels(engine, cfg, prompt: Prompt, spec: dict, job: str) -> tuple[str | None, float]:
@@ -154,7 +206,7 @@ def _labels(engine, cfg, prompt: Prompt, spec: dict, job: str) -> tuple[str | No
     answers = []
     for k in range(s.samples):
         c = engine.chat(messages_for(prompt.prompt, cfg.generate.system_prompt), max_tokens=cfg.generate.max_new_tokens,
-                        temperature=max(s.temperature, 0.3), top_p=s.top_p, seed=_job_seed(s.seed, f"{job}/gold{k}"))
+                        temperature=s.gold_temperature, top_p=s.top_p, seed=_job_seed(s.seed, f"{job}/gold{k}"))
         text = (c.text or "").strip()
         if spec.get("labels"):
             low = norm_answer(text)
@@ -182,21 +234,33 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         raise ValueError(f"synthesize.tasks: no training prompt of {', '.join(s.tasks or [])}")
     want = quotas(cfg, train)
     specs = cfg.task_specs([{"task": p.task, "gold": p.gold} for p in train + heldout])
-    gold_tasks = {t for t, ps in by_task.items() if s.gold == "teacher" and any(p.gold is not None for p in ps)}
+    gold_tasks = {t for t, ps in by_task.items() if s.gold == "teacher" and any(p.gold is not None for p in ps)
+                  and specs[t].get("metric", "exact") in GOLD_METRICS}
 
-    exact = {normalise(p.prompt) for p in train}
+    # fill: each seed's fixed wording (shared with other seeds of its task) and the content the teacher rewrites;
+    # duplicates are judged on that content (the wording alone would make every prompt of a task alike).
+    frame = {p.id: ("", "") for p in train}
+    if s.method == "fill":
+        for seeds in by_task.values():
+            frame.update(zip((p.id for p in seeds), frames([p.prompt for p in seeds])))
+
+    def content(p: Prompt) -> str:
+        head, tail = frame.get(p.id, ("", ""))
+        return p.prompt[len(head):len(p.prompt) - len(tail)]
+
+    exact = {normalise(content(p)) for p in train}
     near = NearDuplicates(s.dedup_threshold)
     for p in train:
-        near.add(f"seed:{p.id}", p.prompt)
-    dirty = Contamination([p.prompt for p in heldout], s.decontaminate_ngram)
+        near.add(f"seed:{p.id}", content(p))
+    dirty = Contamination([p.prompt for p in heldout], s.decontaminate_ngram, s.decontaminate_boilerplate)
     cand_path = out_dir / "candidates.jsonl"
     done = read_jsonl_resumable(cand_path)
     kept = {t: 0 for t in by_task}
     for r in done:  # the state a killed run had: dedup and counts rebuilt from its decisions
         if r["kept"]:
             kept[r["task"]] += 1
-            exact.add(normalise(r["prompt"]))
-            near.add(r["id"], r["prompt"])
+            exact.add(normalise(r.get("content", r["prompt"])))
+            near.add(r["id"], r.get("content", r["prompt"]))
     asked = {r["job"] for r in done}
     if done:
         console.print(f"  resuming: {len(done)} prompts written before, {sum(kept.values())} kept")
@@ -205,48 +269,83 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     endpoint = ref.kind == "openai"
     engine = open_engine(ref, g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=s.seed,
                          endpoint=endpoint_options(g) if endpoint else None)
+    workers = g.concurrency if endpoint else 1
     counts = Counter(r["reason"] for r in done)
     agreement: list[float] = [r["agreement"] for r in done if r.get("agreement") is not None]
     total_want = sum(want.values())
+
+    def jobs():
+        for rnd in range(s.max_rounds):
+            for task, seeds in by_task.items():
+                for seed in seeds:
+                    for j in range(s.per_seed):
+                        if f"{rnd}:{seed.id}:{j}" not in asked:
+                            yield rnd, task, seed, j
+
+    def write(job) -> dict:
+        rnd, task, seed, j = job
+        key = f"{rnd}:{seed.id}:{j}"
+        rng = random.Random(_job_seed(s.seed, key))
+        framed = any(frame[seed.id])
+        kin = [p for p in by_task[task] if p is not seed and (not framed or frame[p.id] == frame[seed.id])]
+        others = rng.sample(kin, min(2, len(kin)))
+        how = s if framed or s.method != "fill" else s.model_copy(update={"method": "self_instruct",
+                                                                         "instruction": None})
+        c = engine.chat(messages_for(_ask(how, seed, others, content), None), max_tokens=s.max_new_tokens,
+                        temperature=s.temperature, top_p=s.top_p, seed=_job_seed(s.seed, key))
+        row = {"job": key, "id": f"syn-{seed.id}-r{rnd}-{j}", "task": task, "seed_id": seed.id, "method": s.method,
+               "round": rnd}
+        if not framed:
+            return {**row, "prompt": clean_reply(c.text or "", s.patterns.get(task))}
+        text = clean_reply(c.text or "")
+        if not any("\n" in content(p) for p in [seed, *others]):  # one-line contents: the reply's first line
+            text = clean_reply(next((line for line in text.splitlines() if line.strip()), ""))
+        head, tail = frame[seed.id]
+        return {**row, "prompt": f"{head}{text}{tail}" if text else "", "content": text}
+
+    def label(row: dict) -> tuple[str | None, float]:
+        return _labels(engine, cfg, Prompt(id=row["id"], prompt=row["prompt"], task=row["task"]),
+                       specs[row["task"]], row["job"])
+
+    def full(task: str) -> bool:
+        return kept[task] >= want[task]
+
+    # Jobs go out `workers` at a time (an openai: teacher's concurrency; one for local engines) and are decided in
+    # job order against what was kept before them, as one at a time would: a job whose task filled up meanwhile is
+    # dropped unwritten, as if never asked, and labels asked ahead for a prompt that then fails a filter are unused.
+    # So the files do not depend on the concurrency, and a resumed run continues the same sequence.
+    pending = jobs()
     try:
-        with progress() as bar, JsonlAppender(cand_path) as sink:
+        with progress() as bar, JsonlAppender(cand_path) as sink, ThreadPoolExecutor(workers) as pool:
             task_bar = bar.add_task("synthesize", total=total_want, completed=min(total_want, sum(kept.values())),
                                     info="")
-            for rnd in range(s.max_rounds):
-                if all(kept[t] >= want[t] for t in want):
+            while not all(full(t) for t in want):
+                window = list(islice((job for job in pending if not full(job[1])), workers))
+                if not window:
                     break
-                for task, seeds in by_task.items():
-                    for i, seed in enumerate(seeds):
-                        for j in range(s.per_seed):
-                            if kept[task] >= want[task]:
-                                break
-                            job = f"{rnd}:{seed.id}:{j}"
-                            if job in asked:
-                                continue
-                            rng = random.Random(_job_seed(s.seed, job))
-                            others = rng.sample([p for p in seeds if p is not seed], min(2, len(seeds) - 1))
-                            c = engine.chat(messages_for(_ask(s, seed, others), None), max_tokens=s.max_new_tokens,
-                                            temperature=s.temperature, top_p=s.top_p, seed=_job_seed(s.seed, job))
-                            text = clean_reply(c.text or "")
-                            row = {"job": job, "id": f"syn-{seed.id}-r{rnd}-{j}", "task": task, "seed_id": seed.id,
-                                   "method": s.method, "round": rnd, "prompt": text}
-                            reason = _filter(s, task, text, exact, near, dirty)
-                            if reason is None and task in gold_tasks:
-                                label, share = _labels(engine, cfg, Prompt(id=row["id"], prompt=text, task=task),
-                                                       specs[task], job)
-                                row.update(gold=label, agreement=share)
-                                agreement.append(share)
-                                reason = None if label is not None else "labels disagree"
-                            row.update(kept=reason is None, reason=reason or "kept")
-                            sink.write(row)
-                            counts[row["reason"]] += 1
-                            if reason is None:
-                                kept[task] += 1
-                                exact.add(normalise(text))
-                                near.add(row["id"], text)
-                                bar.update(task_bar, advance=1)
-                            dropped = sum(v for k, v in counts.items() if k != "kept")
-                            bar.update(task_bar, info=f"kept {sum(kept.values())} · dropped {dropped}")
+                rows = list(pool.map(write, window))
+                ahead = [r for r in rows if r["task"] in gold_tasks and _filter(s, r, exact, near, dirty) is None]
+                labels = dict(zip((r["job"] for r in ahead), pool.map(label, ahead)))
+                for row in rows:
+                    task = row["task"]
+                    if full(task):
+                        continue
+                    reason = _filter(s, row, exact, near, dirty)
+                    if reason is None and task in gold_tasks:
+                        gold, share = labels[row["job"]] if row["job"] in labels else label(row)
+                        row.update(gold=gold, agreement=share)
+                        agreement.append(share)
+                        reason = None if gold is not None else "labels disagree"
+                    row.update(kept=reason is None, reason=reason or "kept")
+                    sink.write(row)
+                    counts[row["reason"]] += 1
+                    if reason is None:
+                        kept[task] += 1
+                        exact.add(normalise(row.get("content", row["prompt"])))
+                        near.add(row["id"], row.get("content", row["prompt"]))
+                        bar.update(task_bar, advance=1)
+                    dropped = sum(v for k, v in counts.items() if k != "kept")
+                    bar.update(task_bar, info=f"kept {sum(kept.values())} · dropped {dropped}")
     finally:
         engine.close()
 
@@ -272,21 +371,24 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     return Manifest(metrics=metrics, seeds={"synthesize": s.seed})
 
 
-def _filter(s, task: str, text: str, exact: set[str], near: NearDuplicates, dirty: Contamination) -> str | None:
-    """Why a new prompt is dropped, or None to keep it."""
+def _filter(s, row: dict, exact: set[str], near: NearDuplicates, dirty: Contamination) -> str | None:
+    """Why a new prompt is dropped, or None to keep it (duplicates judged on its content: what fill wrote)."""
+    text, key = row["prompt"], row.get("content", row["prompt"])
     n = len(words(text))
-    if not text.strip():
+    if not text.strip() or not key.strip():
         return "empty"
     if n < s.min_words:
         return "too short"
     if n > s.max_words:
         return "too long"
-    pattern = s.patterns.get(task)
+    pattern = s.patterns.get(row["task"])
     if pattern and not re.search(pattern, text):
         return "wrong format"
-    if normalise(text) in exact:
+    if s.reject and re.search(s.reject, key):
+        return "rejected"
+    if normalise(key) in exact:
         return "exact duplicate"
-    if near.similar(text) is not None:
+    if near.similar(key) is not None:
         return "near duplicate"
     if dirty.overlap(text) >= s.decontaminate_threshold:
         return "contaminated"
