@@ -206,3 +206,34 @@ def test_an_endpoint_teacher_is_asked_concurrently_and_the_files_do_not_depend_o
     reasons = {r["reason"] for r in rows}
     assert "kept" in reasons and "exact duplicate" in reasons and "labels disagree" in reasons
     assert m.metrics["kept"] == 4 and m.metrics["reached"]
+
+
+def test_frames_find_each_seeds_shared_wording_and_leave_the_rest():
+    sentiment = "Classify the sentiment. Answer with one word.\n\nReview: "
+    extract = 'Which city is named in this sentence? "'
+    texts = ([sentiment + r for r in ("The soup was cold.", "Great phone.", "The staff were rude: never again.")]
+             + [f'{extract}{s}" Answer with the city only.' for s in ("We met in Oslo.", "Rome was hot.", "Lima: rain.")]
+             + ["What is the capital of Peru?", "Name a prime number."])
+    got = syn.frames(texts)
+    assert got[:3] == [(sentiment, "")] * 3
+    assert got[3:6] == [(extract, '" Answer with the city only.')] * 3
+    assert got[6:] == [("", "")] * 2
+    assert syn.frames(texts[:2]) == [("", "")] * 2  # two texts are too few to call their wording shared
+
+
+def test_fill_puts_the_teachers_text_back_in_the_seeds_wording(tiny_dir, tmp_path):
+    seeds = tmp_path / "fill.jsonl"
+    head, tail = 'Which city is named in this sentence? "', '" Answer with the city only.'
+    places = ["We met in Oslo last May.", "Rome was hot in July.", "The train to Lima was late.", "Kyiv in spring."]
+    seeds.write_text("".join(json.dumps({"id": f"f{i}", "task": "ask", "prompt": f"{head}{p}{tail}"}) + "\n"
+                             for i, p in enumerate(places)))
+    cfg = _recipe(tmp_path, tiny_dir, method="fill", target=10, max_rounds=2)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [str(seeds)]})})
+    out = tmp_path / "out"
+    out.mkdir()
+    syn.run(cfg, {}, out)
+    rows = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
+    assert rows and all(r["method"] == "fill" for r in rows)
+    for r in rows:  # one-line contents (as the seeds' are), put between the seed's wording
+        assert "\n" not in r["content"]
+        assert r["prompt"] == (f"{head}{r['content']}{tail}" if r["content"] else "")
