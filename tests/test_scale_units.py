@@ -5,10 +5,10 @@ import json
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.loopback import Loopback, chat_completion
 from toolchain.backends.openai_http import EndpointError, OpenAIEngine
 from toolchain.distributed import launch_command
 from toolchain.stages.distill import shard
@@ -39,45 +39,27 @@ class Scripted:
 
     def __init__(self, script):
         self.script, self.seen, self.times = list(script), [], []
-        owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+        def answer(path, raw, headers):
+            body = json.loads(raw)
+            self.seen.append(body)
+            self.times.append(time.monotonic())
+            status, extra = self.script.pop(0) if self.script else (200, {})
+            if status != 200:
+                return status, json.dumps({"error": {"message": f"scripted {status}", "type": "x"}}).encode(), extra
+            lp = {"content": [{"token": "ok", "logprob": -0.1, "bytes": None,
+                               "top_logprobs": [{"token": "ok", "logprob": -0.1, "bytes": None},
+                                                {"token": "no", "logprob": -2.5, "bytes": None}]}]}
+            return 200, chat_completion("ok", lp if body.get("logprobs") else None), extra
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                owner.seen.append(body)
-                owner.times.append(time.monotonic())
-                status, headers = owner.script.pop(0) if owner.script else (200, {})
-                if status == 200:
-                    lp = {"content": [{"token": "ok", "logprob": -0.1, "bytes": None,
-                                       "top_logprobs": [{"token": "ok", "logprob": -0.1, "bytes": None},
-                                                        {"token": "no", "logprob": -2.5, "bytes": None}]}]}
-                    data = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                                         "finish_reason": "stop", "logprobs": lp if body.get("logprobs") else None}],
-                            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
-                else:
-                    data = {"error": {"message": f"scripted {status}", "type": "x"}}
-                raw = json.dumps(data).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(raw)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = Loopback(answer)
+        self.url = self.server.url + "/v1"
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
+        self.server.close()
 
 
 def _ask(engine):

@@ -143,40 +143,27 @@ class _Writer:
         import random
         import threading
         import time
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        owner, lock = self, threading.Lock()
+        from tests.loopback import Loopback, chat_completion
+
+        lock = threading.Lock()
         self.in_flight = self.most = 0
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+        def answer(path, raw, headers):
+            body = json.loads(raw)
+            with lock:
+                self.in_flight += 1
+                self.most = max(self.most, self.in_flight)
+            time.sleep(random.random() * 0.05)
+            seed = body.get("seed", 0)
+            text = (f"Question {seed % 6}: is it even?" if "Write one new input" in body["messages"][-1]["content"]
+                    else ["yes", "no"][seed % 4 == 0])
+            with lock:
+                self.in_flight -= 1
+            return 200, chat_completion(text, completion_tokens=3), {}
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                with lock:
-                    owner.in_flight += 1
-                    owner.most = max(owner.most, owner.in_flight)
-                time.sleep(random.random() * 0.05)
-                seed = body.get("seed", 0)
-                asked = body["messages"][-1]["content"]
-                text = (f"Question {seed % 6}: is it even?" if "Write one new input" in asked
-                        else ["yes", "no"][seed % 4 == 0])
-                with lock:
-                    owner.in_flight -= 1
-                raw = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                               "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"openai:http://127.0.0.1:{self.httpd.server_address[1]}/v1#m"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = Loopback(answer)
+        self.url = f"openai:{self.server.url}/v1#m"
 
 
 def test_an_endpoint_teacher_is_asked_concurrently_and_the_files_do_not_depend_on_it(tmp_path):
@@ -199,7 +186,7 @@ def test_an_endpoint_teacher_is_asked_concurrently_and_the_files_do_not_depend_o
             m = syn.run(cfg, {}, out)
             outs[workers] = ((out / "candidates.jsonl").read_text(), (out / "prompts.jsonl").read_text(), server.most)
     finally:
-        server.httpd.shutdown()
+        server.server.close()
     assert outs[1][2] == 1 and outs[6][2] > 1
     assert outs[1][:2] == outs[6][:2]
     rows = [json.loads(x) for x in outs[6][0].splitlines()]

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.conftest import ROOT, distillery, recipe_copy, stage_dirs
+from tests.loopback import Loopback
 from tests.integration.test_pipeline import _spawn, _wait_for as _wait
 from tests.integration.test_serve import Running, _free_port, teacher_gguf
 
@@ -217,49 +217,32 @@ class FlakyProxy:
     def __init__(self, backend_port: int):
         self.backend_port, self.count, self.asked, self.failed = backend_port, 0, [], 0
         self.lock = threading.Lock()
-        proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def answer(path, body, headers):
+            with self.lock:
+                self.count += 1
+                fail = self.count % 3 == 0
+                self.failed += fail
+            if fail:
+                return 503, b'{"error": {"message": "overloaded"}}', {"Retry-After": "0"}
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.backend_port, timeout=120)
+                conn.request("POST", path, body, {"Content-Type": "application/json",
+                                                  "Authorization": headers.get("Authorization", "")})
+                resp = conn.getresponse()
+                data = resp.read()
+            except OSError:
+                return 502, b'{"error": {"message": "backend down"}}', {}
+            if resp.status == 200:
+                with self.lock:
+                    self.asked.append(json.loads(body)["messages"][-1]["content"])
+            return resp.status, data, {}
 
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with proxy.lock:
-                    proxy.count += 1
-                    fail = proxy.count % 3 == 0
-                if fail:
-                    with proxy.lock:
-                        proxy.failed += 1
-                    return self._send(503, b'{"error": {"message": "overloaded"}}', {"Retry-After": "0"})
-                try:
-                    conn = http.client.HTTPConnection("127.0.0.1", proxy.backend_port, timeout=120)
-                    conn.request("POST", self.path, body, {"Content-Type": "application/json",
-                                                            "Authorization": self.headers.get("Authorization", "")})
-                    resp = conn.getresponse()
-                    data = resp.read()
-                except OSError:
-                    return self._send(502, b'{"error": {"message": "backend down"}}', {})
-                if resp.status == 200:
-                    with proxy.lock:
-                        proxy.asked.append(json.loads(body)["messages"][-1]["content"])
-                self._send(resp.status, data, {})
-
-            def _send(self, status, data, headers):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = Loopback(answer)
+        self.url = self.server.url
 
     def close(self):
-        self.httpd.shutdown()
+        self.server.close()
 
 
 def test_endpoint_failures_and_restarts_lose_and_duplicate_nothing(ci_run, endpoint_run, tmp_path):
