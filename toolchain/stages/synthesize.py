@@ -154,19 +154,28 @@ _OPENS = ("\n", ": ", ' "', "? ", ". ")  # a seed's fixed wording ends after one
 _CLOSES = ('"', "\n")                   # ... and starts again at one of these
 
 
+FRAME_CHARS = 600  # a seed's shared wording is looked for in its first and last this many characters
+
+
 def frames(texts: list[str], min_share: int | None = None) -> list[tuple[str, str]]:
     """Each text's fixed wording around what varies, as (prefix, suffix): the longest prefix ending at a delimiter
     and the longest suffix starting at one that at least ``min_share`` texts (default: max(3, n/10)) have in common,
     with something left between them. ("", "") for a text that shares none."""
     need = min_share or max(3, len(texts) // 10)
-    heads = Counter(t[:k] for t in texts for k in range(1, len(t)) if t[:k].endswith(_OPENS))
-    tails = Counter(t[k:] for t in texts for k in range(1, len(t)) if t[k:].startswith(_CLOSES))
+
+    def opens(t: str) -> list[int]:
+        return [k for k in range(1, min(len(t), FRAME_CHARS)) if t[:k].endswith(_OPENS)]
+
+    def closes(t: str) -> list[int]:
+        return [k for k in range(max(1, len(t) - FRAME_CHARS), len(t)) if t[k:].startswith(_CLOSES)]
+
+    heads = Counter(t[:k] for t in texts for k in opens(t))
+    tails = Counter(t[k:] for t in texts for k in closes(t))
     out = []
     for t in texts:
-        head = max((t[:k] for k in range(1, len(t)) if t[:k].endswith(_OPENS) and heads[t[:k]] >= need),
+        head = max((t[:k] for k in opens(t) if heads[t[:k]] >= need), key=len, default="")
+        tail = max((t[k:] for k in closes(t) if k > len(head) and tails[t[k:]] >= need and t[len(head):k].strip()),
                    key=len, default="")
-        tail = max((t[k:] for k in range(len(head) + 1, len(t)) if t[k:].startswith(_CLOSES) and tails[t[k:]] >= need
-                    and t[len(head):k].strip()), key=len, default="")
         out.append((head, tail) if t[len(head):len(t) - len(tail)].strip() else ("", ""))
     return out
 
