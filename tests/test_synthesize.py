@@ -224,3 +224,25 @@ def test_fill_puts_the_teachers_text_back_in_the_seeds_wording(tiny_dir, tmp_pat
     for r in rows:  # one-line contents (as the seeds' are), put between the seed's wording
         assert "\n" not in r["content"]
         assert r["prompt"] == (f"{head}{r['content']}{tail}" if r["content"] else "")
+
+
+def test_init_offers_a_synthesize_section_for_little_data(tmp_path):
+    """init on a small file writes a commented synthesize: section (fill) that parses once uncommented; a large
+    file gets none."""
+    import yaml
+
+    from toolchain.scaffold import SYNTHESIZE_BELOW, inspect, recipe_text
+
+    rows = [{"id": f"r{i}", "prompt": f"Classify this ticket: printer {i} is jammed", "gold": "ham"} for i in range(40)]
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text, check = recipe_text(inspect(str(small), "tickets"), "tickets", None)
+    assert "# synthesize:" in text and any("only 32 training rows" in c for c in check)
+    uncommented = "\n".join(line[2:] if line.startswith(("# synthesize", "#   ")) else line
+                            for line in text.splitlines())
+    cfg = parse(yaml.safe_load(uncommented), str(tmp_path / "r.yaml"))
+    assert cfg.synthesize.method == "fill" and cfg.synthesize.target == SYNTHESIZE_BELOW
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({**r, "id": f"b{i}"}) + "\n" for i, r in enumerate(rows * 20)))
+    text, _ = recipe_text(inspect(str(big), "tickets"), "tickets", None)
+    assert "# synthesize:" not in text

@@ -108,6 +108,9 @@ def inspect(source: str, name: str) -> dict:
             "multi_turn": sum(bool(p.history) for p in rows), "own_system": sum(p.system is not None for p in rows)}
 
 
+SYNTHESIZE_BELOW = 500  # fewer training rows than this: init offers a synthesize: section
+
+
 def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[str]]:
     """(the recipe YAML with comments, what the user should check)."""
     check: list[str] = []
@@ -147,6 +150,14 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
     else:
         check.append(f"only {n} rows: too few to hold any out; add data.heldout with examples never trained on")
     lines.append(f"  # limit: {min(64, n)}               # a quick first run on the first rows")
+    train = n - (round(n * 0.2) if n >= 20 else 0)
+    if train < SYNTHESIZE_BELOW:
+        lines += [f"# synthesize:               # only {train} training rows: the teacher can write more like them",
+                  "#   method: fill            # it writes what varies between rows (the text); their wording is kept",
+                  f"#   target: {max(SYNTHESIZE_BELOW, 5 * train)}             # training prompts in all, yours "
+                  "included (docs/data.md#more-prompts-than-you-have-synthesize)"]
+        check.append(f"only {train} training rows: the commented synthesize: section has the teacher write more "
+                     "(distillery synthesize <this file> --preview 10 shows what it writes)")
     answer_tokens = 32 if labels_only else 256
     lines += [
         "generate:",
