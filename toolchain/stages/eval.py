@@ -29,7 +29,7 @@ from toolchain import student as students  # noqa: E402
 from toolchain.chat import context, flat_prompt, messages_for, with_instruction  # noqa: E402
 from toolchain.data import iter_jsonl, write_jsonl  # noqa: E402
 from toolchain.models import file_sha256, load_tokenizer, load_torch_model, resolve  # noqa: E402
-from toolchain.runs import RESUME_DIR, Manifest  # noqa: E402
+from toolchain.runs import RESUME_DIR, Manifest, read_manifest  # noqa: E402
 from toolchain.ui import progress  # noqa: E402
 
 EVALS = Path(__file__).resolve().parents[2] / "evals"
@@ -330,8 +330,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
     judged = _judge(cfg, rows, results, resume)
     report = _report(cfg, rows, results, {role: sha for role, _, sha in models})
-    synthetic = json.loads((inputs["generate"] / "manifest.json").read_text(encoding="utf-8"))["metrics"].get(
-        "synthetic")
+    synthetic = read_manifest(inputs["generate"], verify=False)["metrics"].get("synthetic")
     if synthetic:
         report["synthetic"] = synthetic
     if judged:

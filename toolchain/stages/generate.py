@@ -42,7 +42,7 @@ from toolchain.chat import (
 from toolchain.data import JsonlAppender, iter_jsonl, read_jsonl_resumable, write_jsonl
 from toolchain.formats import load_prompts
 from toolchain.models import load_tokenizer, load_torch_model, resolve
-from toolchain.runs import Manifest, canonical, semantic_config
+from toolchain.runs import Manifest, canonical, read_manifest, semantic_config
 from toolchain.scoring import answers_match
 from toolchain.topk_cache import TopKWriter, example_key, teacher_topk, topk_logprobs
 from toolchain.ui import console, progress
@@ -425,7 +425,6 @@ def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
     prompts with the same settings and differs only in the top-k cache (hard-label first, soft-label next:
     the teacher is not asked again). The usual resume path then keeps them."""
     from toolchain.plans import PLANS, external_inputs
-    from toolchain.runs import read_manifest
 
     if out_path.exists():
         return
@@ -492,7 +491,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         "completion_tokens": sum(r["completion_tokens"] for r in rows), **speed,
     }
     if "synthesize" in inputs:  # what the new prompts went through, for eval's report
-        synth = json.loads((inputs["synthesize"] / "manifest.json").read_text(encoding="utf-8"))["metrics"]
+        synth = read_manifest(inputs["synthesize"], verify=False)["metrics"]
         metrics["synthetic"] = {**synth, "method": cfg.synthesize.method,
                                 "decontaminate_ngram": cfg.synthesize.decontaminate_ngram,
                                 "decontaminate_threshold": cfg.synthesize.decontaminate_threshold}

@@ -48,12 +48,17 @@ _LEAD = re.compile(r"^\s*(?:\*\*)?(?:new |rewritten |paraphrased )?(?:input|prom
                    r"\s*:\s*(?:\*\*)?", re.IGNORECASE)
 
 
-def normalise(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
-
-
 def words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
+
+
+def normalise(text: str) -> str:
+    return " ".join(words(text))
+
+
+def _content(row: dict) -> str:
+    """What duplicates are judged on: the text fill wrote, or the whole prompt."""
+    return row.get("content", row["prompt"])
 
 
 _ANSWER = re.compile(r"^\s*(?:\*\*)?(?:output|answer|response|label|solution)\s*:", re.IGNORECASE | re.MULTILINE)
@@ -265,11 +270,15 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     cand_path = out_dir / "candidates.jsonl"
     done = read_jsonl_resumable(cand_path)
     kept = {t: 0 for t in by_task}
+
+    def keep(row: dict) -> None:
+        kept[row["task"]] += 1
+        exact.add(normalise(_content(row)))
+        near.add(row["id"], _content(row))
+
     for r in done:  # the state a killed run had: dedup and counts rebuilt from its decisions
         if r["kept"]:
-            kept[r["task"]] += 1
-            exact.add(normalise(r.get("content", r["prompt"])))
-            near.add(r["id"], r.get("content", r["prompt"]))
+            keep(r)
     asked = {r["job"] for r in done}
     if done:
         console.print(f"  resuming: {len(done)} prompts written before, {sum(kept.values())} kept")
@@ -349,9 +358,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                     sink.write(row)
                     counts[row["reason"]] += 1
                     if reason is None:
-                        kept[task] += 1
-                        exact.add(normalise(row.get("content", row["prompt"])))
-                        near.add(row["id"], row.get("content", row["prompt"]))
+                        keep(row)
                         bar.update(task_bar, advance=1)
                     dropped = sum(v for k, v in counts.items() if k != "kept")
                     bar.update(task_bar, info=f"kept {sum(kept.values())} · dropped {dropped}")
@@ -365,7 +372,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     written = len(rows)
     reasons = Counter(r["reason"] for r in rows)
     metrics = {"seeds": len(train), "written": written, "kept": len(out),
-               "target": s.target, "reached": all(kept[t] >= want[t] for t in want),
+               "target": s.target, "reached": all(full(t) for t in want),
                **{f"dropped_{k.replace(' ', '_')}": v for k, v in sorted(reasons.items()) if k != "kept"},
                "duplicate_rate": round((reasons["exact duplicate"] + reasons["near duplicate"]) / max(written, 1), 4),
                "contamination_rate": round(reasons["contaminated"] / max(written, 1), 4)}
@@ -382,7 +389,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
 def _filter(s, row: dict, exact: set[str], near: NearDuplicates, dirty: Contamination) -> str | None:
     """Why a new prompt is dropped, or None to keep it (duplicates judged on its content: what fill wrote)."""
-    text, key = row["prompt"], row.get("content", row["prompt"])
+    text, key = row["prompt"], _content(row)
     n = len(words(text))
     if not text.strip() or not key.strip():
         return "empty"
