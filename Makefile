@@ -19,7 +19,7 @@ LLAMA_VERSION := 0.3.36
 # with other flags is never picked up.
 LLAMA_ISA ?= x86-64-v3
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF
-# export.imatrix builds llama.cpp's llama-imatrix and llama-quantize with the same flags (toolchain/gguf_io.py).
+# export.imatrix builds llama.cpp's llama-imatrix and llama-quantize with the same flags (toolchain/artifacts/gguf_io.py).
 export LLAMA_CMAKE_ARGS
 WHEELS ?= $(HOME)/.cache/distillery/wheels/$(LLAMA_ISA)
 LLAMA_WHEEL = $(firstword $(wildcard $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl))
@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install --quiet --no-deps --force-reinstall $$(ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl | head -1)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	@# llama.cpp's GGUF converter of the same version as the runtime (from its sdist), for export.
-	$(BIN)/python -c "from toolchain.gguf_io import converter_dir; converter_dir()"
+	$(BIN)/python -c "from toolchain.artifacts.gguf_io import converter_dir; converter_dir()"
 	@# Chromium (Debian package) renders report.html in the report test; installed when running as root.
 	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \

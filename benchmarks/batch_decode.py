@@ -25,7 +25,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from toolchain.backends.llama_batch import BatchDecoder
     from toolchain.backends.llama_cpp import LlamaCppEngine
-    from toolchain.models import DEFAULT_TEACHER, resolve
+    from toolchain.models.references import DEFAULT_TEACHER, resolve
 
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else resolve(DEFAULT_TEACHER).path
     engine = LlamaCppEngine(path, n_ctx=512)

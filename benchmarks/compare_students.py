@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from toolchain.stats import mcnemar, summarize
+from toolchain.quality.stats import mcnemar, summarize
 
 
 def load(path: str) -> dict:

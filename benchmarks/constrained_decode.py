@@ -22,8 +22,8 @@ import numpy as np
 
 def main() -> None:
     from toolchain.backends.llama_cpp import LlamaCppEngine
-    from toolchain.constraints import free_and_constrained
-    from toolchain.formats import load_prompts
+    from toolchain.quality.constraints import free_and_constrained
+    from toolchain.data.formats import load_prompts
     from toolchain.recipe import load
 
     ap = argparse.ArgumentParser()

@@ -29,9 +29,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from toolchain import served
+    from toolchain.serve import targets as served
     from toolchain.backends.llama_cpp import LlamaCppEngine
-    from toolchain.gguf_io import open_reader
+    from toolchain.artifacts.gguf_io import open_reader
     from toolchain.recipe import load
 
     teacher = served.teacher(load(args.recipe), "llama_cpp", args.teacher).path

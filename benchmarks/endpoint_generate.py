@@ -66,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     sys.path.insert(0, str(ROOT))
-    from toolchain.models import resolve
+    from toolchain.models.references import resolve
 
     server = None
     url = args.url

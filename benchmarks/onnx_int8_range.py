@@ -2,7 +2,7 @@
 
     python benchmarks/onnx_int8_range.py runs/default/export-*/onnx/fp32
 
-Quantizes the float ONNX file both ways (as ``toolchain.onnx_io.quantize`` does, MLP down projections float)
+Quantizes the float ONNX file both ways (as ``toolchain.artifacts.onnx_io.quantize`` does, MLP down projections float)
 and prints top-1 agreement and mean KL against the float file over a few fixed texts, side by side. On an
 x86 CPU with VNNI both work and 7 bits costs a little; without VNNI onnxruntime's u8×s8 kernel saturates at
 int16 and full-range weights lose most of the model: which one this machine is, ``grep vnni /proc/cpuinfo``.
@@ -33,7 +33,7 @@ def main() -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from toolchain.backends.onnx import OnnxEngine
-    from toolchain.engine_lm import log_softmax
+    from toolchain.quality.lm_adapter import log_softmax
 
     src = Path(args.folder) / "model.onnx"
     ref = OnnxEngine(src.parent)

@@ -32,8 +32,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from toolchain import recipe
-    from toolchain.engine_lm import EngineLM
-    from toolchain.stages.eval import heldout_rows, score, write_tasks
+    from toolchain.quality.lm_adapter import EngineLM
+    from toolchain.quality.heldout import heldout_rows, score, write_tasks
 
     cfg = recipe.load(args.recipe)
     runs = ROOT / "runs" / cfg.name

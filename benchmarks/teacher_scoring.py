@@ -30,10 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from toolchain.backends.llama_cpp import LlamaCppEngine  # noqa: E402
-from toolchain.chat import IGNORE, common_prefix, tokenize_pairs  # noqa: E402
-from toolchain.data import iter_jsonl  # noqa: E402
-from toolchain.models import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve  # noqa: E402
-from toolchain.stages.distill import OnlineTeacher, collate  # noqa: E402
+from toolchain.models.chat import IGNORE, common_prefix, tokenize_pairs  # noqa: E402
+from toolchain.data.rows import iter_jsonl  # noqa: E402
+from toolchain.models.references import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve  # noqa: E402
+from toolchain.training.batches import collate  # noqa: E402
+from toolchain.training.step import OnlineTeacher  # noqa: E402
 
 
 def _newest(runs: Path, pattern: str) -> Path | None:

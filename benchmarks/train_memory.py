@@ -39,10 +39,10 @@ def one(conf: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from toolchain.chat import IGNORE
-    from toolchain.losses import auto_chunk
+    from toolchain.models.chat import IGNORE
+    from toolchain.training.losses import auto_chunk
     from toolchain.recipe import SoftConfig
-    from toolchain.stages.distill import MasterWeights, OnlineTeacher, step_loss
+    from toolchain.training.step import MasterWeights, OnlineTeacher, step_loss
 
     torch.set_num_threads(conf["threads"])
     torch.manual_seed(0)

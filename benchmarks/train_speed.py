@@ -36,15 +36,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from toolchain.chat import messages_for, tokenize_pairs  # noqa: E402
-from toolchain.data import iter_jsonl  # noqa: E402
-from toolchain.models import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve  # noqa: E402
+from toolchain.models.chat import messages_for, tokenize_pairs  # noqa: E402
+from toolchain.data.rows import iter_jsonl  # noqa: E402
+from toolchain.models.references import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve  # noqa: E402
 from toolchain.recipe import SoftConfig  # noqa: E402
-from toolchain.stages.distill import (  # noqa: E402
-    OnlineTeacher, batches_for_epoch, collate, common_prefix, on_policy_batch, rollout, step_loss,
-)
-from toolchain.student import choose_layers, prune  # noqa: E402
-from toolchain.topk_cache import teacher_topk  # noqa: E402
+from toolchain.models.chat import common_prefix  # noqa: E402
+from toolchain.training.batches import batches_for_epoch, collate  # noqa: E402
+from toolchain.training.on_policy import on_policy_batch, rollout  # noqa: E402
+from toolchain.training.step import OnlineTeacher, step_loss  # noqa: E402
+from toolchain.models.student import choose_layers, prune  # noqa: E402
+from toolchain.training.topk_cache import teacher_topk  # noqa: E402
 
 
 def _pairs_file(arg: str | None) -> Path:

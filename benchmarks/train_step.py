@@ -8,7 +8,7 @@ that alternate every round so the machine's drift hits both alike:
 
 - plain: every row runs the whole sequence; AdamW with torch's default (foreach) implementation;
 - distill: the prefix every row shares (system prompt, chat header) runs once per step and is broadcast as a
-  KV cache (``toolchain.stages.distill.decoder_hidden``); torch's fused AdamW.
+  KV cache (``toolchain.training.step.decoder_hidden``); torch's fused AdamW.
 
 Prints the forward, backward and optimizer seconds per step of each, the ratio, and the two losses of the first
 batch (equal up to float rounding).
@@ -28,9 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from toolchain.chat import common_prefix, tokenize_pairs  # noqa: E402
-from toolchain.data import iter_jsonl  # noqa: E402
-from toolchain.stages.distill import batches_for_epoch, collate, step_loss  # noqa: E402
+from toolchain.models.chat import common_prefix, tokenize_pairs  # noqa: E402
+from toolchain.data.rows import iter_jsonl  # noqa: E402
+from toolchain.training.batches import batches_for_epoch, collate  # noqa: E402
+from toolchain.training.step import step_loss  # noqa: E402
 
 
 def main() -> None:

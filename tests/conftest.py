@@ -76,7 +76,7 @@ def tiny_model_dir(folder: Path, extra_rows: int = 0, layers: int = 4) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from toolchain.models import DEFAULT_TEACHER, load_tokenizer, resolve
+    from toolchain.models.references import DEFAULT_TEACHER, load_tokenizer, resolve
 
     tok = load_tokenizer(resolve(DEFAULT_TEACHER))
     torch.manual_seed(0)

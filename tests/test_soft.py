@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.chat import IGNORE
+from toolchain.models.chat import IGNORE
 from toolchain.recipe import SoftConfig
-from toolchain.scoring import answers_match
-from toolchain.stages.distill import OnlineTeacher, _cached_rows, collate, common_prefix, decoder_hidden, step_loss
-from toolchain.chat import final_answer
-from toolchain.topk_cache import CacheError, TopKCache, TopKWriter, teacher_topk
+from toolchain.quality.metrics import answers_match
+from toolchain.training.step import OnlineTeacher, decoder_hidden, step_loss
+from toolchain.training.batches import cached_rows, collate
+from toolchain.models.chat import common_prefix
+from toolchain.models.chat import final_answer
+from toolchain.training.topk_cache import CacheError, TopKCache, TopKWriter, teacher_topk
 
 EXAMPLES = [([1, 5, 9, 13, 2, 7, 7, 3], [IGNORE] * 4 + [2, 7, 7, 3]),
             ([4, 4, 8, 16, 32, 1], [IGNORE] * 3 + [16, 32, 1])]
@@ -39,14 +41,14 @@ def test_cached_full_vocab_equals_online_and_top32_is_bounded(tiny_llama, tmp_pa
     online = step_loss(student, batch, soft, teacher=OnlineTeacher(teacher, []))[0].detach()
 
     full = _cache(tmp_path / "full", teacher, 128, 2.0)
-    cached = step_loss(student, batch, soft, topk=_cached_rows(full, ["ex0", "ex1"], batch))[0].detach()
+    cached = step_loss(student, batch, soft, topk=cached_rows(full, ["ex0", "ex1"], batch))[0].detach()
     # The cache stores float16 log-probs (±0.004 at log p ≈ -8). On this tiny random model the distributions
     # are nearly uniform, so each KL is a small difference of large entropies: stated tolerance 5 % here
     # (measured: forward 3.7 %, reverse 0.2 %, JSD 0.3 %).
     assert float(cached) == pytest.approx(float(online), rel=5e-2)
 
     top = _cache(tmp_path / "k32", teacher, 32, 2.0)
-    folded = step_loss(student, batch, soft, topk=_cached_rows(top, ["ex0", "ex1"], batch))[0].detach()
+    folded = step_loss(student, batch, soft, topk=cached_rows(top, ["ex0", "ex1"], batch))[0].detach()
     # Folding the vocabulary into k+1 buckets can only lose information (data-processing inequality):
     # the top-k divergence is a lower bound on the full one.
     assert float(folded) <= float(online) * (1 + 1e-3) + 1e-6
@@ -57,8 +59,8 @@ def test_cached_full_vocab_equals_online_and_top32_is_bounded(tiny_llama, tmp_pa
 def test_soft_label_over_a_trimmed_vocabulary_is_the_teacher_conditioned_on_the_kept_tokens(tiny_llama, tmp_path, kind):
     """A student with a trimmed vocabulary matches the teacher's logits at the kept ids, renormalised: online
     (the teacher reads the batch in its own ids), and from a top-k cache written in teacher ids."""
-    from toolchain import vocab
-    from toolchain.losses import divergence, log_probs
+    from toolchain.models import vocab
+    from toolchain.training.losses import divergence, log_probs
 
     torch.manual_seed(2)
     teacher = tiny_llama
@@ -87,11 +89,11 @@ def test_soft_label_over_a_trimmed_vocabulary_is_the_teacher_conditioned_on_the_
                 return teacher_topk(teacher, *EXAMPLES[int(key[2:])], 128, 2.0)
 
     lookup = vocab.lookup(keep, 128)
-    cached = step_loss(student, batch, soft, topk=_cached_rows(Rows(), ["ex0", "ex1"], batch, lookup))[0].detach()
+    cached = step_loss(student, batch, soft, topk=cached_rows(Rows(), ["ex0", "ex1"], batch, lookup))[0].detach()
     assert float(cached) == pytest.approx(float(online), rel=1e-4)
 
     # top-32: slots of tokens the student lacks carry no mass on either side, and the gradient stays finite
-    top = _cached_rows(_cache(tmp_path / "k32", teacher, 32, 2.0), ["ex0", "ex1"], batch, lookup)
+    top = cached_rows(_cache(tmp_path / "k32", teacher, 32, 2.0), ["ex0", "ex1"], batch, lookup)
     assert not top[2].all() and top[2].any()
     student.zero_grad()
     loss = step_loss(student, batch, soft, topk=top)[0]
@@ -144,7 +146,7 @@ def test_answers_match(answer, gold, ok):
 
 
 def test_served_text_strips_reasoning_only_when_asked():
-    from toolchain.chat import served_text
+    from toolchain.models.chat import served_text
     from toolchain.recipe import ReasoningConfig
 
     trace = "12 + 5 = 17.\nAnswer: 17"

@@ -1,11 +1,11 @@
-"""Intervals and tests of toolchain.stats against values computed by hand on tiny tables."""
+"""Intervals and tests of toolchain.quality.stats against values computed by hand on tiny tables."""
 
 import math
 
 import numpy as np
 import pytest
 
-from toolchain import stats
+from toolchain.quality import stats
 
 
 def test_mcnemar_exact_one_sided():

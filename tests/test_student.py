@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from toolchain import student as students
-from toolchain.chat import IGNORE
-from toolchain.stages.distill import batches_for_epoch, collate, response_loss
+from toolchain.models import student as students
+from toolchain.models.chat import IGNORE
+from toolchain.training.batches import batches_for_epoch, collate
+from toolchain.training.step import response_loss
 
 
 def test_block_influence_scores_every_layer(tiny_llama):
@@ -74,11 +75,11 @@ def test_lora_with_train_norms_trains_and_merges_the_norm_weights(tiny_llama):
     import torch
 
     from toolchain.recipe import parse
-    from toolchain.stages.distill import _trainable
+    from toolchain.training.trainer import trainable
 
     cfg = parse({"name": "t", "teacher": "x.gguf", "data": {"train": ["t.jsonl"]},
                  "distill": {"method": "lora", "train_norms": True, "lora": {"r": 2, "alpha": 4}}}, "test")
-    model = _trainable(copy.deepcopy(tiny_llama), cfg)
+    model = trainable(copy.deepcopy(tiny_llama), cfg)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("input_layernorm" in n for n in trained) and any(n.endswith("norm.modules_to_save.default.weight") for n in trained)
     assert not any("embed_tokens" in n or ("q_proj.base_layer" in n) for n in trained)
@@ -89,7 +90,7 @@ def test_lora_with_train_norms_trains_and_merges_the_norm_weights(tiny_llama):
     merged = model.merge_and_unload()
     before = tiny_llama.model.layers[0].input_layernorm.weight
     assert not torch.equal(merged.model.layers[0].input_layernorm.weight, before)
-    off = {n for n, p in _trainable(copy.deepcopy(tiny_llama), parse(
+    off = {n for n, p in trainable(copy.deepcopy(tiny_llama), parse(
         {"name": "t", "teacher": "x.gguf", "data": {"train": ["t.jsonl"]}, "distill": {"method": "lora"}}, "test"
     )).named_parameters() if p.requires_grad}
     assert not any("norm" in n for n in off)

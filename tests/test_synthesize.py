@@ -69,7 +69,7 @@ def _recipe(tmp_path, teacher, **changes):
 
 
 def test_quotas_share_the_target_as_the_seeds_are(tiny_dir, tmp_path):
-    from toolchain.formats import load_prompts
+    from toolchain.data.formats import load_prompts
 
     cfg = _recipe(tmp_path, tiny_dir, target=30)
     train, _ = load_prompts(cfg)
@@ -231,7 +231,7 @@ def test_init_offers_a_synthesize_section_for_little_data(tmp_path):
     file gets none."""
     import yaml
 
-    from toolchain.scaffold import SYNTHESIZE_BELOW, inspect, recipe_text
+    from toolchain.data.init_recipe import SYNTHESIZE_BELOW, inspect, recipe_text
 
     rows = [{"id": f"r{i}", "prompt": f"Classify this ticket: printer {i} is jammed", "gold": "ham"} for i in range(40)]
     small = tmp_path / "small.jsonl"

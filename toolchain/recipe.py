@@ -13,6 +13,8 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from toolchain.models.references import check_reference_syntax
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message is one line and names the file and the field."""
@@ -39,10 +41,10 @@ class StudentConfig(_Section):
     influence_samples: int = Field(48, ge=1, description="Teacher responses used to score block influence.")
     vocab: int | None = Field(
         None, ge=0,
-        description="Trim the student's vocabulary (see toolchain/vocab.py): keep the teacher's first N BPE tokens, "
-        "every token of the recipe's prompts, the teacher's answers and the chat template (with the tokens they are "
-        "built from), the byte tokens and the special tokens. Task text tokenizes exactly as before; the output "
-        "layer shrinks (decode speed). None keeps the whole vocabulary. With soft-label the student matches the "
+        description="Trim the student's vocabulary (see toolchain/models/vocab.py): keep the teacher's first N BPE "
+        "tokens, every token of the recipe's prompts, the teacher's answers and the chat template (with the tokens "
+        "they are built from), the byte tokens and the special tokens. Task text tokenizes exactly as before; the "
+        "output layer shrinks (decode speed). None keeps the whole vocabulary. With soft-label the student matches the "
         "teacher's distribution over the kept tokens.",
     )
 
@@ -396,13 +398,12 @@ class TaskConfig(_Section):
         if (self.judge is not None or self.rubric is not None) and self.metric != "judge":
             raise ValueError("judge and rubric only apply to metric: judge")
         if self.judge is not None:
-            from toolchain.models import check_reference_syntax
-
             check_reference_syntax(self.judge)
         return self
 
     def spec(self, gold_values: list[str] = ()) -> dict:
-        """The scoring spec toolchain.scoring.check reads (labels inferred from ``gold_values`` when not given)."""
+        """The scoring spec toolchain.quality.metrics.check reads (labels inferred from ``gold_values`` when not
+        given)."""
         labels = self.labels if self.labels is not None else sorted(set(gold_values))
         return {"metric": self.metric, "labels": labels if self.metric == "label" else None,
                 "tolerance": self.tolerance, "max_words": self.max_words, "pattern": self.pattern, "keys": self.keys,
@@ -686,8 +687,6 @@ class Recipe(_Section):
     @field_validator("teacher")
     @classmethod
     def _teacher_ref(cls, v: str) -> str:
-        from toolchain.models import check_reference_syntax
-
         check_reference_syntax(v)
         return v
 

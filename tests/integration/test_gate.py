@@ -32,7 +32,7 @@ def test_a_clearly_worse_student_fails_the_confident_gate(tmp_path):
 
 
 def test_one_prompt_below_the_floor_on_a_small_task_is_not_significant(tmp_path):
-    from toolchain import stats
+    from toolchain.quality import stats
 
     # 28 of the teacher's 30 layers and one tiny step: the student answers mostly, not always, as the teacher
     close = {"student__keep_layers": 28, "distill__max_steps": 1, "distill__lr": 1e-7, "eval__min_retention": 0.0}

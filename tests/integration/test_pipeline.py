@@ -256,7 +256,7 @@ def test_hf_backend_answers_like_llama_cpp():
     Greedy text may differ from llama.cpp's: llama.cpp multiplies with 8-bit activations, torch in float32.
     """
     from toolchain.backends import open_engine
-    from toolchain.models import DEFAULT_TEACHER, resolve
+    from toolchain.models.references import DEFAULT_TEACHER, resolve
 
     ref = resolve(DEFAULT_TEACHER)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
@@ -305,7 +305,7 @@ def test_batched_greedy_decoding_gives_each_prompt_its_own_answer():
     import numpy as np
 
     from toolchain.backends.llama_cpp import LlamaCppEngine
-    from toolchain.models import DEFAULT_TEACHER, resolve
+    from toolchain.models.references import DEFAULT_TEACHER, resolve
 
     engine = LlamaCppEngine(resolve(DEFAULT_TEACHER).path, n_ctx=512, logits_all=True)
     questions = ["What is the capital of France?", "Name three colours of the rainbow.", "What is 2 + 2?",

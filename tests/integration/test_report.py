@@ -48,7 +48,7 @@ def test_report_html_renders_in_headless_chromium(ci_run, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from toolchain.report import screenshot
+    from toolchain.render.report import screenshot
 
     recipe, runs, proc = ci_run
     page = runs / "ci" / "report" / "report.html"

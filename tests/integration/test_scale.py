@@ -168,8 +168,8 @@ def test_soft_label_from_an_endpoint_teacher(teacher_server, tmp_path):
     it. The cache equals (to float16) the one the same GGUF writes in-process for the same answers."""
     import numpy as np
 
-    from toolchain.models import DEFAULT_TEACHER
-    from toolchain.topk_cache import TopKCache
+    from toolchain.models.references import DEFAULT_TEACHER
+    from toolchain.training.topk_cache import TopKCache
 
     soft = {"loss": "forward_kl", "temperature": 1.0, "alpha": 0.5, "teacher_logits": "cache", "top_k": 20}
     runs = tmp_path / "runs"

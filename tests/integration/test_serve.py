@@ -291,7 +291,7 @@ def test_lm_eval_api_models_evaluate_a_task_against_the_server(server, ci_run, t
     from transformers import AutoTokenizer
 
     from toolchain.recipe import load
-    from toolchain.stages.eval import heldout_rows, write_tasks
+    from toolchain.quality.heldout import heldout_rows, write_tasks
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # lm-eval's API models send this as the bearer token
     recipe, runs, _ = ci_run
@@ -319,9 +319,10 @@ def test_onnxruntime_backend_serves_the_same_api(ci_run):
     """The same app over the exported ONNX int8 student (in-process, through Starlette's test client)."""
     from fastapi.testclient import TestClient
 
-    from toolchain import served
+    from toolchain.serve import targets as served
     from toolchain.recipe import load
-    from toolchain.serve import Settings, create_app
+    from toolchain.serve.app import create_app
+    from toolchain.serve.settings import Settings
 
     recipe, runs, _ = ci_run
     target = served.student(load(recipe), runs, "onnxruntime", None)
@@ -414,7 +415,7 @@ def plain_and_batched(gguf: str, recipe: str, n: int = 24) -> dict:
 
     import numpy as np
 
-    from toolchain import served
+    from toolchain.serve import targets as served
     from toolchain.backends.llama_batch import BatchDecoder
     from toolchain.recipe import load
 
@@ -443,7 +444,7 @@ def plain_and_batched(gguf: str, recipe: str, n: int = 24) -> dict:
 
 def teacher_gguf() -> str:
     """The embedded teacher's GGUF file (the CI recipes' teacher)."""
-    from toolchain.models import DEFAULT_TEACHER, resolve
+    from toolchain.models.references import DEFAULT_TEACHER, resolve
 
     return str(resolve(DEFAULT_TEACHER).path)
 

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 from toolchain.backends.base import Completion, TokenLoop, cut_at_stop, pick  # noqa: F401 (the engines' interface)
+from toolchain.backends.llama_cpp import LlamaCppEngine
+from toolchain.backends.openai_http import OpenAIEngine
 
 
 def endpoint_options(g) -> dict:
@@ -21,8 +23,6 @@ def open_engine(ref, backend: str = "auto", *, n_ctx: int = 2048, threads: int |
     if backend == "auto":
         backend = {"gguf": "llama_cpp", "hf_dir": "hf", "openai": "openai"}[ref.kind]
     if backend == "llama_cpp":
-        from toolchain.backends.llama_cpp import LlamaCppEngine
-
         if ref.kind != "gguf":
             raise ValueError(f"{ref.ref}: the llama_cpp backend needs a .gguf model")
         return LlamaCppEngine(ref.path, n_ctx=n_ctx, threads=threads, seed=seed)
@@ -31,8 +31,6 @@ def open_engine(ref, backend: str = "auto", *, n_ctx: int = 2048, threads: int |
 
         return HFEngine(ref, threads=threads)
     if backend == "openai":
-        from toolchain.backends.openai_http import OpenAIEngine
-
         if ref.kind != "openai":
             raise ValueError(f"{ref.ref}: the openai backend needs an openai:<base_url>#<model> reference")
         return OpenAIEngine(ref.base_url, ref.model, **(endpoint or {}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from toolchain.backends.base import Completion, cut_at_stop
-from toolchain.models import load_tokenizer, load_torch_model
+from toolchain.models.references import load_tokenizer, load_torch_model
 
 
 class HFEngine:

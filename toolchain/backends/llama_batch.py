@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from toolchain.models.chat import common_prefix
+
 BATCH_TOKENS = 512  # tokens one llama_decode takes (at least one per slot)
 
 
@@ -81,7 +83,6 @@ class BatchDecoder:
         """Read the tokens every prompt starts with once, into a slot of its own, and copy that slot's cache
         into each new sequence (``copy_prefix``) instead of reading them again: with a chat template, a third
         or more of a short prompt. Takes a free slot of its own; the prefix length (0: none worth sharing)."""
-        from toolchain.chat import common_prefix
 
         prefix = common_prefix(prompts)[: min(len(p) for p in prompts) - 1] if len(prompts) > 1 else []
         if len(prefix) < least or len(self.free_slots) < 2:

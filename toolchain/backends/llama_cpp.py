@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.backends.base import Completion
+from toolchain.backends.llama_batch import BATCH_TOKENS, BatchDecoder, fill, greedy_stream, logits_row, logits_stream
 
 
 def _whole_pieces(model) -> None:
@@ -101,7 +102,6 @@ class LlamaCppEngine:
         """Greedy continuations of many prompts, ``slots`` decoded together (toolchain.backends.llama_batch):
         (prompt index, tokens with the stop token when reached, ``keep`` of the logits each token was chosen
         from, stacked) in the order they finish."""
-        from toolchain.backends.llama_batch import BatchDecoder, greedy_stream
 
         if not prompts:
             return
@@ -123,7 +123,6 @@ class LlamaCppEngine:
         """For each (ids, start), the logits that predict ids[start:] ([len - start, vocab]), several sequences
         per decode and their shared prefix read once (toolchain.backends.llama_batch.logits_stream); in the
         order they are read. A sequence longer than one batch is read alone (``logits``)."""
-        from toolchain.backends.llama_batch import BATCH_TOKENS, BatchDecoder, logits_stream
 
         if not seqs:
             return
@@ -169,7 +168,7 @@ class LlamaCppEngine:
         cache = self._grammars
         if key not in cache:
             try:
-                if kind == "gbnf":  # a grammar written by toolchain.constraints
+                if kind == "gbnf":  # a grammar written by toolchain.quality.constraints
                     cache[key] = LlamaGrammar.from_string(schema, verbose=False)
                 elif schema is None:
                     cache[key] = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
@@ -230,7 +229,6 @@ class LlamaCppEngine:
         """Evaluate ``tokens`` after what the cache holds (in chunks of n_batch); logits for the last one."""
         import llama_cpp as L
 
-        from toolchain.backends.llama_batch import fill
 
         n_batch = self.llm.n_batch
         if self._batch is None:
@@ -249,7 +247,6 @@ class LlamaCppEngine:
         sampled from. Read from the context (``Llama.scores`` is only filled with ``logits_all``)."""
         import llama_cpp
 
-        from toolchain.backends.llama_batch import logits_row
 
         return logits_row(llama_cpp, self.llm._ctx.ctx, -1, self.llm.n_vocab())
 

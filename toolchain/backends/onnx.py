@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from toolchain.artifacts.onnx_io import external_files
 from toolchain.backends.base import TokenLoop, pick
-from toolchain.onnx_io import external_files
-
 
 DYNAMIC = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
 

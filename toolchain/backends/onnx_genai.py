@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.backends.base import TokenLoop
+from toolchain.models.references import ModelError
 
 
 class GenaiEngine(TokenLoop):
@@ -21,7 +22,6 @@ class GenaiEngine(TokenLoop):
         import onnxruntime_genai as og
         from transformers import AutoTokenizer
 
-        from toolchain.models import ModelError
 
         path = Path(path)
         folder = path.parent if path.suffix == ".onnx" else path

@@ -8,6 +8,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from toolchain.backends.base import pick
+from toolchain.backends.llama_batch import BatchDecoder
 from toolchain.serve.metrics import Metrics
 from toolchain.serve.schemas import ChatRequest, RequestError
 from toolchain.serve.settings import Settings
@@ -239,7 +241,6 @@ class Batcher:
     def __init__(self, server: Server, slots: int):
         import queue
 
-        from toolchain.backends.llama_batch import BatchDecoder
 
         self.server, self.slots = server, slots
         self.decoder = BatchDecoder(server.engine, slots, server.s.n_ctx_per_slot)
@@ -293,7 +294,6 @@ class Batcher:
 
     def _take(self, entry: list, logits) -> bool:
         """Pick a request's next token; False when the request is finished (and its slot freed)."""
-        from toolchain.backends.base import pick
 
         job = entry[0]
         tok = pick(logits, job.temperature, job.req.top_p, entry[4])

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from toolchain.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -24,11 +28,27 @@ class Settings:
     stream_interval_ms: float = 0.0  # streamed text at most this often (first token at once); 0 = every token
     file: str = ""  # the served file's name, a label on every metric
     aliases: tuple[str, ...] = ()  # other names a request's `model` may use (the recipe name, the file name)
-    # serve.constrain: task -> (grammar kind, definition) (toolchain.constraints), and the task of a request
+    # serve.constrain: task -> (grammar kind, definition) (toolchain.quality.constraints), and the task of a request
     # that names none
     constraints: dict = field(default_factory=dict)
     default_task: str | None = None
     unconstrained: tuple[str, ...] = ()  # tasks of the recipe whose metric has no shape to enforce
+
+    @classmethod
+    def from_recipe(cls, cfg: "Recipe", model_id: str, file: str, aliases: tuple[str, ...] = (),
+                    api_key: str | None = None, constraints: dict | None = None,
+                    unconstrained: tuple[str, ...] = ()) -> "Settings":
+        """A recipe's serve: and cost: sections, and the system prompt the student was trained with."""
+        s, c = cfg.serve, cfg.cost
+        return cls(
+            model_id=model_id, file=file, aliases=aliases, api_key=api_key,
+            constraints=constraints or {}, unconstrained=unconstrained, default_task=s.task,
+            max_prompt_tokens=s.max_prompt_tokens, max_new_tokens=s.max_new_tokens, max_body_bytes=s.max_body_bytes,
+            max_queue=s.max_queue, temperature=s.temperature, batch=s.batch,
+            n_ctx_per_slot=s.max_prompt_tokens + s.max_new_tokens + 8, stream_interval_ms=s.stream_interval_ms,
+            usd_per_hour=c.usd_per_hour, reference_usd_per_1m_input=c.reference_api_usd_per_1m_input,
+            reference_usd_per_1m_output=c.reference_api_usd_per_1m_output, system_prompt=cfg.generate.system_prompt,
+        )
 
     def model_ids(self) -> list[str]:
         """What a request may name in `model` (and /v1/models lists); anything else is 404 model_not_found."""

@@ -28,9 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-from toolchain import served
-from toolchain.chat import context, flat_prompt, messages_for
-from toolchain.runs import Manifest
+from toolchain.backends.llama_batch import BatchDecoder
+from toolchain.models.chat import context, flat_prompt, messages_for
+from toolchain.pipeline.runs import Manifest
+from toolchain.quality.heldout import heldout_rows
+from toolchain.render.markdown import bench_markdown
+from toolchain.serve import targets as served
 from toolchain.ui import console, progress
 
 HOURS_PER_MONTH = 730
@@ -67,7 +70,6 @@ def loaded(engine, prompts: list[list[int]], max_new_tokens: int, slots: int) ->
     serve` with serve.batch), greedy, until every prompt is answered. Output tokens over wall time."""
     import numpy as np
 
-    from toolchain.backends.llama_batch import BatchDecoder
 
     decoder = BatchDecoder(engine, slots, max(len(p) for p in prompts) + max_new_tokens + 8)
     queue, live, tokens = list(prompts), [], 0
@@ -131,7 +133,7 @@ def _measure(target: served.Served, asks: list[dict], max_new_tokens: int, slots
     payload = json.dumps({"path": str(target.path), "backend": target.backend, "role": target.role,
                           "quant": target.quant, "asks": asks, "max_new_tokens": max_new_tokens,
                           "slots": slots if target.backend == "llama_cpp" else 0})
-    done = subprocess.run([sys.executable, "-c", "from toolchain.stages.bench import child; child()"], input=payload,
+    done = subprocess.run([sys.executable, "-m", "toolchain.stages.bench"], input=payload,
                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode != 0:
         tail = [ln for ln in done.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
@@ -179,14 +181,9 @@ class _Served:
         self.max_new_tokens = max_new_tokens
 
         def argv(port: int) -> list[str]:
-            code = (
-                "import sys; from toolchain import served; from toolchain.serve import Settings, serve; "
-                f"t = served.Served(__import__('pathlib').Path({str(target.path)!r}), {target.backend!r}, 'bench', "
-                f"'student', {target.quant!r}); serve(served.open_engine(t, n_ctx=4096), Settings(model_id='bench', "
-                f"max_new_tokens={max_new_tokens}, system_prompt=None, stream_interval_ms={stream_interval_ms!r}), "
-                f"'127.0.0.1', {port})"
-            )
-            return [sys.executable, "-c", code]
+            return [sys.executable, "-m", "toolchain.serve", "--file", str(target.path), "--backend", target.backend,
+                    "--model-id", "bench", "--max-new-tokens", str(max_new_tokens),
+                    "--stream-interval-ms", str(stream_interval_ms), "--n-ctx", "4096", "--port", str(port)]
 
         self.proc, self.port = served.start_child_server(argv, "/health", "bench server")
 
@@ -252,8 +249,6 @@ def _distill_cost_s(inputs: dict[str, Path]) -> float:
 
 
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
-    from toolchain.stages.eval import heldout_rows
-
     b = cfg.bench
     quant = b.quant or served.default_quant(cfg, b.backend)
     export_report = json.loads((inputs["export"] / "export.json").read_text(encoding="utf-8"))
@@ -365,8 +360,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         report["served"] = {"summary": srv, "decode_ratio_vs_raw": statistics.median(pairs) if pairs else None,
                             "decode_ratio_runs": pairs}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "bench.md").write_text(render_markdown(report), encoding="utf-8")
-    console.print(render_markdown(report).split("\n\n", 2)[1], highlight=False, soft_wrap=True)
+    (out_dir / "bench.md").write_text(bench_markdown(report), encoding="utf-8")
+    console.print(bench_markdown(report).split("\n\n", 2)[1], highlight=False, soft_wrap=True)
     r = report["ratios"]
     return Manifest(metrics={"decode_speedup": r["decode_tps"], "cost_ratio_vs_api": r["student_cost_vs_api"],
                              "served_vs_raw": report.get("served", {}).get("decode_ratio_vs_raw")})
@@ -400,77 +395,5 @@ def _ratios(summary: dict, sizes: dict, usd: dict, api: float) -> dict:
             "student_cost_vs_api": usd["student"] / api if api else None}
 
 
-def _cell(stat: dict | None, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
-    if not stat:
-        return "-"
-    return f"{fmt.format(stat['median'] * scale)} ({fmt.format(stat['min'] * scale)}–{fmt.format(stat['max'] * scale)})"
-
-
-def render_markdown(report: dict) -> str:
-    s, r, q = report["summary"], report["ratios"], report["quality"]
-    usd = report["usd_per_1m_output_tokens"]
-
-    def num(x, fmt="{:.2f}"):
-        return "-" if x is None else fmt.format(x)
-
-    lines = [
-        f"# Bench: {report['recipe']} ({report['backend']}, {report['quant']}, {report['threads']} threads)",
-        "",
-        "| | teacher | student | student / teacher |",
-        "|---|---:|---:|---:|",
-        f"| decode tokens/s | {_cell(s['teacher'].get('decode_tps'))} | {_cell(s['student'].get('decode_tps'))} | "
-        f"**{num(r['decode_tps'])}×** |",
-        f"| prompt tokens/s | {_cell(s['teacher'].get('prompt_tps'))} | {_cell(s['student'].get('prompt_tps'))} | "
-        f"{num(r['prompt_tps'])}× |",
-        f"| time to first token (ms) | {_cell(s['teacher'].get('ttft_ms'))} | {_cell(s['student'].get('ttft_ms'))} | "
-        f"{num(r['ttft'])}× |",
-        f"| peak RSS (MB) | {_cell(s['teacher'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | "
-        f"{_cell(s['student'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | {num(r['peak_rss'])}× |",
-        f"| size on disk (MB) | {report['bytes']['teacher'] / 1e6:.1f} | {report['bytes']['student'] / 1e6:.1f} | "
-        f"{num(r['size'])}× |",
-        f"| $ per 1M output tokens | {usd['teacher']:.4f} | {usd['student']:.4f} | {num(r['usd_per_1m'])}× |",
-        f"| held-out gold % | {num(q['teacher_gold'] and 100 * q['teacher_gold'], '{:.1f}')} | "
-        f"{num(q['student_gold'] and 100 * q['student_gold'], '{:.1f}')} | {num(q['retention'])} (retention) |",
-        "",
-        f"Median (min–max) over {report['repeats']} runs of {report['prompts']} held-out prompts, up to "
-        f"{report['max_new_tokens']} new tokens, greedy, teacher and student alternating, each in its own process.",
-        f"$ per 1M output tokens at ${report['settings']['usd_per_hour']}/hour, one request at a time, prompt "
-        f"processing included. Reference API: ${report['reference_api_usd_per_1m_output']}/1M output tokens → the "
-        f"student costs **1/{1 / r['student_cost_vs_api']:.0f}** of it."
-        if r["student_cost_vs_api"]
-        else "",
-        "",
-    ]
-    be = report["break_even"]
-    if be["output_tokens"]:
-        lines.append(f"Break-even: distillation took {be['one_time_seconds'] / 60:.1f} machine-minutes "
-                     f"(${be['one_time_usd']:.4f} at ${report['settings']['distill_hardware_usd_per_hour']}/hour); "
-                     "each 1M "
-                     f"output tokens saves ${be['saving_usd_per_1m_output']:.2f}, so it pays back after "
-                     f"{be['output_tokens']:,.0f} output tokens. A dedicated machine "
-                     f"(${be['hardware_usd_per_month']:.0f}/month) "
-                     f"serves up to {be['capacity_tokens_per_month'] / 1e6:,.0f}M output tokens a month at this speed.")
-    ld = report.get("loaded")
-    if ld:
-        lines += [
-            "",
-            f"A busy server ({ld['concurrency']} requests decoding together, `serve.batch: "
-            f"{ld['concurrency']}`): {_cell(s['teacher'].get('loaded_tps'))} tokens/s teacher, "
-            f"{_cell(s['student'].get('loaded_tps'))} student (**{num(ld['tps_ratio'])}×**); $ per 1M output "
-            f"tokens at full load {ld['usd_per_1m_output_tokens']['teacher']:.4f} vs "
-            f"{ld['usd_per_1m_output_tokens']['student']:.4f}"
-            + (
-                f" → **1/{1 / ld['student_cost_vs_api']:.0f}** of the reference API."
-                if ld["student_cost_vs_api"]
-                else "."
-            ),
-        ]
-    if "served" in report:
-        sv = report["served"]
-        pairs = sv.get("decode_ratio_runs") or []
-        lines += ["", f"Served through `distillery serve` (HTTP, streamed): decode "
-                      f"{_cell(sv['summary'].get('decode_tps'))} "
-                      f"tokens/s = **{num(sv['decode_ratio_vs_raw'])}×** raw llama-cpp-python on the same file"
-                      + (f" (median of {len(pairs)} runs, each right after a raw run: "
-                         + ", ".join(f"{x:.2f}" for x in pairs) + ")." if pairs else ".")]
-    return "\n".join(lines) + "\n"
+if __name__ == "__main__":  # the raw engine measurement runs in a child process of its own (_measure)
+    child()

@@ -26,14 +26,22 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain import eval_metrics as em
-from toolchain import gguf_io, onnx_io
-from toolchain.artifacts import ExportError, check_safetensors
-from toolchain.chat import messages_for
-from toolchain.data import iter_jsonl
-from toolchain.engine_lm import log_softmax
-from toolchain.models import resolve
-from toolchain.runs import RESUME_DIR, Manifest
+from toolchain.artifacts import gguf_io, onnx_io
+from toolchain.artifacts.files import ExportError, check_safetensors
+from toolchain.artifacts.modelfile import modelfile, roles, with_default_system
+from toolchain.backends.llama_cpp import LlamaCppEngine
+from toolchain.backends.onnx import OnnxEngine
+from toolchain.data.rows import iter_jsonl
+from toolchain.models import references
+from toolchain.models.chat import messages_for, tokenize_pairs
+from toolchain.models.references import resolve
+from toolchain.pipeline.runs import RESUME_DIR, Manifest, read_manifest
+from toolchain.quality import heldout
+from toolchain.quality import scores as em
+from toolchain.quality.constraints import free_and_constrained
+from toolchain.quality.lm_adapter import log_softmax
+from toolchain.render.markdown import export_markdown, num, pct, quality_notes
+from toolchain.serve import targets as served
 from toolchain.ui import console, progress
 
 STRINGS = Path(__file__).resolve().parents[2] / "evals" / "tokenizer_strings.json"
@@ -119,11 +127,6 @@ def compare(engine, ref: Reference) -> dict:
     }
 
 
-def _greedy(r: dict) -> str:
-    ties = r.get("greedy_near_ties", 0)
-    return f"{r['greedy_same']}/{r['greedy_prompts']}" + (f" (+{ties} near tie)" if ties else "")
-
-
 def _near_tie(prompt: list[int], new: list[int], got: list[int], want: np.ndarray, have: np.ndarray) -> bool:
     """Whether a float file's greedy output left PyTorch's at a near tie: where they first differ, PyTorch
     prefers its token over the file's by less than twice the largest logit difference between the two on the
@@ -158,14 +161,15 @@ def _verdict(kind: str, label: str, path: Path, checks: dict) -> None:
 def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path, evaluation: dict) -> dict:
     """The eval stage's held-out tasks through this file's runtime, and the file against the PyTorch student
     prompt by prompt."""
-    from toolchain.engine_lm import EngineLM
-    from toolchain.stages.eval import gold_counts, score, task_scores, write_tasks
+    from toolchain.quality.lm_adapter import EngineLM
 
-    names = write_tasks(cfg, rows, ref.tok, work / "tasks", "student")
-    result = score(cfg, EngineLM(engine, ref.tok, label), work / "tasks" / "student", names, chat=True, rows=rows)
+    names = heldout.write_tasks(cfg, rows, ref.tok, work / "tasks", "student")
+    result = heldout.score(cfg, EngineLM(engine, ref.tok, label), work / "tasks" / "student", names, chat=True,
+                           rows=rows)
     tasks = sorted({r["task"] for r in rows})
-    scores = task_scores(result, tasks)
-    table = em.retention_table({"teacher": evaluation["scores"]["teacher"], "student": scores}, gold_counts(rows))
+    scores = heldout.task_scores(result, tasks)
+    table = em.retention_table({"teacher": evaluation["scores"]["teacher"], "student": scores},
+                               heldout.gold_counts(rows))
     return {"scores": scores, "gold": table["overall"]["student"], "retention": table["overall"]["retention"],
             "perplexity": em.mean_known([s.get("perplexity") for s in scores.values()]),
             "vs_pytorch": em.against(evaluation.get("paired") or {}, result["samples"])}
@@ -180,18 +184,17 @@ def _finish(cfg, kind: str, label: str, path: Path, describe: dict, engine, ref,
 
 def _base_models(cfg) -> list[dict]:
     """general.base_model.*: the teacher, and the student's own starting model when it is not the teacher."""
-    from toolchain.models import gguf_metadata, hub_repo
 
     out = []
     for ref_text in [cfg.teacher] + ([cfg.student.from_] if cfg.student.from_ != "teacher" else []):
         ref = resolve(ref_text)
         entry = {"name": ref_text.rsplit("/", 1)[-1].rsplit("#", 1)[-1].removesuffix(".gguf")}
         if ref.kind == "gguf" and ref.path is not None:
-            meta = gguf_metadata(ref.path)
+            meta = references.gguf_metadata(ref.path)
             entry["name"] = str(meta.get("general.name") or entry["name"])
             if meta.get("general.organization"):
                 entry["organization"] = str(meta["general.organization"])
-        repo = hub_repo(ref_text)
+        repo = references.hub_repo(ref_text)
         if repo:
             entry.update(name=repo.split("/")[-1], organization=repo.split("/")[0],
                          repo_url=f"https://huggingface.co/{repo}")
@@ -201,8 +204,7 @@ def _base_models(cfg) -> list[dict]:
 
 def runtime_chat(cfg, tok) -> tuple[str, dict]:
     """The chat template the student was trained with, the recipe's system prompt as its default, and its
-    per-role parts (toolchain.runtimes.roles): what the GGUF and its Modelfile both carry."""
-    from toolchain.runtimes import roles, with_default_system
+    per-role parts (toolchain.artifacts.modelfile.roles): what the GGUF and its Modelfile both carry."""
 
     template = with_default_system(tok.chat_template, cfg.generate.system_prompt)
     return template, roles(template, tok.bos_token or "", tok.eos_token or "")
@@ -215,8 +217,8 @@ def gguf_metadata(cfg, tok, evaluation: dict, licence: dict) -> dict:
     template, parts = runtime_chat(cfg, tok)
     ov = evaluation["retention"]["overall"]
     result = ("" if ov.get("teacher") is None else
-              f"; held-out gold {_pct(ov['student'])}% vs the teacher's {_pct(ov['teacher'])}% "
-              f"(retention {_num(ov['retention'])}, {ov['gold_docs']} prompts)")
+              f"; held-out gold {pct(ov['student'])}% vs the teacher's {pct(ov['teacher'])}% "
+              f"(retention {num(ov['retention'])}, {ov['gold_docs']} prompts)")
     meta = {"general.name": f"{cfg.name} student", "general.organization": "distillery",
             "general.quantized_by": "distillery", "general.tags": ["distillation", "distillery",
                                                                   f"{cfg.distill.flavour}-label"],
@@ -238,7 +240,6 @@ def gguf_metadata(cfg, tok, evaluation: dict, licence: dict) -> dict:
 
 def write_modelfile(cfg, tok, gguf: Path, licence: dict) -> Path:
     """An Ollama Modelfile next to the GGUF: its template in Ollama's syntax, the system prompt, the stops."""
-    from toolchain.runtimes import modelfile
 
     _, r = runtime_chat(cfg, tok)
     stops = list(dict.fromkeys(x for x in (r["assistant"][1].strip(), tok.eos_token) if x))
@@ -258,8 +259,6 @@ def foreign_server_check(cfg, path: Path, max_tokens: int) -> dict:
     import urllib.request
     from importlib.metadata import version
 
-    from toolchain import served
-    from toolchain.backends.llama_cpp import LlamaCppEngine
 
     # the thread counts of our engine: llama.cpp's sums can round otherwise with another count (its server
     # defaults to half the cores), and a near tie would then look like a template problem
@@ -316,7 +315,6 @@ def calibration_text(cfg, tok, train: Path) -> str:
     """The training conversations token for token as the student trained on them (chat template, the row's own
     system message and turns, the answer and its end-of-turn token), as text, one after another: what the
     importance matrix is measured on."""
-    from toolchain.chat import tokenize_pairs
 
     pairs, _, _ = tokenize_pairs(tok, [r for _, r in iter_jsonl(train)], cfg.generate.system_prompt, None)
     return "\n".join(tok.decode(ids, skip_special_tokens=False) for ids, _ in pairs)
@@ -368,14 +366,11 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows
         weighted = imatrix is not None and quant in gguf_io.IMATRIX_QUANTS
         gguf_io.quantize(base, tmp, quant, imatrix=imatrix if weighted else None)
         os.replace(tmp, path)
-        from toolchain.backends.llama_cpp import LlamaCppEngine
 
         engine = LlamaCppEngine(path, n_ctx=2048, logits_all=True)
         try:
             result = _finish(cfg, "gguf", quant, path, gguf_io.describe(path), engine, ref, rows, work, evaluation)
             if cfg.serve.constrain == "task" and cfg.export.score:
-                from toolchain.constraints import free_and_constrained
-
                 bar.update(task, info=f"gguf {quant}: task-constrained decoding")
                 result["constrained"] = free_and_constrained(engine, cfg.task_specs(rows), rows,
                                                              cfg.generate.system_prompt, cfg.eval.max_new_tokens)
@@ -394,7 +389,6 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows
 
 def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, evaluation, bar, task):
     """optimum export (float32) once, onnxruntime quantization per listed variant, check each."""
-    from toolchain.backends.onnx import OnnxEngine
 
     fp32 = work / "onnx-fp32"
     optimum = any(not v.startswith("genai_") for v in cfg.export.onnx)  # genai variants come from their builder
@@ -441,9 +435,6 @@ def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, 
 
 
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
-    from toolchain.runs import read_manifest
-    from toolchain.stages.eval import heldout_rows
-
     merged = inputs["merge"] / "model"
     safetensors = check_safetensors(merged / "model.safetensors")  # a truncated file: one line naming it
     read_manifest(inputs["merge"])  # and every merged file still matches its manifest
@@ -452,7 +443,7 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         gguf_io.open_reader(source)
     evaluation = json.loads((inputs["eval"] / "eval.json").read_text(encoding="utf-8"))
     licence = json.loads((inputs["merge"] / "manifest.json").read_text()).get("licence") or {}
-    rows = heldout_rows(cfg, inputs["generate"])
+    rows = heldout.heldout_rows(cfg, inputs["generate"])
     work = out_dir / RESUME_DIR
     work.mkdir(exist_ok=True)
 
@@ -493,102 +484,10 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
               "check_tokens": cfg.export.check_tokens, "tokenizer_source": str(source) if source else None,
               "foreign_server": foreign}
     (out_dir / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "export.md").write_text(render_markdown(report), encoding="utf-8")
-    console.print(render_markdown(report).split("\n\n")[1], highlight=False, soft_wrap=True)
+    (out_dir / "export.md").write_text(export_markdown(report), encoding="utf-8")
+    console.print(export_markdown(report).split("\n\n")[1], highlight=False, soft_wrap=True)
     for note in quality_notes(report):
         console.print(f"  {note.replace('**', '')}", highlight=False, soft_wrap=True)
     return Manifest(metrics={f"{r['format']}:{r['variant']}": {k: r.get(k) for k in ("bytes", "bits_per_weight", "gold",
                                                                                       "top1_agreement", "mean_kl")}
                              for r in results})
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def render_markdown(report: dict) -> str:
-    head = ("| file | size (MB) | bits/weight | held-out gold % | retention | ppl | greedy = PyTorch | top-1 agree % "
-            "| mean KL | tokenizer |")
-    lines = [f"# Export: {report['recipe']}", "",
-             head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    p = report["pytorch"]
-    lines.append(f"| PyTorch (merged) | {p['bytes'] / 1e6:.1f} | {p['bits_per_weight']:.2f} | {_pct(p['gold'])} | "
-                 f"{_num(p['retention'])} | {_num(p['perplexity'])} | reference | reference | 0 | HF |")
-    for r in report["files"]:
-        tok = f"{r['tokenizer_same_as_hf']}/{r['tokenizer_strings']}"
-        if r.get("tokenizer_same_as_source") is not None:
-            tok += f" (source GGUF {r['tokenizer_same_as_source']}/{r['tokenizer_strings']})"
-        name = f"{r['file']} (imatrix)" if r.get("imatrix") else r["file"]
-        lines.append(
-            f"| {name} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {_pct(r.get('gold'))} | "
-            f"{_num(r.get('retention'))} | {_num(r.get('perplexity'))} | {_greedy(r)} | {_pct(r['top1_agreement'])} | "
-            f"{r['mean_kl']:.2g} | {tok} |"
-        )
-    lines += ["", f"Teacher held-out gold: {_pct(report['teacher_gold'])}%. Retention = file's gold / teacher's gold. "
-              "bits/weight = bytes of tensor data (GGUF) or of the whole file (ONNX, PyTorch) × 8 / parameters; "
-              "k-quants fall back to other types on rows not divisible by 256, so the preset name is not the size.",
-              f"Greedy parity: {len(report['check_prompts'])} fixed prompts, up to {report['check_tokens']} tokens; "
-              "top-1 agreement and KL(PyTorch ‖ file) over the same sequences; tokenizer: identical ids on "
-              "evals/tokenizer_strings.json. A near tie: the outputs part where PyTorch's own margin between the two "
-              "tokens is under twice the largest logit difference between PyTorch and the file (float rounding).", ""]
-    weighted = next((r["imatrix"] for r in report["files"] if r.get("imatrix")), None)
-    if weighted:
-        lines += [f"(imatrix): quantized with llama.cpp's importance matrix, measured by llama-imatrix on "
-                  f"{weighted['chunks']} windows of {weighted['chunk_tokens']} tokens of the training conversations "
-                  "(never the held-out prompts).", ""]
-    made = [r for r in report["files"] if r.get("modelfile")]
-    if made:
-        lines += ["Laptop runtimes: every GGUF carries the chat template the student was trained with (the recipe's "
-                  "system prompt as its default), its end-of-turn token and its provenance, so llama-server and LM "
-                  "Studio run it as it is; for Ollama, from this folder:", ""]
-        lines += [f"    ollama create {report['recipe']}-{r['variant'].replace('_', '-')} -f {r['modelfile']}"
-                  for r in made] + [""]
-    f = report.get("foreign_server")
-    if f:
-        lines += [f"Checked in a server that is not ours: {f['server']} on {f['file']}, its chat format read from the "
-                  f"file, asked the {f['prompts']} check prompts without a system message, gave distillery serve's "
-                  f"greedy answers for {f['same']} of {f['prompts']}.", ""]
-    lines += _constrained_lines(report)
-    notes = quality_notes(report)
-    return "\n".join(lines + (notes + [""] if notes else []))
-
-
-def _constrained_lines(report: dict) -> list[str]:
-    """serve.constrain: task: each GGUF's held-out accuracy and decode speed free and under the task's constraint."""
-    rows = [(r, task, c) for r in report["files"] for task, c in sorted((r.get("constrained") or {}).items())]
-    if not rows:
-        return []
-    out = ["Task-constrained decoding (`serve.constrain: task`): the held-out prompts of every task with a constraint, "
-           "answered greedily through `distillery serve`'s engine free and under the task's grammar; p: McNemar's "
-           "exact test of \"constrained below free\"; decode tokens/s leave prompt time out.", "",
-           "| file | task | n | free % | constrained % | p | decode tok/s free | constrained | ratio |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r, task, c in rows:
-        f, k = c["free"], c["constrained"]
-        out.append(f"| {r['file']} | {task} | {c['n']} | {_pct(f['accuracy'])} | {_pct(k['accuracy'])} | "
-                   f"{_p(c['mcnemar']['p_student_below'])} | {_num(f['decode_tokens_per_s'])} | "
-                   f"{_num(k['decode_tokens_per_s'])} | {_num(c['speed_ratio'])} |")
-    return out + [""]
-
-
-def _p(p: float) -> str:
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
-
-
-def quality_notes(report: dict) -> list[str]:
-    """Files whose held-out answers are significantly worse than the PyTorch student's (McNemar, paired by
-    prompt, at eval.gate_level): what quantization cost, said where a user picks a file."""
-    level = report.get("gate_level", 0.05)
-    out = []
-    for r in report["files"]:
-        v = r.get("vs_pytorch")
-        if v and v["n"] and v["p_below_pytorch"] < level:
-            out.append(f"**{r['file']} is below the PyTorch student**: {_pct(r.get('gold'))}% vs "
-                       f"{_pct(report['pytorch']['gold'])}% gold ({v['pytorch_only']} prompts right only in PyTorch, "
-                       f"{v['file_only']} only in the file, of {v['n']}; {_p(v['p_below_pytorch'])}): quantization "
-                       "cost quality; prefer another file.")
-    return out

@@ -10,7 +10,7 @@ Outputs:
                      whose final answer matches the gold answer)
     heldout.jsonl    the teacher's answers to the held-out prompts (the reference the student is compared to)
     teacher_topk.*   soft-label with a cache: the teacher's top-k log-probs at every response position of
-                     train.jsonl (see toolchain.topk_cache)
+                     train.jsonl (see toolchain.training.topk_cache)
 
 Resume: answers already in responses.jsonl (from a killed run) are kept and their prompts are not asked
 again; a partial last line is cut off. Sampling seeds depend on (seed, prompt id, sample index), not on
@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 from toolchain.backends import Completion, endpoint_options, open_engine
-from toolchain.chat import (
+from toolchain.data.formats import load_prompts, read_prompts
+from toolchain.data.rows import JsonlAppender, iter_jsonl, read_jsonl_resumable, write_jsonl
+from toolchain.models.chat import (
     context,
     encode_pair,
     final_answer,
@@ -39,12 +41,11 @@ from toolchain.chat import (
     tokenize_pairs,
     with_instruction,
 )
-from toolchain.data import JsonlAppender, iter_jsonl, read_jsonl_resumable, write_jsonl
-from toolchain.formats import load_prompts
-from toolchain.models import load_tokenizer, load_torch_model, resolve
-from toolchain.runs import Manifest, canonical, read_manifest, semantic_config
-from toolchain.scoring import answers_match
-from toolchain.topk_cache import TopKWriter, example_key, teacher_topk, topk_logprobs
+from toolchain.models.references import load_tokenizer, load_torch_model, resolve
+from toolchain.pipeline.plans import PLANS, external_inputs
+from toolchain.pipeline.runs import Manifest, canonical, read_manifest, semantic_config
+from toolchain.quality.metrics import answers_match, check
+from toolchain.training.topk_cache import TopKWriter, example_key, teacher_topk, topk_logprobs
 from toolchain.ui import console, progress
 
 
@@ -209,7 +210,6 @@ def _batched(engine, jobs: list, todo: list, messages, g, keep=None):
 
 class _Decoded:
     """What generate keeps of the logits llama.cpp chose each greedy answer token from (no second teacher pass):
-
     - held-out answers: the teacher's log-likelihood of its own answer (``teacher_logprob``, and whether it is
       its greedy continuation, ``teacher_greedy``), which eval reports as the teacher's perplexity without
       loading the teacher again: from the decoding where the answer tokenizes as lm-eval tokenizes it
@@ -260,7 +260,7 @@ class _Decoded:
         answer = toks[:-1] if c.finish_reason == "stop" else toks
         if whole == prompt_ids + answer and start == len(prompt_ids):
             return {"teacher_logprob": round(float(chosen[: len(answer)].sum()), 6), "teacher_greedy": True}
-        from toolchain.engine_lm import continuation_logprob
+        from toolchain.quality.lm_adapter import continuation_logprob
 
         _, logits = next(self.engine.logits_many([(whole, start)]))
         logprob, greedy = continuation_logprob(logits, whole[start:])
@@ -338,7 +338,6 @@ def _keep(cfg, rows: list[dict]) -> tuple[list[dict], dict[str, int], list[tuple
 def _passes(spec: dict, row: dict) -> bool:
     """generate.keep: pass: the teacher's answer against the row's gold (else its reference) by the task's metric;
     a row with neither is kept."""
-    from toolchain.scoring import check
 
     want = row["gold"] if row["gold"] is not None else row.get("reference")
     return want is None or spec["metric"] == "judge" or check(spec, row["response"], want)
@@ -397,7 +396,7 @@ def _endpoint_topk_cache(cfg, out_dir: Path) -> dict:
     """The top-k cache from the log-probs an openai: teacher returned with its answers (generate.logprobs), its
     token strings mapped to ids with the student's tokenizer (the teacher's, or the same one padded): soft-label
     from a teacher that never enters training memory. What could not be mapped is counted in the manifest."""
-    from toolchain.topk_cache import EndpointTopK, target_positions
+    from toolchain.training.topk_cache import EndpointTopK, target_positions
 
     soft = cfg.distill.soft
     tok = load_tokenizer(resolve(cfg.student.from_))
@@ -424,7 +423,6 @@ def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
     """Seed a fresh run with the answers of a finished generate run that asked the same teacher the same
     prompts with the same settings and differs only in the top-k cache (hard-label first, soft-label next:
     the teacher is not asked again). The usual resume path then keeps them."""
-    from toolchain.plans import PLANS, external_inputs
 
     if out_path.exists():
         return
@@ -451,7 +449,6 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     g = cfg.generate
     train, heldout = load_prompts(cfg)
     if "synthesize" in inputs:  # the teacher's new prompts, after the seeds
-        from toolchain.formats import read_prompts
 
         train += read_prompts([str(inputs["synthesize"] / "prompts.jsonl")], "train")
     jobs = [(p, s) for p in train for s in range(g.n)] + [(p, 0) for p in heldout]

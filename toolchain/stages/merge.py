@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from toolchain import student as students
-from toolchain.licenses import LicenceDecision, model_card_section
-from toolchain.runs import Manifest
+from toolchain.models import student as students
+from toolchain.models.licenses import LicenceDecision, model_card_section
+from toolchain.pipeline.runs import Manifest
 from toolchain.ui import console
 
 CHECK_TEXTS = [

@@ -29,9 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 
-from toolchain.chat import messages_for
-from toolchain.data import JsonlAppender, Prompt, read_jsonl_resumable, write_jsonl
-from toolchain.runs import Manifest
+from toolchain.backends import endpoint_options, open_engine
+from toolchain.data.formats import load_prompts
+from toolchain.data.rows import JsonlAppender, Prompt, read_jsonl_resumable, write_jsonl
+from toolchain.models.chat import messages_for
+from toolchain.models.references import resolve
+from toolchain.pipeline.runs import Manifest
+from toolchain.quality.metrics import normalise as norm_answer
 from toolchain.ui import console, progress
 
 INSTRUCTIONS = {
@@ -214,7 +218,6 @@ GOLD_METRICS = ("label", "exact", "contains", "number")  # metrics whose gold is
 def _labels(engine, cfg, prompt: Prompt, spec: dict, job: str) -> tuple[str | None, float]:
     """The teacher's label for a new prompt by self-consistency: (the label all samples agree on or None, the
     share of samples that gave the most common label)."""
-    from toolchain.scoring import normalise as norm_answer
 
     s = cfg.synthesize
     answers = []
@@ -235,11 +238,6 @@ def _job_seed(seed: int, job: str) -> int:
 
 
 def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
-    from toolchain.backends import open_engine
-    from toolchain.formats import load_prompts
-    from toolchain.models import resolve
-    from toolchain.backends import endpoint_options
-
     s, g = cfg.synthesize, cfg.generate
     train, _ = load_prompts(cfg)
     _, heldout = load_prompts(cfg, limits=False)

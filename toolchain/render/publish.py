@@ -21,7 +21,14 @@ from pathlib import Path
 
 import yaml
 
-from toolchain.runs import RunError
+from toolchain.models.licenses import LicenceDecision, model_card_section
+from toolchain.models.references import gguf_metadata, hub_repo, resolve
+from toolchain.pipeline.plans import finished
+from toolchain.pipeline.runs import RunError
+from toolchain.render.markdown import bench_markdown as bench_md
+from toolchain.render.markdown import eval_table
+from toolchain.render.markdown import export_markdown as export_md
+from toolchain.render.report import gather
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
@@ -29,7 +36,6 @@ MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "to
 
 def hub_id(ref_text: str) -> str | None:
     """The Hugging Face id of a model reference, where it has one (hf:, or a GGUF that names its source repo)."""
-    from toolchain.models import gguf_metadata, hub_repo, resolve
 
     repo = hub_repo(ref_text)
     if repo:
@@ -56,11 +62,6 @@ def local_paths(text: str, roots: list[Path]) -> list[str]:
 
 
 def _cards(cfg, data: dict, licence: dict, repo: str | None, base_model: str | None) -> tuple[str, str]:
-    from toolchain.licenses import LicenceDecision, model_card_section
-    from toolchain.stages.bench import render_markdown as bench_md
-    from toolchain.stages.eval import render_table
-    from toolchain.stages.export import render_markdown as export_md
-
     teacher_id = base_model or hub_id(cfg.teacher)
     tags = ["distillation", "distillery", f"{cfg.distill.flavour}-label"]
     ov = data["eval"]["retention"]["overall"]
@@ -77,7 +78,7 @@ def _cards(cfg, data: dict, licence: dict, repo: str | None, base_model: str | N
     )
     decision = LicenceDecision(**{k: licence.get(k) for k in LicenceDecision.__dataclass_fields__}) if licence else None
     body = [f"# {cfg.name} student", "", summary, "", "## Quality: teacher vs student (held-out prompts)", "", "```",
-            render_table(data["eval"], data.get("gate")), "```", "",
+            eval_table(data["eval"], data.get("gate")), "```", "",
             "## Exported files", "", export_md(data["export"]).split("\n", 2)[2],
             "## Speed (same machine, same quantization)", "", bench_md(data["bench"]).split("\n", 2)[2]]
     if decision:
@@ -112,8 +113,6 @@ def build(cfg, runs_root, to: Path, repo: str | None = None, force: bool = False
           base_model: str | None = None) -> tuple[Path, Path]:
     """Write <to>/<recipe>/ and <to>/<recipe>-GGUF/ from the recipe's finished stages (``base_model``: the
     teacher's Hub id where its reference does not say it, e.g. a local GGUF)."""
-    from toolchain.plans import finished
-    from toolchain.report import gather
 
     data = gather(cfg, runs_root)
     merge = finished(cfg, runs_root, "merge")

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolchain.chat import IGNORE
-from toolchain.data import read_jsonl_resumable
+from toolchain.data.rows import read_jsonl_resumable
+from toolchain.models.chat import IGNORE
 
 NAME = "teacher_topk"
 

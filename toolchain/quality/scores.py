@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 
-from toolchain.chat import final_answer
-from toolchain.scoring import answers_match, check, exact_agreement, first_label, normalise
+from toolchain.models.chat import final_answer
+from toolchain.quality.metrics import answers_match, check, exact_agreement, first_label, normalise
+from toolchain.quality.stats import mcnemar
 
 QUALITY_CEILING = 0.5  # teacher gold accuracy below this: the teacher, not the student, limits the task
 
@@ -111,7 +112,6 @@ def against(paired: dict[str, dict], samples: dict[str, list[dict]]) -> dict:
     """An exported file's per-prompt gold outcomes against the PyTorch student's (eval's ``paired`` tables),
     paired by id as ``paired_tables`` pairs them, pooled over the gold tasks: McNemar's exact test of "the file
     is below the PyTorch student"."""
-    from toolchain.stats import mcnemar
 
     pytorch = {t: [{"id": i, "gold": g} for i, g in zip(v["ids"], v["student"])] for t, v in paired.items()}
     tables = paired_tables({"teacher": {"samples": pytorch}, "student": {"samples": samples}}, list(paired))
@@ -120,39 +120,6 @@ def against(paired: dict[str, dict], samples: dict[str, list[dict]]) -> dict:
     test = mcnemar(ref, got)
     return {"n": len(ref), "pytorch_only": test["teacher_only"], "file_only": test["student_only"],
             "p_below_pytorch": test["p_student_below"]}
-
-
-def floors(tasks: list[str], min_retention: float, per_task: dict[str, float] | None = None) -> dict[str, float]:
-    """Each gold task's floor (``per_task`` names tasks with their own, ``min_retention`` is everyone else's)
-    and the pool's (``overall``)."""
-    unknown = sorted(set(per_task or {}) - set(tasks))
-    if unknown:
-        raise ValueError(f"tasks.{unknown[0]}.min_retention: {unknown[0]} is not a held-out task with gold answers "
-                         f"(those are: {', '.join(sorted(tasks))})")
-    out = {t: (per_task or {}).get(t, min_retention) for t in tasks}
-    out["overall"] = min_retention
-    return out
-
-
-def gate(paired: dict[str, dict], e, seed: int, per_task: dict[str, float] | None = None) -> dict:
-    """The quality gate's verdict (toolchain.stats.decide) from the per-prompt table, the recipe's eval section
-    and the tasks' own floors."""
-    from toolchain.stats import decide
-
-    tables = {t: (v["teacher"], v["student"]) for t, v in paired.items()}
-    return decide(tables, floors(sorted(paired), e.min_retention, per_task), rule=e.gate,
-                  level=e.gate_level, margin=e.gate_margin, iters=e.bootstrap_iters, seed=seed)
-
-
-def gate_lines(verdict: dict) -> list[str]:
-    """One line per judged task: its decision and why, and what the prompts cannot tell."""
-    out = []
-    for name, v in verdict["tasks"].items():
-        ci = v["interval"]
-        span = f" (95% {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
-        out.append(f"{name}: {'pass' if v['passed'] else 'FAIL'}, retention {v['retention']:.3f}{span} vs floor "
-                   f"{v['floor']:g}: {v['why']}" + (f"; {v['note']}" if v.get("note") else ""))
-    return out
 
 
 # --- label tasks: which label was given for which ---------------------------------------------------------

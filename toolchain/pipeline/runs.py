@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from toolchain import __version__
-from toolchain.distributed import is_main
-from toolchain.models import file_sha256
+from toolchain.models.references import file_sha256
+from toolchain.ui import console, is_main
 
 MANIFEST = "manifest.json"
 RESUME_DIR = ".resume"  # stage-private checkpoints; deleted before publish, never hashed
@@ -170,7 +170,6 @@ def execute(
     inputs maps a name to (sha256 digest, path or None). Only digests enter the key; paths are what the stage
     reads. A stage's ``.resume/`` checkpoints in the work directory survive a kill and are deleted on publish.
     """
-    from toolchain.ui import console
 
     key = stage_key(stage, config, {k: v[0] for k, v in inputs.items()})
     final = run.final(stage, key)
@@ -219,8 +218,6 @@ class _exclusive:
 
 
 def _run_and_publish(run, stage, fn, cfg, config, inputs, licence, key, work: Path, final: Path) -> Path:
-    from toolchain.ui import console
-
     (work / "stage.json").write_text(canonical({"stage": stage, "key": key}), encoding="utf-8")
     console.print(f"[bold cyan]▶[/] {stage} → {final}")
     started = time.time()

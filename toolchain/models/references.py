@@ -55,6 +55,12 @@ class ModelRef:
         return h.hexdigest()
 
 
+def cache_root() -> Path:
+    """Where distillery keeps what it builds once per machine (converted teachers, llama.cpp tools);
+    DISTILLERY_CACHE moves it."""
+    return Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
+
+
 def _file_key(path: Path) -> tuple[str, int, int]:
     st = path.stat()
     return (str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -254,8 +260,6 @@ def load_tokenizer(ref: ModelRef):
 def _cache_folder(kind: str, path: Path) -> Path:
     """Where something built from a GGUF is kept: per file content and transformers version, under the cache."""
     import transformers
-
-    from toolchain.gguf_io import cache_root
 
     return cache_root() / kind / f"{file_sha256(path)[:24]}-transformers-{transformers.__version__}"
 

@@ -1,6 +1,6 @@
 """Model files on disk, checked before anything loads them: a bad file is one line naming it, never a crash
 deep inside a runtime. The bottom floor: the error type every file module raises and the safetensors check
-(GGUF and ONNX have theirs in gguf_io and onnx_io; toolchain.model_files opens any of the three)."""
+(GGUF and ONNX have theirs in gguf_io and onnx_io; toolchain.artifacts.inspection opens any of the three)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Runs the stage table (toolchain.plans): the checks before any stage (``preflight``), the stages in order
+"""Runs the stage table (toolchain.pipeline.plans): the checks before any stage (``preflight``), the stages in order
 (``run_stages``), the quality gate, and ``sweep``. Each stage module only sees (cfg, inputs, out_dir).
 """
 
@@ -6,17 +6,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toolchain import licenses
-from toolchain.models import resolve
-from toolchain.plans import PLANS, STAGES, stage_inputs
-from toolchain.runs import RunDir, RunError, execute, read_manifest, stage_key
+from toolchain.data.formats import load_prompts
+from toolchain.data.rows import DataError
+from toolchain.models import licenses
+from toolchain.models.references import dimensions, resolve, vocabulary
+from toolchain.pipeline.plans import PLANS, STAGES, stage_inputs
+from toolchain.pipeline.runs import RunDir, RunError, execute, read_manifest, stage_key
+from toolchain.quality.gate import GateError, gate, gate_lines
+from toolchain.quality.metrics import normalise, parse_json
+from toolchain.recipe import RecipeError
+from toolchain.render.markdown import eval_table
+from toolchain.serve.targets import default_quant
+from toolchain.ui import console, world_size
+
 
 def preflight(cfg) -> None:
     """Checks that need the files, run before any stage (and by ``distillery validate``): every prompt file
     parses (a bad line is named by file and line number) and soft-label teachers share the student's vocabulary."""
-    from toolchain.models import dimensions, vocabulary
-    from toolchain.recipe import RecipeError
-    from toolchain.formats import load_prompts
 
     train, heldout = load_prompts(cfg, limits=False)
     known = {p.task for p in train + heldout}
@@ -28,8 +34,6 @@ def preflight(cfg) -> None:
     check_dimensions(cfg)
 
     if cfg.distill.flavour == "soft" and cfg.teacher.startswith("openai:"):
-        from toolchain.ui import console
-
         console.print("  soft-label from an openai: teacher: the token strings of its top log-probs are mapped to ids "
                       "with the student's tokenizer; generate's manifest counts any that do not map")
     elif cfg.distill.flavour == "soft" and cfg.student.from_ != "teacher":
@@ -41,8 +45,6 @@ def preflight(cfg) -> None:
             )
         rows = {name: dimensions(ref)["vocab"] for name, ref in (("teacher", teacher), ("student", student))}
         if None not in rows.values() and rows["teacher"] != rows["student"]:
-            from toolchain.ui import console
-
             console.print(f"  soft-label: one tokenizer, but output layers of {rows['teacher']} (teacher) and "
                           f"{rows['student']} (student) rows: the divergence uses the {min(rows.values())} both have "
                           f"(the rest are padding, no token maps to them)")
@@ -51,8 +53,6 @@ def preflight(cfg) -> None:
 def check_golds(cfg, prompts) -> None:
     """Every gold answer is one its task's metric can match: one of a label task's declared labels, JSON for a
     json task (a gold no answer can ever equal would score the task 0 and say nothing)."""
-    from toolchain.data import DataError
-    from toolchain.scoring import normalise, parse_json
 
     for p in prompts:
         task = cfg.tasks.get(p.task)
@@ -74,8 +74,6 @@ def check_golds(cfg, prompts) -> None:
 def check_dimensions(cfg) -> None:
     """The recipe against the models it names, from their metadata only: layers kept and selected exist in the
     teacher, a trimmed vocabulary is smaller than the tokenizer's, seq_len fits the student's context."""
-    from toolchain.models import dimensions
-    from toolchain.recipe import RecipeError
 
     def dims(ref: str) -> dict:
         if ref.startswith(("hf:", "openai:")):  # not fetched to validate; checked where the files are
@@ -111,15 +109,9 @@ def licence_decision(cfg) -> licenses.LicenceDecision:
                            uses_answers=cfg.generate.answers != "teacher")
 
 
-class GateError(RuntimeError):
-    """The student kept less of the teacher than the recipe's floors, by the recipe's gate rule."""
-
-
 def gate_verdict(cfg, report: dict) -> dict:
     """The gate as the recipe says now (floors and rule are not part of eval's key): re-decided from eval.json's
     per-prompt table, so editing a floor re-runs nothing."""
-    from toolchain.eval_metrics import gate
-    from toolchain.recipe import RecipeError
 
     if "paired" not in report:
         raise RunError("this eval.json has no per-prompt table (made by an older distillery); run eval --force")
@@ -134,13 +126,10 @@ def quality_gate(cfg, eval_dir: Path, enforce: bool = True) -> dict:
     GateError naming every task that failed and why."""
     import json
 
-    from toolchain.eval_metrics import gate_lines
-    from toolchain.stages.eval import render_table
-    from toolchain.ui import console
 
     report = json.loads((eval_dir / "eval.json").read_text(encoding="utf-8"))
     verdict = gate_verdict(cfg, report)
-    console.print(render_table(report, verdict), highlight=False, soft_wrap=True)
+    console.print(eval_table(report, verdict), highlight=False, soft_wrap=True)
     if not verdict["passed"] and enforce:
         failed = [line for line in gate_lines(verdict) if ": FAIL" in line]
         raise GateError(f"quality gate failed (eval.gate {verdict['rule']}; report: {eval_dir / 'eval.md'}): "
@@ -157,7 +146,6 @@ def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str |
     """
     import importlib
 
-    from toolchain.distributed import world_size
 
     if world_size() > 1 and only != "distill":
         raise RunError(f"only the distill stage runs in several processes (WORLD_SIZE={world_size()}); "
@@ -198,9 +186,6 @@ def sweep(cfg, runs_root: str | Path, keep_layers: list[int]) -> Path:
     """
     import json
 
-    from toolchain.recipe import RecipeError
-    from toolchain.served import default_quant
-    from toolchain.ui import console
 
     if cfg.student.from_ != "teacher":
         raise RecipeError(

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toolchain.artifacts import ExportError, check_safetensors
-from toolchain.gguf_io import describe
-from toolchain.onnx_io import check
+from toolchain.artifacts.files import ExportError, check_safetensors
+from toolchain.artifacts.gguf_io import describe
+from toolchain.artifacts.onnx_io import check
 
 
 def inspect(path: Path) -> dict:

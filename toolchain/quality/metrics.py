@@ -14,7 +14,7 @@
               of the gold without them), equals the gold's values; strings compare as ``exact`` does
     chrf      chrF of the answer against the gold reaches the task's ``threshold`` (0-100)
     judge     not checked per answer: a judge model compares the student's answer with the teacher's
-              (toolchain.judge, run by the eval stage)
+              (toolchain.quality.judge, run by the eval stage)
 
 Any metric takes ``max_words``: a longer answer is wrong, so copying the input back cannot pass a summary.
 """
@@ -146,7 +146,7 @@ def check(spec: dict, answer: str, gold: str) -> bool:
     if metric == "chrf":
         return chrf_at_least(answer, gold, spec.get("threshold", 50.0))
     if metric == "judge":
-        raise ValueError("a judge task is scored by its judge model (toolchain.judge), not answer by answer")
+        raise ValueError("a judge task is scored by its judge model (toolchain.quality.judge), not answer by answer")
     raise ValueError(f"unknown metric {metric!r} (one of {', '.join(METRICS)})")
 
 

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """float32 for 16-bit tensors; float32 and float64 stay as they are (float64 is the tests' reference)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()

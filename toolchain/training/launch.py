@@ -1,4 +1,4 @@
-"""Several training processes (accelerate / torchrun): who is who, and how distillery starts them.
+"""Several training processes (accelerate / torchrun): how distillery starts them (which one this is: toolchain.ui).
 
 Under ``accelerate launch`` (or torchrun) every process runs the same command; RANK / WORLD_SIZE say which one
 it is. All of them train; only rank 0 prints, writes checkpoints and files, and publishes the stage.
@@ -11,24 +11,8 @@ import subprocess
 import sys
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def local_world_size() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
 def launch_command(args: list[str], processes: int, config_file: str | None = None) -> list[str]:
-    """``accelerate launch`` for ``python -m toolchain.cli ARGS`` on ``processes`` processes.
+    """``accelerate launch`` for ``python ARGS`` on ``processes`` processes (the CLI passes ``-m <itself> ...``).
 
     Without a config file, several processes need accelerate's torchrun path (--multi_gpu): plain
     ``--num_processes N`` with no GPU silently starts one process. On a machine without CUDA the processes
@@ -41,7 +25,7 @@ def launch_command(args: list[str], processes: int, config_file: str | None = No
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes:
         cmd += ["--num_processes", str(processes)]
-    return cmd + ["-m", "toolchain.cli", *args]
+    return cmd + list(args)
 
 
 def launch(args: list[str], processes: int, config_file: str | None = None) -> int:

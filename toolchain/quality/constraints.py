@@ -4,6 +4,10 @@ Schema that llama-cpp-python converts) from the recipe's ``tasks:`` section, nev
 
 from __future__ import annotations
 
+from toolchain.models.chat import context, messages_for
+from toolchain.quality.metrics import check
+from toolchain.quality.stats import mcnemar
+
 
 def _gbnf_literal(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
@@ -35,9 +39,6 @@ def free_and_constrained(engine, specs: dict[str, dict], rows: list[dict], syste
     tokens after each answer's first, so prompt time is left out); the McNemar test between the modes."""
     import time
 
-    from toolchain.chat import context, messages_for
-    from toolchain.scoring import check
-    from toolchain.stats import mcnemar
 
     out: dict[str, dict] = {}
     for task, (kind, definition) in task_constraints(specs).items():

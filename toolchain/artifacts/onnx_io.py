@@ -7,7 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
-from toolchain.artifacts import ExportError
+from toolchain.artifacts.files import ExportError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "config.json", "generation_config.json")

@@ -17,7 +17,14 @@ import os
 import shutil
 from pathlib import Path
 
-from toolchain.artifacts import ExportError
+from toolchain.artifacts.files import ExportError
+from toolchain.pipeline.plans import status
+from toolchain.pipeline.runner import gate_verdict
+from toolchain.pipeline.runs import RunError
+from toolchain.quality.gate import gate_lines
+from toolchain.render.markdown import bench_markdown as bench_md
+from toolchain.render.markdown import eval_table, judge_markdown, label_markdown
+from toolchain.render.markdown import export_markdown as export_md
 
 
 def _load(path: Path) -> dict | None:
@@ -26,17 +33,13 @@ def _load(path: Path) -> dict | None:
 
 def gather(cfg, runs_root) -> dict:
     """The numbers the report shows, from the recipe's current finished stages."""
-    from toolchain.plans import status
 
     done = {stage: path for stage, state, path in status(cfg, runs_root) if state == "done"}
     missing = [s for s in ("eval", "export", "bench") if s not in done]
     if missing:
-        from toolchain.runs import RunError
-
         raise RunError(
             f"report needs {', '.join(missing)} for {cfg.name}; run them first (distillery run {cfg.source or ''})"
         )
-    from toolchain.pipeline import gate_verdict
 
     run_dir = Path(runs_root) / cfg.name
     evaluation = _load(done["eval"] / "eval.json")
@@ -126,11 +129,7 @@ def _pct(x) -> str:
 
 def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
     """The report as Markdown; with ``images`` (name → file), the charts are linked."""
-    from toolchain.stages.bench import render_markdown as bench_md
-    from toolchain.stages.eval import judge_markdown, label_markdown, render_table
-    from toolchain.stages.export import render_markdown as export_md
 
-    from toolchain.eval_metrics import gate_lines
 
     lines = [f"# distillery report: {data['recipe']}", "", f"Teacher: `{data['teacher']}`.", ""]
     verdict = data.get("gate")
@@ -144,7 +143,7 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
         "## Quality (lm-eval, held-out prompts)",
         "",
         "```",
-        render_table(data["eval"], data.get("gate")),
+        eval_table(data["eval"], data.get("gate")),
         "```",
         "",
     ]

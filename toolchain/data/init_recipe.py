@@ -1,7 +1,7 @@
 """``distillery init``: a commented recipe from a data file — its format, columns, tasks, label sets and size.
 
 What is inferred (and printed for the user to check):
-    format     as ``toolchain.formats`` detects it
+    format     as ``toolchain.data.formats`` detects it
     columns    a table's text column (a column named like text/prompt/message/..., else the one with the
                longest values) and gold column (label/gold/answer/category/...)
     metric     per task, from its gold values: few distinct short values -> label (that label set); all numbers
@@ -16,9 +16,10 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from toolchain.data import DataError
-from toolchain.formats import detect, read_prompts, records, split_source
-from toolchain.models import DEFAULT_TEACHER
+from toolchain.data.formats import detect, read_prompts, records, split_source
+from toolchain.data.rows import DataError
+from toolchain.models.references import DEFAULT_TEACHER
+from toolchain.recipe import DataConfig
 
 TEXT_NAMES = ("text", "prompt", "message", "content", "input", "question", "query", "sentence", "body", "review",
               "comment", "utterance", "document")
@@ -80,7 +81,6 @@ def _yaml(value) -> str:
 def inspect(source: str, name: str) -> dict:
     """What init infers from a data file: format, columns, rows, tasks with their golds, references (rows
     that name no task are task ``name``)."""
-    from toolchain.recipe import DataConfig
 
     base, _ = split_source(source)
     path = None if base.startswith("hf:") else Path(base)

@@ -1,7 +1,6 @@
-"""Every input format becomes ``toolchain.data.Prompt`` rows here, and nowhere else: stages never see formats.
+"""Every input format becomes ``toolchain.data.rows.Prompt`` rows here, and nowhere else: stages never see formats.
 
 Formats (``data.format``, or detected per file: by extension, then by the first record's keys):
-
     prompts   JSONL: ``prompt``, optional ``id``, ``task``, ``gold``, ``system``, ``reference``
     chat      OpenAI chat JSONL: ``messages`` of ``system`` / ``user`` / ``assistant`` turns, content a string or a
               list of text parts. A first system message is the example's own; the last user turn is the prompt
@@ -29,7 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from toolchain.data import DataError, Prompt, iter_jsonl
+from toolchain.data.rows import DataError, Prompt, iter_jsonl
+from toolchain.recipe import DataConfig
 
 FORMATS = ("prompts", "chat", "sharegpt", "alpaca", "table")
 TABLE_FILES = {".csv": ",", ".tsv": "\t", ".parquet": None}
@@ -284,8 +284,6 @@ def read_prompts(sources: list, split: str, data=None, resolve: Callable[[str], 
     """Every example of the sources (``data``: the recipe's data section, for format, columns, template and
     the default task) as prompts of ``split``."""
     if data is None:
-        from toolchain.recipe import DataConfig
-
         data = DataConfig(train=["-"])
     out: list[Prompt] = []
     seen: dict[str, str] = {}

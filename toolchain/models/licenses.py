@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from toolchain.models import ModelRef, gguf_metadata
+from toolchain.models.references import ModelRef, gguf_metadata
 
 # licence id -> (allowed without acknowledgement, what the student inherits)
 POLICY: dict[str, tuple[bool, str]] = {

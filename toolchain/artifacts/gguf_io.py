@@ -23,7 +23,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from toolchain.artifacts import ExportError
+from toolchain.artifacts.files import ExportError
+from toolchain.models.references import cache_root
 
 GGUF_MAGIC = b"GGUF"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
@@ -40,10 +41,6 @@ TOOLS = ("llama-imatrix", "llama-quantize")
 # The Makefile's LLAMA_CMAKE_ARGS (it exports its value, which wins): a portable x86-64-v3 build, as the wheel.
 PORTABLE_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
                        "-DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DISTILLERY_CACHE", Path.home() / ".cache" / "distillery"))
 
 
 def _fetch_sdist(dest: Path) -> Path:
@@ -220,7 +217,7 @@ def open_reader(path: Path):
 
 
 def _kept_ids(source_tokens: list[str], model_dir: Path | None) -> list[int] | None:
-    """For a student with a trimmed vocabulary (toolchain.vocab): the source GGUF's id of each of its tokens, in
+    """For a student with a trimmed vocabulary (toolchain.models.vocab): the source GGUF's id of each of its tokens, in
     the student's order. None when the student has the source's whole vocabulary."""
     if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
         return None

@@ -2,7 +2,7 @@
 
 A ``Prompt`` is one example: what the user asks (``prompt``), its task, its gold answer, and where the data has
 them, a system message of its own, the earlier turns of the conversation (``history``) and an answer already
-written (``reference``). ``toolchain.formats`` is the only code that turns input files into prompts.
+written (``reference``). ``toolchain.data.formats`` is the only code that turns input files into prompts.
 Append-only outputs are written one whole line per ``write`` and fsynced, so a kill leaves at most one
 partial last line, which ``read_jsonl_resumable`` cuts off before the stage continues.
 """

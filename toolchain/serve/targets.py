@@ -17,8 +17,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolchain import gguf_io, onnx_io
-from toolchain.models import ModelError, load_tokenizer, load_torch_model, resolve
+from toolchain.artifacts import gguf_io, onnx_io
+from toolchain.artifacts.inspection import inspect
+from toolchain.backends.llama_cpp import LlamaCppEngine
+from toolchain.backends.onnx import OnnxEngine
+from toolchain.backends.onnx_genai import GenaiEngine
+from toolchain.data.formats import load_prompts
+from toolchain.models.references import ModelError, cache_root, load_tokenizer, load_torch_model, resolve
+from toolchain.pipeline.plans import finished
+from toolchain.quality.constraints import task_constraints as build
+from toolchain.recipe import RecipeError
 
 BACKENDS = ("llama_cpp", "onnxruntime", "onnxruntime_genai")
 
@@ -42,8 +50,6 @@ def default_quant(cfg, backend: str) -> str:
 
 
 def student(cfg, runs_root, backend: str, quant: str | None) -> Served:
-    from toolchain.plans import finished
-
     quant = quant or default_quant(cfg, backend)
     export = finished(cfg, runs_root, "export")
     if backend == "llama_cpp":
@@ -82,7 +88,7 @@ def teacher(cfg, backend: str, quant: str | None) -> Served:
 
 
 def _cache(ref, suffix: str) -> Path:
-    folder = gguf_io.cache_root() / "teachers"
+    folder = cache_root() / "teachers"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{ref.sha256()[:16]}-{suffix}"
 
@@ -132,9 +138,6 @@ def _teacher_onnx(ref, variant: str) -> Path:
 def task_constraints(cfg) -> tuple[dict, tuple[str, ...]]:
     """serve.constrain: task — each task's decoding constraint from the recipe (labels inferred from the data's
     gold values where `tasks:` gives none, as eval does), and the tasks that have none."""
-    from toolchain.constraints import task_constraints as build
-    from toolchain.formats import load_prompts
-    from toolchain.recipe import RecipeError
 
     if cfg.serve.constrain == "none":
         return {}, ()
@@ -169,21 +172,15 @@ def check_accelerators(n_gpu_layers: int, providers: list[str]) -> None:
 def open_engine(served: Served, threads: int | None = None, n_ctx: int = 4096, n_gpu_layers: int = 0,
                 providers: list[str] | None = None):
     if served.backend == "llama_cpp":
-        from toolchain.backends.llama_cpp import LlamaCppEngine
-
         return LlamaCppEngine(served.path, n_ctx=n_ctx, threads=threads, n_gpu_layers=n_gpu_layers)
     if served.backend == "onnxruntime_genai":
-        from toolchain.backends.onnx_genai import GenaiEngine
-
         return GenaiEngine(served.path, threads=threads)
-    from toolchain.backends.onnx import OnnxEngine
 
     return OnnxEngine(served.path, threads=threads, providers=providers)
 
 
 def from_file(path: Path, backend: str | None) -> Served:
     """Any .gguf file or ONNX folder, checked first."""
-    from toolchain.model_files import inspect
 
     path = Path(path)
     kind = inspect(path)["format"]

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from toolchain.models import file_sha256, resolve
-from toolchain.runs import RunDir, RunError, read_manifest, stage_key
+from toolchain.data.rows import DataError
+from toolchain.models.references import file_sha256, resolve
+from toolchain.models.vocab import RULES
+from toolchain.pipeline.runs import RunDir, RunError, read_manifest, stage_key
 
 STAGES = ("synthesize", "generate", "distill", "merge", "eval", "export", "bench")
 GATE = (
@@ -64,10 +66,9 @@ def _scoring(cfg) -> dict:
 
 
 def _vocab_rules(cfg) -> dict:
-    """A trimmed vocabulary depends on the rules that choose it (toolchain.vocab.RULES), not only on its size."""
+    """A trimmed vocabulary depends on the rules that choose it (toolchain.models.vocab.RULES), not only on its size."""
     if cfg.student.vocab is None:
         return {}
-    from toolchain.vocab import RULES
 
     return {"vocab_rules": RULES}
 
@@ -144,8 +145,6 @@ def external_inputs(cfg, stage: str) -> dict[str, tuple[str, Path | None]]:
             for i, p in enumerate(getattr(cfg.data, split)):
                 path = cfg.data_path(p)
                 if not path.is_file():
-                    from toolchain.data import DataError
-
                     raise DataError(f"{path}: prompt file not found (data.{split}[{i}])")
                 out[f"data:{split}:{i}"] = (file_sha256(path), None)
     if stage == "distill":

@@ -1,0 +1,415 @@
+"""The Markdown people read of eval, export and bench (eval.md, export.md, bench.md), also used by the report and
+the model card: one place, so a stage's numbers read the same wherever they are shown."""
+
+from __future__ import annotations
+
+from toolchain.quality import scores as em
+from toolchain.quality.heldout import ROLES
+
+SAMPLES_IN_REPORT = 5
+
+
+def _fmt(x, pct: bool = True) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:.2f}"
+
+
+def _ci(lo_hi, pct: bool = True) -> str:
+    if not lo_hi:
+        return ""
+    lo, hi = lo_hi
+    return f"[{100 * lo:.0f}-{100 * hi:.0f}]" if pct else f"[{lo:.2f}-{hi:.2f}]"
+
+
+def _quality_rows(report: dict, verdict: dict | None):
+    """(task, n, teacher, student, retention, McNemar p, gate) cells per gold task and the pool, as strings."""
+    ret, iv = report["retention"], report.get("intervals", {}).get("tasks", {})
+    judged = (verdict or {}).get("tasks", {})
+    names = [t for t, r in ret["tasks"].items() if r["teacher"] is not None] + ["overall"]
+    for name in names:
+        row = ret["overall"] if name == "overall" else ret["tasks"][name]
+        if row["teacher"] is None:
+            continue
+        i = iv.get(name, {})
+        p = i.get("p_student_below")
+        g = judged.get(name)
+        gate = "" if g is None else ("pass" if g["passed"] else "FAIL") + f" ({g['why']}, floor {g['floor']:g})"
+        n = row["gold_docs"] if name != "overall" else ret["overall"]["gold_docs"]
+        yield (name, str(n), f"{_fmt(row['teacher'])} {_ci(i.get('teacher'))}".strip(),
+               f"{_fmt(row['student'])} {_ci(i.get('student'))}".strip(),
+               f"{_fmt(row['retention'], False)} {_ci(i.get('retention'), False)}".strip(),
+               "-" if p is None else f"{p:.3f}", gate)
+
+
+def eval_table(report: dict, verdict: dict | None = None) -> str:
+    """The console table: gold accuracy of teacher and student with 95% intervals, retention, McNemar's p of
+    "student below teacher" and the gate's decision per task; then agreement with the teacher and perplexity."""
+    verdict = verdict if verdict is not None else report.get("gate")
+    lines = [
+        f"{'task':12s} {'n':>4s}  {'teacher gold':17s} {'student gold':17s} {'retention':17s} {'p(s<t)':>7s}  gate"
+    ]
+    for name, n, t, s, r, p, g in _quality_rows(report, verdict):
+        lines.append(f"{name:12s} {n:>4s}  {t:17s} {s:17s} {r:17s} {p:>7s}  {g}")
+    scores = report["scores"]
+    lines += ["", f"{'task':12s} {'n':>4s} {'agree':>6s} {'chrF':>6s} {'ppl s/t':>13s}"
+              + (f" {'before':>7s}" if "base" in scores else "")]
+    for task in report["retention"]["tasks"]:
+        s = scores["student"][task]
+        ppl = f"{_fmt(s['perplexity'], False)}/{_fmt(scores['teacher'][task]['perplexity'], False)}"
+        before = f" {_fmt(scores['base'][task].get('gold')):>7s}" if "base" in scores else ""
+        lines.append(f"{task:12s} {report['docs'][task]:4d} {_fmt(s['exact']):>6s} {s['chrf']:6.1f} {ppl:>13s}{before}")
+    lines += [""] + interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)
+    return "\n".join(lines).rstrip()
+
+
+def interval_notes(report: dict) -> list[str]:
+    iv = report.get("intervals")
+    if not iv:
+        return []
+    out = [f"[..]: 95% intervals, {iv['method']}, {iv['iters']} resamples, seed {iv['seed']}; "
+           f"p(s<t): McNemar's exact one-sided test of \"student below teacher\""]
+    source = str(report.get("teacher_answers", ""))
+    if source.startswith("generate"):
+        out.append("teacher gold: its greedy held-out answers from the generate stage (eval.teacher_answers)")
+    elif source.startswith("the data's reference answers"):
+        out.append(f"teacher column: {source} (generate.answers), what the student learned from")
+    if report.get("teacher_likelihood") == "generate":
+        out.append("teacher perplexity: of its held-out answers under the logits llama.cpp chose them from in generate")
+    if report.get("base", {}).get("note"):
+        out.append(report["base"]["note"])
+    metrics = report.get("metrics", {})
+    if metrics:
+        out.append("gold checked by: " + ", ".join(
+            f"{t} {m['metric']}" + (f" (at most {m['max_words']} words)" if m.get("max_words") else "")
+            for t, m in sorted(metrics.items()) if report.get("gold_docs", {}).get(t) or m["metric"] == "judge"))
+    return out + list(report.get("notes", []))
+
+
+def gate_notes(report: dict, verdict: dict | None) -> list[str]:
+    if not verdict:
+        return []
+    head = (f"gate ({verdict['rule']}, level {verdict['level']:g}): "
+            + ("passed" if verdict["passed"] else "FAILED: " + ", ".join(verdict["failed"])))
+    notes = [f"  {name}: {v['note']}" for name, v in verdict["tasks"].items() if v.get("note")]
+    return [head, *notes]
+
+
+def ceiling_notes(report: dict) -> list[str]:
+    ret = report["retention"]
+    out = []
+    for task, row in ret["tasks"].items():
+        if row["ceiling"]:
+            out.append(f"quality ceiling: the teacher itself gets {_fmt(row['teacher'])}% of '{task}' right "
+                       f"(below {100 * em.QUALITY_CEILING:.0f}%); a better teacher, not more distillation, moves it")
+    for task, lab in (report.get("labels") or {}).items():
+        teacher, base = ret["tasks"].get(task, {}).get("teacher"), lab["baselines"]
+        if teacher is not None and base["majority"] is not None and teacher <= base["majority"]:
+            out.append(f"'{task}': the teacher ({_fmt(teacher)}%) is no better than always answering "
+                       f"'{base['majority_label']}' ({_fmt(base['majority'])}%): distil from reference answers or a "
+                       "stronger teacher; distilling this one teaches the student nothing")
+    return out
+
+
+def label_markdown(report: dict) -> list[str]:
+    """Per label task: precision and recall per label for each model, the baselines, and the confusion matrices."""
+    out = []
+    for task, lab in (report.get("labels") or {}).items():
+        roles = [r for r in ROLES if r in lab]
+        base = lab["baselines"]
+        out += [
+            "",
+            f"## {task}: labels",
+            "",
+            f"Baselines: always '{base['majority_label']}' {_fmt(base['majority'])}%, a uniform guess "
+            f"{_fmt(base['uniform'])}%. Precision / recall (%) per label; the label an answer names first "
+            'counts, "(none)" when it names none.',
+            "",
+            "| label | support | " + " | ".join(f"{r} P / R" for r in roles) + " |",
+            "|---|---:|" + "---:|" * len(roles),
+        ]
+        for x in lab["labels"]:
+            cells = [
+                f"{_fmt(lab[r]['per_label'][x]['precision'])} / {_fmt(lab[r]['per_label'][x]['recall'])}" for r in roles
+            ]
+            out.append(f"| {x} | {lab[roles[0]]['per_label'][x]['support']} | " + " | ".join(cells) + " |")
+        for r in roles:
+            cols = list(lab["labels"]) + [em.NO_LABEL]
+            out += ["", f"{r}: gold (rows) against the label answered (columns)", "",
+                    "| gold | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+            for gold, row in lab[r]["confusion"].items():
+                out.append(f"| {gold} | " + " | ".join(str(row.get(c, 0)) for c in cols) + " |")
+    return out
+
+
+def eval_markdown(report: dict, rows: list[dict], results: dict[str, dict]) -> str:
+    ret, scores = report["retention"], report["scores"]
+    verdict = report.get("gate")
+    out = [f"# Evaluation: {report['recipe']}", ""]
+    if verdict:
+        out += [f"**Quality gate: {'passed' if verdict['passed'] else 'FAILED'}** ({verdict['rule']} rule, "
+                f"level {verdict['level']:g}; docs/evaluation.md explains it).", ""]
+    out += ["Gold accuracy (%) per task with 95% intervals; retention = student / teacher; p(s<t): McNemar's exact "
+            "test of \"student below teacher\".", "",
+            "| task | n | teacher | student | retention | p(s<t) | gate |", "|---|---:|---:|---:|---:|---:|---|"]
+    for name, n, t, s_, r, p, g in _quality_rows(report, verdict):
+        bold = "**" if name == "overall" else ""
+        out.append(f"| {bold}{name}{bold}{' (ceiling)' if name != 'overall' and ret['tasks'][name]['ceiling'] else ''} "
+                   f"| {n} | {t} | {s_} | {bold}{r}{bold} | {p} | {g} |")
+    roles = [r for r in ROLES if r in scores]
+    names = {"teacher": "teacher", "student": "student", "base": "student before distillation"}
+    out += [
+        "",
+        "Agreement and chrF against the teacher's own held-out answers; perplexity of the teacher's answers "
+        "per student token.",
+        "",
+        "| task | docs | "
+        + " | ".join(f"{names[r]} gold" for r in roles)
+        + " | exact agree | chrF | ppl (student / teacher) |",
+        "|---|---:|" + "---:|" * len(roles) + "---:|---:|---:|",
+    ]
+    for task in ret["tasks"]:
+        s_, t = scores["student"][task], scores["teacher"][task]
+        out.append(
+            f"| {task} | {report['docs'][task]} | "
+            + " | ".join(_fmt(scores[r][task].get("gold")) for r in roles)
+            + f" | {_fmt(s_['exact'])} | {s_['chrf']:.1f} | {_fmt(s_['perplexity'], False)} / "
+              f"{_fmt(t['perplexity'], False)} |"
+        )
+    out += [""] + [f"> {n}" for n in interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)
+                   + synthetic_notes(report)]
+    out += label_markdown(report) + judge_markdown(report)
+    by_id = {r["id"]: r for r in rows}
+    for task in ret["tasks"]:
+        out += ["", f"## {task}: samples", ""]
+        student = results["student"]["samples"][task][:SAMPLES_IN_REPORT]
+        teacher = {s["id"]: s for s in results["teacher"]["samples"][task]}
+        for s in student:
+            r = by_id[s["id"]]
+            out += [
+                f"**{r['id']}** — {_one_line(r['prompt'])}"
+                + (f" (gold: {r['gold']})" if r["gold"] is not None else ""),
+                f"- teacher: {_one_line(teacher[s['id']]['response'])}",
+                f"- student: {_one_line(s['response'])}",
+                "",
+            ]
+    return "\n".join(out) + "\n"
+
+
+def synthetic_notes(report: dict) -> list[str]:
+    """Where the training prompts came from when the teacher wrote some (synthesize), and how many of those were
+    dropped for resembling a held-out prompt: the user sees that the scores above are not inflated by them."""
+    s = report.get("synthetic")
+    if not s:
+        return []
+    return [f"training prompts: {s['seeds']} from the data and {s['kept']} written by the teacher ({s['method']}; "
+            f"{s['written']} written); {s.get('dropped_contaminated', 0)} dropped as contaminated (sharing at least "
+            f"{s['decontaminate_threshold']:.0%} of their word {s['decontaminate_ngram']}-grams with a held-out "
+            f"prompt), {s.get('dropped_exact_duplicate', 0) + s.get('dropped_near_duplicate', 0)} as duplicates"]
+
+
+def judge_markdown(report: dict) -> list[str]:
+    """The judge tasks: the student's answer against the teacher's, as the judge model saw them."""
+    judged = report.get("judge") or {}
+    if not judged:
+        return []
+    out = ["", "## Judged tasks", "",
+           "A judge model compared the student's answer with the teacher's for each held-out prompt, asked twice with "
+           "the answers swapped. Score: 1 = student better in both orders, 0.5 = tie (or the orders disagree), "
+           "0 = teacher better; 0.5 overall is as good as the teacher.", "",
+           "| task | judge | n | student wins | ties | teacher wins | score [95%] | orders agree | parse failures |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for task, j in judged.items():
+        iv = f" [{j['interval'][0]:.2f}-{j['interval'][1]:.2f}]" if j["interval"] else ""
+        agree = "-" if j["order_agreement"] is None else f"{100 * j['order_agreement']:.0f}%"
+        score = "-" if j["score"] is None else f"{j['score']:.2f}{iv}"
+        out.append(f"| {task} | {j['judge']} | {j['n']} | {j['wins']} | {j['ties']} | {j['losses']} | {score} | "
+                   f"{agree} "
+                   f"| {j['parse_failures']} of {j['asked']} |")
+    weak = [t for t, j in judged.items() if j["order_agreement"] is not None and j["order_agreement"] < 0.5]
+    if weak:
+        out += ["", f"> {', '.join(weak)}: the judge changed its verdict with the answers' order for most prompts; "
+                    "it is too weak for this task: name a stronger judge in tasks.<task>.judge (an openai: endpoint)."]
+    return out
+
+
+def _one_line(text: str | None, width: int = 200) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# --- export ---
+
+def _greedy(r: dict) -> str:
+    ties = r.get("greedy_near_ties", 0)
+    return f"{r['greedy_same']}/{r['greedy_prompts']}" + (f" (+{ties} near tie)" if ties else "")
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def num(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def export_markdown(report: dict) -> str:
+    head = ("| file | size (MB) | bits/weight | held-out gold % | retention | ppl | greedy = PyTorch | top-1 agree % "
+            "| mean KL | tokenizer |")
+    lines = [f"# Export: {report['recipe']}", "",
+             head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    p = report["pytorch"]
+    lines.append(f"| PyTorch (merged) | {p['bytes'] / 1e6:.1f} | {p['bits_per_weight']:.2f} | {pct(p['gold'])} | "
+                 f"{num(p['retention'])} | {num(p['perplexity'])} | reference | reference | 0 | HF |")
+    for r in report["files"]:
+        tok = f"{r['tokenizer_same_as_hf']}/{r['tokenizer_strings']}"
+        if r.get("tokenizer_same_as_source") is not None:
+            tok += f" (source GGUF {r['tokenizer_same_as_source']}/{r['tokenizer_strings']})"
+        name = f"{r['file']} (imatrix)" if r.get("imatrix") else r["file"]
+        lines.append(
+            f"| {name} | {r['bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | {pct(r.get('gold'))} | "
+            f"{num(r.get('retention'))} | {num(r.get('perplexity'))} | {_greedy(r)} | {pct(r['top1_agreement'])} | "
+            f"{r['mean_kl']:.2g} | {tok} |"
+        )
+    lines += ["", f"Teacher held-out gold: {pct(report['teacher_gold'])}%. Retention = file's gold / teacher's gold. "
+              "bits/weight = bytes of tensor data (GGUF) or of the whole file (ONNX, PyTorch) × 8 / parameters; "
+              "k-quants fall back to other types on rows not divisible by 256, so the preset name is not the size.",
+              f"Greedy parity: {len(report['check_prompts'])} fixed prompts, up to {report['check_tokens']} tokens; "
+              "top-1 agreement and KL(PyTorch ‖ file) over the same sequences; tokenizer: identical ids on "
+              "evals/tokenizer_strings.json. A near tie: the outputs part where PyTorch's own margin between the two "
+              "tokens is under twice the largest logit difference between PyTorch and the file (float rounding).", ""]
+    weighted = next((r["imatrix"] for r in report["files"] if r.get("imatrix")), None)
+    if weighted:
+        lines += [f"(imatrix): quantized with llama.cpp's importance matrix, measured by llama-imatrix on "
+                  f"{weighted['chunks']} windows of {weighted['chunk_tokens']} tokens of the training conversations "
+                  "(never the held-out prompts).", ""]
+    made = [r for r in report["files"] if r.get("modelfile")]
+    if made:
+        lines += ["Laptop runtimes: every GGUF carries the chat template the student was trained with (the recipe's "
+                  "system prompt as its default), its end-of-turn token and its provenance, so llama-server and LM "
+                  "Studio run it as it is; for Ollama, from this folder:", ""]
+        lines += [f"    ollama create {report['recipe']}-{r['variant'].replace('_', '-')} -f {r['modelfile']}"
+                  for r in made] + [""]
+    f = report.get("foreign_server")
+    if f:
+        lines += [f"Checked in a server that is not ours: {f['server']} on {f['file']}, its chat format read from the "
+                  f"file, asked the {f['prompts']} check prompts without a system message, gave distillery serve's "
+                  f"greedy answers for {f['same']} of {f['prompts']}.", ""]
+    lines += _constrained_lines(report)
+    notes = quality_notes(report)
+    return "\n".join(lines + (notes + [""] if notes else []))
+
+
+def _constrained_lines(report: dict) -> list[str]:
+    """serve.constrain: task: each GGUF's held-out accuracy and decode speed free and under the task's constraint."""
+    rows = [(r, task, c) for r in report["files"] for task, c in sorted((r.get("constrained") or {}).items())]
+    if not rows:
+        return []
+    out = ["Task-constrained decoding (`serve.constrain: task`): the held-out prompts of every task with a constraint, "
+           "answered greedily through `distillery serve`'s engine free and under the task's grammar; p: McNemar's "
+           "exact test of \"constrained below free\"; decode tokens/s leave prompt time out.", "",
+           "| file | task | n | free % | constrained % | p | decode tok/s free | constrained | ratio |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r, task, c in rows:
+        f, k = c["free"], c["constrained"]
+        out.append(f"| {r['file']} | {task} | {c['n']} | {pct(f['accuracy'])} | {pct(k['accuracy'])} | "
+                   f"{_p(c['mcnemar']['p_student_below'])} | {num(f['decode_tokens_per_s'])} | "
+                   f"{num(k['decode_tokens_per_s'])} | {num(c['speed_ratio'])} |")
+    return out + [""]
+
+
+def _p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def quality_notes(report: dict) -> list[str]:
+    """Files whose held-out answers are significantly worse than the PyTorch student's (McNemar, paired by
+    prompt, at eval.gate_level): what quantization cost, said where a user picks a file."""
+    level = report.get("gate_level", 0.05)
+    out = []
+    for r in report["files"]:
+        v = r.get("vs_pytorch")
+        if v and v["n"] and v["p_below_pytorch"] < level:
+            out.append(f"**{r['file']} is below the PyTorch student**: {pct(r.get('gold'))}% vs "
+                       f"{pct(report['pytorch']['gold'])}% gold ({v['pytorch_only']} prompts right only in PyTorch, "
+                       f"{v['file_only']} only in the file, of {v['n']}; {_p(v['p_below_pytorch'])}): quantization "
+                       "cost quality; prefer another file.")
+    return out
+
+
+# --- bench ---
+
+def _cell(stat: dict | None, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+    if not stat:
+        return "-"
+    return f"{fmt.format(stat['median'] * scale)} ({fmt.format(stat['min'] * scale)}–{fmt.format(stat['max'] * scale)})"
+
+
+def bench_markdown(report: dict) -> str:
+    s, r, q = report["summary"], report["ratios"], report["quality"]
+    usd = report["usd_per_1m_output_tokens"]
+
+    def num(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    lines = [
+        f"# Bench: {report['recipe']} ({report['backend']}, {report['quant']}, {report['threads']} threads)",
+        "",
+        "| | teacher | student | student / teacher |",
+        "|---|---:|---:|---:|",
+        f"| decode tokens/s | {_cell(s['teacher'].get('decode_tps'))} | {_cell(s['student'].get('decode_tps'))} | "
+        f"**{num(r['decode_tps'])}×** |",
+        f"| prompt tokens/s | {_cell(s['teacher'].get('prompt_tps'))} | {_cell(s['student'].get('prompt_tps'))} | "
+        f"{num(r['prompt_tps'])}× |",
+        f"| time to first token (ms) | {_cell(s['teacher'].get('ttft_ms'))} | {_cell(s['student'].get('ttft_ms'))} | "
+        f"{num(r['ttft'])}× |",
+        f"| peak RSS (MB) | {_cell(s['teacher'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | "
+        f"{_cell(s['student'].get('peak_rss_bytes'), '{:.0f}', 1e-6)} | {num(r['peak_rss'])}× |",
+        f"| size on disk (MB) | {report['bytes']['teacher'] / 1e6:.1f} | {report['bytes']['student'] / 1e6:.1f} | "
+        f"{num(r['size'])}× |",
+        f"| $ per 1M output tokens | {usd['teacher']:.4f} | {usd['student']:.4f} | {num(r['usd_per_1m'])}× |",
+        f"| held-out gold % | {num(q['teacher_gold'] and 100 * q['teacher_gold'], '{:.1f}')} | "
+        f"{num(q['student_gold'] and 100 * q['student_gold'], '{:.1f}')} | {num(q['retention'])} (retention) |",
+        "",
+        f"Median (min–max) over {report['repeats']} runs of {report['prompts']} held-out prompts, up to "
+        f"{report['max_new_tokens']} new tokens, greedy, teacher and student alternating, each in its own process.",
+        f"$ per 1M output tokens at ${report['settings']['usd_per_hour']}/hour, one request at a time, prompt "
+        f"processing included. Reference API: ${report['reference_api_usd_per_1m_output']}/1M output tokens → the "
+        f"student costs **1/{1 / r['student_cost_vs_api']:.0f}** of it."
+        if r["student_cost_vs_api"]
+        else "",
+        "",
+    ]
+    be = report["break_even"]
+    if be["output_tokens"]:
+        lines.append(f"Break-even: distillation took {be['one_time_seconds'] / 60:.1f} machine-minutes "
+                     f"(${be['one_time_usd']:.4f} at ${report['settings']['distill_hardware_usd_per_hour']}/hour); "
+                     "each 1M "
+                     f"output tokens saves ${be['saving_usd_per_1m_output']:.2f}, so it pays back after "
+                     f"{be['output_tokens']:,.0f} output tokens. A dedicated machine "
+                     f"(${be['hardware_usd_per_month']:.0f}/month) "
+                     f"serves up to {be['capacity_tokens_per_month'] / 1e6:,.0f}M output tokens a month at this speed.")
+    ld = report.get("loaded")
+    if ld:
+        lines += [
+            "",
+            f"A busy server ({ld['concurrency']} requests decoding together, `serve.batch: "
+            f"{ld['concurrency']}`): {_cell(s['teacher'].get('loaded_tps'))} tokens/s teacher, "
+            f"{_cell(s['student'].get('loaded_tps'))} student (**{num(ld['tps_ratio'])}×**); $ per 1M output "
+            f"tokens at full load {ld['usd_per_1m_output_tokens']['teacher']:.4f} vs "
+            f"{ld['usd_per_1m_output_tokens']['student']:.4f}"
+            + (
+                f" → **1/{1 / ld['student_cost_vs_api']:.0f}** of the reference API."
+                if ld["student_cost_vs_api"]
+                else "."
+            ),
+        ]
+    if "served" in report:
+        sv = report["served"]
+        pairs = sv.get("decode_ratio_runs") or []
+        lines += ["", f"Served through `distillery serve` (HTTP, streamed): decode "
+                      f"{_cell(sv['summary'].get('decode_tps'))} "
+                      f"tokens/s = **{num(sv['decode_ratio_vs_raw'])}×** raw llama-cpp-python on the same file"
+                      + (f" (median of {len(pairs)} runs, each right after a raw run: "
+                         + ", ".join(f"{x:.2f}" for x in pairs) + ")." if pairs else ".")]
+    return "\n".join(lines) + "\n"
