@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from toolchain.data.rows import DataError, Prompt, iter_jsonl
-from toolchain.recipe import DataConfig
+from toolchain.recipe import DataConfig, Recipe
 
 FORMATS = ("prompts", "chat", "sharegpt", "alpaca", "table")
 TABLE_FILES = {".csv": ",", ".tsv": "\t", ".parquet": None}
@@ -335,7 +335,7 @@ def hold_out(rows: list[Prompt], fraction: float, seed: int) -> tuple[list[Promp
     return train, [replace(p, split="heldout") for i, p in enumerate(rows) if i in held]
 
 
-def load_prompts(cfg, limits: bool = True) -> tuple[list[Prompt], list[Prompt]]:
+def load_prompts(cfg: Recipe, limits: bool = True) -> tuple[list[Prompt], list[Prompt]]:
     """(train, held-out) prompts of a recipe; with limits=False every row of every source is read (and so
     checked)."""
     d = cfg.data

@@ -13,6 +13,7 @@ from toolchain.data.rows import DataError
 from toolchain.models.references import file_sha256, resolve
 from toolchain.models.vocab import RULES
 from toolchain.pipeline.runs import RunDir, RunError, read_manifest, stage_key
+from toolchain.recipe import Recipe
 
 STAGES = ("synthesize", "generate", "distill", "merge", "eval", "export", "bench")
 GATE = (
@@ -32,11 +33,11 @@ class StagePlan:
     active: Callable = lambda cfg: True  # a stage a recipe does not use is skipped, and is no input of later ones
 
 
-def _teacher_io(cfg) -> dict:
+def _teacher_io(cfg: Recipe) -> dict:
     return {"teacher": cfg.teacher}
 
 
-def _generate_extras(cfg) -> dict:
+def _generate_extras(cfg: Recipe) -> dict:
     """Only what changes generate's output: hard and online soft-label share one generate result."""
     d = cfg.distill
     if d.flavour == "reasoning":
@@ -52,7 +53,7 @@ _LATER_DEFAULTS = {"warmup_epochs": 0.0, "dtype": "float32", "teacher_dtype": "f
                    "gradient_checkpointing": False}
 
 
-def _distill_section(cfg) -> dict:
+def _distill_section(cfg: Recipe) -> dict:
     d = cfg.section("distill")
     if not cfg.distill.on_policy.fraction:
         d.pop("on_policy")
@@ -60,12 +61,12 @@ def _distill_section(cfg) -> dict:
     return {k: v for k, v in d.items() if k not in _LATER_DEFAULTS or _LATER_DEFAULTS[k] != v}
 
 
-def _scoring(cfg) -> dict:
+def _scoring(cfg: Recipe) -> dict:
     """The tasks section as scoring sees it: each task's metric, without its gate floor (judged afterwards)."""
     return {name: t.model_dump(exclude={"min_retention"}) for name, t in sorted(cfg.tasks.items())}
 
 
-def _vocab_rules(cfg) -> dict:
+def _vocab_rules(cfg: Recipe) -> dict:
     """A trimmed vocabulary depends on the rules that choose it (toolchain.models.vocab.RULES), not only on its size."""
     if cfg.student.vocab is None:
         return {}
@@ -73,7 +74,7 @@ def _vocab_rules(cfg) -> dict:
     return {"vocab_rules": RULES}
 
 
-def _data_settings(cfg) -> dict:
+def _data_settings(cfg: Recipe) -> dict:
     # Prompt files enter keys by content (see external_inputs), not by path: moving a recipe or its data does not
     # re-run the teacher.
     return {k: v for k, v in cfg.section("data").items() if k not in ("train", "heldout")}
@@ -136,7 +137,7 @@ PLANS = {
 }
 
 
-def external_inputs(cfg, stage: str) -> dict[str, tuple[str, Path | None]]:
+def external_inputs(cfg: Recipe, stage: str) -> dict[str, tuple[str, Path | None]]:
     """Inputs from outside the run directory: model files and prompt files, by content hash."""
     out: dict[str, tuple[str, Path | None]] = {}
     if stage in ("synthesize", "generate"):
@@ -153,7 +154,7 @@ def external_inputs(cfg, stage: str) -> dict[str, tuple[str, Path | None]]:
     return out
 
 
-def stage_inputs(cfg, run: RunDir, stage: str, finished: dict[str, Path]) -> dict[str, tuple[str, Path | None]]:
+def stage_inputs(cfg: Recipe, run: RunDir, stage: str, finished: dict[str, Path]) -> dict[str, tuple[str, Path | None]]:
     inputs = external_inputs(cfg, stage)
     for up in PLANS[stage].upstream:
         if not PLANS[up].active(cfg):
@@ -163,7 +164,7 @@ def stage_inputs(cfg, run: RunDir, stage: str, finished: dict[str, Path]) -> dic
     return inputs
 
 
-def status(cfg, runs_root: str | Path) -> list[tuple[str, str, Path | None]]:
+def status(cfg: Recipe, runs_root: str | Path) -> list[tuple[str, str, Path | None]]:
     """(stage, done|stale|missing|waiting, dir) for every stage, without running anything."""
     run = RunDir.for_recipe(runs_root, cfg.name)
     rows: list[tuple[str, str, Path | None]] = []
@@ -189,7 +190,7 @@ def status(cfg, runs_root: str | Path) -> list[tuple[str, str, Path | None]]:
     return rows
 
 
-def finished(cfg, runs_root: str | Path, stage: str) -> Path:
+def finished(cfg: Recipe, runs_root: str | Path, stage: str) -> Path:
     """The finished directory of ``stage`` for the recipe as it is now (RunError naming what to run otherwise)."""
     for name, state, path in status(cfg, runs_root):
         if name == stage:

@@ -14,13 +14,13 @@ from toolchain.pipeline.plans import PLANS, STAGES, stage_inputs
 from toolchain.pipeline.runs import RunDir, RunError, execute, read_manifest, stage_key
 from toolchain.quality.gate import GateError, gate, gate_lines
 from toolchain.quality.metrics import normalise, parse_json
-from toolchain.recipe import RecipeError
+from toolchain.recipe import Recipe, RecipeError
 from toolchain.render.markdown import eval_table
 from toolchain.serve.targets import default_quant
 from toolchain.ui import console, world_size
 
 
-def preflight(cfg) -> None:
+def preflight(cfg: Recipe) -> None:
     """Checks that need the files, run before any stage (and by ``distillery validate``): every prompt file
     parses (a bad line is named by file and line number) and soft-label teachers share the student's vocabulary."""
 
@@ -50,7 +50,7 @@ def preflight(cfg) -> None:
                           f"(the rest are padding, no token maps to them)")
 
 
-def check_golds(cfg, prompts) -> None:
+def check_golds(cfg: Recipe, prompts) -> None:
     """Every gold answer is one its task's metric can match: one of a label task's declared labels, JSON for a
     json task (a gold no answer can ever equal would score the task 0 and say nothing)."""
 
@@ -71,7 +71,7 @@ def check_golds(cfg, prompts) -> None:
                 ) from None
 
 
-def check_dimensions(cfg) -> None:
+def check_dimensions(cfg: Recipe) -> None:
     """The recipe against the models it names, from their metadata only: layers kept and selected exist in the
     teacher, a trimmed vocabulary is smaller than the tokenizer's, seq_len fits the student's context."""
 
@@ -104,12 +104,12 @@ def check_dimensions(cfg) -> None:
                           f"{context} tokens")
 
 
-def licence_decision(cfg) -> licenses.LicenceDecision:
+def licence_decision(cfg: Recipe) -> licenses.LicenceDecision:
     return licenses.decide(resolve(cfg.teacher), cfg.licence.teacher, cfg.licence.acknowledge, cfg.data.answers_from,
                            uses_answers=cfg.generate.answers != "teacher")
 
 
-def gate_verdict(cfg, report: dict) -> dict:
+def gate_verdict(cfg: Recipe, report: dict) -> dict:
     """The gate as the recipe says now (floors and rule are not part of eval's key): re-decided from eval.json's
     per-prompt table, so editing a floor re-runs nothing."""
 
@@ -121,7 +121,7 @@ def gate_verdict(cfg, report: dict) -> dict:
         raise RecipeError(f"{cfg.source}: {e}") from None
 
 
-def quality_gate(cfg, eval_dir: Path, enforce: bool = True) -> dict:
+def quality_gate(cfg: Recipe, eval_dir: Path, enforce: bool = True) -> dict:
     """Print the eval table with the gate's decision per task; return the verdict, or (enforced) raise
     GateError naming every task that failed and why."""
     import json
@@ -137,7 +137,7 @@ def quality_gate(cfg, eval_dir: Path, enforce: bool = True) -> dict:
     return verdict
 
 
-def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str | None = None,
+def run_stages(cfg: Recipe, runs_root: str | Path, until: str | None = None, only: str | None = None,
                force: bool = False, gate: bool = True) -> dict[str, Path]:
     """Run stages in order up to ``until`` (or just ``only``, whose upstream must then be done).
 
@@ -176,7 +176,7 @@ def run_stages(cfg, runs_root: str | Path, until: str | None = None, only: str |
     return finished
 
 
-def sweep(cfg, runs_root: str | Path, keep_layers: list[int]) -> Path:
+def sweep(cfg: Recipe, runs_root: str | Path, keep_layers: list[int]) -> Path:
     """One student per depth in ``keep_layers`` (the recipe otherwise unchanged), each distilled, evaluated,
     exported at the bench type and benched once; runs/<recipe>/sweep.json holds the retention-vs-speed points.
 

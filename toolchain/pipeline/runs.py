@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from toolchain import __version__
 from toolchain.models.references import file_sha256
+from toolchain.recipe import Recipe
 from toolchain.ui import console, is_main
 
 MANIFEST = "manifest.json"
@@ -217,7 +218,7 @@ class _exclusive:
         self.fh.close()
 
 
-def _run_and_publish(run, stage, fn, cfg, config, inputs, licence, key, work: Path, final: Path) -> Path:
+def _run_and_publish(run, stage, fn, cfg: Recipe, config, inputs, licence, key, work: Path, final: Path) -> Path:
     (work / "stage.json").write_text(canonical({"stage": stage, "key": key}), encoding="utf-8")
     console.print(f"[bold cyan]▶[/] {stage} → {final}")
     started = time.time()

@@ -18,6 +18,7 @@ from toolchain.data.rows import iter_jsonl, write_jsonl
 from toolchain.models.chat import context, flat_prompt, messages_for, with_instruction
 from toolchain.models.references import resolve
 from toolchain.quality import scores as em
+from toolchain.recipe import Recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -28,7 +29,7 @@ EVALS = Path(__file__).resolve().parents[2] / "evals"
 ROLES = ("teacher", "student", "base")
 
 
-def raw_teacher(cfg, role: str) -> bool:
+def raw_teacher(cfg: Recipe, role: str) -> bool:
     """A base teacher asked through generate.prompt_template (no chat template) is evaluated the same way."""
     return role == "teacher" and cfg.generate.prompt_template is not None
 
@@ -36,7 +37,7 @@ def raw_teacher(cfg, role: str) -> bool:
 CONTEXT = "\u2060ctx:"  # a doc prompt that starts CONTEXT<id>\u2060 is rendered with that row's system and turns
 
 
-def _prompt_for(cfg, role: str, row: dict) -> str:
+def _prompt_for(cfg: Recipe, role: str, row: dict) -> str:
     """What each model is asked: the teacher as in generate; the student as it was trained. A row with its own
     system message or earlier turns is marked so ``with_context`` renders them in the model's chat template."""
     r, prompt = cfg.reasoning, row["prompt"]
@@ -47,7 +48,7 @@ def _prompt_for(cfg, role: str, row: dict) -> str:
     return f"{CONTEXT}{row['id']}\u2060{prompt}" if context(row) else prompt
 
 
-def with_context(cfg, lm, rows: list[dict]):
+def with_context(cfg: Recipe, lm, rows: list[dict]):
     """``lm`` rendering a marked doc prompt as its row's whole chat: lm-eval itself only knows one system
     instruction and one user turn per doc."""
     contexts = {r["id"]: context(r) for r in rows if context(r)}
@@ -66,7 +67,7 @@ def with_context(cfg, lm, rows: list[dict]):
     return lm
 
 
-def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> list[str]:
+def write_tasks(cfg: Recipe, rows: list[dict], student_tok, root: Path, role: str) -> list[str]:
     """lm-eval task YAMLs + JSONL for one model under root/role; returns the task names."""
     folder = root / role
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,26 +102,26 @@ def write_tasks(cfg, rows: list[dict], student_tok, root: Path, role: str) -> li
     return names
 
 
-def undeclared_notes(cfg, rows: list[dict]) -> list[str]:
+def undeclared_notes(cfg: Recipe, rows: list[dict]) -> list[str]:
     tasks = sorted({r["task"] for r in rows if r["gold"] is not None} - set(cfg.tasks))
     return [f"'{t}' has gold answers but no tasks: entry in the recipe; scored by exact match" for t in tasks]
 
 
-def _scored_doc(cfg, r: dict, specs: dict[str, dict]) -> dict:
+def _scored_doc(cfg: Recipe, r: dict, specs: dict[str, dict]) -> dict:
     """What the per-doc metric hooks (toolchain.quality.scores) read from a held-out row."""
     pattern = cfg.reasoning.answer_pattern if cfg.distill.flavour == "reasoning" else None
     return {"task": r["task"], "gold": r["gold"], "teacher_response": r["response"], "answer_pattern": pattern,
             "metric": json.dumps(specs[r["task"]])}
 
 
-def hf_lm(cfg, model, tok):
+def hf_lm(cfg: Recipe, model, tok):
     """An in-memory PyTorch model as an lm-eval model."""
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device="cpu")
 
 
-def score(cfg, lm, task_dir: Path, names: list[str], chat: bool, rows: list[dict] = ()) -> dict:
+def score(cfg: Recipe, lm, task_dir: Path, names: list[str], chat: bool, rows: list[dict] = ()) -> dict:
     """Run the tasks ``names`` (written by ``write_tasks`` from ``rows``) on an lm-eval model: metrics and
     per-doc samples."""
     import logging
@@ -156,7 +157,7 @@ def score(cfg, lm, task_dir: Path, names: list[str], chat: bool, rows: list[dict
     return {"metrics": metrics, "samples": samples}
 
 
-def teacher_from_generate(cfg) -> bool:
+def teacher_from_generate(cfg: Recipe) -> bool:
     """Score the teacher on the held-out answers it gave in generate instead of generating them again: always
     for an endpoint (it cannot be loaded), on request, or (auto) where they are what lm-eval would produce —
     greedy, with no shorter limit than eval's (longer ones are cut to eval.max_new_tokens)."""
@@ -176,7 +177,7 @@ def cut_answers(rows: list[dict], tok, max_tokens: int) -> list[dict]:
     return out
 
 
-def answers_as_given(cfg, rows: list[dict], role: str) -> dict:
+def answers_as_given(cfg: Recipe, rows: list[dict], role: str) -> dict:
     """Score the held-out answers the teacher gave in generate with the same per-doc hooks (the likelihood
     tasks are filled in separately where the teacher can be loaded)."""
     by_task: dict[str, list[dict]] = defaultdict(list)
@@ -222,7 +223,7 @@ def _response(sample: dict):
     return r if isinstance(r, str) else None
 
 
-def evaluate_base(cfg) -> bool:
+def evaluate_base(cfg: Recipe) -> bool:
     """The student before distillation is worth its time for a pretrained student; an untrained pruned copy of
     the teacher only says what pruning alone leaves (measured: 0/96 gold at 16 of 30 layers), so it runs on
     request (eval.base: true)."""
@@ -244,7 +245,7 @@ def gold_counts(rows: list[dict]) -> dict[str, int]:
     return {t: sum(1 for r in rows if r["task"] == t and r["gold"] is not None) for t in tasks}
 
 
-def heldout_rows(cfg, generate_dir: Path) -> list[dict]:
+def heldout_rows(cfg: Recipe, generate_dir: Path) -> list[dict]:
     rows = [r for _, r in iter_jsonl(generate_dir / "heldout.jsonl")][: cfg.eval.limit]
     if not rows:
         raise ValueError("eval needs held-out prompts: the recipe's data.heldout is empty")

@@ -25,6 +25,7 @@ from toolchain.models.licenses import LicenceDecision, model_card_section
 from toolchain.models.references import gguf_metadata, hub_repo, resolve
 from toolchain.pipeline.plans import finished
 from toolchain.pipeline.runs import RunError
+from toolchain.recipe import Recipe
 from toolchain.render.markdown import bench_markdown as bench_md
 from toolchain.render.markdown import eval_table
 from toolchain.render.markdown import export_markdown as export_md
@@ -61,7 +62,7 @@ def local_paths(text: str, roots: list[Path]) -> list[str]:
     return sorted(set(found))
 
 
-def _cards(cfg, data: dict, licence: dict, repo: str | None, base_model: str | None) -> tuple[str, str]:
+def _cards(cfg: Recipe, data: dict, licence: dict, repo: str | None, base_model: str | None) -> tuple[str, str]:
     teacher_id = base_model or hub_id(cfg.teacher)
     tags = ["distillation", "distillery", f"{cfg.distill.flavour}-label"]
     ov = data["eval"]["retention"]["overall"]
@@ -109,7 +110,7 @@ def _cards(cfg, data: dict, licence: dict, repo: str | None, base_model: str | N
     return model_card, _front(gguf_front) + "\n".join(lines) + "\n"
 
 
-def build(cfg, runs_root, to: Path, repo: str | None = None, force: bool = False,
+def build(cfg: Recipe, runs_root, to: Path, repo: str | None = None, force: bool = False,
           base_model: str | None = None) -> tuple[Path, Path]:
     """Write <to>/<recipe>/ and <to>/<recipe>-GGUF/ from the recipe's finished stages (``base_model``: the
     teacher's Hub id where its reference does not say it, e.g. a local GGUF)."""

@@ -22,6 +22,7 @@ from toolchain.pipeline.plans import status
 from toolchain.pipeline.runner import gate_verdict
 from toolchain.pipeline.runs import RunError
 from toolchain.quality.gate import gate_lines
+from toolchain.recipe import Recipe
 from toolchain.render.markdown import bench_markdown as bench_md
 from toolchain.render.markdown import eval_table, judge_markdown, label_markdown
 from toolchain.render.markdown import export_markdown as export_md
@@ -31,7 +32,7 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def gather(cfg, runs_root) -> dict:
+def gather(cfg: Recipe, runs_root) -> dict:
     """The numbers the report shows, from the recipe's current finished stages."""
 
     done = {stage: path for stage, state, path in status(cfg, runs_root) if state == "done"}
@@ -226,7 +227,7 @@ th:first-child,td:first-child{text-align:left}pre{background:#f6f6f6;padding:1em
 img{max-width:100%;display:block;margin:1em 0}h1{border-bottom:2px solid #27ae60}"""
 
 
-def write(cfg, runs_root) -> Path:
+def write(cfg: Recipe, runs_root) -> Path:
     """Write runs/<recipe>/report/ (report.md, report.html, the chart PNGs) in one step; returns report.html."""
     data = gather(cfg, runs_root)
     images = charts(data)

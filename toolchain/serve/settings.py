@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from toolchain.recipe import Recipe
+from toolchain.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -35,9 +33,9 @@ class Settings:
     unconstrained: tuple[str, ...] = ()  # tasks of the recipe whose metric has no shape to enforce
 
     @classmethod
-    def from_recipe(cls, cfg: "Recipe", model_id: str, file: str, aliases: tuple[str, ...] = (),
+    def from_recipe(cls, cfg: Recipe, model_id: str, file: str, aliases: tuple[str, ...] = (),
                     api_key: str | None = None, constraints: dict | None = None,
-                    unconstrained: tuple[str, ...] = ()) -> "Settings":
+                    unconstrained: tuple[str, ...] = ()) -> Settings:
         """A recipe's serve: and cost: sections, and the system prompt the student was trained with."""
         s, c = cfg.serve, cfg.cost
         return cls(

@@ -26,7 +26,7 @@ from toolchain.data.formats import load_prompts
 from toolchain.models.references import ModelError, cache_root, load_tokenizer, load_torch_model, resolve
 from toolchain.pipeline.plans import finished
 from toolchain.quality.constraints import task_constraints as build
-from toolchain.recipe import RecipeError
+from toolchain.recipe import Recipe, RecipeError
 
 BACKENDS = ("llama_cpp", "onnxruntime", "onnxruntime_genai")
 
@@ -40,7 +40,7 @@ class Served:
     quant: str
 
 
-def default_quant(cfg, backend: str) -> str:
+def default_quant(cfg: Recipe, backend: str) -> str:
     if backend == "llama_cpp":
         return "q8_0" if "q8_0" in cfg.export.quants else cfg.export.quants[0]
     if backend == "onnxruntime_genai":
@@ -49,7 +49,7 @@ def default_quant(cfg, backend: str) -> str:
     return "int8" if "int8" in cfg.export.onnx else cfg.export.onnx[0]
 
 
-def student(cfg, runs_root, backend: str, quant: str | None) -> Served:
+def student(cfg: Recipe, runs_root, backend: str, quant: str | None) -> Served:
     quant = quant or default_quant(cfg, backend)
     export = finished(cfg, runs_root, "export")
     if backend == "llama_cpp":
@@ -65,7 +65,7 @@ def student(cfg, runs_root, backend: str, quant: str | None) -> Served:
     return Served(path, backend, f"{cfg.name}-student-{quant}", "student", quant)
 
 
-def teacher(cfg, backend: str, quant: str | None) -> Served:
+def teacher(cfg: Recipe, backend: str, quant: str | None) -> Served:
     ref = resolve(cfg.teacher)
     if not ref.local:
         raise ModelError(f"{cfg.teacher}: an endpoint teacher is already served; point clients at it")
@@ -135,7 +135,7 @@ def _teacher_onnx(ref, variant: str) -> Path:
     return out
 
 
-def task_constraints(cfg) -> tuple[dict, tuple[str, ...]]:
+def task_constraints(cfg: Recipe) -> tuple[dict, tuple[str, ...]]:
     """serve.constrain: task — each task's decoding constraint from the recipe (labels inferred from the data's
     gold values where `tasks:` gives none, as eval does), and the tasks that have none."""
 

@@ -32,6 +32,7 @@ from toolchain.backends.llama_batch import BatchDecoder
 from toolchain.models.chat import context, flat_prompt, messages_for
 from toolchain.pipeline.runs import Manifest
 from toolchain.quality.heldout import heldout_rows
+from toolchain.recipe import Recipe
 from toolchain.render.markdown import bench_markdown
 from toolchain.serve import targets as served
 from toolchain.ui import console, progress
@@ -120,7 +121,7 @@ def _timing(prompt_tokens: int, n: int, start: float, first: float | None, end: 
             "decode_tps": (n - 1) / (end - first) if n > 1 and end > first else None}
 
 
-def _asks(cfg, role: str, rows: list[dict]) -> list[dict]:
+def _asks(cfg: Recipe, role: str, rows: list[dict]) -> list[dict]:
     """What each model is asked: the held-out row's chat (its own system message and earlier turns), or for a
     base teacher its plain-text prompt template (as generate)."""
     if role == "teacher" and cfg.generate.prompt_template:
@@ -248,7 +249,7 @@ def _distill_cost_s(inputs: dict[str, Path]) -> float:
     return total
 
 
-def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     b = cfg.bench
     quant = b.quant or served.default_quant(cfg, b.backend)
     export_report = json.loads((inputs["export"] / "export.json").read_text(encoding="utf-8"))

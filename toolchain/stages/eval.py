@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from toolchain.backends import endpoint_options, open_engine
+from toolchain.backends import asking
 from toolchain.data.rows import write_jsonl
 from toolchain.models import cut
 from toolchain.models.references import file_sha256, load_tokenizer, load_torch_model, resolve
@@ -27,11 +27,12 @@ from toolchain.pipeline.runs import RESUME_DIR, Manifest, read_manifest
 from toolchain.quality import heldout, judge, stats
 from toolchain.quality import scores as em
 from toolchain.quality.gate import gate
+from toolchain.recipe import Recipe
 from toolchain.render.markdown import eval_markdown
 from toolchain.ui import progress
 
 
-def _models(cfg, inputs: dict[str, Path]):
+def _models(cfg: Recipe, inputs: dict[str, Path]):
     """(role, loader, sha256) for teacher, student and, where it means something, the student before training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,7 +61,7 @@ def _models(cfg, inputs: dict[str, Path]):
     return out
 
 
-def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     from transformers import AutoTokenizer
 
     rows = heldout.heldout_rows(cfg, inputs["generate"])
@@ -129,10 +130,9 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     )
 
 
-def _judge(cfg, rows: list[dict], results: dict, resume: Path) -> dict:
+def _judge(cfg: Recipe, rows: list[dict], results: dict, resume: Path) -> dict:
     """tasks with metric judge: the judge model compares the student's held-out answers with the teacher's
     (toolchain.quality.judge), both orders; kept in the resume folder so a kill does not ask it again."""
-
     tasks = {t: spec for t, spec in cfg.tasks.items() if spec.metric == "judge" and any(r["task"] == t for r in rows)}
     saved = resume / "judge.json"
     done = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
@@ -142,25 +142,23 @@ def _judge(cfg, rows: list[dict], results: dict, resume: Path) -> dict:
         with progress() as bar:
             bar_task = bar.add_task("judge", total=sum(r["task"] in todo for r in rows), info="")
             for t in todo:
-                ref = resolve(tasks[t].judge or cfg.teacher)
-                engine = open_engine(ref, "auto", n_ctx=cfg.generate.n_ctx, threads=cfg.generate.threads,
-                                     endpoint=endpoint_options(cfg.generate) if ref.kind == "openai" else None)
+                pool = asking.Pool(cfg, seed=0, ref=tasks[t].judge or cfg.teacher, backend="auto")
+                ref = pool.ref
                 answers = {role: {s["id"]: s["response"] or "" for s in results[role]["samples"][t]}
                            for role in ("teacher", "student")}
                 docs = [{"id": i, "prompt": prompts[i], "teacher": answers["teacher"][i], "student": s}
                         for i, s in answers["student"].items()]
                 bar.update(bar_task, info=f"{t} ({ref.ref})")
-                judged = judge.judge_task(
-                    engine, tasks[t].rubric, docs, on_done=lambda: bar.update(bar_task, advance=1)
-                )
-                engine.close()
+                with pool:
+                    judged = judge.judge_task(pool.engine, tasks[t].rubric, docs,
+                                              on_done=lambda: bar.update(bar_task, advance=1))
                 done[t] = {"rows": judged, "summary": {**judge.summary(judged, cfg.eval.bootstrap_iters, cfg.eval.seed),
                                                        "judge": ref.ref, "rubric": tasks[t].rubric or judge.RUBRIC}}
                 saved.write_text(json.dumps(done), encoding="utf-8")
     return done
 
 
-def _report(cfg, rows: list[dict], results: dict[str, dict], shas: dict[str, str | None]) -> dict:
+def _report(cfg: Recipe, rows: list[dict], results: dict[str, dict], shas: dict[str, str | None]) -> dict:
     from importlib.metadata import version
 
     tasks = sorted({r["task"] for r in rows})

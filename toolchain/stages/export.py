@@ -40,6 +40,7 @@ from toolchain.quality import heldout
 from toolchain.quality import scores as em
 from toolchain.quality.constraints import free_and_constrained
 from toolchain.quality.lm_adapter import log_softmax
+from toolchain.recipe import Recipe
 from toolchain.render.markdown import export_markdown, num, pct, quality_notes
 from toolchain.serve import targets as served
 from toolchain.ui import console, progress
@@ -55,7 +56,7 @@ CHECK_PROMPTS = [
 EXACT = {"f32", "f16", "fp32"}  # float files: greedy output must equal PyTorch's token for token
 
 
-def tokenizer_source(cfg) -> Path | None:
+def tokenizer_source(cfg: Recipe) -> Path | None:
     """The GGUF the student's tokenizer came from (the teacher, or the student's own starting model)."""
     ref = resolve(cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_)
     return ref.path if ref.kind == "gguf" else None
@@ -65,7 +66,7 @@ class Reference:
     """What every exported file is compared with: the merged PyTorch model's greedy outputs and logits on the
     check prompts, and the HF (and source GGUF) token ids of the fidelity strings."""
 
-    def __init__(self, cfg, model_dir: Path):
+    def __init__(self, cfg: Recipe, model_dir: Path):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -158,7 +159,7 @@ def _verdict(kind: str, label: str, path: Path, checks: dict) -> None:
         )
 
 
-def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path, evaluation: dict) -> dict:
+def _score(cfg: Recipe, engine, ref: Reference, rows: list[dict], label: str, work: Path, evaluation: dict) -> dict:
     """The eval stage's held-out tasks through this file's runtime, and the file against the PyTorch student
     prompt by prompt."""
     from toolchain.quality.lm_adapter import EngineLM
@@ -175,14 +176,15 @@ def _score(cfg, engine, ref: Reference, rows: list[dict], label: str, work: Path
             "vs_pytorch": em.against(evaluation.get("paired") or {}, result["samples"])}
 
 
-def _finish(cfg, kind: str, label: str, path: Path, describe: dict, engine, ref, rows, work, evaluation) -> dict:
+def _finish(cfg: Recipe, kind: str, label: str, path: Path, describe: dict, engine, ref, rows, work,
+            evaluation) -> dict:
     checks = compare(engine, ref)
     _verdict(kind, label, path, checks)
     quality = _score(cfg, engine, ref, rows, f"{kind}-{label}", work, evaluation) if cfg.export.score else {}
     return {"format": kind, "variant": label, **describe, **checks, **quality}
 
 
-def _base_models(cfg) -> list[dict]:
+def _base_models(cfg: Recipe) -> list[dict]:
     """general.base_model.*: the teacher, and the student's own starting model when it is not the teacher."""
 
     out = []
@@ -202,7 +204,7 @@ def _base_models(cfg) -> list[dict]:
     return out
 
 
-def runtime_chat(cfg, tok) -> tuple[str, dict]:
+def runtime_chat(cfg: Recipe, tok) -> tuple[str, dict]:
     """The chat template the student was trained with, the recipe's system prompt as its default, and its
     per-role parts (toolchain.artifacts.modelfile.roles): what the GGUF and its Modelfile both carry."""
 
@@ -210,7 +212,7 @@ def runtime_chat(cfg, tok) -> tuple[str, dict]:
     return template, roles(template, tok.bos_token or "", tok.eos_token or "")
 
 
-def gguf_metadata(cfg, tok, evaluation: dict, licence: dict) -> dict:
+def gguf_metadata(cfg: Recipe, tok, evaluation: dict, licence: dict) -> dict:
     """What a model browser, a licence scanner and a laptop runtime read from the file: provenance
     (general.*), the chat template the student was trained with (the recipe's system prompt as its default)
     and the end-of-turn token."""
@@ -238,7 +240,7 @@ def gguf_metadata(cfg, tok, evaluation: dict, licence: dict) -> dict:
     return meta
 
 
-def write_modelfile(cfg, tok, gguf: Path, licence: dict) -> Path:
+def write_modelfile(cfg: Recipe, tok, gguf: Path, licence: dict) -> Path:
     """An Ollama Modelfile next to the GGUF: its template in Ollama's syntax, the system prompt, the stops."""
 
     _, r = runtime_chat(cfg, tok)
@@ -250,7 +252,7 @@ def write_modelfile(cfg, tok, gguf: Path, licence: dict) -> Path:
     return path
 
 
-def foreign_server_check(cfg, path: Path, max_tokens: int) -> dict:
+def foreign_server_check(cfg: Recipe, path: Path, max_tokens: int) -> dict:
     """The GGUF behind llama-cpp-python's own OpenAI server (not ours; its chat format read from the file),
     asked the check prompts with no system message, answers as ``distillery serve`` does (which adds the
     recipe's system prompt): the file alone reproduces the training prompt. ExportError at the first that
@@ -311,7 +313,7 @@ def foreign_server_check(cfg, path: Path, max_tokens: int) -> dict:
     }
 
 
-def calibration_text(cfg, tok, train: Path) -> str:
+def calibration_text(cfg: Recipe, tok, train: Path) -> str:
     """The training conversations token for token as the student trained on them (chat template, the row's own
     system message and turns, the answer and its end-of-turn token), as text, one after another: what the
     importance matrix is measured on."""
@@ -320,7 +322,7 @@ def calibration_text(cfg, tok, train: Path) -> str:
     return "\n".join(tok.decode(ids, skip_special_tokens=False) for ids, _ in pairs)
 
 
-def _imatrix(cfg, tok, train: Path, base: Path, work: Path, bar, task) -> tuple[Path | None, dict | None]:
+def _imatrix(cfg: Recipe, tok, train: Path, base: Path, work: Path, bar, task) -> tuple[Path | None, dict | None]:
     """The importance matrix of the float32 student on the training conversations (once; resumed)."""
     if not cfg.export.imatrix or not set(cfg.export.quants) & set(gguf_io.IMATRIX_QUANTS):
         return None, None
@@ -342,7 +344,7 @@ def _imatrix(cfg, tok, train: Path, base: Path, work: Path, bar, task) -> tuple[
     return out, info
 
 
-def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows, evaluation, bar, task,
+def _gguf(cfg: Recipe, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows, evaluation, bar, task,
           train: Path):
     """Convert once to float32 GGUF (with the source tokenizer and the metadata runtimes read), quantize to
     each listed type (with the importance matrix where the recipe asks), check each, and write its Ollama
@@ -387,7 +389,7 @@ def _gguf(cfg, merged: Path, out_dir: Path, work: Path, licence: dict, ref, rows
     return results
 
 
-def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, evaluation, bar, task):
+def _onnx(cfg: Recipe, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, evaluation, bar, task):
     """optimum export (float32) once, onnxruntime quantization per listed variant, check each."""
 
     fp32 = work / "onnx-fp32"
@@ -434,7 +436,7 @@ def _onnx(cfg, merged: Path, params: int, out_dir: Path, work: Path, ref, rows, 
     return results
 
 
-def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     merged = inputs["merge"] / "model"
     safetensors = check_safetensors(merged / "model.safetensors")  # a truncated file: one line naming it
     read_manifest(inputs["merge"])  # and every merged file still matches its manifest

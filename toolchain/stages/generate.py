@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolchain.backends import Completion, endpoint_options, open_engine
+from toolchain.backends import Completion, asking
 from toolchain.data.formats import load_prompts, read_prompts
 from toolchain.data.rows import JsonlAppender, iter_jsonl, read_jsonl_resumable, write_jsonl
 from toolchain.models.chat import (
@@ -45,6 +45,7 @@ from toolchain.models.references import load_tokenizer, load_torch_model, resolv
 from toolchain.pipeline.plans import PLANS, external_inputs
 from toolchain.pipeline.runs import Manifest, canonical, read_manifest, semantic_config
 from toolchain.quality.metrics import answers_match, check
+from toolchain.recipe import Recipe
 from toolchain.training.topk_cache import TopKWriter, example_key, teacher_topk, topk_logprobs
 from toolchain.ui import console, progress
 
@@ -53,7 +54,7 @@ def _sample_seed(seed: int, pid: str, sample: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{pid}:{sample}".encode()).digest()[:4], "little")
 
 
-def answer_row(cfg, job, c: Completion, source: str) -> dict:
+def answer_row(cfg: Recipe, job, c: Completion, source: str) -> dict:
     """One line of responses.jsonl: the prompt's fields, its answer and where the answer came from."""
     p, s = job
     row = {
@@ -67,7 +68,7 @@ def answer_row(cfg, job, c: Completion, source: str) -> dict:
     return row
 
 
-def _given_answers(cfg, jobs: list) -> tuple[list, list[dict], int]:
+def _given_answers(cfg: Recipe, jobs: list) -> tuple[list, list[dict], int]:
     """generate.answers: the jobs left for the teacher, the rows answered from the data's reference answers,
     and how many prompts have neither (``reference``: they are left out)."""
     mode = cfg.generate.answers
@@ -85,31 +86,22 @@ def _given_answers(cfg, jobs: list) -> tuple[list, list[dict], int]:
     return ask, given, without
 
 
-def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
-    """Ask for every (prompt, sample) not yet in responses.jsonl; one line per answer, appended as it arrives.
-
-    An openai: teacher gets up to generate.concurrency requests at once (answers land in arrival order; the
-    file is put back in job order afterwards); a local llama.cpp teacher answering greedily in its chat template
-    decodes generate.batch prompts together (the same arrival-order rule); otherwise local engines answer one at
-    a time. A request that fails for
-    good stops the stage after the answers already received are written, so a re-run asks only for the rest.
-    Returns this call's throughput figures.
-    """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
+def _ask_teacher(cfg: Recipe, jobs, out_path: Path) -> dict:
+    """Ask for every (prompt, sample) not yet in responses.jsonl; one line per answer, appended as it arrives
+    (toolchain.backends.asking): an openai: teacher up to generate.concurrency at once, a local llama.cpp teacher
+    answering greedily in its chat template generate.batch prompts together, other local engines one at a time.
+    A request that fails for good stops the stage after the answers already received are written, so a re-run
+    asks only for the rest. Returns this call's throughput figures."""
     g = cfg.generate
     reasoning = cfg.distill.flavour == "reasoning"
-    done = {(r["id"], r["sample"]) for r in read_jsonl_resumable(out_path)}
-    todo = [(p, s) for p, s in jobs if (p.id, s) not in done]
-    if done:
-        console.print(f"  resuming: {len(done)} answers kept from the interrupted run, {len(todo)} to go")
+    log = asking.AnswerLog(out_path, key=lambda r: (r["id"], r["sample"]))
+    todo = [(p, s) for p, s in jobs if (p.id, s) not in log.done]
+    if log.done:
+        console.print(f"  resuming: {len(log.done)} answers kept from the interrupted run, {len(todo)} to go")
     if not todo:
         return {}
-    ref = resolve(cfg.teacher)
-    endpoint = ref.kind == "openai"
-    engine = open_engine(ref, g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=g.seed,
-                         endpoint=endpoint_options(g) if endpoint else None)
-    workers = g.concurrency if endpoint else 1
+    pool = asking.Pool(cfg, seed=g.seed)
+    engine = pool.engine
 
     def asked(p) -> str:
         return with_instruction(p.prompt, cfg.reasoning.instruction if reasoning else None)
@@ -133,79 +125,43 @@ def _ask_teacher(cfg, jobs, out_path: Path) -> dict:
 
     batched = g.batch > 1 and g.temperature == 0 and not g.prompt_template and hasattr(engine, "greedy_stream")
     steps = _Decoded(cfg, out_path.parent, engine, cache=not reasoning and _cache_wanted(cfg)) if batched else None
-    answers = _batched(engine, jobs, todo, lambda job: messages_for(asked(job[0]), g.system_prompt, context(job[0])),
-                       g, steps.keep) if batched else None
+    started, new_tokens, stats = time.time(), 0, pool.stats()
+    with log, progress() as bar:
+        task = bar.add_task("generate", total=len(jobs), completed=len(log.done), info="")
 
-    started, new_tokens, failure = time.time(), 0, None
-    stats = getattr(engine, "stats", None)
-    with JsonlAppender(out_path) as sink, progress() as bar, ThreadPoolExecutor(workers) as pool:
-        task = bar.add_task("generate", total=len(jobs), completed=len(done), info="")
-        queue = iter(todo)
-        running = set() if answers is not None else {pool.submit(ask, job) for job in _take(queue, workers)}
-        for job, c, decoded in answers or ():
-            extra = steps.add(job, asked(job[0]), c, decoded)  # before the answer is written: it has its cache rows
-            row = {**row_for(job, c), **extra}
-            sink.write(row)
+        def land(row: dict) -> None:
+            nonlocal new_tokens
+            log.write(row)
             new_tokens += row["completion_tokens"]
-            bar.update(task, advance=1, info=f"{new_tokens / max(time.time() - started, 1e-9):.0f} tok/s")
-        while running:
-            finished, running = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                try:
-                    row = fut.result()
-                except Exception as err:  # the first failure stops new requests; answers in flight still land
-                    failure = failure or err
-                    continue
-                sink.write(row)
-                new_tokens += row["completion_tokens"]
-                retried = f" · {stats['retries']} retries" if stats and stats["retries"] else ""
-                bar.update(task, advance=1,
-                           info=f"{new_tokens / max(time.time() - started, 1e-9):.0f} tok/s{retried}")
-            if failure is None:
-                running |= {pool.submit(ask, job) for job in _take(queue, workers - len(running))}
-    engine.close()
-    if steps:
-        steps.close()
-        if steps.writer and steps.skipped:
-            console.print(f"  top-k from the teacher's own decoding: {steps.skipped} answers tokenize otherwise in "
-                          "training; their top-k comes from a teacher pass")
+            retried = f" · {stats['retries']} retries" if stats and stats["retries"] else ""
+            bar.update(task, advance=1, info=f"{new_tokens / max(time.time() - started, 1e-9):.0f} tok/s{retried}")
+
+        try:
+            if batched:
+                def messages(job) -> list[dict]:
+                    return messages_for(asked(job[0]), g.system_prompt, context(job[0]))
+
+                for job, c, decoded in asking.batched_greedy(engine, jobs, todo, messages, g.max_new_tokens, g.batch,
+                                                             steps.keep):
+                    extra = steps.add(job, asked(job[0]), c, decoded)  # before the answer is written: its cache rows
+                    land({**row_for(job, c), **extra})
+            else:
+                pool.in_arrival_order(ask, todo, land)
+        finally:
+            pool.close()
+            if steps:
+                steps.close()
+                if steps.writer and steps.skipped:
+                    console.print(f"  top-k from the teacher's own decoding: {steps.skipped} answers tokenize "
+                                  "otherwise in training; their top-k comes from a teacher pass")
     wall = time.time() - started
-    if failure is not None:
-        raise failure
     console.print(f"  teacher: {new_tokens} tokens in {wall:.0f}s ({new_tokens / max(wall, 1e-9):.0f} tok/s"
-                  + (f", {workers} in flight, {stats['retries']} retries)" if endpoint else ")"))
+                  + (f", {pool.workers} in flight, {stats['retries']} retries)" if pool.endpoint else ")"))
     out = {"teacher_wall_s": round(wall, 2), "teacher_tokens_per_s": round(new_tokens / max(wall, 1e-9), 2)}
-    if endpoint:
-        out.update(endpoint_concurrency=workers, endpoint_requests=stats["requests"],
+    if pool.endpoint:
+        out.update(endpoint_concurrency=pool.workers, endpoint_requests=stats["requests"],
                    endpoint_retries=stats["retries"], endpoint_failures=dict(stats["failures"]))
     return out
-
-
-BATCH_GROUP = 64  # prompts per batched group: how much a resumed run may decode again
-
-
-def _batched(engine, jobs: list, todo: list, messages, g, keep=None):
-    """(job, Completion, kept) for greedy chat answers decoded ``generate.batch`` at a time, as each finishes:
-    the tokens and text one request would give (chat template, stop at end of turn), but for near ties;
-    ``kept``: ``keep`` of the logits each answer token (and the stop token) was chosen from.
-
-    Which prompts share a batch changes float rounding, so the jobs are cut into fixed groups of
-    BATCH_GROUP in job order, and a group with any answer missing is decoded whole again: a resumed run
-    then decodes every prompt beside the same others as an uninterrupted run, and gives the same tokens."""
-    missing = {(p.id, s) for p, s in todo}
-    for start in range(0, len(jobs), BATCH_GROUP):
-        group = jobs[start:start + BATCH_GROUP]
-        if not any((p.id, s) in missing for p, s in group):
-            continue
-        prompts = [engine.tokenize(engine.chat_text(messages(job))) for job in group]
-        for i, toks, kept in engine.greedy_stream(prompts, g.max_new_tokens, slots=g.batch, keep=keep):
-            if (group[i][0].id, group[i][1]) not in missing:
-                continue
-            stopped = bool(toks) and toks[-1] in engine.eos_ids
-            answer = toks[:-1] if stopped else toks
-            c = Completion(text=engine.detokenize(answer), finish_reason="stop" if stopped else "length",
-                           prompt_tokens=len(prompts[i]), completion_tokens=len(answer))
-            yield group[i], c, (prompts[i], toks, kept)
 
 
 class _Decoded:
@@ -219,7 +175,7 @@ class _Decoded:
       tokens llama.cpp decoded; the others are left to ``_write_topk_cache``.
     """
 
-    def __init__(self, cfg, out_dir: Path, engine, cache: bool):
+    def __init__(self, cfg: Recipe, out_dir: Path, engine, cache: bool):
         soft = cfg.distill.soft
         self.tok = load_tokenizer(resolve(cfg.teacher))
         self.system, self.engine = cfg.generate.system_prompt, engine
@@ -271,11 +227,7 @@ class _Decoded:
             self.writer.close()
 
 
-def _take(queue, n: int) -> list:
-    return [job for _, job in zip(range(max(0, n)), queue)]
-
-
-def _endpoint_cost(cfg, rows: list[dict]) -> dict:
+def _endpoint_cost(cfg: Recipe, rows: list[dict]) -> dict:
     """What an openai: teacher's answers cost at the endpoint's price."""
     g, c = cfg.generate, cfg.cost
     usd_in = c.reference_api_usd_per_1m_input if g.usd_per_1m_input is None else g.usd_per_1m_input
@@ -301,7 +253,7 @@ DROP_FIXES = {
 }
 
 
-def _keep(cfg, rows: list[dict]) -> tuple[list[dict], dict[str, int], list[tuple[str, dict]]]:
+def _keep(cfg: Recipe, rows: list[dict]) -> tuple[list[dict], dict[str, int], list[tuple[str, dict]]]:
     """Training pairs worth learning from, why the others were dropped (counts), and the dropped rows."""
     reasoning = cfg.distill.flavour == "reasoning"
     passing = cfg.generate.keep == "pass" and not reasoning  # reasoning already checks its final answers
@@ -343,7 +295,7 @@ def _passes(spec: dict, row: dict) -> bool:
     return want is None or spec["metric"] == "judge" or check(spec, row["response"], want)
 
 
-def explain_drops(cfg, answered: int, dropped: list[tuple[str, dict]]) -> list[str]:
+def explain_drops(cfg: Recipe, answered: int, dropped: list[tuple[str, dict]]) -> list[str]:
     """Lines for the console when more than 10 % of the training answers were dropped: the count, three
     examples, and the recipe field that fixes the most common reason."""
     if not answered or len(dropped) <= 0.1 * answered:
@@ -362,11 +314,11 @@ def explain_drops(cfg, answered: int, dropped: list[tuple[str, dict]]) -> list[s
     return lines
 
 
-def _cache_wanted(cfg) -> bool:
+def _cache_wanted(cfg: Recipe) -> bool:
     return cfg.distill.flavour == "soft" and cfg.distill.soft.teacher_logits == "cache"
 
 
-def _write_topk_cache(cfg, out_dir: Path) -> dict:
+def _write_topk_cache(cfg: Recipe, out_dir: Path) -> dict:
     """Top-k log-probs at temperature T per response position of the kept pairs: those the teacher's batched
     decoding wrote as it answered (``_StepCache``), and a teacher forward pass for the rest."""
     soft = cfg.distill.soft
@@ -392,7 +344,7 @@ def _write_topk_cache(cfg, out_dir: Path) -> dict:
     return {"topk_k": writer.k, "topk_positions": writer.rows, "topk_bytes_per_position": writer.bytes_per_position}
 
 
-def _endpoint_topk_cache(cfg, out_dir: Path) -> dict:
+def _endpoint_topk_cache(cfg: Recipe, out_dir: Path) -> dict:
     """The top-k cache from the log-probs an openai: teacher returned with its answers (generate.logprobs), its
     token strings mapped to ids with the student's tokenizer (the teacher's, or the same one padded): soft-label
     from a teacher that never enters training memory. What could not be mapped is counted in the manifest."""
@@ -419,7 +371,7 @@ def _endpoint_topk_cache(cfg, out_dir: Path) -> dict:
             **{f"topk_endpoint_{k}": v for k, v in c.items()}}
 
 
-def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
+def _reuse_answers(cfg: Recipe, out_dir: Path, out_path: Path) -> None:
     """Seed a fresh run with the answers of a finished generate run that asked the same teacher the same
     prompts with the same settings and differs only in the top-k cache (hard-label first, soft-label next:
     the teacher is not asked again). The usual resume path then keeps them."""
@@ -445,7 +397,7 @@ def _reuse_answers(cfg, out_dir: Path, out_path: Path) -> None:
             return
 
 
-def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     g = cfg.generate
     train, heldout = load_prompts(cfg)
     if "synthesize" in inputs:  # the teacher's new prompts, after the seeds

@@ -19,6 +19,7 @@ import torch
 from toolchain.models import student as students
 from toolchain.models.licenses import LicenceDecision, model_card_section
 from toolchain.pipeline.runs import Manifest
+from toolchain.recipe import Recipe
 from toolchain.ui import console
 
 CHECK_TEXTS = [
@@ -37,7 +38,7 @@ def _logits(model, batch) -> torch.Tensor:
     return model(**batch).logits.double()
 
 
-def _model_card(cfg, info: dict, decision: dict | None, metrics: dict) -> str:
+def _model_card(cfg: Recipe, info: dict, decision: dict | None, metrics: dict) -> str:
     layers = info.get("kept_layers", [])
     lines = [
         "---",
@@ -62,7 +63,7 @@ def _model_card(cfg, info: dict, decision: dict | None, metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     src = inputs["distill"]

@@ -25,17 +25,15 @@ import random
 import re
 import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from pathlib import Path
 
-from toolchain.backends import endpoint_options, open_engine
+from toolchain.backends import asking
 from toolchain.data.formats import load_prompts
-from toolchain.data.rows import JsonlAppender, Prompt, read_jsonl_resumable, write_jsonl
+from toolchain.data.rows import Prompt, read_jsonl_resumable, write_jsonl
 from toolchain.models.chat import messages_for
-from toolchain.models.references import resolve
 from toolchain.pipeline.runs import Manifest
 from toolchain.quality.metrics import normalise as norm_answer
+from toolchain.recipe import Recipe
 from toolchain.ui import console, progress
 
 INSTRUCTIONS = {
@@ -189,7 +187,7 @@ def frames(texts: list[str], min_share: int | None = None) -> list[tuple[str, st
     return out
 
 
-def _seeds(cfg, train: list[Prompt]) -> dict[str, list[Prompt]]:
+def _seeds(cfg: Recipe, train: list[Prompt]) -> dict[str, list[Prompt]]:
     s = cfg.synthesize
     by_task: dict[str, list[Prompt]] = {}
     for p in train:
@@ -198,7 +196,7 @@ def _seeds(cfg, train: list[Prompt]) -> dict[str, list[Prompt]]:
     return by_task
 
 
-def quotas(cfg, train: list[Prompt]) -> dict[str, int]:
+def quotas(cfg: Recipe, train: list[Prompt]) -> dict[str, int]:
     """New prompts wanted per task: the target shared among the tasks as their seeds are (seeds counted)."""
     by_task = _seeds(cfg, train)
     total = len(train)
@@ -215,7 +213,7 @@ def _ask(s, seed: Prompt, others: list[Prompt], content=lambda p: p.prompt) -> s
 GOLD_METRICS = ("label", "exact", "contains", "number")  # metrics whose gold is a short answer the teacher can give
 
 
-def _labels(engine, cfg, prompt: Prompt, spec: dict, job: str) -> tuple[str | None, float]:
+def _labels(engine, cfg: Recipe, prompt: Prompt, spec: dict, job: str) -> tuple[str | None, float]:
     """The teacher's label for a new prompt by self-consistency: (the label all samples agree on or None, the
     share of samples that gave the most common label)."""
 
@@ -237,8 +235,8 @@ def _job_seed(seed: int, job: str) -> int:
     return zlib.crc32(f"{seed}:{job}".encode()) & 0x7FFFFFFF
 
 
-def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
-    s, g = cfg.synthesize, cfg.generate
+def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
+    s = cfg.synthesize
     train, _ = load_prompts(cfg)
     _, heldout = load_prompts(cfg, limits=False)
     by_task = _seeds(cfg, train)
@@ -265,8 +263,8 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     for p in train:
         near.add(f"seed:{p.id}", content(p))
     dirty = Contamination([p.prompt for p in heldout], s.decontaminate_ngram, s.decontaminate_boilerplate)
-    cand_path = out_dir / "candidates.jsonl"
-    done = read_jsonl_resumable(cand_path)
+    log = asking.AnswerLog(out_dir / "candidates.jsonl", key=lambda r: r["job"])
+    done, asked = log.rows, log.done
     kept = {t: 0 for t in by_task}
 
     def keep(row: dict) -> None:
@@ -277,15 +275,11 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     for r in done:  # the state a killed run had: dedup and counts rebuilt from its decisions
         if r["kept"]:
             keep(r)
-    asked = {r["job"] for r in done}
     if done:
         console.print(f"  resuming: {len(done)} prompts written before, {sum(kept.values())} kept")
 
-    ref = resolve(cfg.teacher)
-    endpoint = ref.kind == "openai"
-    engine = open_engine(ref, g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=s.seed,
-                         endpoint=endpoint_options(g) if endpoint else None)
-    workers = g.concurrency if endpoint else 1
+    pool = asking.Pool(cfg, seed=s.seed)
+    engine = pool.engine
     counts = Counter(r["reason"] for r in done)
     agreement: list[float] = [r["agreement"] for r in done if r.get("agreement") is not None]
     total_want = sum(want.values())
@@ -330,16 +324,12 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     # job order against what was kept before them, as one at a time would: a job whose task filled up meanwhile is
     # dropped unwritten, as if never asked, and labels asked ahead for a prompt that then fails a filter are unused.
     # So the files do not depend on the concurrency, and a resumed run continues the same sequence.
-    pending = jobs()
     try:
-        with progress() as bar, JsonlAppender(cand_path) as sink, ThreadPoolExecutor(workers) as pool:
+        with progress() as bar, log:
             task_bar = bar.add_task("synthesize", total=total_want, completed=min(total_want, sum(kept.values())),
                                     info="")
-            while not all(full(t) for t in want):
-                window = list(islice((job for job in pending if not full(job[1])), workers))
-                if not window:
-                    break
-                rows = list(pool.map(write, window))
+            for window in asking.windows(jobs(), pool.workers, wanted=lambda job: not full(job[1])):
+                rows = pool.map(write, window)
                 ahead = [r for r in rows if r["task"] in gold_tasks and _filter(s, r, exact, near, dirty) is None]
                 labels = dict(zip((r["job"] for r in ahead), pool.map(label, ahead)))
                 for row in rows:
@@ -353,17 +343,19 @@ def run(cfg, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                         agreement.append(share)
                         reason = None if gold is not None else "labels disagree"
                     row.update(kept=reason is None, reason=reason or "kept")
-                    sink.write(row)
+                    log.write(row)
                     counts[row["reason"]] += 1
                     if reason is None:
                         keep(row)
                         bar.update(task_bar, advance=1)
                     dropped = sum(v for k, v in counts.items() if k != "kept")
                     bar.update(task_bar, info=f"kept {sum(kept.values())} · dropped {dropped}")
+                if all(full(t) for t in want):
+                    break
     finally:
-        engine.close()
+        pool.close()
 
-    rows = read_jsonl_resumable(cand_path)
+    rows = read_jsonl_resumable(log.path)
     out = [{"id": r["id"], "prompt": r["prompt"], "task": r["task"], **({"gold": r["gold"]} if r.get("gold") else {}),
             "seed_id": r["seed_id"], "method": r["method"], "round": r["round"]} for r in rows if r["kept"]]
     write_jsonl(out_dir / "prompts.jsonl", out)

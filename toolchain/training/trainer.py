@@ -17,23 +17,20 @@ import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
 import torch
 
 from toolchain.models import student, vocab
 from toolchain.models.chat import IGNORE, common_prefix
+from toolchain.recipe import Recipe
 from toolchain.training import batches
 from toolchain.training.losses import auto_chunk
 from toolchain.training.on_policy import is_on_policy, on_policy_batch
 from toolchain.training.step import MasterWeights, OnlineTeacher, TrainStep, fused_adamw, total
 from toolchain.ui import console, progress
 
-if TYPE_CHECKING:
-    from toolchain.recipe import Recipe
 
-
-def trainable(model, cfg):
+def trainable(model, cfg: Recipe):
     d = cfg.distill
     if d.method == "lora":
         from peft import LoraConfig, get_peft_model
