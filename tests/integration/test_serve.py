@@ -263,12 +263,29 @@ def _mutants(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def test_fuzzed_bodies_never_get_a_5xx_and_the_server_lives(server):
-    bodies = _mutants(600)
+# Values that pass a type check and used to reach the engine: each must be a 400 before any engine sees it.
+EDGE_BODIES = [
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "seed": -1}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "seed": 2**64}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "seed": -(2**70)}, "seed"),
+    ({"prompt": "x", "max_tokens": 2, "seed": -5}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "presence_penalty": 1.5}, "presence_penalty"),
+    ({"prompt": "x", "max_tokens": 2, "frequency_penalty": -2}, "frequency_penalty"),
+]
+
+
+def _fuzz(srv: "Running", n: int) -> None:
+    """The edge bodies (a clear 400 naming the field), then ``n`` mutated bodies (never a 5xx), then the server
+    still answers."""
+    for body, field in EDGE_BODIES:
+        status, answer = srv.post("/v1/completions" if "prompt" in body else "/v1/chat/completions",
+                                  json.dumps(body).encode())
+        assert status == 400 and field in answer["error"]["message"], (body, status, answer)
     codes = []
-    for i, raw in enumerate(bodies):
+    for i, raw in enumerate(_mutants(n)):
         path = "/v1/completions" if b'"prompt"' in raw else "/v1/chat/completions"
-        req = urllib.request.Request(f"{server.url}{path}", data=raw, method="POST",
+        req = urllib.request.Request(f"{srv.url}{path}", data=raw, method="POST",
                                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
@@ -278,11 +295,50 @@ def test_fuzzed_bodies_never_get_a_5xx_and_the_server_lives(server):
             e.read()
             codes.append(e.code)
         assert codes[-1] < 500, (i, raw[:200], codes[-1])
-    assert server.proc.poll() is None and {200, 400} <= set(codes)  # some answered, some refused
-    with urllib.request.urlopen(f"{server.url}/health") as r:
+    assert srv.proc.poll() is None and {200, 400} <= set(codes)  # some answered, some refused
+    with urllib.request.urlopen(f"{srv.url}/health") as r:
         assert json.loads(r.read())["status"] == "ok"
-    r = server.client().chat.completions.create(model="m", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    r = srv.client().chat.completions.create(model="m", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].message.content is not None
+
+
+def test_fuzzed_bodies_never_get_a_5xx_and_the_server_lives(server):
+    _fuzz(server, 600)
+
+
+def test_fuzzed_bodies_against_the_batched_server(ci_run, tmp_path):
+    """serve.batch: 4 — a value that reached the batcher used to stop it for every later request."""
+    recipe, runs, _ = ci_run
+    batched = recipe_copy(tmp_path, "ci", serve__batch=4, serve__max_new_tokens=16, serve__max_body_bytes=20000)
+    srv = Running(batched, runs, "--api-key", KEY)
+    try:
+        _fuzz(srv, 300)
+    finally:
+        srv.stop()
+
+
+def test_sigterm_stops_a_busy_server_within_its_grace_period(ci_run, tmp_path):
+    """Requests in flight and queued when SIGTERM comes: the server stops taking requests, gives those in flight
+    Settings.shutdown_grace_s (5 s), and exits."""
+    recipe, runs, _ = ci_run
+    busy = recipe_copy(tmp_path, "ci", serve__batch=2, serve__max_new_tokens=2000)
+    srv = Running(busy, runs, "--api-key", KEY)
+    started = concurrent.futures.ThreadPoolExecutor(6)
+    try:
+        client = srv.client()
+        long = [started.submit(lambda: client.chat.completions.create(
+            model="m", max_tokens=2000, messages=[{"role": "user", "content": "Count from one to one thousand."}]))
+            for _ in range(6)]
+        time.sleep(2.0)  # in flight (two decoding, four queued)
+        assert not all(f.done() for f in long)
+        t0 = time.time()
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)
+        assert time.time() - t0 < 5 + 10
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+        started.shutdown(wait=False, cancel_futures=True)
 
 
 def test_lm_eval_api_models_evaluate_a_task_against_the_server(server, ci_run, tmp_path, monkeypatch):

@@ -189,4 +189,5 @@ def serve(engine, settings: Settings, host: str, port: int) -> None:
 
     if not is_loopback(host) and not settings.api_key:
         raise ValueError(f"refusing to listen on {host} without an API key (--api-key or DISTILLERY_API_KEY)")
-    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=settings.shutdown_grace_s)

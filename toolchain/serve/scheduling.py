@@ -4,9 +4,12 @@ batching on llama.cpp), each request's text events, stop conditions and cost."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from toolchain.backends.base import pick
 from toolchain.backends.llama_batch import BatchDecoder
@@ -157,8 +160,6 @@ class Server:
 
     def token_logprobs(self, tok: int, k: int, logits=None) -> dict:
         """The chosen token's log-probability and the k most likely tokens, from the raw logits of this step."""
-        import numpy as np
-
         z = (self.engine.step_logits() if logits is None else logits).astype(np.float64)
         lse = float(np.log(np.exp(z - z.max()).sum()) + z.max())
         top = np.argpartition(-z, k)[:k] if 0 < k < len(z) else np.arange(len(z) if k else 0)
@@ -239,9 +240,6 @@ class Batcher:
     a finished one leaves and frees its slot. Each step's time is shared out over the requests in it."""
 
     def __init__(self, server: Server, slots: int):
-        import queue
-
-
         self.server, self.slots = server, slots
         self.decoder = BatchDecoder(server.engine, slots, server.s.n_ctx_per_slot)
         self.pending: "queue.Queue[Job]" = queue.Queue()
@@ -251,50 +249,69 @@ class Batcher:
         self.pending.put(job)
 
     def _loop(self) -> None:
-        import queue
-
-        import numpy as np
-
+        """Admit, step, pick, forever. Whatever a request brings can fail only that request: an exception in its
+        prefill or its token pick ends it alone, one in a shared step ends the requests in that step; the loop
+        itself never stops (a dead loop would leave every later request waiting for ever)."""
         live: list[list] = []  # [job, slot, last token, position, rng]
         while True:
-            while len(live) < self.slots:  # admit: block only when there is nothing to decode
-                try:
-                    job = self.pending.get(block=not live)
-                except queue.Empty:
-                    break
-                job.start()
-                slot = self.decoder.acquire()
-                try:
-                    t0 = time.perf_counter()
-                    logits = self.decoder.prefill(slot, job.ids)
-                    job.machine_s += time.perf_counter() - t0
-                except Exception as e:
-                    self.decoder.release(slot)
-                    job.fail(e)
-                    continue
-                entry = [job, slot, None, len(job.ids), np.random.default_rng(job.req.seed)]
+            try:
+                live = self._admit(live)
+                if live:
+                    live = self._step(live)
+            except Exception as e:  # a bug of the loop's own: end what it was doing, keep serving
+                for entry in live:
+                    self._end(entry, e)
+                live = []
+
+    def _admit(self, live: list[list]) -> list[list]:
+        while len(live) < self.slots:  # block only when there is nothing to decode
+            try:
+                job = self.pending.get(block=not live)
+            except queue.Empty:
+                break
+            job.start()
+            slot = self.decoder.acquire()
+            entry = [job, slot, None, len(job.ids), None]
+            try:
+                entry[4] = np.random.default_rng(job.req.seed)
+                t0 = time.perf_counter()
+                logits = self.decoder.prefill(slot, job.ids)
+                job.machine_s += time.perf_counter() - t0
                 if self._take(entry, logits):
                     live.append(entry)
-            if not live:
-                continue
-            t0 = time.perf_counter()
-            try:
-                rows = self.decoder.step([(e[1], e[2], e[3]) for e in live])
             except Exception as e:
-                for entry in live:
-                    self.decoder.release(entry[1])
-                    entry[0].fail(e)
-                live = []
-                continue
-            share = (time.perf_counter() - t0) / len(live)
+                self._end(entry, e)
+        return live
+
+    def _step(self, live: list[list]) -> list[list]:
+        t0 = time.perf_counter()
+        try:
+            rows = self.decoder.step([(e[1], e[2], e[3]) for e in live])
+        except Exception as e:
             for entry in live:
-                entry[0].machine_s += share
-                entry[3] += 1
-            live = [entry for entry, logits in zip(live, rows) if self._take(entry, logits)]
+                self._end(entry, e)
+            return []
+        share = (time.perf_counter() - t0) / len(live)
+        kept = []
+        for entry, logits in zip(live, rows):
+            entry[0].machine_s += share
+            entry[3] += 1
+            try:
+                if self._take(entry, logits):
+                    kept.append(entry)
+            except Exception as e:
+                self._end(entry, e)
+        return kept
+
+    def _end(self, entry: list, err: Exception) -> None:
+        """A request that failed: its slot back, its client told (once)."""
+        if entry[1] is not None:
+            self.decoder.release(entry[1])
+            entry[1] = None
+        entry[0].fail(err)
 
     def _take(self, entry: list, logits) -> bool:
         """Pick a request's next token; False when the request is finished (and its slot freed)."""
-
         job = entry[0]
         tok = pick(logits, job.temperature, job.req.top_p, entry[4])
         eos = tok in self.server.engine.eos_ids
@@ -302,5 +319,6 @@ class Batcher:
             entry[2] = tok
             return True
         self.decoder.release(entry[1])
+        entry[1] = None  # released: a failure after this must not free the slot twice
         job.finish(eos or job.out.stopped)
         return False

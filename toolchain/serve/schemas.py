@@ -19,7 +19,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="sampling seed (a non-negative integer)")
     # Accepted so that a request using them is answered with a clear 400 instead of being ignored.
     tools: list | None = None
     tool_choice: str | dict | None = None
@@ -35,6 +35,13 @@ class _Request(BaseModel):
                     "template); send the request without tools")
         if self.tool_choice not in (None, "none"):
             return "tool_choice", "tool calls are not supported by this server"
+        extra = self.model_extra or {}
+        if extra.get("logit_bias"):
+            return "logit_bias", "logit_bias is not supported by this server; send the request without it"
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = extra.get(name)
+            if value not in (None, 0, 0.0):
+                return name, f"{name} is not supported by this server (only 0); send the request without it"
         return None
 
     def output_format(self) -> tuple[str, dict | None] | None:

@@ -31,6 +31,9 @@ class Settings:
     constraints: dict = field(default_factory=dict)
     default_task: str | None = None
     unconstrained: tuple[str, ...] = ()  # tasks of the recipe whose metric has no shape to enforce
+    # On SIGTERM/SIGINT the server stops taking requests, lets those in flight finish for at most this long, then
+    # closes them and exits.
+    shutdown_grace_s: float = 5.0
 
     @classmethod
     def from_recipe(cls, cfg: Recipe, model_id: str, file: str, aliases: tuple[str, ...] = (),
