@@ -255,7 +255,7 @@ def _mutants(n: int, seed: int = 0) -> list[bytes]:
             parent[where[-1] + "_"] = parent.pop(where[-1])
         else:
             parent[where[-1]] = rng.choice(odd)
-        raw = json.dumps(body).encode().replace(b'"NaN"', b"NaN").replace(b'"\\ud800"', b'"\ud800"')
+        raw = json.dumps(body).encode().replace(b'"NaN"', b"NaN").replace(b'"\\ud800"', rb'"\ud800"')
         if kind == 4:  # bytes cut or flipped
             i = rng.randrange(len(raw))
             raw = raw[:i] if rng.random() < 0.5 else raw[:i] + bytes([rng.randrange(256)]) + raw[i + 1:]
@@ -272,6 +272,7 @@ EDGE_BODIES = [
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logit_bias": {"50256": -100}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "presence_penalty": 1.5}, "presence_penalty"),
     ({"prompt": "x", "max_tokens": 2, "frequency_penalty": -2}, "frequency_penalty"),
+    ({"prompt": "", "max_tokens": 2}, "prompt is empty"),
 ]
 
 

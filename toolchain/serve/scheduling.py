@@ -142,6 +142,8 @@ class Server:
                 p = p[0]
             text = p
         ids = self.engine.tokenize(text)
+        if not ids:  # nothing to continue from: no engine can start a sequence without a token
+            raise RequestError(400, "prompt is empty: send at least one token of text", param="prompt")
         if len(ids) > self.s.max_prompt_tokens:
             raise RequestError(
                 400,
