@@ -121,6 +121,76 @@ def test_api_key_comes_from_the_named_variable(monkeypatch):
     assert OpenAIEngine("http://127.0.0.1:9/v1", "m", api_key_env="MY_TEACHER_KEY").client.api_key == "k-123"
 
 
+class Listening:
+    """A loopback OpenAI-shaped server that records the Authorization header of every request."""
+
+    def __init__(self):
+        self.auth: list[str] = []
+
+        def answer(path, raw, headers):
+            self.auth.append(headers.get("Authorization", ""))
+            return 200, chat_completion("ok"), {}
+
+        self.server = Loopback(answer)
+        self.url = self.server.url + "/v1"
+
+
+SECRETS = {"OPENAI_API_KEY": "sk-openai-secret", "DISTILLERY_API_KEY": "dk-serve-secret", "TEAM_KEY": "tk-team"}
+
+
+def test_no_key_reaches_a_host_it_was_not_named_for(monkeypatch):
+    """Two local servers: the one a recipe names a key variable for gets that key; the other gets none of the
+    machine's keys (OPENAI_API_KEY and DISTILLERY_API_KEY are set), whatever a recipe from elsewhere points at."""
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+    stranger, named = Listening(), Listening()
+    try:
+        _ask(OpenAIEngine(stranger.url, "m"))
+        _ask(OpenAIEngine(named.url, "m", api_key_env="TEAM_KEY"))
+    finally:
+        stranger.server.close()
+        named.server.close()
+    assert stranger.auth and not any(secret in a for a in stranger.auth for secret in SECRETS.values())
+    assert named.auth == ["Bearer tk-team"]
+
+
+def test_openai_api_key_goes_only_to_openai_itself(monkeypatch):
+    from toolchain.backends.openai_http import api_key
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
+    assert api_key("https://api.openai.com/v1", None) == "sk-openai-secret"
+    for url in ("https://api.openai.com.evil.example/v1", "http://127.0.0.1:8000/v1", "https://my-vllm.internal/v1",
+                "https://evil.example/api.openai.com/v1"):
+        assert api_key(url, None) is None, url
+    monkeypatch.delenv("JUDGE_KEY", raising=False)
+    with pytest.raises(EndpointError, match=r"tasks.summary.judge_api_key_env: the environment variable JUDGE_KEY"):
+        api_key("http://127.0.0.1:9/v1", "JUDGE_KEY", "tasks.summary.judge_api_key_env")
+
+
+def test_a_judge_endpoint_gets_its_own_key_variable_only(monkeypatch, tmp_path):
+    """The judge of a task is asked with tasks.<t>.judge_api_key_env; the teacher's variable never goes there."""
+    from tests.conftest import recipe_copy
+    from toolchain.backends.asking import Pool
+    from toolchain.recipe import load
+
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+    teacher, judge = Listening(), Listening()
+    try:
+        cfg = load(recipe_copy(tmp_path, "keys", teacher=f"openai:{teacher.url}#m", generate__api_key_env="TEAM_KEY",
+                               tasks={"summary": {"metric": "judge", "judge": f"openai:{judge.url}#j"}}))
+        spec = cfg.tasks["summary"]
+        with Pool(cfg, 0, ref=spec.judge, backend="auto", key=(spec.judge_api_key_env, "x")) as pool:
+            _ask(pool.engine)
+        with Pool(cfg, 0) as pool:
+            _ask(pool.engine)
+    finally:
+        teacher.server.close()
+        judge.server.close()
+    assert teacher.auth == ["Bearer tk-team"]
+    assert judge.auth and not any(secret in a for a in judge.auth for secret in SECRETS.values())
+
+
 def test_endpoint_speed_settings_do_not_change_the_generate_key(tmp_path):
     from tests.conftest import recipe_copy
     from toolchain.pipeline.plans import PLANS

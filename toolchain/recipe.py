@@ -170,8 +170,8 @@ class GenerateConfig(_Section):
     )
     api_key_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="openai: teacher: the environment variable holding the API key (default DISTILLERY_API_KEY, then "
-        "OPENAI_API_KEY). The key itself never goes in a recipe.",
+        description="openai: teacher: the environment variable holding the API key. Without it no key is sent, "
+        "except OPENAI_API_KEY to OpenAI's own API (api.openai.com). The key itself never goes in a recipe.",
     )
     logprobs: int | None = Field(
         None, ge=1, le=20, description="openai: teacher: record the top-k log-probs of every answer token when the "
@@ -364,6 +364,11 @@ class TaskConfig(_Section):
         None, description="judge: the judge model (any model reference, e.g. an openai: endpoint); default the "
                           "teacher.")
     rubric: str | None = Field(None, description="judge: what makes an answer better (replaces the default rubric).")
+    judge_api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="judge: the environment variable holding the judge endpoint's API key (as generate.api_key_env "
+        "for the teacher; without it no key is sent, except OPENAI_API_KEY to api.openai.com).",
+    )
     pattern: str | None = Field(None, description="regex: the pattern searched in the answer (case-insensitive).")
     keys: list[str] | None = Field(None, description="json: the keys compared with the gold's (default: all of them).")
     threshold: float = Field(50.0, ge=0.0, le=100.0, description="chrf: the score (0-100) an answer must reach.")
@@ -395,8 +400,9 @@ class TaskConfig(_Section):
                 raise ValueError(f"pattern: not a regular expression ({err})") from None
         if self.keys is not None and self.metric != "json":
             raise ValueError("keys only apply to metric: json")
-        if (self.judge is not None or self.rubric is not None) and self.metric != "judge":
-            raise ValueError("judge and rubric only apply to metric: judge")
+        if (self.judge is not None or self.rubric is not None or self.judge_api_key_env is not None) \
+                and self.metric != "judge":
+            raise ValueError("judge, rubric and judge_api_key_env only apply to metric: judge")
         if self.judge is not None:
             check_reference_syntax(self.judge)
         return self

@@ -35,12 +35,18 @@ BATCH_GROUP = 64  # prompts per batched group: how much a resumed run may decode
 class Pool:
     """A model asked up to ``workers`` requests at once (``generate.concurrency`` for an endpoint, else 1)."""
 
-    def __init__(self, cfg: Recipe, seed: int, ref: str | None = None, backend: str | None = None):
+    def __init__(self, cfg: Recipe, seed: int, ref: str | None = None, backend: str | None = None,
+                 key: tuple[str | None, str] | None = None):
+        """``ref``: another model than the teacher (a judge), with ``key``: (the variable naming its API key, the
+        recipe field that names it); the teacher's is generate.api_key_env."""
         g = cfg.generate
         self.ref = resolve(ref or cfg.teacher)
         self.endpoint = self.ref.kind == "openai"
+        options = endpoint_options(g)
+        if key is not None:
+            options.update(api_key_env=key[0], key_field=key[1])
         self.engine = open_engine(self.ref, backend or g.backend, n_ctx=g.n_ctx, threads=g.threads, seed=seed,
-                                  endpoint=endpoint_options(g) if self.endpoint else None)
+                                  endpoint=options if self.endpoint else None)
         self.workers = g.concurrency if self.endpoint else 1
         self._pool = ThreadPoolExecutor(self.workers)
 

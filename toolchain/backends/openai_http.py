@@ -2,7 +2,8 @@
 
 Thread-safe: generate keeps ``concurrency`` requests in flight through one engine. Each request is retried on
 429, 5xx, timeouts and refused connections with exponential backoff (Retry-After honoured), and requests start
-no faster than ``requests_per_minute``. The API key comes from an environment variable, never from a recipe.
+no faster than ``requests_per_minute``. The API key comes from an environment variable, never from a recipe
+(``api_key``: only the variable the recipe names, or OPENAI_API_KEY for OpenAI's own host).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import random
 import threading
 import time
+from urllib.parse import urlsplit
 
 from toolchain.backends.base import Completion
 
@@ -21,16 +23,31 @@ class EndpointError(RuntimeError):
     """A request that still failed after every retry (or failed in a way retrying cannot fix)."""
 
 
+OPENAI_HOSTS = ("api.openai.com",)  # where OPENAI_API_KEY may go without being named
+
+
+def api_key(base_url: str, api_key_env: str | None, field: str = "generate.api_key_env") -> str | None:
+    """The key sent to ``base_url``: from the variable the recipe names for it (``field``), else OPENAI_API_KEY
+    only when the host is OpenAI's own API, else none. A recipe received from someone else can name any URL: a
+    key is never sent where the user did not name it, and DISTILLERY_API_KEY (what ``distillery serve`` asks
+    of its clients) is never a client key unless a recipe names it."""
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise EndpointError(f"{field}: the environment variable {api_key_env} is not set")
+        return key
+    host = (urlsplit(base_url).hostname or "").lower()
+    return os.environ.get("OPENAI_API_KEY") or None if host in OPENAI_HOSTS else None
+
+
 class OpenAIEngine:
     def __init__(self, base_url: str, model: str, *, timeout_s: float = 120.0, max_retries: int = 8,
                  requests_per_minute: float | None = None, api_key_env: str | None = None,
-                 logprobs: int | None = None, backoff_s: float = 0.5, backoff_cap_s: float = 30.0):
+                 key_field: str = "generate.api_key_env", logprobs: int | None = None, backoff_s: float = 0.5,
+                 backoff_cap_s: float = 30.0):
         from openai import OpenAI
 
-        names = [api_key_env] if api_key_env else ["DISTILLERY_API_KEY", "OPENAI_API_KEY"]
-        key = next((os.environ[n] for n in names if os.environ.get(n)), None)
-        if api_key_env and key is None:
-            raise EndpointError(f"generate.api_key_env: the environment variable {api_key_env} is not set")
+        key = api_key(base_url, api_key_env, key_field)
         # The client's own retries are off: this engine retries, counts and paces every attempt itself.
         self.client = OpenAI(base_url=base_url, api_key=key or "none", timeout=timeout_s, max_retries=0)
         self.base_url, self.model, self.max_retries, self.top_logprobs = base_url, model, max_retries, logprobs

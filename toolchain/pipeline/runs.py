@@ -32,7 +32,7 @@ RESUME_DIR = ".resume"  # stage-private checkpoints; deleted before publish, nev
 # Fields that change how fast a stage runs, not what it produces: they do not enter the key. Nor do unset
 # fields (None or empty): an option added later, left off, leaves earlier runs' keys as they were.
 NON_SEMANTIC = {"threads", "checkpoint_every", "concurrency", "requests_per_minute", "timeout_s", "max_retries",
-                "api_key_env", "usd_per_1m_input", "usd_per_1m_output"}
+                "api_key_env", "judge_api_key_env", "usd_per_1m_input", "usd_per_1m_output"}
 
 
 class RunError(RuntimeError):

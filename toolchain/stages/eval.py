@@ -142,7 +142,9 @@ def _judge(cfg: Recipe, rows: list[dict], results: dict, resume: Path) -> dict:
         with progress() as bar:
             bar_task = bar.add_task("judge", total=sum(r["task"] in todo for r in rows), info="")
             for t in todo:
-                pool = asking.Pool(cfg, seed=0, ref=tasks[t].judge or cfg.teacher, backend="auto")
+                own = tasks[t].judge is not None  # a judge of its own is asked with its own key variable
+                pool = asking.Pool(cfg, seed=0, ref=tasks[t].judge or cfg.teacher, backend="auto",
+                                   key=(tasks[t].judge_api_key_env, f"tasks.{t}.judge_api_key_env") if own else None)
                 ref = pool.ref
                 answers = {role: {s["id"]: s["response"] or "" for s in results[role]["samples"][t]}
                            for role in ("teacher", "student")}
