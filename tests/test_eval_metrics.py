@@ -164,7 +164,7 @@ def test_the_pipeline_gate_reads_both_floors(tmp_path):
         quality_gate(parse({**base, "tasks": {"facts": {"min_retention": 0.5}}}), tmp_path)
 
 
-def test_exported_file_against_the_pytorch_student_prompt_by_prompt():
+def test_exported_file_against_the_pytorch_student_prompt_by_prompt(tmp_path):
     from toolchain.render.markdown import quality_notes
 
     paired = {"a": {"ids": [1, 2, 3, 4], "teacher": [1, 1, 1, 1], "student": [1, 1, 1, 0]},
@@ -182,6 +182,20 @@ def test_exported_file_against_the_pytorch_student_prompt_by_prompt():
     notes = quality_notes(report)
     assert len(notes) == 1 and "x.gguf is below the PyTorch student" in notes[0] and "p=0.004" in notes[0]
     assert "y.gguf" not in notes[0]  # p = 5/16: not significant, not named
+
+    # the same rule decides what ships: publish leaves the flagged file out (and llama.cpp's importance matrix)
+    from toolchain.render.publish import left_out
+
+    assert set(em.flagged_files(report)) == {"x.gguf"}
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    assert set(left_out(report, gguf)) == {"x.gguf"}
+    (gguf / "imatrix.gguf").write_bytes(b"GGUF")
+    skipped = left_out(report, gguf)
+    assert set(skipped) == {"x.gguf", "imatrix.gguf"} and "not a model" in skipped["imatrix.gguf"]
+    assert set(left_out(report, gguf, include_flagged=True)) == {"imatrix.gguf"}
+    report["gate_level"] = 0.001  # p = 1/256 is not below a stricter level
+    assert em.flagged_files(report) == {}
 
 
 # --- regex, json and chrf metrics; label tasks' confusion matrix and baselines -----------------------------

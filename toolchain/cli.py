@@ -304,12 +304,15 @@ def report(recipe: str, runs_root: str) -> None:
 @click.option("--repo", help="Also upload them to the Hugging Face Hub as ORG/NAME and ORG/NAME-GGUF (network, token).")
 @click.option("--base-model", help="The teacher's Hub id for the card (default: from an hf: teacher or its GGUF).")
 @click.option("--force", is_flag=True, help="Replace folders that exist.")
+@click.option("--include-flagged", is_flag=True,
+              help="Also ship files export flagged as significantly below the PyTorch student.")
 @friendly
-def publish(recipe: str, runs_root: str, to: str, repo: str | None, base_model: str | None, force: bool) -> None:
+def publish(recipe: str, runs_root: str, to: str, repo: str | None, base_model: str | None, force: bool,
+            include_flagged: bool) -> None:
     """A folder a model hub takes as it is: the merged student with a model card (YAML metadata, eval table,
     per-file quality and speed, inherited licence terms) and a -GGUF sibling with the GGUFs and Modelfiles."""
 
-    model, gguf = pub.build(_load(recipe), runs_root, Path(to), repo, force, base_model)
+    model, gguf = pub.build(_load(recipe), runs_root, Path(to), repo, force, base_model, include_flagged)
     click.echo(f"{model}\n{gguf}")
     if repo:
         for url in pub.upload(model, gguf, repo):
@@ -356,11 +359,14 @@ def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:
               help="Another name requests may use in `model` (repeatable); any other name gets 404 model_not_found.")
 @click.option("--host", default=None, help="Bind address (default: the recipe's serve.host, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: the recipe's serve.port).")
+@click.option("--include-flagged", is_flag=True,
+              help="Serve a file export flagged as significantly below the PyTorch student.")
 @click.option("--api-key", envvar="DISTILLERY_API_KEY", default=None,
               help="Clients must send 'Authorization: Bearer KEY' (also $DISTILLERY_API_KEY). Required off loopback.")
 @friendly
 def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | None, model_file: str | None,
-          names: tuple[str, ...], host: str | None, port: int | None, api_key: str | None) -> None:
+          names: tuple[str, ...], host: str | None, port: int | None, include_flagged: bool,
+          api_key: str | None) -> None:
     """Serve the student (or the teacher) behind an OpenAI-compatible API with per-request cost.
 
     POST /v1/chat/completions and /v1/completions (stream: true for server-sent events), GET /v1/models,
@@ -376,7 +382,7 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
     if model_file:
         target = served.from_file(Path(model_file), backend)
     elif role == "student":
-        target = served.student(cfg, runs_root, backend, quant)
+        target = served.student(cfg, runs_root, backend, quant, include_flagged)
     else:
         target = served.teacher(cfg, backend, quant)
     served.check_accelerators(cfg.serve.n_gpu_layers, cfg.serve.onnx_providers)

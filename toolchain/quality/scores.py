@@ -177,3 +177,18 @@ def label_tables(specs: dict[str, dict], rows: list[dict], results: dict[str, di
             entry[role] = label_report(spec["labels"], golds, responses)
         out[task] = entry
     return out
+
+
+def flagged_files(export_report: dict) -> dict[str, str]:
+    """Exported files whose held-out answers are significantly worse than the PyTorch student's (McNemar, paired
+    by prompt, at the eval.gate_level export ran with): file (as export.json names it) -> why. Such a file is left
+    out of publish and refused by serve unless asked for by name with --include-flagged."""
+    level = export_report.get("gate_level", 0.05)
+    out = {}
+    for r in export_report.get("files", []):
+        v = r.get("vs_pytorch")
+        if v and v["n"] and v["p_below_pytorch"] < level:
+            out[r["file"]] = (f"below the PyTorch student on held-out prompts ({v['pytorch_only']} right only in "
+                              f"PyTorch, {v['file_only']} only in the file, of {v['n']}; p = "
+                              f"{v['p_below_pytorch']:.2g} < {level:g})")
+    return out

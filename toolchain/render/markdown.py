@@ -325,15 +325,15 @@ def _p(p: float) -> str:
 def quality_notes(report: dict) -> list[str]:
     """Files whose held-out answers are significantly worse than the PyTorch student's (McNemar, paired by
     prompt, at eval.gate_level): what quantization cost, said where a user picks a file."""
-    level = report.get("gate_level", 0.05)
+    flagged = em.flagged_files(report)
     out = []
     for r in report["files"]:
         v = r.get("vs_pytorch")
-        if v and v["n"] and v["p_below_pytorch"] < level:
+        if r["file"] in flagged:
             out.append(f"**{r['file']} is below the PyTorch student**: {pct(r.get('gold'))}% vs "
                        f"{pct(report['pytorch']['gold'])}% gold ({v['pytorch_only']} prompts right only in PyTorch, "
                        f"{v['file_only']} only in the file, of {v['n']}; {_p(v['p_below_pytorch'])}): quantization "
-                       "cost quality; prefer another file.")
+                       "cost quality; publish leaves it out and serve refuses it unless --include-flagged.")
     return out
 
 

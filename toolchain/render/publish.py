@@ -30,6 +30,7 @@ from toolchain.render.markdown import bench_markdown as bench_md
 from toolchain.render.markdown import eval_table
 from toolchain.render.markdown import export_markdown as export_md
 from toolchain.render.report import gather
+from toolchain.quality.scores import flagged_files
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
@@ -62,7 +63,24 @@ def local_paths(text: str, roots: list[Path]) -> list[str]:
     return sorted(set(found))
 
 
-def _cards(cfg: Recipe, data: dict, licence: dict, repo: str | None, base_model: str | None) -> tuple[str, str]:
+def left_out(export_report: dict, gguf_dir: Path, include_flagged: bool = False) -> dict[str, str]:
+    """GGUF files of an export that do not ship, and why: files flagged below the PyTorch student (unless
+    ``include_flagged``) and llama.cpp's importance matrix (quantization input, not a model)."""
+    out = {} if include_flagged else {Path(f).name: why for f, why in flagged_files(export_report).items()
+                                      if f.endswith(".gguf")}
+    if (gguf_dir / "imatrix.gguf").is_file():
+        out["imatrix.gguf"] = "the importance matrix the 4-bit files were quantized with, not a model"
+    return out
+
+
+def _left_out_lines(skipped: dict[str, str]) -> list[str]:
+    if not skipped:
+        return []
+    return ["", "## Left out", ""] + [f"- `{name}`: {why}" for name, why in sorted(skipped.items())]
+
+
+def _cards(cfg: Recipe, data: dict, licence: dict, repo: str | None, base_model: str | None,
+           skipped: dict[str, str]) -> tuple[str, str]:
     teacher_id = base_model or hub_id(cfg.teacher)
     tags = ["distillation", "distillery", f"{cfg.distill.flavour}-label"]
     ov = data["eval"]["retention"]["overall"]
@@ -82,6 +100,7 @@ def _cards(cfg: Recipe, data: dict, licence: dict, repo: str | None, base_model:
             eval_table(data["eval"], data.get("gate")), "```", "",
             "## Exported files", "", export_md(data["export"]).split("\n", 2)[2],
             "## Speed (same machine, same quantization)", "", bench_md(data["bench"]).split("\n", 2)[2]]
+    body += _left_out_lines(skipped)
     if decision:
         body += ["", model_card_section(decision, teacher_name)]
     model_card = _front(model_front) + "\n".join(body) + "\n"
@@ -93,7 +112,7 @@ def _cards(cfg: Recipe, data: dict, licence: dict, repo: str | None, base_model:
         "pipeline_tag": "text-generation",
         "tags": tags + ["gguf"],
     }
-    files = [r for r in data["export"]["files"] if r["format"] == "gguf"]
+    files = [r for r in data["export"]["files"] if r["format"] == "gguf" and Path(r["file"]).name not in skipped]
     lines = [f"# {cfg.name} student, GGUF", "", summary, "", "| file | size (MB) | bits/weight | held-out gold % | "
                                                              "retention |",
              "|---|---:|---:|---:|---:|"]
@@ -105,21 +124,24 @@ def _cards(cfg: Recipe, data: dict, licence: dict, repo: str | None, base_model:
     lines += ["", "Each file carries the chat template the student was trained with (the recipe's system prompt as its "
               "default) and its end-of-turn token: `llama-server -m <file>` and LM Studio run it as it is. Ollama: "
               "`ollama create <name> -f <file>.Modelfile` in this folder."]
+    lines += _left_out_lines(skipped)
     if decision:
         lines += ["", model_card_section(decision, teacher_name)]
     return model_card, _front(gguf_front) + "\n".join(lines) + "\n"
 
 
 def build(cfg: Recipe, runs_root, to: Path, repo: str | None = None, force: bool = False,
-          base_model: str | None = None) -> tuple[Path, Path]:
+          base_model: str | None = None, include_flagged: bool = False) -> tuple[Path, Path]:
     """Write <to>/<recipe>/ and <to>/<recipe>-GGUF/ from the recipe's finished stages (``base_model``: the
-    teacher's Hub id where its reference does not say it, e.g. a local GGUF)."""
+    teacher's Hub id where its reference does not say it, e.g. a local GGUF). Files export flagged below the
+    PyTorch student stay out (``include_flagged`` ships them), and the cards say what was left out and why."""
 
     data = gather(cfg, runs_root)
     merge = finished(cfg, runs_root, "merge")
     export = Path(data["dirs"]["export"])
     licence = json.loads((merge / "manifest.json").read_text(encoding="utf-8")).get("licence") or {}
-    model_card, gguf_card = _cards(cfg, data, licence, repo, base_model)
+    skipped = left_out(data["export"], export / "gguf", include_flagged)
+    model_card, gguf_card = _cards(cfg, data, licence, repo, base_model, skipped)
     roots = [Path.cwd().resolve(), Path(runs_root).resolve(), Path.home(), Path(to).resolve()]
     for name, card in (("model card", model_card), ("GGUF card", gguf_card)):
         bad = local_paths(card, roots)
@@ -140,7 +162,7 @@ def build(cfg: Recipe, runs_root, to: Path, repo: str | None = None, force: bool
             (tmp / "README.md").write_text(model_card, encoding="utf-8")
         else:
             for f in sorted((export / "gguf").iterdir()):
-                if f.suffix in (".gguf", ".Modelfile"):
+                if f.suffix in (".gguf", ".Modelfile") and f"{f.stem}.gguf" not in skipped:
                     shutil.copy2(f, tmp / f.name)
             (tmp / "README.md").write_text(gguf_card, encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)

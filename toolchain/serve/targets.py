@@ -11,6 +11,7 @@ Rebuilt teachers live in ~/.cache/distillery/teachers/<sha256 of the teacher>-<q
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from toolchain.data.formats import load_prompts
 from toolchain.models.references import ModelError, cache_root, load_tokenizer, load_torch_model, resolve
 from toolchain.pipeline.plans import finished
 from toolchain.quality.constraints import task_constraints as build
+from toolchain.quality.scores import flagged_files
 from toolchain.recipe import Recipe, RecipeError
 
 BACKENDS = ("llama_cpp", "onnxruntime", "onnxruntime_genai")
@@ -49,7 +51,9 @@ def default_quant(cfg: Recipe, backend: str) -> str:
     return "int8" if "int8" in cfg.export.onnx else cfg.export.onnx[0]
 
 
-def student(cfg: Recipe, runs_root, backend: str, quant: str | None) -> Served:
+def student(cfg: Recipe, runs_root, backend: str, quant: str | None, include_flagged: bool = False) -> Served:
+    """The exported student file for ``backend`` and ``quant`` (the recipe's default type when None). A file export
+    flagged below the PyTorch student is refused unless ``include_flagged``."""
     quant = quant or default_quant(cfg, backend)
     export = finished(cfg, runs_root, "export")
     if backend == "llama_cpp":
@@ -62,6 +66,10 @@ def student(cfg: Recipe, runs_root, backend: str, quant: str | None) -> Served:
         raise ModelError(f"{quant}: the onnxruntime_genai backend runs genai_int4 / genai_fp32 folders (export.onnx)")
     if not path.exists():
         raise ModelError(f"{path}: not exported; the recipe's export lists {', '.join(listed)} for {backend}")
+    name = str((path if path.suffix == ".gguf" else path / "model.onnx").relative_to(export))
+    why = flagged_files(json.loads((export / "export.json").read_text(encoding="utf-8"))).get(name)
+    if why and not include_flagged:
+        raise ModelError(f"{name} is flagged {why}; serve another file (--quant) or pass --include-flagged")
     return Served(path, backend, f"{cfg.name}-student-{quant}", "student", quant)
 
 
