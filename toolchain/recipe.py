@@ -440,12 +440,22 @@ class EvalConfig(_Section):
         "what lm-eval would produce (greedy, and no shorter limit than eval.max_new_tokens) or the teacher is "
         "an endpoint, else regenerate.",
     )
-    gate: Literal["point", "confident"] = Field(
-        "confident",
-        description="point: a task fails when its retention is below its floor. confident: only when it is below "
-        "the floor and the shortfall is significant at gate_level (paired bootstrap); see docs/evaluation.md.",
+    gate: Literal["noninferior", "confident", "point"] = Field(
+        "noninferior",
+        description="noninferior: a task passes only when the one-sided lower confidence bound of its retention "
+        "(paired bootstrap) is at or above its floor, with Holm's correction over the gated tasks and the pool; a "
+        "task that is neither shown above nor below is undecided (exit 3 unless allow_undecided). confident: a task "
+        "fails only when it is significantly below its floor. point: when its retention is below its floor. See "
+        "docs/evaluation.md.",
     )
-    gate_level: float = Field(0.05, gt=0.0, lt=0.5, description="Significance level of the confident gate (one-sided).")
+    gate_level: float = Field(
+        0.05, gt=0.0, lt=0.5,
+        description="The gate's level: noninferior, the family-wise chance of passing any task (or the pool) whose "
+        "true retention is below its floor; confident, the one-sided level of each task's test.",
+    )
+    allow_undecided: bool = Field(
+        False, description="noninferior: let a task the held-out prompts cannot decide pass with its note (the run "
+        "then exits 0; the report still says undecided).")
     gate_margin: float = Field(
         0.1, gt=0.0, le=1.0,
         description="A task whose 95% retention interval is wider than floor ± margin is reported as too few "

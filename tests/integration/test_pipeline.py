@@ -66,7 +66,7 @@ def test_eval_reports_teacher_student_and_base_with_lm_eval(ci_run):
     for task, v in report["paired"].items():
         lo, hi = iv["tasks"][task]["teacher"]
         assert lo <= report["scores"]["teacher"][task]["gold"] <= hi and len(v["teacher"]) == len(v["ids"])
-    assert report["gate"]["rule"] == "confident" and report["gate"]["passed"]
+    assert report["gate"]["rule"] == "noninferior" and report["gate"]["passed"]  # floor 0: nothing to show
     assert "## fact: samples" in md and "- teacher: " in md and "- student: " in md
     tasks = {p.name for p in (out / "tasks" / "student").iterdir()}
     assert {"fact.jsonl", "fact.yaml", "fact_ppl.yaml"} <= tasks

@@ -21,6 +21,7 @@ GATE = (
     "gate",
     "gate_level",
     "gate_margin",
+    "allow_undecided",
 )  # judged after the fact, never in a key (nor tasks.*.min_retention)
 
 

@@ -131,7 +131,7 @@ def quality_gate(cfg: Recipe, eval_dir: Path, enforce: bool = True) -> dict:
     verdict = gate_verdict(cfg, report)
     console.print(eval_table(report, verdict), highlight=False, soft_wrap=True)
     if not verdict["passed"] and enforce:
-        failed = [line for line in gate_lines(verdict) if ": FAIL" in line]
+        failed = [line for line in gate_lines(verdict) if ": FAIL" in line or ": UNDECIDED" in line]
         raise GateError(f"quality gate failed (eval.gate {verdict['rule']}; report: {eval_dir / 'eval.md'}): "
                         + "; ".join(failed))
     return verdict

@@ -28,15 +28,25 @@ def gate(paired: dict[str, dict], e, seed: int, per_task: dict[str, float] | Non
     and the tasks' own floors."""
     tables = {t: (v["teacher"], v["student"]) for t, v in paired.items()}
     return decide(tables, floors(sorted(paired), e.min_retention, per_task), rule=e.gate,
-                  level=e.gate_level, margin=e.gate_margin, iters=e.bootstrap_iters, seed=seed)
+                  level=e.gate_level, margin=e.gate_margin, iters=e.bootstrap_iters, seed=seed,
+                  allow_undecided=getattr(e, "allow_undecided", False))
 
 
 def gate_lines(verdict: dict) -> list[str]:
-    """One line per judged task: its decision and why, and what the prompts cannot tell."""
+    """One line per judged task: its decision, the bound or interval it used, and why; what the prompts cannot
+    tell."""
     out = []
     for name, v in verdict["tasks"].items():
-        ci = v["interval"]
-        span = f" (95% {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
-        out.append(f"{name}: {'pass' if v['passed'] else 'FAIL'}, retention {v['retention']:.3f}{span} vs floor "
-                   f"{v['floor']:g}: {v['why']}" + (f"; {v['note']}" if v.get("note") else ""))
+        if "decision" in v:  # noninferior: the one-sided bound the decision used, at its Holm level
+            word = {"pass": "pass", "fail": "FAIL", "undecided": "UNDECIDED"}[v["decision"]]
+            if v["decision"] == "undecided" and v["passed"]:
+                word = "undecided (allowed)"
+            span = (f" (one-sided bounds {v['interval'][0]:.2f}-{v['interval'][1]:.2f} at level "
+                    f"{v['level_used']:.3g}, Holm over {verdict.get('family', 1)})")
+        else:
+            word = "pass" if v["passed"] else "FAIL"
+            ci = v["interval"]
+            span = f" (95% {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+        out.append(f"{name}: {word}, retention {v['retention']:.3f}{span} vs floor {v['floor']:g}: {v['why']}"
+                   + (f"; {v['note']}" if v.get("note") else ""))
     return out

@@ -1,4 +1,5 @@
-"""How sure a held-out number is: paired bootstrap intervals, McNemar's exact test and the quality gate's rule.
+"""How sure a held-out number is: paired bootstrap intervals, McNemar's exact test, the non-inferiority score test
+and the quality gate's rules.
 
 Every quality number distillery prints is a mean over a few dozen to a few hundred prompts, so one prompt can
 move a task's retention by several points. Intervals here come from the paired percentile bootstrap over
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -120,25 +122,145 @@ def _summary(r: Resampled, t: list, s: list) -> dict:
 
 # --- the quality gate ------------------------------------------------------------------------------------
 
-RULES = ("point", "confident")
+RULES = ("noninferior", "confident", "point")
 
 
-def decide(tables: dict[str, tuple[list, list]], floors: dict[str, float], rule: str = "confident",
-           level: float = 0.05, margin: float = 0.1, iters: int = 10_000, seed: int = 1234) -> dict:
+def holm(pvalues: dict[str, float], level: float) -> dict[str, tuple[bool, float]]:
+    """Holm's step-down procedure: name -> (rejected, the level it was compared at). The smallest p-value is
+    compared with level/m, the next with level/(m-1), ...; the first that is not below its level stops the
+    procedure and nothing after it is rejected. The chance of rejecting any true hypothesis is at most ``level``
+    whatever the dependence between the tests."""
+    out, going = {}, True
+    m = len(pvalues)
+    for i, (name, p) in enumerate(sorted(pvalues.items(), key=lambda kv: (kv[1], kv[0]))):
+        alpha = level / (m - i)
+        going = going and p <= alpha
+        out[name] = (going, alpha)
+    return out
+
+
+PSEUDO = 0.5  # added to each of the four cells when the variance is estimated under the null (zero cells)
+
+
+def noninferiority_z(teacher: list, student: list, floor: float) -> float:
+    """Score statistic of "retention is above ``floor``" on paired 0/1 outcomes (large: shown above).
+
+    Retention >= floor is mean(student) - floor * mean(teacher) >= 0: per prompt d = s - floor * t (1 - floor
+    where both are right, -floor where only the teacher is, 1 where only the student is, 0 where neither). The
+    statistic is mean(d) over its standard error with the variance taken at the multinomial maximum-likelihood
+    cell probabilities restricted to the boundary mean(d) = 0 (a Nam-Blackwelder-style score test; half a count
+    is added to each cell for that estimate, so cells never seen do not make it zero). Measured: at a true
+    retention equal to the floor, one-sided level 0.05 passes 2.4 % / 3.8 % / 4.5 % of the time at n = 24 / 60
+    / 240 (the paired percentile bootstrap of the ratio passed 8.3 % / 8.7 % at n = 60 / 240)."""
+    t = np.asarray(teacher, dtype=bool)
+    s = np.asarray(student, dtype=bool)
+    n = len(t)
+    counts = np.array([(t & s).sum(), (t & ~s).sum(), (~t & s).sum(), (~t & ~s).sum()], dtype=float)
+    g = np.array([1.0 - floor, -floor, 1.0, 0.0])
+    mean = float((counts * g).sum()) / n
+    cells = counts + PSEUDO
+    total = cells.sum()
+
+    def h(lam: float) -> float:
+        return float((cells * g / (1 + lam * g)).sum())
+
+    # p_k = cells_k / (total (1 + lam g_k)) with sum p_k g_k = 0; h is decreasing in lam on its valid range
+    lo = max((-1 / x for x in g if x > 0), default=-1e6) + 1e-12
+    hi = min((-1 / x for x in g if x < 0), default=1e6) - 1e-12
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if h(mid) > 0 else (lo, mid)
+    prob = cells / (total * (1 + (lo + hi) / 2 * g))
+    variance = float((prob / prob.sum() * g * g).sum())
+    if variance <= 0:
+        return math.inf if mean > 0 else -math.inf if mean < 0 else 0.0
+    return mean / math.sqrt(variance / n)
+
+
+def retention_bounds(teacher: list, student: list, alpha: float) -> tuple[float, float]:
+    """One-sided (1 - alpha) lower and upper confidence bounds of retention: the floors the score test
+    (``noninferiority_z``) would just show the retention above, and just below, at level alpha."""
+    z = NormalDist().inv_cdf(1 - alpha)
+
+    def edge(shown) -> float:  # the boundary of the floors for which ``shown(z(floor))`` holds (monotone)
+        lo, hi = 0.0, 5.0
+        for _ in range(30):  # to 5e-9
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if shown(noninferiority_z(teacher, student, mid)) else (lo, mid)
+        return lo
+
+    return edge(lambda v: v >= z), edge(lambda v: v > -z)
+
+
+def _noninferior(tables: dict[str, tuple[list, list]], floors: dict[str, float], level: float) -> dict[str, dict]:
+    """The ``noninferior`` rule: a task passes when the one-sided lower confidence bound of its retention is at
+    or above its floor (``noninferiority_z``), at Holm's level for it (family-wise ``level`` over every gated task
+    and the pool). A task that does not pass fails when its upper bound at the same level is below the floor (the
+    student is shown to be short), and is undecided otherwise: its prompts can show neither."""
+    pooled = ([x for name in sorted(tables) for x in tables[name][0]],
+              [x for name in sorted(tables) for x in tables[name][1]])
+    stats = {}
+    for name, floor in floors.items():
+        t, s = pooled if name == "overall" else tables.get(name, ([], []))
+        if not sum(t):  # no prompts, or the teacher never right: no retention to judge
+            continue
+        p = 1 - NormalDist().cdf(noninferiority_z(t, s, floor)) if floor > 0 else 0.0  # of "at or below the floor"
+        stats[name] = (t, s, floor, p)
+    tested = holm({name: v[3] for name, v in stats.items()}, level)
+    tasks = {}
+    for name, (t, s, floor, p) in stats.items():
+        passed, alpha = tested[name]
+        point = sum(s) / sum(t)
+        lower, upper = retention_bounds(t, s, alpha)
+        if floor <= 0:  # no floor: nothing to show (a retention is never below 0)
+            passed, decision, why = True, "pass", "no floor"
+        elif passed:
+            decision, why = "pass", f"lower bound {lower:.2f} >= floor"
+        elif upper < floor:
+            decision, why = "fail", f"upper bound {upper:.2f} < floor: shown to be short"
+        else:
+            decision, why = "undecided", f"lower bound {lower:.2f} < floor, upper bound {upper:.2f} >= floor"
+        row = {"floor": floor, "retention": point, "interval": (lower, upper), "lower": lower, "level_used": alpha,
+               "p_below_floor": p, "n": len(t), "passed": passed, "decision": decision, "why": why,
+               "judgeable": decision != "undecided"}
+        if decision == "undecided":
+            more = needed_n(len(t), point - lower, point - floor) if point > floor else None
+            row["note"] = (f"n={len(t)} cannot show retention {point:.2f} is at least {floor:g} at level {alpha:.3g}"
+                           + (f"; about {more} prompts would" if more else
+                              "; its retention is below the floor, so more prompts will not show it above"))
+        tasks[name] = row
+    return tasks
+
+
+def decide(tables: dict[str, tuple[list, list]], floors: dict[str, float], rule: str = "noninferior",
+           level: float = 0.05, margin: float = 0.1, iters: int = 10_000, seed: int = 1234,
+           allow_undecided: bool = False) -> dict:
     """The gate's verdict for every task with a floor (``floors[task]``; ``"overall"`` is the pool).
 
+    ``noninferior`` (the default): see ``_noninferior`` (a score test; ``iters`` and ``seed`` are not used).
+    Each task's decision is pass, fail or undecided; the gate passes when nothing failed and nothing is undecided
+    (``allow_undecided`` lets undecided tasks pass with their note). The bounds printed are the ones the decision
+    used: one-sided, at Holm's level for the task.
     ``point``: a task fails when its retention is below its floor.
     ``confident``: a task fails only when its retention is below the floor *and* the shortfall is
     significant: fewer than ``level`` of the paired resamples reach the floor (the bootstrap p-value of
     "retention >= floor"), which is the same as the one-sided (1 - level) upper bound lying below the floor.
     A retention below the floor that the prompts cannot tell from it passes as "below floor, not significant".
-
-    Under both rules a task whose 95 % retention interval is wider than ``floor ± margin`` (and that did not
-    fall significantly short) is marked ``judgeable: false`` ("n=24: cannot tell 0.9 from 0.8") with the number
-    of prompts that would narrow it enough (half-widths shrink as 1/sqrt(n)); that note is printed, never silent.
+    Under these two a task whose 95 % retention interval is wider than ``floor ± margin`` (and that did not fall
+    significantly short) is marked ``judgeable: false`` with the number of prompts that would narrow it enough.
     """
     if rule not in RULES:
         raise ValueError(f"eval.gate must be one of {', '.join(RULES)}, not {rule!r}")
+    if rule == "noninferior":
+        tasks = _noninferior(tables, floors, level)
+        failed = [k for k, v in tasks.items() if v["decision"] == "fail"]
+        undecided = [k for k, v in tasks.items() if v["decision"] == "undecided"]
+        if allow_undecided:
+            for k in undecided:
+                tasks[k]["passed"] = True
+        return {"passed": not failed and (allow_undecided or not undecided), "rule": rule, "level": level,
+                "family": len(tasks), "margin": margin, "iters": iters, "seed": seed, "failed": failed,
+                "undecided": undecided, "allow_undecided": allow_undecided, "tasks": tasks}
     res = resample(tables, iters, seed)
     tasks: dict[str, dict] = {}
     for name, floor in floors.items():
@@ -177,3 +299,23 @@ def needed_n(n: int, half_width: float, margin: float) -> int:
     if not math.isfinite(half_width) or margin <= 0:
         return n
     return max(n, math.ceil(n * (half_width / margin) ** 2))
+
+
+def error_rates(n: int, teacher_accuracy: float, retention: float, floor: float, rule: str = "noninferior",
+                level: float = 0.05, reps: int = 400, iters: int = 2000, seed: int = 0) -> dict[str, float]:
+    """How often the gate passes, fails or cannot decide one task of ``n`` held-out prompts whose true retention
+    is ``retention``: the teacher is right on each prompt with probability ``teacher_accuracy``, the student right
+    where the teacher is right with probability ``retention`` and never where it is wrong. At ``retention`` below
+    ``floor`` the pass share is the false-pass rate; at or above it the fail + undecided share is the false-fail
+    rate."""
+    rng = np.random.default_rng(seed)
+    counts = {"pass": 0, "fail": 0, "undecided": 0}
+    for rep in range(reps):
+        t = rng.random(n) < teacher_accuracy
+        s = t & (rng.random(n) < retention)
+        v = decide({"a": (t.astype(int).tolist(), s.astype(int).tolist())}, {"a": floor}, rule=rule, level=level,
+                   iters=iters, seed=rep)
+        row = v["tasks"].get("a")
+        decision = "undecided" if row is None else row.get("decision", "pass" if row["passed"] else "fail")
+        counts[decision] += 1
+    return {k: c / reps for k, c in counts.items()}

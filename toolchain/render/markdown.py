@@ -22,6 +22,23 @@ def _ci(lo_hi, pct: bool = True) -> str:
     return f"[{100 * lo:.0f}-{100 * hi:.0f}]" if pct else f"[{lo:.2f}-{hi:.2f}]"
 
 
+def gate_word(v: dict) -> str:
+    """A task's gate decision in one word: pass, FAIL, UNDECIDED (or undecided, allowed)."""
+    decision = v.get("decision", "pass" if v["passed"] else "fail")
+    if decision == "undecided":
+        return "undecided (allowed)" if v["passed"] else "UNDECIDED"
+    return "pass" if decision == "pass" else "FAIL"
+
+
+def gate_head(verdict: dict) -> str:
+    """passed / FAILED, naming the failed and undecided tasks."""
+    if verdict["passed"]:
+        return "passed"
+    parts = [", ".join(verdict["failed"]) + " failed"] if verdict["failed"] else []
+    parts += [", ".join(verdict["undecided"]) + " undecided"] if verdict.get("undecided") else []
+    return "FAILED: " + "; ".join(parts)
+
+
 def _quality_rows(report: dict, verdict: dict | None):
     """(task, n, teacher, student, retention, McNemar p, gate) cells per gold task and the pool, as strings."""
     ret, iv = report["retention"], report.get("intervals", {}).get("tasks", {})
@@ -34,7 +51,7 @@ def _quality_rows(report: dict, verdict: dict | None):
         i = iv.get(name, {})
         p = i.get("p_student_below")
         g = judged.get(name)
-        gate = "" if g is None else ("pass" if g["passed"] else "FAIL") + f" ({g['why']}, floor {g['floor']:g})"
+        gate = "" if g is None else f"{gate_word(g)} ({g['why']}, floor {g['floor']:g})"
         n = row["gold_docs"] if name != "overall" else ret["overall"]["gold_docs"]
         yield (name, str(n), f"{_fmt(row['teacher'])} {_ci(i.get('teacher'))}".strip(),
                f"{_fmt(row['student'])} {_ci(i.get('student'))}".strip(),
@@ -89,8 +106,7 @@ def interval_notes(report: dict) -> list[str]:
 def gate_notes(report: dict, verdict: dict | None) -> list[str]:
     if not verdict:
         return []
-    head = (f"gate ({verdict['rule']}, level {verdict['level']:g}): "
-            + ("passed" if verdict["passed"] else "FAILED: " + ", ".join(verdict["failed"])))
+    head = f"gate ({verdict['rule']}, level {verdict['level']:g}): {gate_head(verdict)}"
     notes = [f"  {name}: {v['note']}" for name, v in verdict["tasks"].items() if v.get("note")]
     return [head, *notes]
 
@@ -147,7 +163,7 @@ def eval_markdown(report: dict, rows: list[dict], results: dict[str, dict]) -> s
     verdict = report.get("gate")
     out = [f"# Evaluation: {report['recipe']}", ""]
     if verdict:
-        out += [f"**Quality gate: {'passed' if verdict['passed'] else 'FAILED'}** ({verdict['rule']} rule, "
+        out += [f"**Quality gate: {gate_head(verdict)}** ({verdict['rule']} rule, "
                 f"level {verdict['level']:g}; docs/evaluation.md explains it).", ""]
     out += ["Gold accuracy (%) per task with 95% intervals; retention = student / teacher; p(s<t): McNemar's exact "
             "test of \"student below teacher\".", "",

@@ -24,7 +24,7 @@ from toolchain.pipeline.runs import RunError
 from toolchain.quality.gate import gate_lines
 from toolchain.recipe import Recipe
 from toolchain.render.markdown import bench_markdown as bench_md
-from toolchain.render.markdown import eval_table, judge_markdown, label_markdown
+from toolchain.render.markdown import eval_table, gate_head, judge_markdown, label_markdown
 from toolchain.render.markdown import export_markdown as export_md
 
 
@@ -135,7 +135,7 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
     lines = [f"# distillery report: {data['recipe']}", "", f"Teacher: `{data['teacher']}`.", ""]
     verdict = data.get("gate")
     if verdict:
-        lines += [f"**Quality gate: {'passed' if verdict['passed'] else 'FAILED'}** ({verdict['rule']} rule, level "
+        lines += [f"**Quality gate: {gate_head(verdict)}** ({verdict['rule']} rule, level "
                   f"{verdict['level']:g})", ""] + [f"- {line}" for line in gate_lines(verdict)] + [""]
     lines += ["## Speed and cost", "", bench_md(data["bench"]).split("\n", 2)[2]]
     if images:
