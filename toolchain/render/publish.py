@@ -25,12 +25,12 @@ from toolchain.models.licenses import LicenceDecision, model_card_section
 from toolchain.models.references import gguf_metadata, hub_repo, resolve
 from toolchain.pipeline.plans import finished
 from toolchain.pipeline.runs import RunError
+from toolchain.quality.scores import flagged_files
 from toolchain.recipe import Recipe
 from toolchain.render.markdown import bench_markdown as bench_md
 from toolchain.render.markdown import eval_table
 from toolchain.render.markdown import export_markdown as export_md
 from toolchain.render.report import gather
-from toolchain.quality.scores import flagged_files
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
