@@ -128,6 +128,15 @@ def test_bad_tables_and_empty_files(tmp_path):
         read_prompts([header_only], "train")
     with pytest.raises(DataError, match=r"missing.jsonl: data file not found"):
         read_prompts([tmp_path / "missing.jsonl"], "train")
+    # Latin-1 bytes in a CSV and a JSONL: one line naming the file, the line and the byte
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\nok,a\ncaf\xe9 au lait,b\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv:3: not UTF-8 text \(byte 0xe9 at column 4\)"):
+        read_prompts([latin], "train")
+    jsonl = tmp_path / "latin.jsonl"
+    jsonl.write_bytes(b'{"prompt": "ok"}\n{"prompt": "na\xefve"}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl:2: not UTF-8 text \(byte 0xef at column 15\)"):
+        read_prompts([jsonl], "train")
 
 
 def test_a_multi_turn_example_trains_only_the_last_answer():

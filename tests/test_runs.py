@@ -87,3 +87,24 @@ def test_second_process_on_the_same_stage_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     assert execute(run, "demo", _stage([]), None, {}, {}).is_dir()  # free again: runs
+
+
+def test_a_json_file_killed_mid_write_keeps_its_old_content(tmp_path, monkeypatch):
+    """Resume files (eval's per-model results, export's per-file checks) are written then renamed: a kill in the
+    middle of a write leaves the previous file whole, never half a JSON document the next run cannot read."""
+    import json
+
+    from toolchain.pipeline import runs
+
+    path = tmp_path / "teacher.json"
+    runs.write_json_atomic(path, {"metrics": {"a": 1}})
+
+    def dying(obj, fh, **kw):
+        fh.write('{"metrics": {"a"')  # half of it, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs.json, "dump", dying)
+    with pytest.raises(KeyboardInterrupt):
+        runs.write_json_atomic(path, {"metrics": {"a": 2}})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"metrics": {"a": 1}}

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from toolchain.data.rows import DataError, Prompt, iter_jsonl
+from toolchain.data.rows import DataError, Prompt, check_utf8, iter_jsonl
 from toolchain.models.references import file_sha256
 from toolchain.recipe import DataConfig, Recipe
 
@@ -94,6 +94,7 @@ def records(source: str, path: Path | None, default_split: str) -> Iterator[tupl
         for i, rec in enumerate(pq.read_table(path).to_pylist(), 1):
             yield f"{path}:row {i}", rec
     elif suffix in TABLE_FILES:
+        check_utf8(path)
         with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh, delimiter=TABLE_FILES[suffix])
             for rec in reader:
@@ -101,6 +102,7 @@ def records(source: str, path: Path | None, default_split: str) -> Iterator[tupl
                     raise DataError(f"{path}:{reader.line_num}: more cells than the header has columns")
                 yield f"{path}:{reader.line_num}", rec
     elif suffix == ".json":
+        check_utf8(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:

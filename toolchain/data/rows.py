@@ -44,9 +44,26 @@ class Prompt:
         return out
 
 
+def utf8_line(path: Path, lineno: int, raw: bytes) -> str:
+    """One line of a text file as text, or a DataError naming the file, line and byte that are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                        "save the file as UTF-8") from None
+
+
+def check_utf8(path: Path) -> None:
+    """DataError at the first line of ``path`` that is not UTF-8."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            utf8_line(path, lineno, raw)
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = utf8_line(path, lineno, raw)
             if not line.strip():
                 continue
             try:

@@ -95,7 +95,9 @@ def digest_of(files: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(canonical({k: v["sha256"] for k, v in files.items()}).encode()).hexdigest()
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """JSON written to a temporary file, flushed, then renamed over ``path``: a kill mid-write leaves the old file
+    (or none), never half of one that would block the next run."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, sort_keys=True, default=str)
@@ -240,7 +242,7 @@ def _run_and_publish(run, stage, fn, cfg: Recipe, config, inputs, licence, key, 
         "versions": versions(),
         "timings": {"wall_s": round(wall, 3), "finished_unix": round(time.time(), 3)},
     }
-    _write_json_atomic(work / MANIFEST, manifest)  # last file written: its presence means "complete"
+    write_json_atomic(work / MANIFEST, manifest)  # last file written: its presence means "complete"
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(work, final)
     console.print(f"[green]✓[/] {stage}: done in {wall:.1f}s")

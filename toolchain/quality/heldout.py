@@ -129,6 +129,9 @@ def score(cfg: Recipe, lm, task_dir: Path, names: list[str], chat: bool, rows: l
     import lm_eval
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that an in-memory model was passed
+    # lm-eval records the git commit of the current directory (not what was evaluated: eval.json has the models'
+    # sha256s and the versions), and outside a checkout git prints "fatal: not a git repository" to the console
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     from lm_eval.tasks import TaskManager
 
     e = cfg.eval

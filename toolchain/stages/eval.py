@@ -23,7 +23,7 @@ from toolchain.backends import asking
 from toolchain.data.rows import write_jsonl
 from toolchain.models import cut
 from toolchain.models.references import file_sha256, load_tokenizer, load_torch_model, resolve
-from toolchain.pipeline.runs import RESUME_DIR, Manifest, read_manifest
+from toolchain.pipeline.runs import RESUME_DIR, Manifest, read_manifest, write_json_atomic
 from toolchain.quality import heldout, judge, stats
 from toolchain.quality import scores as em
 from toolchain.quality.gate import gate
@@ -104,7 +104,7 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                 results[role] = heldout.score(cfg, heldout.hf_lm(cfg, model, tok), out_dir / "tasks" / role, names,
                                       chat=not heldout.raw_teacher(cfg, role), rows=rows)
                 del model
-            saved.write_text(json.dumps(results[role]), encoding="utf-8")
+            write_json_atomic(saved, results[role])
             bar.update(task, advance=1)
 
     judged = _judge(cfg, rows, results, resume)
@@ -156,7 +156,7 @@ def _judge(cfg: Recipe, rows: list[dict], results: dict, resume: Path) -> dict:
                                               on_done=lambda: bar.update(bar_task, advance=1))
                 done[t] = {"rows": judged, "summary": {**judge.summary(judged, cfg.eval.bootstrap_iters, cfg.eval.seed),
                                                        "judge": ref.ref, "rubric": tasks[t].rubric or judge.RUBRIC}}
-                saved.write_text(json.dumps(done), encoding="utf-8")
+                write_json_atomic(saved, done)
     return done
 
 

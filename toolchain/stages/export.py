@@ -35,7 +35,7 @@ from toolchain.data.rows import iter_jsonl
 from toolchain.models import references
 from toolchain.models.chat import messages_for, tokenize_pairs
 from toolchain.models.references import resolve
-from toolchain.pipeline.runs import RESUME_DIR, Manifest, read_manifest
+from toolchain.pipeline.runs import RESUME_DIR, Manifest, read_manifest, write_json_atomic
 from toolchain.quality import heldout
 from toolchain.quality import scores as em
 from toolchain.quality.constraints import free_and_constrained
@@ -340,7 +340,7 @@ def _imatrix(cfg: Recipe, tok, train: Path, base: Path, work: Path, bar, task) -
         raise ExportError(f"{train}: too little training text for an importance matrix (export.imatrix)")
     info = gguf_io.compute_imatrix(base, text, out, cfg.export.imatrix_chunks, n_ctx=n_ctx)
     info["source"] = "generate/train.jsonl through the chat template"
-    saved.write_text(json.dumps(info), encoding="utf-8")
+    write_json_atomic(saved, info)
     return out, info
 
 
@@ -381,7 +381,7 @@ def _gguf(cfg: Recipe, merged: Path, out_dir: Path, work: Path, licence: dict, r
         result["file"] = str(path.relative_to(out_dir))
         result["imatrix"] = imatrix_info if weighted else None
         result["modelfile"] = str(write_modelfile(cfg, ref.tok, path, licence).relative_to(out_dir))
-        saved.write_text(json.dumps(result), encoding="utf-8")
+        write_json_atomic(saved, result)
         results.append(result)
         bar.update(task, advance=1)
     if imatrix is not None:  # kept beside the files: what they were quantized with, for requantizing later
@@ -430,7 +430,7 @@ def _onnx(cfg: Recipe, merged: Path, params: int, out_dir: Path, work: Path, ref
         finally:
             engine.close()
         result["file"] = str((folder / "model.onnx").relative_to(out_dir))
-        saved.write_text(json.dumps(result), encoding="utf-8")
+        write_json_atomic(saved, result)
         results.append(result)
         bar.update(task, advance=1)
     return results
@@ -468,7 +468,7 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                 check = foreign_server_check(
                     cfg, out_dir / "gguf" / f"{cfg.name}-{quant}.gguf", cfg.export.check_tokens
                 )
-                saved.write_text(json.dumps(check), encoding="utf-8")
+                write_json_atomic(saved, check)
             foreign = json.loads(saved.read_text(encoding="utf-8"))
         if "onnx" in cfg.export.formats:
             results += _onnx(cfg, merged, safetensors["parameters"], out_dir, work, ref, rows,

@@ -140,7 +140,7 @@ class Trainer:
         self.checkpoint = resume_dir / "checkpoint.pt"
         if not self.checkpoint.exists():
             return
-        state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)  # tensors, numbers, lists only
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for n, w in state["weights"].items():
