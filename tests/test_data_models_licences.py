@@ -167,3 +167,28 @@ def test_endpoint_teachers_and_logged_answers_are_classified_by_host_or_model_id
     with pytest.raises(licenses.LicenceError, match=r"data.answers_from: the student learns from the data's own answers"):
         licenses.decide(local, None, None, None, uses_answers=True)
     assert licenses.decide(local, None, None, "openai:gpt-4o").answers_from is None  # answers not used: no question
+
+
+@pytest.mark.parametrize("model_id, licence", [
+    # the exceptions a substring match got wrong: no acknowledgement was asked and the card named the wrong licence
+    ("Qwen/Qwen2-72B-Instruct", "qwen"),
+    ("Qwen/Qwen2.5-Coder-3B-Instruct", "qwen-research"),
+    ("mistralai/Mistral-Large-Instruct-2411", "mistral-research"),
+    ("deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "llama3"),
+    ("Qwen/Qwen2.5-3B", "qwen-research"),
+    ("Qwen/Qwen2.5-72B-Instruct", "qwen"),
+    ("mistralai/Codestral-22B-v0.1", "mistral-non-production"),
+    ("deepseek-ai/DeepSeek-V3", "deepseek"),
+    # the rules of each family
+    ("Qwen/Qwen2.5-7B-Instruct", "apache-2.0"), ("Qwen/Qwen2-7B-Instruct", "apache-2.0"),
+    ("Qwen/Qwen3-0.6B", "apache-2.0"), ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "apache-2.0"),
+    ("deepseek-ai/DeepSeek-R1", "mit"), ("meta-llama/Llama-3.1-8B-Instruct", "llama3"),
+    ("meta-llama/Meta-Llama-3-8B", "llama3"), ("meta-llama/Llama-2-7b-hf", "llama2"),
+    ("mistralai/Mistral-7B-Instruct-v0.3", "apache-2.0"), ("mistralai/Mixtral-8x7B-v0.1", "apache-2.0"),
+    ("google/gemma-3-270m", "gemma"), ("google/gemma-2-2b-it", "gemma"), ("microsoft/Phi-3-mini-4k-instruct", "mit"),
+    ("microsoft/phi-4", "mit"), ("SmolLM2-135M-Instruct.Q4_1.gguf", "apache-2.0"),
+    # a name that merely contains a family's name is not that family
+    ("acme/qwenlike-7b", None), ("acme/my-llama-3-finetune", None), ("acme/phi-lovers", None),
+])
+def test_open_weight_licences_match_the_whole_model_name(model_id, licence):
+    assert licenses.open_weight_licence(model_id) == licence

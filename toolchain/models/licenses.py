@@ -7,6 +7,7 @@ every manifest and the student's model card.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ POLICY: dict[str, tuple[bool, str]] = {
     "qwen": (False, "Qwen License Agreement: commercial use above 100M monthly users needs Alibaba's permission."),
     "qwen-research": (False, "Qwen Research License: non-commercial use only."),
     "deepseek": (False, "DeepSeek License Agreement: use-based restrictions apply to derivatives."),
+    "mistral-research": (False, "Mistral AI Research License: research and non-commercial use only; commercial "
+                                "use needs a licence from Mistral AI."),
+    "mistral-non-production": (False, "Mistral AI Non-Production License: no production or commercial use."),
     "own-data": (True, "Answers written by the data's owner: no third-party terms."),
     # Hosted providers whose terms forbid training competing models on their outputs.
     "openai-terms": (
@@ -55,11 +59,33 @@ PROVIDER_HOSTS = {"api.openai.com": "openai-terms", "openai.azure.com": "openai-
                   "aiplatform.googleapis.com": "google-terms"}
 PROVIDERS = {"openai": "openai-terms", "anthropic": "anthropic-terms", "google": "google-terms",
              "gemini": "google-terms"}
+# Open-weight model names (the id without its organisation, lower case) -> licence id. Each pattern must match
+# the whole start of the name up to a separator (-, _, . or the end), and the first that matches wins, so the
+# exceptions of a family come before its rule: Qwen2.5-3B and -72B are not Apache-2.0 like the rest of Qwen2.5,
+# Qwen2-72B is under the Qwen licence, Mistral-Large under Mistral's research licence, and the R1 distillations
+# keep the licence of the model they were distilled into (Llama or Qwen), not R1's MIT.
 OPEN_WEIGHTS = (
-    ("qwen2.5-3b", "qwen-research"), ("qwen2.5-72b", "qwen"), ("qwen", "apache-2.0"),
-    ("llama-3", "llama3"), ("llama3", "llama3"), ("llama-2", "llama2"), ("llama2", "llama2"),
-    ("mixtral", "apache-2.0"), ("mistral", "apache-2.0"), ("gemma", "gemma"), ("phi", "mit"),
-    ("deepseek-r1", "mit"), ("deepseek-v3", "mit"), ("deepseek", "deepseek"), ("smollm", "apache-2.0"),
+    (r"deepseek-r1-distill-llama-\d+b", "llama3"),
+    (r"deepseek-r1-distill-qwen-[\d.]+b", "apache-2.0"),
+    (r"deepseek-r1(-0528)?", "mit"),
+    (r"deepseek-v3-0324", "mit"),
+    (r"deepseek-[\w.-]+", "deepseek"),
+    (r"qwen2\.5-(coder-|math-|vl-)?3b", "qwen-research"),
+    (r"qwen2\.5-(coder-|math-|vl-)?72b", "qwen"),
+    (r"qwen2\.5-(coder-|math-|vl-)?(0\.5|1\.5|7|14|32)b", "apache-2.0"),
+    (r"qwen2-(vl-)?72b", "qwen"),
+    (r"qwen2-(vl-|math-|audio-)?(0\.5|1\.5|2|7|57b-a14)b", "apache-2.0"),
+    (r"qwen3-[\w.-]+", "apache-2.0"),
+    (r"qwq-32b", "apache-2.0"),
+    (r"qwen(1\.5)?-[\w.-]+", "qwen"),
+    (r"(meta-)?llama-?2-[\w.-]+", "llama2"),
+    (r"(meta-)?llama-?3(\.[1-3])?-[\w.-]+", "llama3"),
+    (r"(mistral-large|pixtral-large|ministral)-[\w.-]+", "mistral-research"),
+    (r"codestral-[\w.-]+", "mistral-non-production"),
+    (r"(mistral-(7b|nemo|small)|mixtral-8x(7|22)b|pixtral-12b)[\w.-]*", "apache-2.0"),
+    (r"(code)?gemma-?[\d.]*-[\w.-]+", "gemma"),
+    (r"phi-[\d.]+(-[\w.-]+)?", "mit"),
+    (r"smollm\d?-[\w.-]+", "apache-2.0"),
 )
 
 ALIASES = {
@@ -100,8 +126,10 @@ def normalise(licence: str) -> str:
 
 
 def open_weight_licence(model_id: str) -> str | None:
-    low = model_id.lower().rsplit("/", 1)[-1] if "/" in model_id else model_id.lower()
-    return next((lic for key, lic in OPEN_WEIGHTS if key in low), None)
+    """The licence of an open-weight model by its id (``org/name`` or ``name``; a GGUF file name too), or None
+    when the table does not know it (then the run needs licence.acknowledge)."""
+    name = model_id.lower().rsplit("/", 1)[-1]
+    return next((lic for pattern, lic in OPEN_WEIGHTS if re.match(f"(?:{pattern})(?:$|[-_.])", name)), None)
 
 
 def classify_source(source: str) -> tuple[str, str]:
