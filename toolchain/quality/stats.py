@@ -206,10 +206,11 @@ def _noninferior(tables: dict[str, tuple[list, list]], floors: dict[str, float],
             continue
         p = 1 - NormalDist().cdf(noninferiority_z(t, s, floor)) if floor > 0 else 0.0  # of "at or below the floor"
         stats[name] = (t, s, floor, p)
-    tested = holm({name: v[3] for name, v in stats.items()}, level)
+    # a task without a floor is reported, not tested: it takes no share of the family's level
+    tested = holm({name: v[3] for name, v in stats.items() if v[2] > 0}, level)
     tasks = {}
     for name, (t, s, floor, p) in stats.items():
-        passed, alpha = tested[name]
+        passed, alpha = tested.get(name, (True, level))
         point = sum(s) / sum(t)
         lower, upper = retention_bounds(t, s, alpha)
         if floor <= 0:  # no floor: nothing to show (a retention is never below 0)
@@ -259,7 +260,7 @@ def decide(tables: dict[str, tuple[list, list]], floors: dict[str, float], rule:
             for k in undecided:
                 tasks[k]["passed"] = True
         return {"passed": not failed and (allow_undecided or not undecided), "rule": rule, "level": level,
-                "family": len(tasks), "margin": margin, "iters": iters, "seed": seed, "failed": failed,
+                "family": sum(1 for v in tasks.values() if v["floor"] > 0), "margin": margin, "iters": iters, "seed": seed, "failed": failed,
                 "undecided": undecided, "allow_undecided": allow_undecided, "tasks": tasks}
     res = resample(tables, iters, seed)
     tasks: dict[str, dict] = {}
