@@ -37,6 +37,9 @@ def gate_lines(verdict: dict) -> list[str]:
     tell."""
     out = []
     for name, v in verdict["tasks"].items():
+        if v["floor"] <= 0:
+            out.append(f"{name}: reported, retention {v['retention']:.3f} (no floor)")
+            continue
         if "decision" in v:  # noninferior: the one-sided bound the decision used, at its Holm level
             word = {"pass": "pass", "fail": "FAIL", "undecided": "UNDECIDED"}[v["decision"]]
             if v["decision"] == "undecided" and v["passed"]:

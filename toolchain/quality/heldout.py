@@ -127,6 +127,7 @@ def score(cfg: Recipe, lm, task_dir: Path, names: list[str], chat: bool, rows: l
     import logging
 
     import lm_eval
+    import lm_eval.evaluator
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that an in-memory model was passed
     # lm-eval records the git commit of the current directory (not what was evaluated: eval.json has the models'

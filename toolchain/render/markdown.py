@@ -51,7 +51,8 @@ def _quality_rows(report: dict, verdict: dict | None):
         i = iv.get(name, {})
         p = i.get("p_student_below")
         g = judged.get(name)
-        gate = "" if g is None else f"{gate_word(g)} ({g['why']}, floor {g['floor']:g})"
+        gate = "" if g is None else "reported (no floor)" if g["floor"] <= 0 else \
+            f"{gate_word(g)} ({g['why']}, floor {g['floor']:g})"
         n = row["gold_docs"] if name != "overall" else ret["overall"]["gold_docs"]
         yield (name, str(n), f"{_fmt(row['teacher'])} {_ci(i.get('teacher'))}".strip(),
                f"{_fmt(row['student'])} {_ci(i.get('student'))}".strip(),
