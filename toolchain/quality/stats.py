@@ -261,7 +261,8 @@ def decide(tables: dict[str, tuple[list, list]], floors: dict[str, float], rule:
                 tasks[k]["passed"] = True
         return {"passed": not failed and (allow_undecided or not undecided), "rule": rule, "level": level,
                 "family": sum(1 for v in tasks.values() if v["floor"] > 0), "margin": margin, "iters": iters,
-                "seed": seed, "failed": failed, "undecided": undecided, "allow_undecided": allow_undecided, "tasks": tasks}
+                "seed": seed, "failed": failed, "undecided": undecided, "allow_undecided": allow_undecided,
+                "tasks": tasks}
     res = resample(tables, iters, seed)
     tasks: dict[str, dict] = {}
     for name, floor in floors.items():
