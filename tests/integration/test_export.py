@@ -261,6 +261,25 @@ def test_gguf_carries_what_laptop_runtimes_read_and_a_foreign_server_answers_as_
     assert report["foreign_server"]["same"] == report["foreign_server"]["prompts"] == 5
     assert "ollama create ci-q8-0 -f gguf/ci-q8_0.Modelfile" in (dirs["export"] / "export.md").read_text()
 
+    # Nothing that leaves the machine names a local path or an endpoint's URL: not with a teacher given as a local
+    # file, nor as an openai: endpoint whose URL carries credentials
+    import re
+
+    from transformers import AutoTokenizer as _Tok
+
+    from toolchain.models.references import DEFAULT_TEACHER, resolve
+
+    local_gguf = str(resolve(DEFAULT_TEACHER).path)
+    evaluation0 = json.loads((dirs["eval"] / "eval.json").read_text())
+    tok0 = _Tok.from_pretrained(dirs["merge"] / "model")
+    for teacher in (local_gguf, "openai:https://user:secret@10.1.2.3:8000/v1#Qwen/Qwen2.5-7B-Instruct"):
+        m = gguf_metadata(load(str(recipe_copy(tmp_path, "leak", teacher=teacher))), tok0, evaluation0, {})
+        text = "\n".join(str(v) for k, v in m.items() if k != "tokenizer.chat_template")
+        assert str(ROOT) not in text and "/tmp/" not in text and "site-packages" not in text, text
+        assert not re.search(r"\w+://(?!huggingface\.co/)", text) and "secret" not in text, text
+    shipped = "\n".join(str(v) for v in meta.values() if isinstance(v, str) and not v.startswith("{"))
+    assert "://" not in shipped.replace("https://huggingface.co/", "") and str(ROOT) not in shipped
+
     # A recipe with its own system prompt: written into the file's template as the default, so a request
     # without a system message gets it in llama-cpp-python's server too.
     recipe = load(str(recipe_copy(tmp_path, "ci", generate__system_prompt="Always answer in French.")))

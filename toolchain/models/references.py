@@ -80,6 +80,18 @@ def file_sha256(path: str | Path) -> str:
     return _sha256_cached(_file_key(Path(path)))
 
 
+def public_name(ref: str) -> str:
+    """A model reference as it may be written into files that leave the machine (GGUF metadata, model cards): the
+    model's own name, never a local path or an endpoint's URL (nor the credentials a URL can carry)."""
+    if ref.startswith("hf:"):
+        return ref[3:].split("@")[0]
+    if ref.startswith("openai:"):
+        return ref.partition("#")[2] or "a model behind an OpenAI-compatible endpoint"
+    if ref.startswith("pip:"):
+        return ref[4:].rstrip("/").rsplit("/", 1)[-1]
+    return Path(ref).name
+
+
 def check_reference_syntax(ref: str) -> None:
     """Cheap syntax check used at validate time (no imports, no file access beyond the string)."""
     if ref.startswith("hf:"):

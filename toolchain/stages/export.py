@@ -190,7 +190,7 @@ def _base_models(cfg: Recipe) -> list[dict]:
     out = []
     for ref_text in [cfg.teacher] + ([cfg.student.from_] if cfg.student.from_ != "teacher" else []):
         ref = resolve(ref_text)
-        entry = {"name": ref_text.rsplit("/", 1)[-1].rsplit("#", 1)[-1].removesuffix(".gguf")}
+        entry = {"name": references.public_name(ref_text).rsplit("/", 1)[-1].removesuffix(".gguf")}
         if ref.kind == "gguf" and ref.path is not None:
             meta = references.gguf_metadata(ref.path)
             entry["name"] = str(meta.get("general.name") or entry["name"])
@@ -225,7 +225,7 @@ def gguf_metadata(cfg: Recipe, tok, evaluation: dict, licence: dict) -> dict:
             "general.quantized_by": "distillery", "general.tags": ["distillation", "distillery",
                                                                   f"{cfg.distill.flavour}-label"],
             "general.description": f"Recipe '{cfg.name}': a {cfg.distill.flavour}-label student distilled from "
-                                   f"{cfg.teacher}{result}.",
+                                   f"{references.public_name(cfg.teacher)}{result}.",
             "tokenizer.chat_template": template}
     if licence.get("teacher_licence"):
         meta["general.license"] = licence["teacher_licence"]

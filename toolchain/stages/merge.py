@@ -18,6 +18,7 @@ import torch
 
 from toolchain.models import student as students
 from toolchain.models.licenses import LicenceDecision, model_card_section
+from toolchain.models.references import public_name
 from toolchain.pipeline.runs import Manifest
 from toolchain.recipe import Recipe
 from toolchain.ui import console
@@ -49,7 +50,8 @@ def _model_card(cfg: Recipe, info: dict, decision: dict | None, metrics: dict) -
         "",
         f"# {cfg.name} student",
         "",
-        f"Distilled by distillery from `{cfg.teacher}` ({cfg.distill.flavour}-label, {cfg.distill.method}).",
+        f"Distilled by distillery from `{public_name(cfg.teacher)}` ({cfg.distill.flavour}-label, "
+        f"{cfg.distill.method}).",
         "",
         f"- layers: {len(layers)}"
         + (f" of the teacher's {info['teacher_layers']} (kept: {layers})" if "teacher_layers" in info else ""),
@@ -59,7 +61,7 @@ def _model_card(cfg: Recipe, info: dict, decision: dict | None, metrics: dict) -
         "",
     ]
     if decision:
-        lines.append(model_card_section(LicenceDecision(**decision), cfg.teacher))
+        lines.append(model_card_section(LicenceDecision(**decision), public_name(cfg.teacher)))
     return "\n".join(lines)
 
 
