@@ -443,10 +443,10 @@ class EvalConfig(_Section):
     gate: Literal["noninferior", "confident", "point"] = Field(
         "noninferior",
         description="noninferior: a task passes only when the one-sided lower confidence bound of its retention "
-        "(paired bootstrap) is at or above its floor, with Holm's correction over the gated tasks and the pool; a "
-        "task that is neither shown above nor below is undecided (exit 3 unless allow_undecided). confident: a task "
-        "fails only when it is significantly below its floor. point: when its retention is below its floor. See "
-        "docs/evaluation.md.",
+        "(a score test on the paired outcomes) is at or above its floor, with Holm's correction over the gated "
+        "tasks and the pool; a task that is neither shown above nor below is undecided (exit 3 unless "
+        "allow_undecided). confident: a task fails only when it is significantly below its floor. point: when its "
+        "retention is below its floor. See docs/evaluation.md.",
     )
     gate_level: float = Field(
         0.05, gt=0.0, lt=0.5,
@@ -458,8 +458,8 @@ class EvalConfig(_Section):
         "then exits 0; the report still says undecided).")
     gate_margin: float = Field(
         0.1, gt=0.0, le=1.0,
-        description="A task whose 95% retention interval is wider than floor ± margin is reported as too few "
-        "prompts to judge (with how many would do), under either rule.",
+        description="confident and point: a task whose 95% retention interval is wider than floor ± margin is "
+        "reported as too few prompts to judge (with how many would do); noninferior says it as 'undecided'.",
     )
     bootstrap_iters: int = Field(10_000, ge=100, le=1_000_000, description="Bootstrap resamples for every interval.")
     log_samples: bool = Field(False, description="Keep every sample in samples.jsonl (also: eval --log-samples).")
