@@ -1,14 +1,19 @@
 """Export building blocks on tiny files and a tiny random model (no real model needed)."""
 
+import ast
 import json
+import os
 import struct
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from toolchain.artifacts.files import ExportError, check_safetensors
+from toolchain.artifacts.files import ExportError, check_safetensors, run_tool
 from toolchain.artifacts.inspection import inspect
 
 
@@ -258,3 +263,57 @@ def test_the_gguf_template_and_the_modelfile_render_the_training_prompt(system):
         # Ollama sends the Modelfile's SYSTEM as the first message when a request has none
         sent = conv if conv[0]["role"] == "system" else [{"role": "system", "content": fields["SYSTEM"]}] + conv
         assert render(fields["TEMPLATE"], sent) == jinja
+
+
+# --- external tools: every one has a time limit and fails in one line ---------------------------------------------
+
+
+def test_run_tool_stops_a_command_and_its_children_past_the_limit(tmp_path):
+    """A tool that hangs (here: a shell that started a child which sleeps) is killed with its whole process
+    group at the limit, and the error is one line naming the tool and the limit."""
+    marker = tmp_path / "child.pid"
+    script = f"sleep 30 & echo $! > {marker}; wait"
+    start = time.monotonic()
+    with pytest.raises(ExportError) as err:
+        run_tool(["sh", "-c", script], "the slow tool", 1.0)
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert "\n" not in msg and "the slow tool" in msg and "1 s" in msg and "DISTILLERY_TOOL_TIMEOUT_S" in msg
+    child = int(marker.read_text())
+    for _ in range(50):  # the grandchild went with the group
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the tool's child process outlived the limit")
+
+
+def test_run_tool_limit_from_the_environment_and_a_missing_program(monkeypatch):
+    monkeypatch.setenv("DISTILLERY_TOOL_TIMEOUT_S", "0.5")
+    with pytest.raises(ExportError, match="within 0.5 s"):
+        run_tool([sys.executable, "-c", "import time; time.sleep(20)"], "x", 3600)
+    monkeypatch.delenv("DISTILLERY_TOOL_TIMEOUT_S")
+    done = run_tool([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], "x", 60)
+    assert (done.returncode, done.stdout.strip()) == (3, "out")
+    with pytest.raises(ExportError, match="could not start"):
+        run_tool(["/nonexistent/tool"], "the missing tool", 60)
+
+
+def test_every_external_command_goes_through_run_tool():
+    """No stage calls subprocess directly with no limit: the only direct uses are the long-lived processes
+    (a training launch that reports its own progress, a server the caller stops) and run_tool itself."""
+    allowed = {("toolchain/training/launch.py", "call"), ("toolchain/training/launch.py", "Popen"),
+               ("toolchain/serve/targets.py", "Popen"), ("toolchain/artifacts/files.py", "Popen"),
+               ("toolchain/artifacts/files.py", "CompletedProcess")}
+    root = Path(__file__).resolve().parents[1]
+    found = set()
+    for path in sorted((root / "toolchain").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"):
+                found.add((str(path.relative_to(root)), node.func.attr))
+            if isinstance(node, ast.ImportFrom) and node.module == "subprocess":
+                found.add((str(path.relative_to(root)), "from-import"))
+    assert found - allowed == set(), f"external commands without a time limit: {sorted(found - allowed)}"

@@ -17,13 +17,12 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-from toolchain.artifacts.files import ExportError
+from toolchain.artifacts.files import ExportError, run_tool
 from toolchain.models.references import cache_root
 
 GGUF_MAGIC = b"GGUF"
@@ -48,7 +47,7 @@ def _fetch_sdist(dest: Path) -> Path:
     version = importlib.metadata.version("llama_cpp_python")
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
            f"llama-cpp-python=={version}", "-d", str(dest)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = run_tool(cmd, f"pip download of llama-cpp-python=={version}'s source", 900)
     sdists = list(dest.glob("llama_cpp_python-*.tar.gz"))
     if done.returncode != 0 or not sdists:
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no sdist"]
@@ -96,8 +95,9 @@ def tools_dir(announce=None) -> Path:
                      "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                      "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", *flags.split()]
         compile_ = [cmake, "--build", str(build), "--target", *TOOLS, "-j", str(os.cpu_count() or 1)]
-        for cmd in (configure, compile_):
-            done = subprocess.run(cmd, capture_output=True, text=True)
+        for cmd, what, limit in ((configure, "cmake configure of llama.cpp's tools", 900),
+                                 (compile_, "the build of llama.cpp's tools", 3600)):
+            done = run_tool(cmd, what, limit)
             if done.returncode != 0:
                 errors = [ln for ln in (done.stdout + done.stderr).splitlines() if "error" in ln.lower()]
                 raise ExportError(f"building llama.cpp's tools failed: {(errors or ['(no error line)'])[0].strip()}")
@@ -158,7 +158,8 @@ def convert(model_dir: Path, out: Path, outtype: str = "f32", keep_vocab: bool =
     conv = converter_dir()
     cmd = [sys.executable, "-c", _DRIVER, str(conv), "0" if keep_vocab else "1",
            str(model_dir), "--outtype", outtype, "--outfile", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = run_tool(cmd, f"llama.cpp's converter on {model_dir}", 3600,
+                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0 or not out.is_file():
         tail = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
         raise ExportError(f"{model_dir}: llama.cpp converter failed: {tail[0]}")
@@ -321,7 +322,7 @@ def quantize(src: Path, out: Path, quant: str, threads: int | None = None, imatr
         work = imatrix.parent
         cmd = [str(tools_dir() / "llama-quantize"), "--imatrix", imatrix.name, os.path.relpath(src, work),
                os.path.relpath(out, work), quant.upper(), str(threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        done = run_tool(cmd, f"llama-quantize of {src.name} to {quant}", 3600, cwd=work)
         rc, log = done.returncode, (done.stdout + done.stderr).splitlines()
     else:
         params = llama_cpp.llama_model_quantize_default_params()
@@ -344,7 +345,7 @@ def compute_imatrix(model: Path, text: Path, out: Path, chunks: int, n_ctx: int 
     cmd = [str(tools_dir() / "llama-imatrix"), "-m", os.path.relpath(model, work), "-f", os.path.relpath(text, work),
            "-o", tmp.name, "--no-ppl", "--parse-special", "-c", str(n_ctx), "--chunks", str(chunks),
            "-t", str(threads or os.cpu_count() or 1), "--output-frequency", "1000000"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+    done = run_tool(cmd, f"llama-imatrix on {model.name}", 7200, cwd=work)
     if done.returncode != 0 or not tmp.is_file():
         lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
         hint = next(

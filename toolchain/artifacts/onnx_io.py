@@ -4,31 +4,38 @@ an ONNX model is whole and safe to load before onnxruntime touches it."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import sys
 from pathlib import Path
 
-from toolchain.artifacts.files import ExportError
+from toolchain.artifacts.files import ExportError, run_tool
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "config.json", "generation_config.json")
 
 
+_OPTIMUM_DRIVER = """
+import logging, sys, warnings
+from optimum.exporters.onnx import main_export
+logging.getLogger("optimum").setLevel(logging.ERROR)
+warnings.simplefilter("ignore")
+main_export(sys.argv[1], output=sys.argv[2], task="text-generation-with-past", device="cpu",
+            do_validation=False, no_post_process=False)
+"""
+
+
 def export(model_dir: Path, out_dir: Path) -> Path:
     """optimum-onnx ``text-generation-with-past``: one decoder taking past_key_values (empty on the first step).
-    Tied embeddings are stored once: optimum deduplicates the lm_head copy of the embedding matrix."""
-    import logging
-    import warnings
-
-    from optimum.exporters.onnx import main_export
-
-    logging.getLogger("optimum").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        main_export(str(model_dir), output=str(out_dir), task="text-generation-with-past", device="cpu",
-                    do_validation=False, no_post_process=False)
+    Tied embeddings are stored once: optimum deduplicates the lm_head copy of the embedding matrix. Run in its own
+    process, so it has a time limit like every other tool."""
+    cmd = [sys.executable, "-c", _OPTIMUM_DRIVER, str(model_dir), str(out_dir)]
+    done = run_tool(cmd, f"optimum's ONNX export of {model_dir}", 3600,
+                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
     path = out_dir / "model.onnx"
-    if not path.is_file():
-        raise ExportError(f"{model_dir}: optimum wrote no model.onnx")
+    if done.returncode != 0 or not path.is_file():
+        tail = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
+        raise ExportError(f"{model_dir}: optimum wrote no model.onnx: {tail[0]}")
     return path
 
 
@@ -39,15 +46,12 @@ def genai_build(model_dir: Path, out_dir: Path, variant: str) -> Path:
     """onnxruntime-genai's model builder: its own decoder graph (fused attention with a shared KV buffer;
     genai_int4: MatMulNBits int4 weights, RTN, blocks of 32), a genai_config.json and the tokenizer files. The
     result is a plain ONNX decoder with past_key_values too, so it is checked, scored and served as the others."""
-    import os
-    import subprocess
-    import sys
-
     precision = {"genai_int4": "int4", "genai_fp32": "fp32"}[variant]
     cache = out_dir.with_name(out_dir.name + ".cache")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
            "-p", precision, "-e", "cpu", "-c", str(cache)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = run_tool(cmd, f"onnxruntime-genai's model builder on {model_dir}", 3600,
+                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
     shutil.rmtree(cache, ignore_errors=True)
     out = out_dir / "model.onnx"
     if done.returncode != 0 or not out.is_file():

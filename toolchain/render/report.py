@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from toolchain.artifacts.files import ExportError
+from toolchain.artifacts.files import ExportError, run_tool
 from toolchain.pipeline.plans import status
 from toolchain.pipeline.runner import gate_verdict
 from toolchain.pipeline.runs import RunError
@@ -255,8 +255,6 @@ def write(cfg: Recipe, runs_root) -> Path:
 
 def screenshot(page: Path, out: Path, width: int = 1200, height: int = 2400) -> Path:
     """Render the page in headless Chromium (the Debian package) to a PNG."""
-    import subprocess
-
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         raise ExportError("chromium is not installed (apt-get install chromium) — needed to screenshot the report")
@@ -270,7 +268,7 @@ def screenshot(page: Path, out: Path, width: int = 1200, height: int = 2400) -> 
         f"--screenshot={out}",
         page.resolve().as_uri(),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = run_tool(cmd, "chromium's screenshot of the report", 120)
     if not out.is_file():
         raise ExportError(f"chromium wrote no screenshot: {(done.stderr or '').strip().splitlines()[-1:]}")
     return out

@@ -23,11 +23,11 @@ import os
 import re
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from toolchain.artifacts.files import ExportError, run_tool
 from toolchain.backends.llama_batch import BatchDecoder
 from toolchain.models.chat import context, flat_prompt, messages_for
 from toolchain.pipeline.runs import Manifest
@@ -134,11 +134,11 @@ def _measure(target: served.Served, asks: list[dict], max_new_tokens: int, slots
     payload = json.dumps({"path": str(target.path), "backend": target.backend, "role": target.role,
                           "quant": target.quant, "asks": asks, "max_new_tokens": max_new_tokens,
                           "slots": slots if target.backend == "llama_cpp" else 0})
-    done = subprocess.run([sys.executable, "-m", "toolchain.stages.bench"], input=payload,
-                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    done = run_tool([sys.executable, "-m", "toolchain.stages.bench"], f"the bench of {target.path}", 3600,
+                    input=payload, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode != 0:
         tail = [ln for ln in done.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
-        raise RuntimeError(f"bench of {target.path} failed: {tail[0]}")
+        raise ExportError(f"bench of {target.path} failed: {tail[0]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
