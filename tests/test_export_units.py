@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from toolchain.artifacts.files import ExportError, check_safetensors, run_tool
-from toolchain.artifacts.inspection import inspect
+from toolchain.artifacts.inspection import inspect, leaks, scan_for_leaks
 
 
 class TorchEngine:
@@ -317,3 +317,45 @@ def test_every_external_command_goes_through_run_tool():
             if isinstance(node, ast.ImportFrom) and node.module == "subprocess":
                 found.add((str(path.relative_to(root)), "from-import"))
     assert found - allowed == set(), f"external commands without a time limit: {sorted(found - allowed)}"
+
+
+# --- nothing that leaves the machine names a local path or a private endpoint ------------------------------------
+
+
+def test_leaks_finds_local_paths_private_urls_and_named_endpoints(tmp_path):
+    assert leaks("see https://huggingface.co/org/m and https://www.apache.org/licenses/LICENSE-2.0", []) == []
+    assert leaks("FROM ./ci-q8_0.gguf", []) == []
+    assert leaks("trained from /home/alice/models/t.gguf", []) == ["/home/alice/models/t.gguf"]
+    assert str(tmp_path) in leaks(f"at {tmp_path}/x", [tmp_path])
+    for url in ("http://10.1.2.3:8000/v1", "http://localhost:8080/v1", "https://user:pw@api.example.com/v1",
+                "http://gpu-box:8000/v1", "http://vllm.internal/v1", "file:///srv/m.gguf", "http://[::1]:9/v1"):
+        assert leaks(f"teacher {url} said", []), url
+    assert leaks("asked https://llm.acme-corp.com/v1 at length", [], ["https://llm.acme-corp.com/v1"])
+
+
+def test_scan_for_leaks_reads_gguf_metadata_safetensors_headers_and_text_files(tmp_path):
+    import gguf
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    _tiny_gguf(clean / "m.gguf")
+    (clean / "config.json").write_text('{"_name_or_path": "HuggingFaceTB/SmolLM2-135M"}')
+    (clean / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"/tmp/x/": 0}}, "added_tokens": []}))
+    assert scan_for_leaks(clean, [tmp_path]) == []
+
+    dirty = tmp_path / "dirty"
+    dirty.mkdir()
+    w = gguf.GGUFWriter(dirty / "m.gguf", arch="llama")
+    w.add_string("general.description", "distilled from /home/alice/teacher.gguf")
+    w.add_tensor("t", np.arange(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    header = json.dumps({"__metadata__": {"source": "http://192.168.1.9:8000/v1"}}).encode()
+    (dirty / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    (dirty / "generation_config.json").write_text(json.dumps({"path": str(tmp_path / "runs")}))
+    hits = scan_for_leaks(dirty, [tmp_path])
+    assert any(h.startswith("m.gguf: /home/alice/teacher.gguf") for h in hits), hits
+    assert any(h.startswith("model.safetensors: http://192.168.1.9:8000/v1") for h in hits), hits
+    assert any(h.startswith("generation_config.json: ") for h in hits), hits

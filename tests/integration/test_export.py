@@ -302,6 +302,7 @@ def test_gguf_carries_what_laptop_runtimes_read_and_a_foreign_server_answers_as_
 def test_publish_writes_hub_ready_folders_without_local_paths(ci_run, tmp_path):
     import yaml
 
+    from toolchain.artifacts.inspection import scan_for_leaks
     from toolchain.render import publish
     from toolchain.recipe import load
 
@@ -320,8 +321,24 @@ def test_publish_writes_hub_ready_folders_without_local_paths(ci_run, tmp_path):
     assert "distillation" in front["tags"] and "retention" in card and "## Licence" in card
     assert "| gguf/ci-q8_0.gguf |" in card and "decode tokens/s" in card
     for text in (card, (gguf / "README.md").read_text()):
-        assert publish.local_paths(text, [ROOT, runs, tmp_path]) == []
         assert str(ROOT) not in text and str(tmp_path) not in text
+    # every file that leaves the machine, and every model file export wrote (GGUF metadata, ONNX metadata_props and
+    # doc strings, configs, templates): no local path, no private endpoint
+    export_dir = next(runs.glob("*/export-*"))
+    shipped = [model, gguf, export_dir / "gguf", *sorted(p for p in (export_dir / "onnx").iterdir() if p.is_dir())]
+    assert any((d / "model.onnx").is_file() for d in shipped)
+    for folder in shipped:
+        assert scan_for_leaks(folder, [ROOT, runs, tmp_path, Path.home()]) == [], folder
+    # a published file that would name one is refused, and nothing is written
+    planted = next(runs.glob("*/merge-*")) / "model" / "generation_config.json"
+    original = planted.read_text()
+    planted.write_text(json.dumps({**json.loads(original), "note": "from http://10.0.0.7:8000/v1"}))
+    try:
+        bad = distillery("publish", str(recipe), "--runs", str(runs), "--to", str(tmp_path / "pub3"), check=False)
+    finally:
+        planted.write_text(original)
+    assert bad.returncode == 1 and "generation_config.json: http://10.0.0.7:8000/v1" in bad.stderr, bad.stderr
+    assert not (tmp_path / "pub3").exists() or list((tmp_path / "pub3").iterdir()) == []
     assert distillery("publish", str(recipe), "--runs", str(runs), "--to", str(out), check=False).returncode == 1
     # the GGUF sibling names the student's repo as its base model when there is one
     model2, gguf2 = publish.build(load(str(recipe)), runs, tmp_path / "pub2", repo="acme/ci-student")

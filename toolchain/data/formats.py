@@ -68,7 +68,12 @@ def records(source: str, path: Path | None, default_split: str) -> Iterator[tupl
         from datasets import load_dataset
 
         name, _, revision = base[3:].partition("@")
-        ds, pick = _dataset_split(load_dataset(name, revision=revision or None), base, split, default_split)
+        try:
+            loaded = load_dataset(name, revision=revision or None)
+        except (ConnectionError, FileNotFoundError, ValueError, OSError) as err:  # DatasetNotFoundError is one
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DataError(f"{base}: could not load the dataset ({first})") from None
+        ds, pick = _dataset_split(loaded, base, split, default_split)
         yield from _rows(ds, f"{base}[{pick}]" if pick else base)
         return
     if path is None or not path.exists():

@@ -8,7 +8,8 @@
                           (base_model_relation: quantized)
 
 With ``repo`` (org/name) both are uploaded with ``huggingface_hub`` (org/name and org/name-GGUF); that needs
-network and a token, as the Hub does. No card names a local path: publishing refuses one that would.
+network and a token, as the Hub does. Nothing published names a local path or an endpoint's URL (cards,
+configs, GGUF metadata): publishing scans every file it would write and refuses, writing nothing, when one would.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from toolchain.artifacts.inspection import scan_for_leaks
 from toolchain.models.licenses import LicenceDecision, model_card_section
 from toolchain.models.references import gguf_metadata, hub_repo, resolve
 from toolchain.pipeline.plans import finished
@@ -56,11 +58,10 @@ def _front(meta: dict) -> str:
     return "---\n" + yaml.safe_dump({k: v for k, v in meta.items() if v is not None}, sort_keys=False) + "---\n"
 
 
-def local_paths(text: str, roots: list[Path]) -> list[str]:
-    """Absolute local paths in a card: any of ``roots`` (project, runs, home, temp) or an absolute path."""
-    found = [str(r) for r in roots if str(r) not in ("", "/") and str(r) in text]
-    found += re.findall(r"(?<![\w.:/])/(?:home|root|tmp|Users|var|work|mnt)/[^\s)`'\"]*", text)
-    return sorted(set(found))
+def endpoint_urls(cfg: Recipe) -> list[str]:
+    """The endpoint URLs a recipe names (teacher, judges): never to be written into what is published."""
+    refs = [cfg.teacher, *(t.judge for t in cfg.tasks.values() if t.judge)]
+    return [r[len("openai:"):].partition("#")[0] for r in refs if r.startswith("openai:")]
 
 
 def left_out(export_report: dict, gguf_dir: Path, include_flagged: bool = False) -> dict[str, str]:
@@ -143,16 +144,12 @@ def build(cfg: Recipe, runs_root, to: Path, repo: str | None = None, force: bool
     skipped = left_out(data["export"], export / "gguf", include_flagged)
     model_card, gguf_card = _cards(cfg, data, licence, repo, base_model, skipped)
     roots = [Path.cwd().resolve(), Path(runs_root).resolve(), Path.home(), Path(to).resolve()]
-    for name, card in (("model card", model_card), ("GGUF card", gguf_card)):
-        bad = local_paths(card, roots)
-        if bad:
-            raise RunError(f"publish: the {name} would name a local path ({bad[0]}); nothing written")
     out = {"model": Path(to) / cfg.name, "gguf": Path(to) / f"{cfg.name}-GGUF"}
     for folder in out.values():
         if folder.exists() and not force:
             raise RunError(f"{folder} exists; pass --force to replace it")
-    for kind, folder in out.items():
-        tmp = folder.with_name(folder.name + ".tmp")
+    staged = {kind: folder.with_name(folder.name + ".tmp") for kind, folder in out.items()}
+    for kind, tmp in staged.items():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if kind == "model":
@@ -165,8 +162,15 @@ def build(cfg: Recipe, runs_root, to: Path, repo: str | None = None, force: bool
                 if f.suffix in (".gguf", ".Modelfile") and f"{f.stem}.gguf" not in skipped:
                     shutil.copy2(f, tmp / f.name)
             (tmp / "README.md").write_text(gguf_card, encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+    bad = [f"{out[k].name}/{hit}" for k, tmp in staged.items()
+           for hit in scan_for_leaks(tmp, roots + [tmp.resolve(), merge.resolve()], endpoint_urls(cfg))]
+    if bad:
+        for tmp in staged.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"publish: {bad[0]} would leave the machine; nothing written")
+    for kind, tmp in staged.items():
+        shutil.rmtree(out[kind], ignore_errors=True)
+        os.replace(tmp, out[kind])
     return out["model"], out["gguf"]
 
 

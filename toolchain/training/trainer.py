@@ -119,6 +119,9 @@ class Trainer:
         if self.world > 1:
             console.print(f"  {self.world} processes ({accelerator.distributed_type.value}), "
                           f"{d.batch_size} sequences per step in all")
+        if self.fsdp:
+            console.print("  FSDP: no resume checkpoints (the sharded weights are not gathered mid-run); "
+                          "a killed run starts this stage over")
         op = d.on_policy
         # On-policy steps: the divergence alone on the student's samples (its own tokens are no target for CE).
         self.on_soft = None if self.soft is None else SimpleNamespace(
