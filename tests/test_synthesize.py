@@ -5,13 +5,14 @@ import json
 
 import pytest
 
+from toolchain.data import similarity
 from toolchain.recipe import RecipeError, parse
 from toolchain.stages import synthesize as syn
 
 
 
 def test_near_duplicates_catch_rewordings_and_keep_distinct_prompts():
-    near = syn.NearDuplicates(threshold=0.7)
+    near = similarity.NearDuplicates(threshold=0.7)
     near.add("a", "Classify the sentiment of this review: the pasta was cold and the waiter was rude to us.")
     near.add("b", "Summarise in one sentence: the city council voted to build a new bridge over the river.")
     # one word changed, one added: Jaccard over word 2-shingles well above 0.7
@@ -24,7 +25,7 @@ def test_near_duplicates_catch_rewordings_and_keep_distinct_prompts():
 
 
 def test_decontamination_drops_a_paraphrase_of_a_heldout_prompt_and_keeps_an_unrelated_one():
-    dirty = syn.Contamination(["What is the capital city of Australia and when was it founded?",
+    dirty = similarity.Contamination(["What is the capital city of Australia and when was it founded?",
                                "Classify the sentiment: the battery died after two days of light use."], n=5)
     assert dirty.overlap("What is the capital city of Australia, and when was it founded?") == pytest.approx(1.0)
     assert dirty.overlap("Tell me: what is the capital city of Australia and when was it founded") >= 0.5
@@ -201,11 +202,11 @@ def test_frames_find_each_seeds_shared_wording_and_leave_the_rest():
     texts = ([sentiment + r for r in ("The soup was cold.", "Great phone.", "The staff were rude: never again.")]
              + [f'{extract}{s}" Answer with the city only.' for s in ("We met in Oslo.", "Rome was hot.", "Lima: rain.")]
              + ["What is the capital of Peru?", "Name a prime number."])
-    got = syn.frames(texts)
+    got = similarity.frames(texts)
     assert got[:3] == [(sentiment, "")] * 3
     assert got[3:6] == [(extract, '" Answer with the city only.')] * 3
     assert got[6:] == [("", "")] * 2
-    assert syn.frames(texts[:2]) == [("", "")] * 2  # two texts are too few to call their wording shared
+    assert similarity.frames(texts[:2]) == [("", "")] * 2  # two texts are too few to call their wording shared
 
 
 def test_fill_puts_the_teachers_text_back_in_the_seeds_wording(tiny_dir, tmp_path):
