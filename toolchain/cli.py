@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -32,9 +33,14 @@ from toolchain.recipe import Recipe, RecipeError, dump, load, parse
 from toolchain.render import publish as pub
 from toolchain.render.recipe_page import markdown
 from toolchain.render.report import write
+from toolchain.render import traffic as traffic_report
+from toolchain.serve import gateway as gateway_app
 from toolchain.serve import targets as served
 from toolchain.serve.app import serve as run_server
 from toolchain.serve.settings import Settings, is_loopback
+from toolchain.data.traffic import Recorder, Redactor, TrafficStore, store_path
+from toolchain.quality.cost import read_prices
+from toolchain.backends.openai_http import api_key as upstream_api_key
 from toolchain.stages.synthesize import preview as show
 from toolchain.training.launch import launch
 from toolchain.ui import is_main, world_size
@@ -130,7 +136,6 @@ def validate(recipe: str) -> None:
 @click.option("--json", "fmt", flag_value="json", help="The JSON Schema, for editors that complete YAML.")
 def schema(fmt: str) -> None:
     """Print every recipe field with its type, default and description (docs/recipes.md is this output)."""
-    import json
 
     if fmt == "json":
         click.echo(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
@@ -398,6 +403,83 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
 
 
 @main.command()
+@click.option("--upstream", default=None,
+              help="The API the calls go to: openai:<base_url>[#<model>] (default: --recipe's openai: teacher).")
+@click.option("--recipe", "recipe", type=click.Path(dir_okay=False), default=None,
+              help="Take the upstream (and generate.api_key_env) from this recipe's openai: teacher.")
+@click.option("--store", default="traffic.db", show_default=True,
+              help="The traffic store: a SQLite file (or sqlite:///path), created when missing.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8090, show_default=True)
+@click.option("--log-fraction", type=float, default=1.0, show_default=True,
+              help="Record this share of the calls (the rest are counted in /metrics).")
+@click.option("--redact", multiple=True,
+              help="Replace matches before anything is written: email, phone, key, or a regular expression "
+                   "(repeatable).")
+@click.option("--keep-days", type=float, default=None, help="Delete recorded calls older than this (at start, hourly).")
+@click.option("--api-key-env", default=None,
+              help="The variable holding the upstream's key, sent when a client sends none (or always, with "
+                   "--api-key).")
+@click.option("--api-key", envvar="DISTILLERY_API_KEY", default=None,
+              help="Clients must send 'Authorization: Bearer KEY' (also $DISTILLERY_API_KEY); their header is then "
+                   "never passed upstream. Required off loopback.")
+@friendly
+def gateway(upstream: str | None, recipe: str | None, store: str, host: str, port: int, log_fraction: float,
+            redact: tuple[str, ...], keep_days: float | None, api_key_env: str | None, api_key: str | None) -> None:
+    """Put an OpenAI-compatible proxy in front of an API and record every call in a traffic store.
+
+    Clients point their base URL at http://HOST:PORT/v1 and change nothing else: requests and answers pass
+    through unchanged (streamed or not), and each call (request, answer, usage, latency, status, tags) lands in
+    the store, which `distillery traffic` reads. Tag a call with metadata.task or the X-Distillery-Task header.
+    """
+    if recipe and not upstream:
+        cfg = _load(recipe)
+        if not cfg.teacher.startswith("openai:"):
+            raise RecipeError(f"{recipe}: teacher {cfg.teacher!r} is not an openai: endpoint; pass --upstream")
+        upstream, api_key_env = cfg.teacher, api_key_env or cfg.generate.api_key_env
+    if not upstream or not upstream.startswith("openai:") or not upstream[len("openai:"):].partition("#")[0]:
+        raise RecipeError(f"--upstream {upstream!r}: expected openai:<base_url>[#<model>]")
+    if not 0.0 < log_fraction <= 1.0:
+        raise RecipeError(f"--log-fraction {log_fraction}: a share of the calls, above 0 and at most 1")
+    if keep_days is not None and keep_days <= 0:
+        raise RecipeError(f"--keep-days {keep_days}: a positive number of days")
+    if not is_loopback(host) and not api_key:
+        raise RecipeError(f"refusing to listen on {host} without an API key (--api-key or DISTILLERY_API_KEY)")
+    base_url, _, model = upstream[len("openai:"):].partition("#")
+    redactor = Redactor(list(redact))
+    key = upstream_api_key(base_url, api_key_env, field="--api-key-env")
+    traffic = TrafficStore(store_path(store))
+    settings = gateway_app.GatewaySettings(base_url=base_url, model=model or None, upstream_key=key, api_key=api_key,
+                                           log_fraction=log_fraction)
+    recorder = Recorder(traffic, redactor, keep_days)
+    click.echo(f"gateway on http://{host}:{port}/v1 → {base_url}, recording in {traffic.path} "
+               f"({traffic.count()} calls so far)", err=True)
+    gateway_app.run(settings, recorder, host, port)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--prices", default=None,
+              help="Upstream prices: input,cached_input,output USD per 1M tokens, or a YAML/JSON file by model id "
+                   "(default: a dated table of common models).")
+@click.option("--recipe", "recipe", type=click.Path(dir_okay=False), default=None,
+              help="Price the student as this recipe's finished bench measured it (else an estimate, stated).")
+@runs_opt
+@click.option("--json", "as_json", is_flag=True, help="The whole report as JSON.")
+@friendly
+def traffic(store: str, prices: str | None, recipe: str | None, runs_root: str, as_json: bool) -> None:
+    """What the calls in a traffic store are: tasks, volumes, token lengths, answer shapes and the bill.
+
+    Calls are grouped into tasks by their tag (metadata.task, X-Distillery-Task), else by their instructions
+    (system prompt and few-shot turns, near-duplicates merged), else by the shared wording of one-message
+    templates; sorted by what a local student would save a day.
+    """
+    local = traffic_report.local_speed(_load(recipe), runs_root) if recipe else traffic_report.ESTIMATE
+    report = traffic_report.analyse(store_path(store), read_prices(prices) if prices else None, local)
+    click.echo(json.dumps(report, indent=1) if as_json else traffic_report.markdown(report), nl=not as_json)
+
+
+@main.command()
 @click.argument("data")
 @click.option("--out", "out", type=click.Path(dir_okay=False), help="Where to write it (default recipes/<name>.yaml).")
 @click.option("--teacher", help="Teacher reference (default: the embedded SmolLM2-135M-Instruct).")
@@ -434,9 +516,6 @@ def init(data: str, out: str | None, teacher: str | None, name: str | None, forc
 def inspect(path: str) -> None:
     """Check a model file (.gguf, .onnx or an ONNX folder, .safetensors) and print what is in it, as JSON.
     A truncated or corrupt file, or ONNX external data outside its folder: one line naming it, exit 1."""
-    import json
-
-
     click.echo(json.dumps(inspect_file(Path(path)), indent=2))
 
 

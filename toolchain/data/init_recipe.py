@@ -18,13 +18,13 @@ from pathlib import Path
 
 from toolchain.data.formats import detect, read_prompts, records, split_source
 from toolchain.data.rows import DataError
+from toolchain.data.tasks import infer_metric
 from toolchain.models.references import DEFAULT_TEACHER
 from toolchain.recipe import DataConfig
 
 TEXT_NAMES = ("text", "prompt", "message", "content", "input", "question", "query", "sentence", "body", "review",
               "comment", "utterance", "document")
 GOLD_NAMES = ("label", "gold", "answer", "category", "class", "target", "intent", "sentiment", "output", "expected")
-MAX_LABELS = 50
 
 
 def _pick(names: list[str], wanted: tuple[str, ...]) -> str | None:
@@ -46,32 +46,6 @@ def table_columns(sample: list[dict]) -> dict:
         if found is not None and found not in (text, gold):
             cols[field] = found
     return {k: v for k, v in cols.items() if v is not None}
-
-
-def _is_number(v: str) -> bool:
-    return re.fullmatch(r"\s*-?\d[\d,]*(\.\d+)?\s*", v) is not None
-
-
-def _is_json_object(v: str) -> bool:
-    try:
-        return isinstance(json.loads(v), dict)
-    except ValueError:
-        return False
-
-
-def infer_metric(golds: list[str]) -> dict:
-    """A task's ``tasks:`` entry from its gold values."""
-    distinct = Counter(golds)
-    words = max(len(g.split()) for g in golds)
-    if 2 <= len(distinct) <= MAX_LABELS and words <= 3 and len(distinct) <= max(2, len(golds) // 2):
-        return {"metric": "label", "labels": sorted(distinct)}
-    if all(_is_number(g) for g in golds):
-        return {"metric": "number"}
-    if all(_is_json_object(g) for g in golds):
-        return {"metric": "json"}
-    if sum(len(g.split()) for g in golds) / len(golds) <= 4:
-        return {"metric": "exact"}
-    return {"metric": "chrf", "threshold": 50.0}
 
 
 def _yaml(value) -> str:

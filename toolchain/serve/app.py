@@ -14,6 +14,7 @@ from toolchain.serve.schemas import (
     RequestError,
     _error_body,
     _parse,
+    read_body,
 )
 from toolchain.serve.settings import Settings, is_loopback
 
@@ -50,24 +51,13 @@ def create_app(engine, settings: Settings):
                                param="metadata.task")
         return settings.constraints[named]
 
-    async def body_of(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            raise RequestError(413, f"request body is {declared} bytes; the limit is {settings.max_body_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_body_bytes:
-                raise RequestError(413, f"request body is over the limit of {settings.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def handle(request: Request, kind: str):
         endpoint = "chat" if kind == "chat" else "completions"
         if not authorised(request):
             return fail(401, "invalid API key", endpoint, code="invalid_api_key")
         try:
-            req = _parse(ChatRequest if kind == "chat" else CompletionRequest, await body_of(request))
+            body = await read_body(request, settings.max_body_bytes)
+            req = _parse(ChatRequest if kind == "chat" else CompletionRequest, body)
             if req.model is not None and req.model not in settings.model_ids():
                 raise RequestError(404, f"The model '{req.model}' does not exist; this server serves "
                                    f"{', '.join(repr(m) for m in settings.model_ids())}", param="model",

@@ -115,7 +115,7 @@ class RequestError(Exception):
 
 
 def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = {401: "authentication_error", 429: "rate_limit_error", 503: "server_error"}.get(
+    kind = {401: "authentication_error", 429: "rate_limit_error", 502: "upstream_error", 503: "server_error"}.get(
         status, "invalid_request_error"
     )
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -144,7 +144,8 @@ def _check_values(data) -> None:
                 raise RequestError(400, f"{where}: text is not valid Unicode (a lone surrogate)", param=where) from None
 
 
-def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
+def parse_object(body: bytes) -> dict:
+    """A request body as a JSON object, or one 400 naming what is wrong (bad JSON, too deep, a lone surrogate)."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -156,9 +157,28 @@ def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
     if not isinstance(data, dict):
         raise RequestError(400, "request body must be a JSON object")
     _check_values(data)
+    return data
+
+
+def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    data = parse_object(body)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "body"
         raise RequestError(400, f"{where}: {err['msg']}", param=where) from None
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The body of a Starlette request, refused with 413 past ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,103 @@
+"""``distillery traffic STORE``: what an application's traffic is made of — its tasks, how many calls each, how
+long their prompts and answers are, what they cost at the upstream's prices, and what a local student would
+save — sorted by money saved; as a table, or JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from toolchain.data.tasks import from_stored, group, shape
+from toolchain.data.traffic import TrafficStore
+from toolchain.pipeline.plans import finished
+from toolchain.pipeline.runs import RunError
+from toolchain.quality.cost import LocalSpeed, Price, price_for, task_bill
+from toolchain.recipe import Recipe
+
+# Without a finished bench: the default recipe's student (75M parameters, q8_0 GGUF, llama.cpp, one call at a time)
+# as `make run` measured it on 2 CPU cores (bench.json, 2026-12-05), at the recipe's default $0.10/hour.
+ESTIMATE = LocalSpeed(prompt_tps=1900.0, decode_tps=230.0, usd_per_hour=0.10, measured=False,
+                      source="estimate: the default 75M student's measured speed on 2 CPU cores, $0.10/hour")
+
+
+def local_speed(cfg: Recipe, runs_root) -> LocalSpeed:
+    """The recipe's student as its finished bench measured it (one call at a time), else the estimate."""
+    try:
+        bench = json.loads((finished(cfg, runs_root, "bench") / "bench.json").read_text(encoding="utf-8"))
+    except (RunError, OSError, ValueError):
+        return ESTIMATE
+    student = next((t for t in bench.get("targets", []) if t.get("role") == "student"), None)
+    if not student or not student.get("prompt_tps") or not student.get("decode_tps"):
+        return ESTIMATE
+    return LocalSpeed(prompt_tps=student["prompt_tps"], decode_tps=student["decode_tps"],
+                      usd_per_hour=cfg.cost.usd_per_hour, measured=True,
+                      source=f"measured: {cfg.name}'s bench ({student.get('file', 'student')})")
+
+
+def analyse(store: Path, prices: dict[str, Price] | None = None, local: LocalSpeed | None = ESTIMATE) -> dict:
+    """The traffic report of a store (see the module's docstring)."""
+    db = TrafficStore(store, readonly=True)
+    try:
+        stored = list(db.calls())
+    finally:
+        db.close()
+    statuses = Counter(c["status"] for c in stored)
+    calls = [c for c in (from_stored(s) for s in stored if s["status"] == 200) if c is not None]
+    if not calls:
+        return {"store": str(store), "calls": len(stored), "answered": 0, "statuses": dict(statuses), "tasks": []}
+    first, last = min(c.started_at for c in calls), max(c.started_at for c in calls)
+    window = max(last - first, 60.0)  # a shorter window is read as a minute, not extrapolated from seconds
+    rows = []
+    for name, members in group(calls).items():
+        sh = shape(name, members)
+        model = next(iter(sh.models), None)
+        price = price_for(model, prices)
+        usage = [(c.prompt_tokens, c.cached_tokens or 0, c.completion_tokens) for c in members
+                 if c.prompt_tokens is not None and c.completion_tokens is not None]
+        bill = task_bill(usage, len(members) / window * 86400, price, local)
+        rows.append({**asdict(sh), "share": len(members) / len(calls), "model": model,
+                     "price": None if price is None else asdict(price), "with_usage": len(usage), **bill})
+    rows.sort(key=lambda r: (-(r["saved_usd_per_day"] or 0), -(r["api_usd_per_day"] or 0), -r["calls"]))
+    return {"store": str(store), "calls": len(stored), "answered": len(calls), "statuses": dict(statuses),
+            "first": first, "last": last, "window_s": window,
+            "local": None if local is None else asdict(local), "tasks": rows}
+
+
+def _tokens(q: dict) -> str:
+    return "–" if q.get("median") is None else f"{q['median']:.0f} / {q['p90']:.0f}"
+
+
+def _usd(value) -> str:
+    return "–" if value is None else f"${value:.4f}" if value < 1 else f"${value:,.2f}"
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table (the terminal's view too)."""
+    if not report["tasks"]:
+        return f"{report['store']}: no answered calls yet ({report['calls']} recorded)\n"
+    hours = report["window_s"] / 3600
+    lines = [f"{report['answered']} answered calls of {report['calls']} recorded over {hours:.1f} h "
+             f"(per day: at that rate); prices per 1M tokens as listed below or --prices.", "",
+             "| task | calls | share | prompt tok (median/p90) | cached | answer tok | answers | API $/1k calls "
+             "| student $/1k calls | API $/day | saved $/day |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in report["tasks"]:
+        spec = r["answers"]
+        answers = spec.get("metric", "–") + (f" ({len(spec['labels'])})" if spec.get("labels") else "")
+        lines.append(f"| {r['name']}{' (tag)' if r['tagged'] else ''} | {r['calls']} | {r['share']:.0%} | "
+                     f"{_tokens(r['prompt_tokens'])} | {_tokens(r['cached_tokens'])} | "
+                     f"{_tokens(r['completion_tokens'])} | {answers} | {_usd(r['api_usd_per_1k'])} | "
+                     f"{_usd(r['student_usd_per_1k'])} | {_usd(r['api_usd_per_day'])} | "
+                     f"{_usd(r['saved_usd_per_day'])} |")
+    lines.append("")
+    for r in report["tasks"]:
+        price = r["price"]
+        lines.append(f"- {r['name']}: {r['model']}" + (
+            f" at ${price['input']}/{price['cached_input']}/{price['output']} per 1M input/cached/output "
+            f"({price['source']})" if price else " has no price: pass --prices"))
+    if report.get("local"):
+        lines.append(f"- student: {report['local']['source']}; the upstream's token counts stand in for the "
+                     "student's")
+    return "\n".join(lines) + "\n"
