@@ -152,8 +152,9 @@ class TrafficStore:
                             f"this distillery reads version {SCHEMA_VERSION}")
 
     def write(self, calls: list[dict]) -> None:
-        """Every call in one transaction (all or none)."""
-        rows = [tuple(c.get(k) for k in COLUMNS) for c in calls]
+        """Every call in one transaction (all or none); request and response as JSON values."""
+        rows = [tuple(json.dumps(c[k], ensure_ascii=False) if k in ("request", "response") and c.get(k) is not None
+                      else c.get(k) for k in COLUMNS) for c in calls]
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany(f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
@@ -205,9 +206,7 @@ class Recorder:
         self.thread.start()
 
     def submit(self, call: dict, done: Callable[[bool], None] | None = None) -> bool:
-        call = {**call, "request": json.dumps(self.redact(call["request"]), ensure_ascii=False),
-                "response": None if call.get("response") is None
-                else json.dumps(self.redact(call["response"]), ensure_ascii=False),
+        call = {**call, "request": self.redact(call["request"]), "response": self.redact(call.get("response")),
                 "error": self.redact(call.get("error"))}
         try:
             self.queue.put_nowait(Pending(call, done))

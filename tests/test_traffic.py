@@ -1,0 +1,196 @@
+"""The traffic store (SQLite WAL, the writer thread, redaction, retention), task discovery in logged calls, and the
+price of a call."""
+
+import json
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from toolchain.data.rows import DataError
+from toolchain.data.tasks import Call, from_stored, group, infer_metric, shape
+from toolchain.data.traffic import SCHEMA_VERSION, Recorder, Redactor, TrafficStore, is_store, store_path
+from toolchain.quality.cost import Price, price_for, read_prices, task_bill
+
+
+def _call(i: int, messages=None, tag=None, answer="ok", started=None, prompt_tokens=50) -> dict:
+    return {"call_id": f"c{i}", "started_at": started if started is not None else 1_800_000_000.0 + i,
+            "latency_ms": 5.0, "endpoint": "chat", "status": 200, "stream": 0, "model": "gpt-4o-mini",
+            "upstream_model": "gpt-4o-mini-2024-07-18", "task_tag": tag, "user_tag": None,
+            "request": {"messages": messages or [{"role": "user", "content": f"question {i}"}]},
+            "response": {"id": f"r{i}", "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                                     "finish_reason": "stop"}]},
+            "prompt_tokens": prompt_tokens, "cached_tokens": 0, "completion_tokens": 2, "error": None}
+
+
+def _wait(recorder, n, timeout=10.0):
+    deadline = time.time() + timeout
+    while recorder.counts["written"] + recorder.counts["dropped"] < n and time.time() < deadline:
+        time.sleep(0.02)
+
+
+def test_store_is_wal_versioned_and_reads_back_what_was_written(tmp_path):
+    store = TrafficStore(tmp_path / "sub" / "t.db")
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rec = Recorder(store)
+    for i in range(300):  # more than one commit group
+        assert rec.submit(_call(i))
+    rec.close()
+    assert rec.counts == {"written": 300, "dropped": 0, "purged": 0}
+    calls = list(TrafficStore(tmp_path / "sub" / "t.db", readonly=True).calls())
+    assert [c["call_id"] for c in calls] == [f"c{i}" for i in range(300)]
+    assert calls[0]["response"]["choices"][0]["message"]["content"] == "ok"
+    assert is_store(str(tmp_path / "sub" / "t.db")) and not is_store(str(tmp_path / "nothing.db"))
+    # a store written by another schema version is refused in one line
+    sqlite3.connect(tmp_path / "sub" / "t.db").execute("UPDATE meta SET value = '99'").connection.commit()
+    with pytest.raises(DataError, match=f"schema version 99; this distillery reads version {SCHEMA_VERSION}"):
+        TrafficStore(tmp_path / "sub" / "t.db")
+
+
+def test_a_locked_store_drops_and_counts_without_blocking_the_caller(tmp_path):
+    store = TrafficStore(tmp_path / "t.db")
+    store.db.execute("PRAGMA busy_timeout=50")
+    lines = []
+    rec = Recorder(store, log=lines.append)
+    holder = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    outcomes = []
+    start = time.monotonic()
+    for i in range(5):
+        rec.submit(_call(i), outcomes.append)
+    assert time.monotonic() - start < 0.5  # submit never waits for the disk
+    _wait(rec, 5)
+    assert rec.counts["dropped"] == 5 and outcomes == [False] * 5
+    assert len(lines) == 1 and "not recorded" in lines[0] and "locked" in lines[0]
+    holder.execute("ROLLBACK")
+    rec.submit(_call(9), outcomes.append)
+    _wait(rec, 6)
+    assert outcomes[-1] is True and rec.counts["written"] == 1
+    rec.close()
+
+
+def test_a_full_queue_drops_at_once(tmp_path):
+    store = TrafficStore(tmp_path / "t.db")
+    gate = threading.Event()
+    real = store.write
+    store.write = lambda calls: (gate.wait(5), real(calls))  # the disk is slow
+    rec = Recorder(store, max_pending=3, batch=1, log=lambda line: None)
+    results = [rec.submit(_call(i)) for i in range(10)]
+    assert results.count(False) >= 6 and rec.counts["dropped"] == results.count(False)
+    gate.set()
+    rec.close()
+    assert rec.counts["written"] == results.count(True)
+
+
+def test_redaction_before_anything_is_written_and_bad_patterns(tmp_path):
+    red = Redactor(["email", "phone", "key", r"ACCT-\d+"])
+    text = ("mail ann.lee+x@mail.example.org or call +1 (555) 010-2233, key sk-abcdefghijklmnopqrstu, "
+            "Bearer abcdefghijklmnopqrstuvwxyz012345, account ACCT-12345")
+    out = red({"messages": [{"role": "user", "content": text}], "n": 1})
+    said = out["messages"][0]["content"]
+    assert "[email]" in said and "[phone]" in said and said.count("[key]") == 2 and "[redacted]" in said
+    for secret in ("ann.lee", "555", "sk-abc", "abcdefghijklmnop", "12345"):
+        assert secret not in said
+    assert out["n"] == 1
+    with pytest.raises(DataError, match=r"--redact '\[a-': not a regular expression"):
+        Redactor(["[a-"])
+    store = TrafficStore(tmp_path / "t.db")
+    rec = Recorder(store, Redactor(["email"]))
+    rec.submit(_call(1, [{"role": "user", "content": "write to bob@example.com"}], answer="bob@example.com ok"))
+    rec.close()
+    raw = (tmp_path / "t.db").read_bytes() + (tmp_path / "t.db-wal").read_bytes() if (
+        tmp_path / "t.db-wal").exists() else (tmp_path / "t.db").read_bytes()
+    assert b"bob@example.com" not in raw
+
+
+def test_retention_deletes_old_calls_at_start(tmp_path):
+    store = TrafficStore(tmp_path / "t.db")
+    now = time.time()
+    store.write([_call(1, started=now - 10 * 86400), _call(2, started=now - 3600)])
+    rec = Recorder(store, keep_days=7)
+    rec.close()
+    assert rec.counts["purged"] == 1 and [c["call_id"] for c in store.calls()] == ["c2"]
+
+
+def test_store_urls():
+    assert str(store_path("sqlite:///var/t.db")) == "/var/t.db"
+    assert str(store_path("sqlite:t.db")) == "t.db" and str(store_path("t.db")) == "t.db"
+    with pytest.raises(DataError, match="only SQLite stores are built in"):
+        store_path("postgresql://host/db")
+
+
+def _calls(specs) -> list[Call]:
+    out = []
+    for i, (messages, tag) in enumerate(specs):
+        c = from_stored({**_call(i, messages, tag), "id": i})
+        out.append(c)
+    return out
+
+
+def test_tasks_by_tag_by_near_duplicate_instructions_and_by_template():
+    specs = []
+    for i in range(9):  # one system prompt in three versions (a name changes): one task
+        name = ("Ada", "Bo", "Cy")[i % 3]
+        specs.append(([{"role": "system", "content": f"You work for the help desk of Acme and talk to {name}. Route "
+                        "the ticket to billing, shipping or returns and answer with the team name only please."},
+                       {"role": "user", "content": f"ticket {i}"}], None))
+    few = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    for i in range(5):  # few-shot turns are instructions too
+        specs.append(([{"role": "system", "content": "Translate to French."}, *few,
+                       {"role": "user", "content": f"text {i}"}], None))
+    for i in range(4):  # a tag wins over instructions
+        specs.append(([{"role": "system", "content": "Translate to French."}, {"role": "user", "content": f"t{i}"}],
+                      "translate-tagged"))
+    for i in range(6):  # a one-message template
+        specs.append(([{"role": "user", "content": f"Extract the invoice number from this e-mail:\n{i} {'x' * i}\n"
+                                                   "Reply with the number only."}], None))
+    specs.append(([{"role": "user", "content": "hello there"}], None))
+    groups = group(_calls(specs))
+    sizes = {name: len(members) for name, members in groups.items()}
+    assert sizes.pop("translate-tagged") == 4 and sizes.pop("unsorted") == 1
+    assert sorted(sizes.values()) == [5, 6, 9], sizes
+    names = list(sizes)
+    assert any("help" in n or "desk" in n for n in names) and any("invoice" in n or "extract" in n for n in names)
+    assert len(set(groups)) == len(groups)
+
+
+def test_answer_shapes_and_token_quantiles():
+    labels = ["billing", "shipping", "returns"] * 4
+    assert infer_metric(labels) == {"metric": "label", "labels": ["billing", "returns", "shipping"]}
+    assert infer_metric([json.dumps({"team": t, "why": f"reason {i}"}) for i, t in enumerate(labels)])["metric"] == "json"
+    calls = _calls([([{"role": "user", "content": f"q{i}"}], None) for i in range(10)])
+    for i, c in enumerate(calls):
+        c.prompt_tokens, c.answer = 10 * (i + 1), labels[i]
+    sh = shape("t", calls)
+    assert sh.prompt_tokens == {"median": 55.0, "p90": 90} and sh.answers["metric"] == "label"
+
+
+def test_prices_per_call_and_the_bill(tmp_path):
+    p = price_for("openai/gpt-4o-mini-2024-07-18")
+    assert (p.input, p.cached_input, p.output) == (0.15, 0.075, 0.60) and "as of" in p.source
+    assert price_for("gpt-4o-2024-08-06").input == 2.50 and price_for("my-own-model") is None
+    # 1,000 input tokens of which 400 cached, 10 output, at $2.5 / $1.25 / $10 per 1M
+    assert Price(2.5, 1.25, 10.0).per_call(1000, 10, 400) == pytest.approx((600 * 2.5 + 400 * 1.25 + 100) / 1e6)
+    assert read_prices("1,0.5,4")["*"].output == 4.0 and price_for("anything", read_prices("1,0.5,4")).input == 1.0
+    f = tmp_path / "p.yaml"
+    f.write_text("acme-large: {input: 3, output: 12}\n")
+    assert read_prices(str(f))["acme-large"].cached_input == 3.0
+    f.write_text("acme-large: {input: x}\n")
+    with pytest.raises(DataError, match="acme-large: needs numbers"):
+        read_prices(str(f))
+    bill = task_bill([(1000, 0, 10), (3000, 0, 30)], 10_000, Price(2.5, 1.25, 10.0), None)
+    assert bill["api_usd_per_call"] == pytest.approx((2000 * 2.5 + 20 * 10) / 1e6)
+    assert bill["api_usd_per_day"] == pytest.approx(bill["api_usd_per_call"] * 10_000)
+    assert bill["saved_usd_per_day"] is None
+
+
+def test_stored_streamed_and_completion_calls_read_alike():
+    chat = from_stored({**_call(1, [{"role": "system", "content": "S"}, {"role": "user", "content": [
+        {"type": "text", "text": "part one "}, {"type": "text", "text": "two"}]}]), "id": 1})
+    assert chat.system == "S" and chat.text == "part one two" and chat.answer == "ok"
+    comp = from_stored({**_call(2), "id": 2, "endpoint": "completions", "request": {"prompt": "P"},
+                        "response": {"choices": [{"text": " a"}]}})
+    assert comp.text == "P" and comp.answer == " a" and comp.instructions == ""
+    assert from_stored({**_call(3, [{"role": "system", "content": "no user turn"}]), "id": 3}) is None
+    assert json.dumps(chat.history) == "[]"
