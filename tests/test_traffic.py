@@ -3,10 +3,17 @@ price of a call."""
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import yaml
+
+from tests.conftest import ROOT
+from toolchain.data.formats import read_prompts
 
 from toolchain.data.rows import DataError
 from toolchain.data.tasks import Call, from_stored, group, infer_metric, shape
@@ -194,3 +201,46 @@ def test_stored_streamed_and_completion_calls_read_alike():
     assert comp.text == "P" and comp.answer == " a" and comp.instructions == ""
     assert from_stored({**_call(3, [{"role": "system", "content": "no user turn"}]), "id": 3}) is None
     assert json.dumps(chat.history) == "[]"
+
+
+def test_init_from_a_store_writes_a_reference_answer_recipe_held_out_by_time(tmp_path):
+    """init STORE --task: the task's calls are the data (the logged answers train the student and are the golds),
+    the newest fifth is held out, the window is fixed at the newest call, and answers_from names the upstream and
+    the model the application asked for; validate accepts it, and later traffic does not change its rows."""
+    store = TrafficStore(tmp_path / "t.db")
+    system = "Classify the sentiment of the review as positive or negative. Answer with one word."
+    calls = []
+    for i in range(20):
+        call = _call(i, [{"role": "system", "content": system}, {"role": "user", "content": f"review number {i}"}],
+                     answer=("positive", "negative")[i % 2], started=1_800_000_000.0 + i)
+        calls.append({**call, "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "upstream": "http://10.0.0.5:8000/v1",
+                      "upstream_model": "SmolLM2-135M-Instruct.Q4_1"})
+    calls.append({**_call(99), "started_at": 1_800_000_050.0})  # another task
+    store.write(calls)
+    task = next(n for n, m in group([from_stored({**c, "id": i + 1}) for i, c in enumerate(calls)]).items()
+                if len(m) == 20)
+    out = tmp_path / "r.yaml"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "toolchain.cli", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    missing = cli("init", str(tmp_path / "t.db"), "--out", str(out))
+    assert missing.returncode == 2 and "name a task with --task" in missing.stderr and f"{task} (20 calls)" in \
+        missing.stderr
+    made = cli("init", str(tmp_path / "t.db"), "--task", task, "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    recipe = yaml.safe_load(out.read_text())
+    assert recipe["generate"]["answers"] == "reference"
+    assert recipe["data"]["answers_from"] == "openai:http://10.0.0.5:8000/v1#HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert recipe["tasks"][task] == {"metric": "label", "labels": ["negative", "positive"]}
+    train = read_prompts(recipe["data"]["train"], "train", resolve=Path)
+    heldout = read_prompts(recipe["data"]["heldout"], "heldout", resolve=Path)
+    assert len(train) == 16 and len(heldout) == 4
+    assert [p.id for p in heldout] == [f"call-{i}" for i in range(17, 21)]  # the newest calls
+    assert heldout[0].gold == "positive" and heldout[0].system == system and train[0].reference == "positive"
+    assert cli("validate", str(out)).returncode == 0
+    # traffic that arrives later is outside the recipe's window
+    store.write([{**calls[0], "call_id": "late", "started_at": 1_800_000_100.0}])
+    assert len(read_prompts(recipe["data"]["train"], "train", resolve=Path)) == 16
+    assert len(read_prompts(recipe["data"]["heldout"], "heldout", resolve=Path)) == 4

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+import yaml
 
 # Set before transformers/tqdm are imported: stages draw their own rich progress bars, and per-tensor tqdm bars
 # from transformers' GGUF loader would bury them.
@@ -38,7 +39,7 @@ from toolchain.serve import gateway as gateway_app
 from toolchain.serve import targets as served
 from toolchain.serve.app import serve as run_server
 from toolchain.serve.settings import Settings, is_loopback
-from toolchain.data.traffic import Recorder, Redactor, TrafficStore, store_path
+from toolchain.data.traffic import Recorder, Redactor, TrafficStore, is_store, store_path
 from toolchain.quality.cost import read_prices
 from toolchain.backends.openai_http import api_key as upstream_api_key
 from toolchain.stages.synthesize import preview as show
@@ -485,18 +486,18 @@ def traffic(store: str, prices: str | None, recipe: str | None, runs_root: str, 
 @click.option("--teacher", help="Teacher reference (default: the embedded SmolLM2-135M-Instruct).")
 @click.option("--name", help="Recipe name (default: from the file name).")
 @click.option("--force", is_flag=True, help="Overwrite an existing recipe file.")
+@click.option("--task", default=None, help="With a traffic store: the task to distil (distillery traffic lists them).")
 @friendly
-def init(data: str, out: str | None, teacher: str | None, name: str | None, force: bool) -> None:
-    """Write a commented recipe for DATA (a CSV/TSV/Parquet/JSONL file, a saved dataset folder or hf:<id>): its
-    format, columns, tasks, metrics and a held-out split, inferred and printed for you to check."""
-    import yaml
-
-
-    name = name or scaffold.recipe_name(data)
+def init(data: str, out: str | None, teacher: str | None, name: str | None, force: bool, task: str | None) -> None:
+    """Write a commented recipe for DATA (a CSV/TSV/Parquet/JSONL file, a saved dataset folder, hf:<id>, or a
+    gateway's traffic store with --task): its format, columns, tasks, metrics and a held-out split, inferred and
+    printed for you to check. From a traffic store, the logged answers train the student and are its golds."""
+    from_store = is_store(data)
+    name = name or (task if from_store and task else scaffold.recipe_name(data))
     path = Path(out or f"recipes/{name}.yaml")
     if path.exists() and not force:
         raise UsageFailure(f"{path} exists; pass --force to overwrite it or --out to write elsewhere")
-    found = scaffold.inspect(data, name)
+    found = scaffold.inspect_traffic(store_path(data), task) if from_store else scaffold.inspect(data, name)
     text, check = scaffold.recipe_text(found, name, teacher)
     preflight(parse(yaml.safe_load(text), str(path)))  # what validate checks, before anything is written
     path.parent.mkdir(parents=True, exist_ok=True)

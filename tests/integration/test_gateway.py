@@ -13,14 +13,16 @@ import threading
 import time
 
 import pytest
+import yaml
 from openai import APIStatusError, OpenAI
 
-from tests.conftest import ROOT, distillery
+from tests.conftest import ROOT, distillery, stage_dirs
 from toolchain.serve.targets import start_child_server, stop_child_server
 
 pytestmark = pytest.mark.integration
 
 CI = ROOT / "recipes" / "ci.yaml"
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the name the application asks for (the teacher answers to it)
 REVIEWS = ["The battery died in a day.", "Lovely screen and fast.", "It broke when I opened it.",
            "Best purchase this year.", "Support never answered me.", "Works as promised, very happy.",
            "The strap smells awful.", "Great sound for the price.", "Arrived late and scratched.",
@@ -50,7 +52,7 @@ def _gateway(upstream: str, store, *extra, timeout_s: float = 60.0):
 def upstream():
     proc, port = start_child_server(
         lambda port: [sys.executable, "-m", "toolchain.cli", "serve", str(CI), "--model", "teacher", "--port",
-                      str(port)], "/health", "the teacher server", 300)
+                      str(port), "--served-model-name", MODEL], "/health", "the teacher server", 300)
     yield f"openai:http://127.0.0.1:{port}/v1"
     stop_child_server(proc)
 
@@ -78,7 +80,7 @@ def _workload():
 
 
 def _send(client, kwargs) -> str:
-    kwargs = {"model": "ci-teacher-q4_1", "max_tokens": 6, **kwargs}
+    kwargs = {"model": MODEL, "max_tokens": 6, **kwargs}
     if kwargs.get("stream"):
         pieces, rid = [], None
         for chunk in client.chat.completions.create(**kwargs):
@@ -97,7 +99,7 @@ def test_a_mixed_workload_is_recorded_and_its_three_tasks_are_found(upstream, tm
         ids = [_send(client, kwargs) for kwargs, _ in work]
         # passes the upstream's answer through: the same model list, a completion, an upstream 404 as a 404
         assert "ci-teacher-q4_1" in [m.id for m in client.models.list()]
-        done = client.completions.create(model="ci-teacher-q4_1", prompt="Mail bob@example.com: the capital of "
+        done = client.completions.create(model=MODEL, prompt="Mail bob@example.com: the capital of "
                                          "France is", max_tokens=4)
         with pytest.raises(APIStatusError) as err:
             client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
@@ -130,6 +132,26 @@ def test_a_mixed_workload_is_recorded_and_its_three_tasks_are_found(upstream, tm
     assert sentiment["prompt_tokens"]["median"] > 40  # the system prompt is paid for on every call
     table = distillery("traffic", str(store), "--prices", "2.5,1.25,10").stdout
     assert "| summary (tag) | 6 |" in table
+
+    # a recipe from the store: the sentiment calls, their logged answers as training answers and golds, the newest
+    # held out; validate accepts it and it runs to eval (CI-sized)
+    recipe = tmp_path / "sentiment.yaml"
+    made = distillery("init", str(store), "--task", sentiment["name"], "--out", str(recipe))
+    assert "answers_from" in made.stdout
+    data = yaml.safe_load(recipe.read_text())
+    assert data["generate"]["answers"] == "reference" and data["data"]["answers_from"].endswith(f"#{MODEL}")
+    data["student"]["keep_layers"] = 8
+    data["distill"].update(method="lora", lora={"r": 4, "alpha": 8}, epochs=1, batch_size=4, seq_len=160)
+    data["generate"]["max_new_tokens"] = data["eval"]["max_new_tokens"] = 8
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    distillery("validate", str(recipe))
+    distillery("run", str(recipe), "--runs", str(tmp_path / "runs"), "--until", "eval", "--no-gate")
+    dirs = stage_dirs(tmp_path / "runs", sentiment["name"])
+    gen = json.loads((dirs["generate"] / "manifest.json").read_text())
+    assert gen["metrics"]["answers_teacher"] == 0 and gen["metrics"]["answers_reference"] == len(REVIEWS)
+    assert gen["metrics"]["prompts_heldout"] == 2  # the newest fifth
+    report = json.loads((dirs["eval"] / "eval.json").read_text())
+    assert report["docs"] == {sentiment["name"]: 2}
 
 
 def test_a_killed_gateway_keeps_every_answered_call(upstream, tmp_path):
@@ -170,7 +192,7 @@ def test_a_killed_gateway_keeps_every_answered_call(upstream, tmp_path):
     proc, port = _gateway(upstream, store)
     try:
         OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0).chat.completions.create(
-            model="ci-teacher-q4_1", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     finally:
         stop_child_server(proc)
     assert sqlite3.connect(store).execute("SELECT COUNT(*) FROM calls").fetchone()[0] == before + 1

@@ -13,7 +13,9 @@ Formats (``data.format``, or detected per file: by extension, then by the first 
 
 A source is a local file, a saved Hugging Face dataset directory (``datasets.save_to_disk``) or
 ``hf:<dataset id>[@revision]`` (read through ``datasets``, for users with network); ``#split`` after a dataset
-picks its split. Every error names the file and line (row, for Parquet and datasets) and the field to fix.
+picks its split. ``traffic:<store>#task=NAME[&before=T][&from=T][&until=T]`` reads one task's answered calls from a
+gateway's traffic store (toolchain.data.tasks) as chat rows whose logged answer is the reference and the gold.
+Every error names the file and line (row, for Parquet and datasets) and the field to fix.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from toolchain.data.rows import DataError, Prompt, check_utf8, iter_jsonl
+from toolchain.data.tasks import task_records
 from toolchain.models.references import file_sha256
 from toolchain.recipe import DataConfig, Recipe
 
@@ -44,6 +47,14 @@ def split_source(source: str) -> tuple[str, str | None]:
     """'data/set#test' -> ('data/set', 'test')."""
     base, _, split = source.partition("#")
     return base, split or None
+
+
+def source_path(base: str, resolve: Callable[[str], Path] = Path) -> Path | None:
+    """The local file or folder a source's base names (``resolve`` places a relative one): none for an ``hf:``
+    dataset, the store's file for ``traffic:<store>``."""
+    if base.startswith("hf:"):
+        return None
+    return resolve(base[len("traffic:"):] if base.startswith("traffic:") else base)
 
 
 def _dataset_split(ds, source: str, split: str | None, default: str):
@@ -64,6 +75,11 @@ def _dataset_split(ds, source: str, split: str | None, default: str):
 def records(source: str, path: Path | None, default_split: str) -> Iterator[tuple[str, dict]]:
     """(where, record) for every record of a source; ``path`` is the local file or folder (None for hf:)."""
     base, split = split_source(source)
+    if base.startswith("traffic:"):  # one task's calls in a gateway's traffic store, as chat rows
+        if path is None or not path.is_file():
+            raise DataError(f"{base}: traffic store not found")
+        yield from task_records(source, path, split)
+        return
     if base.startswith("hf:"):
         from datasets import load_dataset
 
@@ -312,7 +328,7 @@ def read_prompts(sources: list, split: str, data=None, resolve: Callable[[str], 
     for source in sources:
         source = str(source)
         base, named = split_source(source)
-        path = None if base.startswith("hf:") else resolve(base)
+        path = source_path(base, resolve)
         stem = path.stem if path is not None else base.rsplit("/", 1)[-1]
         default = "train" if split == "train" else "test"
         if path is None or path.is_dir():  # a dataset: its splits number their rows alike, so the split names them

@@ -16,9 +16,9 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from toolchain.data.formats import detect, read_prompts, records, split_source
+from toolchain.data.formats import detect, read_prompts, records, source_path, split_source
 from toolchain.data.rows import DataError
-from toolchain.data.tasks import infer_metric
+from toolchain.data.tasks import infer_metric, stored_tasks
 from toolchain.models.references import DEFAULT_TEACHER
 from toolchain.recipe import DataConfig
 
@@ -56,8 +56,7 @@ def inspect(source: str, name: str) -> dict:
     """What init infers from a data file: format, columns, rows, tasks with their golds, references (rows
     that name no task are task ``name``)."""
 
-    base, _ = split_source(source)
-    path = None if base.startswith("hf:") else Path(base)
+    path = source_path(split_source(source)[0])
     sample = []
     for _, rec in records(source, path, "train"):
         sample.append(rec)
@@ -82,6 +81,34 @@ def inspect(source: str, name: str) -> dict:
             "multi_turn": sum(bool(p.history) for p in rows), "own_system": sum(p.system is not None for p in rows)}
 
 
+def inspect_traffic(store: Path, task: str | None) -> dict:
+    """What init infers from one task of a gateway's traffic store: its calls as chat rows (the logged answers
+    are the training answers and the golds), the newest fifth held out (traffic drifts, so the held-out calls are
+    the latest), the window fixed at the newest call so later traffic does not change the recipe's data, and who
+    wrote the answers (the upstream and the model the application asked for)."""
+    tasks = stored_tasks(store)
+    if task is None or task not in tasks:
+        known = ", ".join(f"{t} ({len(m)} calls)" for t, m in tasks.items()) or "none"
+        raise DataError(f"{store}: {'name a task with --task' if task is None else f'no task {task!r}'} "
+                        f"(tasks: {known}; distillery traffic {store} shows what each is)")
+    calls = sorted((c for c in tasks[task] if c.answer and c.answer.strip()), key=lambda c: c.started_at)
+    if len(calls) < 2:
+        raise DataError(f"{store}: task {task!r} has {len(calls)} answered call(s); a recipe needs two or more")
+    held = max(1, round(0.2 * len(calls)))
+    split_at, until = calls[-held].started_at, calls[-1].started_at
+    base = f"traffic:{Path(store).resolve()}#task={task}"
+    train, heldout = f"{base}&before={split_at!r}&until={until!r}", f"{base}&from={split_at!r}&until={until!r}"
+    requested = Counter(c.requested or c.model for c in calls).most_common(1)[0][0]
+    upstream = Counter(c.upstream for c in calls).most_common(1)[0][0]
+    found = inspect(train, task)
+    for t, golds in inspect(heldout, task)["golds"].items():  # a label seen only in the newest calls is a label too
+        found["golds"].setdefault(t, []).extend(golds)
+    found.update(source=str(store),
+                 traffic={"train": train, "heldout": heldout, "held": held, "calls": len(calls),
+                          "answers_from": f"openai:{upstream}#{requested}" if upstream else None})
+    return found
+
+
 SYNTHESIZE_BELOW = 500  # fewer training rows than this: init offers a synthesize: section
 
 
@@ -95,7 +122,9 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
              f"teacher: {teacher or DEFAULT_TEACHER}" + ("" if teacher else "   # the embedded default; any GGUF, "
                                                           "model folder, hf: or openai: reference"),
              "student:", "  from: teacher", "  keep_layers: 20          # of the teacher's layers, by block influence",
-             "  select: influence", "data:", f"  train: [{_yaml(found['source'])}]"]
+             "  select: influence", "data:"]
+    traffic = found.get("traffic")
+    lines.append(f"  train: [{_yaml(traffic['train'] if traffic else found['source'])}]")
     tasks = {t: infer_metric(g) for t, g in sorted(found["golds"].items()) if g}
     labels_only = bool(tasks) and all(s["metric"] == "label" for s in tasks.values())
     if found["columns"]:
@@ -115,7 +144,16 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
             lines.append(
                 '  # template: "Classify this message.\\n\\n{text}"   # the prompt around the text, any {column}'
             )
-    if n >= 20:
+    if traffic:
+        lines.append(f"  heldout: [{_yaml(traffic['heldout'])}]   # the newest {traffic['held']} calls: traffic drifts")
+        origin = traffic["answers_from"] or "unknown"
+        lines.append(f"  answers_from: {_yaml(origin)}   # CHECK: who wrote the logged answers (their terms apply)")
+        check.append(f"answers_from: the logged answers were written by {origin}; its terms decide whether a "
+                     "student may learn from them")
+        if traffic["held"] < 100:
+            check.append(f"only {traffic['held']} held-out calls: a retention figure this small has a wide "
+                         "interval; more traffic gives a verdict you can trust")
+    elif n >= 20:
         lines.append("  heldout_fraction: 0.2      # held out, seeded and stratified by task; never trained on")
         held = round(n * 0.2)
         if held < 100:
@@ -124,7 +162,7 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
     else:
         check.append(f"only {n} rows: too few to hold any out; add data.heldout with examples never trained on")
     lines.append(f"  # limit: {min(64, n)}               # a quick first run on the first rows")
-    train = n - (round(n * 0.2) if n >= 20 else 0)
+    train = n if traffic else n - (round(n * 0.2) if n >= 20 else 0)
     if train < SYNTHESIZE_BELOW:
         lines += [f"# synthesize:               # only {train} training rows: the teacher can write more like them",
                   "#   method: fill            # it writes what varies between rows (the text); their wording is kept",
@@ -137,7 +175,9 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
         "generate:",
         f"  max_new_tokens: {answer_tokens}" + ("       # a label is a word or two" if labels_only else ""),
     ]
-    if found["references"]:
+    if traffic:
+        lines.append("  answers: reference          # the logged answers train the student; the teacher is not asked")
+    elif found["references"]:
         lines.append(f"  # answers: reference        # {found['references']} rows already have an answer: distil "
                      "from them, not the teacher")
         lines.append("  #                           (then set data.answers_from: who wrote them, e.g. openai:gpt-4o)")

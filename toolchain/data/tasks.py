@@ -17,9 +17,12 @@ import json
 import re
 import statistics
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from toolchain.data.rows import DataError
 from toolchain.data.similarity import NearDuplicates, frames, words
+from toolchain.data.traffic import TrafficStore
 
 NEAR = 0.8
 MAX_LABELS = 50
@@ -43,7 +46,7 @@ class Call:
     started_at: float
     endpoint: str
     tag: str | None
-    model: str | None
+    model: str | None  # what answered (the upstream's model, else the one asked for)
     system: str | None  # the system/developer messages, joined
     history: list[dict]  # the few-shot turns before the last user message
     text: str  # what varies: the last user message, or a completion's prompt
@@ -51,6 +54,8 @@ class Call:
     prompt_tokens: int | None
     cached_tokens: int | None
     completion_tokens: int | None
+    requested: str | None = None  # the model the application asked for
+    upstream: str | None = None  # the upstream's base URL
     task: str = ""
 
     @property
@@ -84,7 +89,8 @@ def from_stored(call: dict) -> Call | None:
     return Call(id=call["id"], started_at=call["started_at"], endpoint=call["endpoint"], tag=call.get("task_tag"),
                 model=call.get("upstream_model") or call.get("model"), system=system or None, history=history,
                 text=text, answer=answer if isinstance(answer, str) else None, prompt_tokens=call.get("prompt_tokens"),
-                cached_tokens=call.get("cached_tokens"), completion_tokens=call.get("completion_tokens"))
+                cached_tokens=call.get("cached_tokens"), completion_tokens=call.get("completion_tokens"),
+                requested=call.get("model"), upstream=call.get("upstream"))
 
 
 def _name(text: str, taken: set[str]) -> str:
@@ -206,3 +212,58 @@ def shape(name: str, calls: list[Call]) -> TaskShape:
         answers=infer_metric(answers) if answers else {},
         instructions=calls[0].instructions[:400], examples=[c.text[:200] for c in calls[:2]],
     )
+
+
+_SELECTORS = {"task": str, "before": float, "from": float, "until": float}
+
+
+def parse_selector(source: str, spec: str | None) -> dict:
+    """``task=NAME&before=T`` (a traffic source's part after #) as {task, before, from, until}; one line naming the
+    source when it is not that."""
+    out: dict = {}
+    for part in (spec or "").split("&"):
+        key, eq, value = part.partition("=")
+        if not eq or key not in _SELECTORS:
+            raise DataError(f"{source}: expected #task=NAME with &before=, &from=, &until= (Unix seconds); "
+                            f"got {part!r}")
+        try:
+            out[key] = _SELECTORS[key](value)
+        except ValueError:
+            raise DataError(f"{source}: {key}={value!r} is not a number of seconds") from None
+    if "task" not in out:
+        raise DataError(f"{source}: name the task (#task=NAME; distillery traffic lists them)")
+    return out
+
+
+def stored_tasks(path, until: float | None = None) -> dict[str, list[Call]]:
+    """The tasks of a store's answered calls up to ``until`` (grouped over all of them, so a task's name and
+    members do not depend on which part of it is read)."""
+    db = TrafficStore(path, readonly=True)
+    try:
+        stored = [s for s in db.calls(ok_only=True) if until is None or s["started_at"] <= until]
+    finally:
+        db.close()
+    return group([c for c in map(from_stored, stored) if c is not None])
+
+
+def chat_record(c: Call) -> dict:
+    """A call as a chat row: its instructions, its input and the logged answer (the reference, and the gold that
+    eval scores against)."""
+    messages = ([{"role": "system", "content": c.system}] if c.system else []) + c.history
+    messages += [{"role": "user", "content": c.text}, {"role": "assistant", "content": c.answer}]
+    return {"id": f"call-{c.id}", "task": c.task, "messages": messages, "gold": c.answer.strip()}
+
+
+def task_records(source: str, path, spec: str | None) -> Iterator[tuple[str, dict]]:
+    """(where, chat row) for every answered call of one task in a traffic store, within the selector's times."""
+    sel = parse_selector(source, spec)
+    tasks = stored_tasks(path, sel.get("until"))
+    if sel["task"] not in tasks:
+        known = ", ".join(f"{t} ({len(m)})" for t, m in tasks.items()) or "none"
+        raise DataError(f"{source}: no task '{sel['task']}' in {path} (tasks: {known})")
+    for c in tasks[sel["task"]]:
+        if c.answer is None or not c.answer.strip():
+            continue
+        if ("before" in sel and c.started_at >= sel["before"]) or ("from" in sel and c.started_at < sel["from"]):
+            continue
+        yield f"{path}#call {c.id}", chat_record(c)

@@ -3,8 +3,8 @@ latency, status, tags), in one SQLite file in WAL mode, and read back as rows li
 
 Schema (version 1; ``meta.schema_version``; docs/traffic.md):
 
-    calls(id, call_id, started_at, latency_ms, endpoint, status, stream, model, upstream_model, task_tag, user_tag,
-          request, response, prompt_tokens, cached_tokens, completion_tokens, error)
+    calls(id, call_id, started_at, latency_ms, endpoint, status, stream, model, upstream, upstream_model, task_tag,
+          user_tag, request, response, prompt_tokens, cached_tokens, completion_tokens, error)
 
 ``request`` is the client's JSON body as sent (after redaction); ``response`` the answer as an OpenAI
 ``chat.completion`` / ``text_completion`` object (a streamed answer is assembled into one), so both kinds of call
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS calls (
     status INTEGER NOT NULL,
     stream INTEGER NOT NULL,
     model TEXT,
+    upstream TEXT,
     upstream_model TEXT,
     task_tag TEXT,
     user_tag TEXT,
@@ -56,7 +57,7 @@ CREATE TABLE IF NOT EXISTS calls (
 CREATE INDEX IF NOT EXISTS calls_started ON calls (started_at);
 CREATE INDEX IF NOT EXISTS calls_task ON calls (task_tag);
 """
-COLUMNS = ("call_id", "started_at", "latency_ms", "endpoint", "status", "stream", "model", "upstream_model",
+COLUMNS = ("call_id", "started_at", "latency_ms", "endpoint", "status", "stream", "model", "upstream", "upstream_model",
            "task_tag", "user_tag", "request", "response", "prompt_tokens", "cached_tokens", "completion_tokens",
            "error")
 

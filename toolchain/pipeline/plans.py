@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from toolchain.data.formats import source_digest, split_source
+from toolchain.data.formats import source_digest, source_path, split_source
 from toolchain.data.rows import DataError
 from toolchain.models.references import resolve
 from toolchain.models.vocab import RULES
@@ -146,8 +146,7 @@ def external_inputs(cfg: Recipe, stage: str) -> dict[str, tuple[str, Path | None
         out["teacher"] = (resolve(cfg.teacher).sha256(), None)
         for split in ("train", "heldout"):
             for i, source in enumerate(getattr(cfg.data, split)):
-                base, _ = split_source(str(source))
-                path = None if base.startswith("hf:") else cfg.data_path(base)
+                path = source_path(split_source(str(source))[0], cfg.data_path)
                 if path is not None and not path.exists():
                     raise DataError(f"{path}: prompt file not found (data.{split}[{i}])")
                 digest = source_digest(str(source), path, "train" if split == "train" else "test")

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from toolchain.data.traffic import Recorder
 from toolchain.serve.metrics import BUCKETS, Histogram
@@ -155,6 +156,9 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
     metrics = GatewayMetrics()
     app.state.metrics = metrics
     base = settings.base_url.rstrip("/")
+    parts = urlsplit(base)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    public_base = urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))  # no user:pw@
 
     def fail(status: int, message: str, endpoint: str, code=None):
         metrics.call(endpoint, status)
@@ -232,7 +236,7 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
         content = body if outgoing == data else json.dumps(outgoing).encode()
         url = f"{base}/{'chat/completions' if kind == 'chat' else 'completions'}"
         call = {"call_id": f"call-{uuid.uuid4().hex[:24]}", "started_at": started, "endpoint": endpoint,
-                "stream": int(stream), "model": outgoing.get("model"), "request": data,
+                "stream": int(stream), "model": outgoing.get("model"), "upstream": public_base, "request": data,
                 "task_tag": tag if isinstance(tag, str) else None, "user_tag": user if isinstance(user, str) else None}
 
         def finish(status: int, response=None, error=None, upstream_model=None) -> dict:
