@@ -40,6 +40,15 @@ def test_bench_compares_teacher_and_student_at_the_same_quant(ci_run):
         tps = b["summary"][role]["loaded_tps"]["median"]
         assert tps > 0 and all(run["loaded"]["output_tokens"] > 0 for run in b["runs"][role])
         assert ld["usd_per_1m_output_tokens"][role] == pytest.approx(0.10 / 3600 / tps * 1e6)
+    # $ per 1,000 calls per task at its median lengths: input and output priced separately; the student's wall time
+    pc = b["per_call"]
+    assert pc["all"]["calls"] == b["prompts"] and sum(t["calls"] for k, t in pc.items() if k != "all") == b["prompts"]
+    for t in pc.values():
+        assert t["api_usd_per_1k"] == pytest.approx((t["prompt_tokens"] * 2.5 + t["answer_tokens"] * 10.0) / 1e6 * 1000)
+        assert t["student_usd_per_1k"] == pytest.approx(t["student_wall_s"] * 0.10 / 3600 * 1000)
+        assert t["ratio"] == pytest.approx(t["api_usd_per_1k"] / t["student_usd_per_1k"])
+        assert t["student_usd_per_1k_loaded"] > 0
+    assert "API $ per 1,000 calls" in (sorted((runs / "ci").glob("bench-*"))[0] / "bench.md").read_text()
     assert {(f["format"], f["variant"]) for f in b["per_file"]} == {
         ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "iq4_nl"), ("onnx", "fp32"), ("onnx", "int8")}
 

@@ -102,15 +102,24 @@ def charts(data: dict) -> dict[str, str]:
     out["quality_vs_speed"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    usd = bench["usd_per_1m_output_tokens"]
-    names = ["reference API", "teacher", "student"]
-    values = [bench["reference_api_usd_per_1m_output"], usd["teacher"], usd["student"]]
-    bars = ax.barh(names, values, color=["#7f8c8d", "#c0392b", "#27ae60"])
+    per_call = (bench.get("per_call") or {}).get("all")
+    if per_call:  # what the bill is made of: calls at their own prompt and answer lengths
+        names = ["reference API", "student, one at a time", "student, busy server"]
+        values = [per_call["api_usd_per_1k"], per_call["student_usd_per_1k"], per_call["student_usd_per_1k_loaded"]]
+        names, values = [n for n, v in zip(names, values) if v], [v for v in values if v]
+        xlabel, title = "$ per 1,000 calls at the median call (log scale)", "Cost per call"
+    else:
+        usd = bench["usd_per_1m_output_tokens"]
+        names = ["reference API", "teacher", "student"]
+        values = [bench["reference_api_usd_per_1m_output"], usd["teacher"], usd["student"]]
+        xlabel, title = "$ per 1M output tokens (log scale)", "Cost per token"
+    bars = ax.barh(names, values, color=["#7f8c8d", "#27ae60", "#16a085"][: len(values)] if per_call
+                   else ["#7f8c8d", "#c0392b", "#27ae60"])
     ax.set_xscale("log")
-    ax.set_xlabel("$ per 1M output tokens (log scale)")
+    ax.set_xlabel(xlabel)
     for b, v in zip(bars, values):
         ax.text(v, b.get_y() + b.get_height() / 2, f" ${v:.3g}", va="center", fontsize=9)
-    ax.set_title("Cost per token")
+    ax.set_title(title)
     out["cost"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.6))

@@ -28,12 +28,12 @@ def local_speed(cfg: Recipe, runs_root) -> LocalSpeed:
         bench = json.loads((finished(cfg, runs_root, "bench") / "bench.json").read_text(encoding="utf-8"))
     except (RunError, OSError, ValueError):
         return ESTIMATE
-    student = next((t for t in bench.get("targets", []) if t.get("role") == "student"), None)
-    if not student or not student.get("prompt_tps") or not student.get("decode_tps"):
+    summary = bench.get("summary", {}).get("student", {})
+    prompt_tps, decode_tps = (summary.get(k, {}).get("median") for k in ("prompt_tps", "decode_tps"))
+    if not prompt_tps or not decode_tps:
         return ESTIMATE
-    return LocalSpeed(prompt_tps=student["prompt_tps"], decode_tps=student["decode_tps"],
-                      usd_per_hour=cfg.cost.usd_per_hour, measured=True,
-                      source=f"measured: {cfg.name}'s bench ({student.get('file', 'student')})")
+    return LocalSpeed(prompt_tps=prompt_tps, decode_tps=decode_tps, usd_per_hour=cfg.cost.usd_per_hour,
+                      measured=True, source=f"measured: {cfg.name}'s bench ({bench.get('quant')}, one call at a time)")
 
 
 def analyse(store: Path, prices: dict[str, Price] | None = None, local: LocalSpeed | None = ESTIMATE) -> dict:

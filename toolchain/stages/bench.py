@@ -31,6 +31,7 @@ from toolchain.artifacts.files import ExportError, run_tool
 from toolchain.backends.llama_batch import BatchDecoder
 from toolchain.models.chat import context, flat_prompt, messages_for
 from toolchain.pipeline.runs import Manifest
+from toolchain.quality.cost import Price, local_per_call
 from toolchain.quality.heldout import heldout_rows
 from toolchain.recipe import Recipe
 from toolchain.render.markdown import bench_markdown
@@ -233,6 +234,35 @@ def _stream_once(port: int, body: dict) -> tuple[float | None, int]:
     return first, int(found.group(1))
 
 
+def _per_call(cfg: Recipe, rows: list[dict], runs: dict[str, list], loaded_tps: float | None) -> dict:
+    """$ per 1,000 calls at each task's median prompt and answer lengths: the reference API's (input and output
+    tokens each at their price; the teacher's prompt and answer token counts stand in for the API model's, no
+    cached input) against the student's (its measured wall time per call, one call at a time, at
+    cost.usd_per_hour; and at load, its answer tokens over the busy server's output tokens/s)."""
+    c = cfg.cost
+    api = Price(c.reference_api_usd_per_1m_input, c.reference_api_usd_per_1m_input, c.reference_api_usd_per_1m_output)
+    by_task: dict[str, list] = {}
+    for i, row in enumerate(rows, 1):  # requests[0] is the warm-up row
+        teacher = [run["requests"][i] for run in runs["teacher"]]
+        student = [run["requests"][i] for run in runs["student"]]
+        by_task.setdefault(row.get("task") or cfg.data.task, []).append(
+            (statistics.median(q["prompt_tokens"] for q in teacher), statistics.median(q["completion_tokens"]
+                                                                                     for q in teacher),
+             statistics.median(q["wall_s"] for q in student), statistics.median(q["completion_tokens"]
+                                                                                for q in student)))
+    out = {}
+    for task, items in sorted({**by_task, "all": [x for v in by_task.values() for x in v]}.items()):
+        prompt, answer, wall, own = (statistics.median(x[k] for x in items) for k in range(4))
+        api_1k = api.per_call(prompt, answer) * 1000
+        one = local_per_call(wall, c.usd_per_hour) * 1000
+        busy = local_per_call(own / loaded_tps, c.usd_per_hour) * 1000 if loaded_tps else None
+        out[task] = {"calls": len(items), "prompt_tokens": prompt, "answer_tokens": answer, "student_wall_s": wall,
+                     "api_usd_per_1k": api_1k, "student_usd_per_1k": one, "student_usd_per_1k_loaded": busy,
+                     "ratio": api_1k / one if one else None,
+                     "ratio_loaded": api_1k / busy if busy else None}
+    return out
+
+
 def _quality(export_report: dict, eval_report: dict, backend: str, quant: str) -> tuple[float | None, float | None]:
     fmt = "gguf" if backend == "llama_cpp" else "onnx"
     row = next((r for r in export_report["files"] if r["format"] == fmt and r["variant"] == quant), None)
@@ -337,8 +367,10 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             "student_gold": student_gold,
             "retention": student_gold / teacher_gold if teacher_gold and student_gold is not None else None,
         },
+        "per_call": _per_call(cfg, rows, runs, summary["student"].get("loaded_tps", {}).get("median")),
         "usd_per_1m_output_tokens": usd,
         "reference_api_usd_per_1m_output": c.reference_api_usd_per_1m_output,
+        "reference_api_usd_per_1m_input": c.reference_api_usd_per_1m_input,
         "ratios": _ratios(summary, sizes, usd, c.reference_api_usd_per_1m_output),
         "break_even": {
             "one_time_seconds": one_time_s,
