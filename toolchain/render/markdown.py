@@ -409,8 +409,8 @@ def bench_markdown(report: dict) -> str:
         for task, t in per_call.items():
             lines.append(f"| {'**all**' if task == 'all' else task} | {t['calls']} | {t['prompt_tokens']:.0f} | "
                          f"{t['answer_tokens']:.0f} | {t['api_usd_per_1k']:.4f} | {t['student_usd_per_1k']:.5f} | "
-                         f"**{num(t['ratio'], '{:.0f}')}×** | {num(t['student_usd_per_1k_loaded'], '{:.5f}')} | "
-                         f"{num(t['ratio_loaded'], '{:.0f}')}× |")
+                         f"**{num(t['ratio'], '{:.0f}×')}** | {num(t['student_usd_per_1k_loaded'], '{:.5f}')} | "
+                         f"{num(t['ratio_loaded'], '{:.0f}×')} |")
         lines.append("")
     be = report["break_even"]
     if be["output_tokens"]:

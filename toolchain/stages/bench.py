@@ -234,11 +234,12 @@ def _stream_once(port: int, body: dict) -> tuple[float | None, int]:
     return first, int(found.group(1))
 
 
-def _per_call(cfg: Recipe, rows: list[dict], runs: dict[str, list], loaded_tps: float | None) -> dict:
+def _per_call(cfg: Recipe, rows: list[dict], runs: dict[str, list]) -> dict:
     """$ per 1,000 calls at each task's median prompt and answer lengths: the reference API's (input and output
     tokens each at their price; the teacher's prompt and answer token counts stand in for the API model's, no
     cached input) against the student's (its measured wall time per call, one call at a time, at
-    cost.usd_per_hour; and at load, its answer tokens over the busy server's output tokens/s)."""
+    cost.usd_per_hour). At load (a busy server answering every prompt with bench.concurrency in flight) the
+    calls share the machine, so only the whole mix has a time per call: the loaded run's wall time over its calls."""
     c = cfg.cost
     api = Price(c.reference_api_usd_per_1m_input, c.reference_api_usd_per_1m_input, c.reference_api_usd_per_1m_output)
     by_task: dict[str, list] = {}
@@ -248,14 +249,14 @@ def _per_call(cfg: Recipe, rows: list[dict], runs: dict[str, list], loaded_tps: 
         by_task.setdefault(row.get("task") or cfg.data.task, []).append(
             (statistics.median(q["prompt_tokens"] for q in teacher), statistics.median(q["completion_tokens"]
                                                                                      for q in teacher),
-             statistics.median(q["wall_s"] for q in student), statistics.median(q["completion_tokens"]
-                                                                                for q in student)))
+             statistics.median(q["wall_s"] for q in student)))
+    loaded = [run["loaded"]["wall_s"] / len(rows) for run in runs["student"] if run.get("loaded")]
     out = {}
     for task, items in sorted({**by_task, "all": [x for v in by_task.values() for x in v]}.items()):
-        prompt, answer, wall, own = (statistics.median(x[k] for x in items) for k in range(4))
+        prompt, answer, wall = (statistics.median(x[k] for x in items) for k in range(3))
         api_1k = api.per_call(prompt, answer) * 1000
         one = local_per_call(wall, c.usd_per_hour) * 1000
-        busy = local_per_call(own / loaded_tps, c.usd_per_hour) * 1000 if loaded_tps else None
+        busy = local_per_call(statistics.median(loaded), c.usd_per_hour) * 1000 if loaded and task == "all" else None
         out[task] = {"calls": len(items), "prompt_tokens": prompt, "answer_tokens": answer, "student_wall_s": wall,
                      "api_usd_per_1k": api_1k, "student_usd_per_1k": one, "student_usd_per_1k_loaded": busy,
                      "ratio": api_1k / one if one else None,
@@ -367,7 +368,7 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             "student_gold": student_gold,
             "retention": student_gold / teacher_gold if teacher_gold and student_gold is not None else None,
         },
-        "per_call": _per_call(cfg, rows, runs, summary["student"].get("loaded_tps", {}).get("median")),
+        "per_call": _per_call(cfg, rows, runs),
         "usd_per_1m_output_tokens": usd,
         "reference_api_usd_per_1m_output": c.reference_api_usd_per_1m_output,
         "reference_api_usd_per_1m_input": c.reference_api_usd_per_1m_input,
