@@ -14,6 +14,7 @@ import yaml
 
 from tests.conftest import ROOT
 from toolchain.data.formats import read_prompts
+from toolchain.recipe import DataConfig
 
 from toolchain.data.rows import DataError
 from toolchain.data.tasks import Call, from_stored, group, infer_metric, shape
@@ -244,3 +245,35 @@ def test_init_from_a_store_writes_a_reference_answer_recipe_held_out_by_time(tmp
     store.write([{**calls[0], "call_id": "late", "started_at": 1_800_000_100.0}])
     assert len(read_prompts(recipe["data"]["train"], "train", resolve=Path)) == 16
     assert len(read_prompts(recipe["data"]["heldout"], "heldout", resolve=Path)) == 4
+
+
+def test_init_on_a_chat_log_with_answers_trains_on_them_and_scores_against_them(tmp_path):
+    """A log of 40 conversations whose last turn is the logged answer (spam/ham): init makes the answers the
+    training answers and the golds, infers the label metric from them, and asks who wrote them; validate refuses
+    in one line until data.answers_from says, then accepts."""
+    log = tmp_path / "sms.jsonl"
+    with open(log, "w") as fh:
+        for i in range(40):
+            spam = i % 3 == 0
+            text = f"WIN a prize now, reply {i}" if spam else f"See you at {i % 12 + 1} for lunch?"
+            fh.write(json.dumps({"messages": [{"role": "system", "content": "Label the SMS as spam or ham."},
+                                              {"role": "user", "content": text},
+                                              {"role": "assistant", "content": "spam" if spam else "ham"}]}) + "\n")
+    out = tmp_path / "sms.yaml"
+    made = subprocess.run([sys.executable, "-m", "toolchain.cli", "init", str(log), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert "answers_from: say who wrote the logged answers" in made.stdout
+    recipe = yaml.safe_load(out.read_text())
+    assert recipe["generate"]["answers"] == "reference" and recipe["data"]["reference_is_gold"] is True
+    assert recipe["tasks"]["sms"] == {"metric": "label", "labels": ["ham", "spam"]}
+    rows = read_prompts(recipe["data"]["train"], "train", DataConfig(**recipe["data"]))
+    assert {p.gold for p in rows} == {"spam", "ham"} and all(p.gold == p.reference for p in rows)
+    refused = subprocess.run([sys.executable, "-m", "toolchain.cli", "validate", str(out)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "data.answers_from" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    recipe["data"]["answers_from"] = "human"
+    out.write_text(yaml.safe_dump(recipe))
+    assert subprocess.run([sys.executable, "-m", "toolchain.cli", "validate", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120).returncode == 0

@@ -74,7 +74,9 @@ class DataConfig(_Section):
         ..., min_length=1,
         description="Training data: files (prompt JSONL, OpenAI chat JSONL, ShareGPT, Alpaca, CSV, TSV, Parquet, "
         "JSONL records), a saved Hugging Face dataset directory, or hf:<dataset id>[@revision]; `#split` after a "
-        "dataset picks its split. The format is detected per file unless data.format says it.",
+        "dataset picks its split; traffic:<store>#task=NAME[&before=T][&from=T][&until=T] for one task's calls "
+        "in a gateway's traffic store (distillery init STORE --task writes it). The format is detected per file "
+        "unless data.format says it.",
     )
     heldout: list[str] = Field(default_factory=list, description="Held-out data (same forms), never trained on.")
     format: Literal["auto", "prompts", "chat", "sharegpt", "alpaca", "table"] = Field(
@@ -96,6 +98,12 @@ class DataConfig(_Section):
         "stratified by task).",
     )
     seed: int = Field(0, description="Seed of the held-out split.")
+    reference_is_gold: bool = Field(
+        False,
+        description="A row without a gold answer takes its reference answer (a chat log's last assistant turn, an "
+        "Alpaca output, a reference column) as the gold eval scores the student against: for logs of a strong "
+        "model's answers, which are what a student should match.",
+    )
     answers_from: str | None = Field(
         None,
         description="Who wrote the reference answers in the data (openai:gpt-4o, anthropic:<model>, google:<model>, "

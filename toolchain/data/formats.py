@@ -347,8 +347,11 @@ def read_prompts(sources: list, split: str, data=None, resolve: Callable[[str], 
             system = ex.pop("system")
             if system is not None and not isinstance(system, str):
                 raise DataError(f"{where}: 'system' must be a string")
-            out.append(Prompt(pid, ex.pop("prompt"), ex.pop("task") or data.task, ex.pop("gold"), split, where,
-                              system=system, history=ex.pop("history", ()), reference=ex.pop("reference")))
+            gold, reference = ex.pop("gold"), ex.pop("reference")
+            if gold is None and data.reference_is_gold and isinstance(reference, str) and reference.strip():
+                gold = reference.strip()
+            out.append(Prompt(pid, ex.pop("prompt"), ex.pop("task") or data.task, gold, split, where,
+                              system=system, history=ex.pop("history", ()), reference=reference))
             if limit and len(out) >= limit:
                 return out
         if n == 0:

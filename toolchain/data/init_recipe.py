@@ -72,12 +72,16 @@ def inspect(source: str, name: str) -> dict:
     rows = read_prompts([source], "train", DataConfig(train=[source], columns=columns, task=name))
     golds: dict[str, list[str]] = defaultdict(list)
     counts: Counter = Counter()
+    references = sum(p.reference is not None for p in rows)
+    # a log of a strong model's answers (every row answered, no gold): the answers are what the student should
+    # match, so they are the training answers and the golds
+    logged = references == len(rows) and not any(p.gold is not None for p in rows)
     for p in rows:
         counts[p.task] += 1
-        if p.gold is not None:
-            golds[p.task].append(p.gold)
+        if p.gold is not None or logged:
+            golds[p.task].append(p.gold if p.gold is not None else p.reference.strip())
     return {"source": source, "format": fmt, "columns": columns, "rows": len(rows), "tasks": dict(counts),
-            "golds": dict(golds), "references": sum(p.reference is not None for p in rows),
+            "golds": dict(golds), "references": references, "logged_answers": logged,
             "multi_turn": sum(bool(p.history) for p in rows), "own_system": sum(p.system is not None for p in rows)}
 
 
@@ -144,6 +148,8 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
             lines.append(
                 '  # template: "Classify this message.\\n\\n{text}"   # the prompt around the text, any {column}'
             )
+    elif set(found["tasks"]) == {name}:  # rows that name no task are this recipe's one task
+        lines.append(f"  task: {_yaml(name)}")
     if traffic:
         lines.append(f"  heldout: [{_yaml(traffic['heldout'])}]   # the newest {traffic['held']} calls: traffic drifts")
         origin = traffic["answers_from"] or "unknown"
@@ -161,6 +167,12 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
                          "gives a verdict you can trust")
     else:
         check.append(f"only {n} rows: too few to hold any out; add data.heldout with examples never trained on")
+    if found.get("logged_answers") and not traffic:
+        lines.append("  reference_is_gold: true    # the logged answers are what the student is scored against")
+        lines.append("  # answers_from: openai:gpt-4o   # CHECK (required): who wrote the logged answers; their "
+                     "terms decide whether a student may learn from them (human: your own)")
+        check.append("answers_from: say who wrote the logged answers (validate asks until you do): openai:<model>, "
+                     "anthropic:<model>, open-weight:<model id> or human")
     lines.append(f"  # limit: {min(64, n)}               # a quick first run on the first rows")
     train = n if traffic else n - (round(n * 0.2) if n >= 20 else 0)
     if train < SYNTHESIZE_BELOW:
@@ -175,7 +187,7 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
         "generate:",
         f"  max_new_tokens: {answer_tokens}" + ("       # a label is a word or two" if labels_only else ""),
     ]
-    if traffic:
+    if traffic or found.get("logged_answers"):
         lines.append("  answers: reference          # the logged answers train the student; the teacher is not asked")
     elif found["references"]:
         lines.append(f"  # answers: reference        # {found['references']} rows already have an answer: distil "

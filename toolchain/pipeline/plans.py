@@ -79,7 +79,9 @@ def _vocab_rules(cfg: Recipe) -> dict:
 def _data_settings(cfg: Recipe) -> dict:
     # Prompt files enter keys by content (see external_inputs), not by path: moving a recipe or its data does not
     # re-run the teacher.
-    return {k: v for k, v in cfg.section("data").items() if k not in ("train", "heldout")}
+    # settings added after runs existed enter no key at their defaults, so recipes without them keep their runs
+    return {k: v for k, v in cfg.section("data").items()
+            if k not in ("train", "heldout") and not (k == "reference_is_gold" and v is False)}
 
 
 PLANS = {
