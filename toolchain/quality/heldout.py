@@ -37,6 +37,12 @@ def raw_teacher(cfg: Recipe, role: str) -> bool:
 CONTEXT = "\u2060ctx:"  # a doc prompt that starts CONTEXT<id>\u2060 is rendered with that row's system and turns
 
 
+def instructed(cfg: Recipe, role: str) -> bool:
+    """Whether ``role`` sees the rows' instructions (system prompt, earlier turns): always, except the student
+    (and the base it was cut from) under data.strip_instructions, which answer the last user message alone."""
+    return role == "teacher" or not cfg.data.strip_instructions
+
+
 def _prompt_for(cfg: Recipe, role: str, row: dict) -> str:
     """What each model is asked: the teacher as in generate; the student as it was trained. A row with its own
     system message or earlier turns is marked so ``with_context`` renders them in the model's chat template."""
@@ -45,7 +51,7 @@ def _prompt_for(cfg: Recipe, role: str, row: dict) -> str:
         prompt = with_instruction(prompt, r.instruction)
     if raw_teacher(cfg, role):
         return cfg.generate.prompt_template.replace("{prompt}", flat_prompt(prompt, context(row)))
-    return f"{CONTEXT}{row['id']}\u2060{prompt}" if context(row) else prompt
+    return f"{CONTEXT}{row['id']}\u2060{prompt}" if context(row) and instructed(cfg, role) else prompt
 
 
 def with_context(cfg: Recipe, lm, rows: list[dict]):
@@ -121,9 +127,10 @@ def hf_lm(cfg: Recipe, model, tok):
     return HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.eval.batch_size, device="cpu")
 
 
-def score(cfg: Recipe, lm, task_dir: Path, names: list[str], chat: bool, rows: list[dict] = ()) -> dict:
-    """Run the tasks ``names`` (written by ``write_tasks`` from ``rows``) on an lm-eval model: metrics and
-    per-doc samples."""
+def score(cfg: Recipe, lm, task_dir: Path, names: list[str], chat: bool, rows: list[dict] = (),
+          role: str = "student") -> dict:
+    """Run the tasks ``names`` (written by ``write_tasks`` from ``rows`` for ``role``) on an lm-eval model: metrics
+    and per-doc samples."""
     import logging
 
     import lm_eval
@@ -137,11 +144,11 @@ def score(cfg: Recipe, lm, task_dir: Path, names: list[str], chat: bool, rows: l
 
     e = cfg.eval
     out = lm_eval.simple_evaluate(
-        model=with_context(cfg, lm, rows) if chat else lm,
+        model=with_context(cfg, lm, rows) if chat and instructed(cfg, role) else lm,
         tasks=names,
         task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         apply_chat_template=chat,
-        system_instruction=cfg.generate.system_prompt if chat else None,
+        system_instruction=cfg.generate.system_prompt if chat and instructed(cfg, role) else None,
         log_samples=True,
         bootstrap_iters=0,
         random_seed=e.seed,

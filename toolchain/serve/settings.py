@@ -48,7 +48,7 @@ class Settings:
             max_queue=s.max_queue, temperature=s.temperature, batch=s.batch,
             n_ctx_per_slot=s.max_prompt_tokens + s.max_new_tokens + 8, stream_interval_ms=s.stream_interval_ms,
             usd_per_hour=c.usd_per_hour, reference_usd_per_1m_input=c.reference_api_usd_per_1m_input,
-            reference_usd_per_1m_output=c.reference_api_usd_per_1m_output, system_prompt=cfg.generate.system_prompt,
+            reference_usd_per_1m_output=c.reference_api_usd_per_1m_output, system_prompt=cfg.student_system_prompt(),
         )
 
     def model_ids(self) -> list[str]:

@@ -128,6 +128,8 @@ def _asks(cfg: Recipe, role: str, rows: list[dict]) -> list[dict]:
     if role == "teacher" and cfg.generate.prompt_template:
         return [{"text": cfg.generate.prompt_template.replace("{prompt}", flat_prompt(r["prompt"], context(r)))}
                 for r in rows]
+    if role == "student" and cfg.data.strip_instructions:  # context distillation: the bare input
+        return [{"messages": messages_for(r["prompt"], None)} for r in rows]
     return [{"messages": messages_for(r["prompt"], cfg.generate.system_prompt, context(r))} for r in rows]
 
 

@@ -25,7 +25,7 @@ import torch
 from toolchain.data.formats import load_prompts
 from toolchain.data.rows import iter_jsonl
 from toolchain.models import cut
-from toolchain.models.chat import tokenize_pairs
+from toolchain.models.chat import IGNORE, tokenize_pairs
 from toolchain.models.references import load_tokenizer, resolve
 from toolchain.pipeline.runs import RESUME_DIR, Manifest
 from toolchain.recipe import Recipe
@@ -44,7 +44,8 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
 
     student_ref = resolve(cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_)
     tok = load_tokenizer(student_ref)
-    pairs, source, n_cut = tokenize_pairs(tok, rows, cfg.generate.system_prompt, d.seq_len)
+    pairs, source, n_cut = tokenize_pairs(tok, rows, cfg.student_system_prompt(), d.seq_len,
+                                          bare=cfg.data.strip_instructions)
     keys = [example_key(rows[i]) for i in source]
     cache = None
     if d.flavour == "soft" and d.soft.teacher_logits == "cache":
@@ -67,6 +68,8 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     m = trainer.metrics()
     return Manifest(
         metrics={"examples": len(pairs), "cut": n_cut, "steps": m.pop("steps"), "final_loss": m.pop("final_loss"),
+                 "prompt_tokens_mean": round(sum(sum(x == IGNORE for x in labels) for _, labels in pairs)
+                                             / len(pairs), 1),
                  "first_loss": m.pop("first_loss"), "student_params": info["student_params"],
                  "student_layers": len(info["kept_layers"]), **m},
         seeds={"distill": d.seed},

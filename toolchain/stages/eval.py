@@ -95,14 +95,14 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                 elif ref.local and ppl:
                     model, tok = load()
                     lik = heldout.score(cfg, heldout.hf_lm(cfg, model, tok), out_dir / "tasks" / role, ppl,
-                                chat=not heldout.raw_teacher(cfg, role), rows=rows)
+                                chat=not heldout.raw_teacher(cfg, role), rows=rows, role=role)
                     results[role]["metrics"].update(lik["metrics"])
                     results[role]["samples"].update(lik["samples"])
                     del model
             else:
                 model, tok = load()
                 results[role] = heldout.score(cfg, heldout.hf_lm(cfg, model, tok), out_dir / "tasks" / role, names,
-                                      chat=not heldout.raw_teacher(cfg, role), rows=rows)
+                                      chat=not heldout.raw_teacher(cfg, role), rows=rows, role=role)
                 del model
             write_json_atomic(saved, results[role])
             bar.update(task, advance=1)
@@ -192,6 +192,8 @@ def _report(cfg: Recipe, rows: list[dict], results: dict[str, dict], shas: dict[
             "greedy": True,
             "apply_chat_template": True,
             "system_prompt": cfg.generate.system_prompt,
+            "student_system_prompt": cfg.student_system_prompt(),
+            "strip_instructions": cfg.data.strip_instructions,
             "teacher_prompt_template": cfg.generate.prompt_template,
             "limit": cfg.eval.limit,
         },

@@ -72,7 +72,7 @@ class Reference:
 
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.prompts = [self.tok.apply_chat_template(messages_for(p, cfg.generate.system_prompt), tokenize=False,
+        self.prompts = [self.tok.apply_chat_template(messages_for(p, cfg.student_system_prompt()), tokenize=False,
                                                      add_generation_prompt=True) for p in CHECK_PROMPTS]
         self.prompt_ids = [self.tok(t, add_special_tokens=False).input_ids for t in self.prompts]
         self.greedy, self.logits = [], []
@@ -208,7 +208,7 @@ def runtime_chat(cfg: Recipe, tok) -> tuple[str, dict]:
     """The chat template the student was trained with, the recipe's system prompt as its default, and its
     per-role parts (toolchain.artifacts.modelfile.roles): what the GGUF and its Modelfile both carry."""
 
-    template = with_default_system(tok.chat_template, cfg.generate.system_prompt)
+    template = with_default_system(tok.chat_template, cfg.student_system_prompt())
     return template, roles(template, tok.bos_token or "", tok.eos_token or "")
 
 
@@ -247,7 +247,7 @@ def write_modelfile(cfg: Recipe, tok, gguf: Path, licence: dict) -> Path:
     stops = list(dict.fromkeys(x for x in (r["assistant"][1].strip(), tok.eos_token) if x))
     terms = " ".join(x for x in (licence.get("teacher_licence"), licence.get("student_terms")) if x)
     path = gguf.with_suffix(".Modelfile")
-    path.write_text(modelfile(gguf.name, r, cfg.generate.system_prompt, stops, cfg.serve.n_ctx, terms),
+    path.write_text(modelfile(gguf.name, r, cfg.student_system_prompt(), stops, cfg.serve.n_ctx, terms),
                     encoding="utf-8")
     return path
 
@@ -294,7 +294,7 @@ def foreign_server_check(cfg: Recipe, path: Path, max_tokens: int) -> dict:
                     "seed": 0,
                 }
             )["choices"][0]["message"]["content"]
-            ours = engine.chat(messages_for(prompt, cfg.generate.system_prompt), max_tokens=max_tokens).text
+            ours = engine.chat(messages_for(prompt, cfg.student_system_prompt()), max_tokens=max_tokens).text
             if theirs.strip() != ours.strip():
                 raise ExportError(
                     f"{path.name}: llama-cpp-python's own server (no system message) answers check prompt "
@@ -318,7 +318,8 @@ def calibration_text(cfg: Recipe, tok, train: Path) -> str:
     system message and turns, the answer and its end-of-turn token), as text, one after another: what the
     importance matrix is measured on."""
 
-    pairs, _, _ = tokenize_pairs(tok, [r for _, r in iter_jsonl(train)], cfg.generate.system_prompt, None)
+    pairs, _, _ = tokenize_pairs(tok, [r for _, r in iter_jsonl(train)], cfg.student_system_prompt(), None,
+                                 bare=cfg.data.strip_instructions)
     return "\n".join(tok.decode(ids, skip_special_tokens=False) for ids, _ in pairs)
 
 
@@ -375,7 +376,8 @@ def _gguf(cfg: Recipe, merged: Path, out_dir: Path, work: Path, licence: dict, r
             if cfg.serve.constrain == "task" and cfg.export.score:
                 bar.update(task, info=f"gguf {quant}: task-constrained decoding")
                 result["constrained"] = free_and_constrained(engine, cfg.task_specs(rows), rows,
-                                                             cfg.generate.system_prompt, cfg.eval.max_new_tokens)
+                                                             cfg.student_system_prompt(), cfg.eval.max_new_tokens,
+                                                             bare=cfg.data.strip_instructions)
         finally:
             engine.close()
         result["file"] = str(path.relative_to(out_dir))

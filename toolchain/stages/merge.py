@@ -122,7 +122,7 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     (target / "README.md").write_text(_model_card(cfg, info, licence, metrics), encoding="utf-8")
     (out_dir / "merge_check.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     # How to talk to this student: read by serving and scoring, so they prompt it the way it was trained.
-    settings = {"flavour": cfg.distill.flavour, "system_prompt": cfg.generate.system_prompt,
+    settings = {"flavour": cfg.distill.flavour, "system_prompt": cfg.student_system_prompt(),
                 "reasoning": cfg.section("reasoning") if cfg.distill.flavour == "reasoning" else None}
     (target / "distillery.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     return Manifest(metrics=metrics)
