@@ -398,16 +398,19 @@ def bench_markdown(report: dict) -> str:
         "",
     ]
     per_call = report.get("per_call")
-    if per_call:
+    if per_call:  # the student's prompt is shorter where data.strip_instructions left the instructions out
         lines += ["What a call costs, per task, at its median prompt and answer lengths (the teacher's token counts "
                   f"for the API: ${report.get('reference_api_usd_per_1m_input', '-')} input / "
                   f"${report['reference_api_usd_per_1m_output']} output per 1M, no cached input; the student's "
                   f"measured wall time per call at ${report['settings']['usd_per_hour']}/hour):", "",
-                  "| task | prompts | prompt tokens | answer tokens | API $ per 1,000 calls | student $ per 1,000 "
-                  "calls (one at a time) | API / student | student at load | API / student at load |",
+                  "| task | prompts | prompt tokens (API / student) | answer tokens | API $ per 1,000 calls | "
+                  "student $ per 1,000 calls (one at a time) | API / student | student at load | API / student at "
+                  "load |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for task, t in per_call.items():
-            lines.append(f"| {'**all**' if task == 'all' else task} | {t['calls']} | {t['prompt_tokens']:.0f} | "
+            own = t.get("student_prompt_tokens")
+            lines.append(f"| {'**all**' if task == 'all' else task} | {t['calls']} | {t['prompt_tokens']:.0f} / "
+                         f"{num(own, '{:.0f}')} | "
                          f"{t['answer_tokens']:.0f} | {t['api_usd_per_1k']:.4f} | {t['student_usd_per_1k']:.5f} | "
                          f"**{num(t['ratio'], '{:.0f}×')}** | {num(t['student_usd_per_1k_loaded'], '{:.5f}')} | "
                          f"{num(t['ratio_loaded'], '{:.0f}×')} |")

@@ -251,15 +251,16 @@ def _per_call(cfg: Recipe, rows: list[dict], runs: dict[str, list]) -> dict:
         by_task.setdefault(row.get("task") or cfg.data.task, []).append(
             (statistics.median(q["prompt_tokens"] for q in teacher), statistics.median(q["completion_tokens"]
                                                                                      for q in teacher),
-             statistics.median(q["wall_s"] for q in student)))
+             statistics.median(q["wall_s"] for q in student), statistics.median(q["prompt_tokens"] for q in student)))
     loaded = [run["loaded"]["wall_s"] / len(rows) for run in runs["student"] if run.get("loaded")]
     out = {}
     for task, items in sorted({**by_task, "all": [x for v in by_task.values() for x in v]}.items()):
-        prompt, answer, wall = (statistics.median(x[k] for x in items) for k in range(3))
+        prompt, answer, wall, own_prompt = (statistics.median(x[k] for x in items) for k in range(4))
         api_1k = api.per_call(prompt, answer) * 1000
         one = local_per_call(wall, c.usd_per_hour) * 1000
         busy = local_per_call(statistics.median(loaded), c.usd_per_hour) * 1000 if loaded and task == "all" else None
-        out[task] = {"calls": len(items), "prompt_tokens": prompt, "answer_tokens": answer, "student_wall_s": wall,
+        out[task] = {"calls": len(items), "prompt_tokens": prompt, "student_prompt_tokens": own_prompt,
+                     "answer_tokens": answer, "student_wall_s": wall,
                      "api_usd_per_1k": api_1k, "student_usd_per_1k": one, "student_usd_per_1k_loaded": busy,
                      "ratio": api_1k / one if one else None,
                      "ratio_loaded": api_1k / busy if busy else None}
