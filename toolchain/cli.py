@@ -467,8 +467,11 @@ def gateway(upstream: str | None, recipe: str | None, store: str, host: str, por
               help="Price the student as this recipe's finished bench measured it (else an estimate, stated).")
 @runs_opt
 @click.option("--json", "as_json", is_flag=True, help="The whole report as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Also write a PNG of the bill per task (API against student, $ per day).")
 @friendly
-def traffic(store: str, prices: str | None, recipe: str | None, runs_root: str, as_json: bool) -> None:
+def traffic(store: str, prices: str | None, recipe: str | None, runs_root: str, as_json: bool,
+            plot: str | None) -> None:
     """What the calls in a traffic store are: tasks, volumes, token lengths, answer shapes and the bill.
 
     Calls are grouped into tasks by their tag (metadata.task, X-Distillery-Task), else by their instructions
@@ -478,6 +481,8 @@ def traffic(store: str, prices: str | None, recipe: str | None, runs_root: str, 
     local = traffic_report.local_speed(_load(recipe), runs_root) if recipe else traffic_report.ESTIMATE
     report = traffic_report.analyse(store_path(store), read_prices(prices) if prices else None, local)
     click.echo(json.dumps(report, indent=1) if as_json else traffic_report.markdown(report), nl=not as_json)
+    if plot and report["tasks"]:
+        click.echo(f"wrote {traffic_report.plot(report, Path(plot))}", err=True)
 
 
 @main.command()

@@ -130,8 +130,9 @@ def test_a_mixed_workload_is_recorded_and_its_three_tasks_are_found(upstream, tm
     sentiment = next(t for t in report["tasks"] if t["calls"] == len(REVIEWS))
     assert sentiment["api_usd_per_1k"] > 0 and sentiment["student_usd_per_1k"] > 0
     assert sentiment["prompt_tokens"]["median"] > 40  # the system prompt is paid for on every call
-    table = distillery("traffic", str(store), "--prices", "2.5,1.25,10").stdout
+    table = distillery("traffic", str(store), "--prices", "2.5,1.25,10", "--plot", str(tmp_path / "bill.png")).stdout
     assert "| summary (tag) | 6 |" in table
+    assert (tmp_path / "bill.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a recipe from the store: the sentiment calls, their logged answers as training answers and golds, the newest
     # held out; validate accepts it and it runs to eval (CI-sized)

@@ -17,8 +17,9 @@ from toolchain.quality.cost import LocalSpeed, Price, price_for, task_bill
 from toolchain.recipe import Recipe
 
 # Without a finished bench: the default recipe's student (75M parameters, q8_0 GGUF, llama.cpp, one call at a time)
-# as `make run` measured it on 2 CPU cores (bench.json, 2026-12-05), at the recipe's default $0.10/hour.
-ESTIMATE = LocalSpeed(prompt_tps=1900.0, decode_tps=230.0, usd_per_hour=0.10, measured=False,
+# as a fresh clone's `make run` measured it on 2 CPU cores (bench.json, 2026-12-05: prompt 1470.9 and decode 215.0
+# tokens/s), at the recipe's default $0.10/hour.
+ESTIMATE = LocalSpeed(prompt_tps=1470.9, decode_tps=215.0, usd_per_hour=0.10, measured=False,
                       source="estimate: the default 75M student's measured speed on 2 CPU cores, $0.10/hour")
 
 
@@ -65,6 +66,10 @@ def analyse(store: Path, prices: dict[str, Price] | None = None, local: LocalSpe
             "local": None if local is None else asdict(local), "tasks": rows}
 
 
+def _span(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
 def _tokens(q: dict) -> str:
     return "–" if q.get("median") is None else f"{q['median']:.0f} / {q['p90']:.0f}"
 
@@ -77,8 +82,8 @@ def markdown(report: dict) -> str:
     """The report as a Markdown table (the terminal's view too)."""
     if not report["tasks"]:
         return f"{report['store']}: no answered calls yet ({report['calls']} recorded)\n"
-    hours = report["window_s"] / 3600
-    lines = [f"{report['answered']} answered calls of {report['calls']} recorded over {hours:.1f} h "
+    window = _span(report["window_s"])
+    lines = [f"{report['answered']} answered calls of {report['calls']} recorded over {window} "
              f"(per day: at that rate); prices per 1M tokens as listed below or --prices.", "",
              "| task | calls | share | prompt tok (median/p90) | cached | answer tok | answers | API $/1k calls "
              "| student $/1k calls | API $/day | saved $/day |",
@@ -101,3 +106,29 @@ def markdown(report: dict) -> str:
         lines.append(f"- student: {report['local']['source']}; the upstream's token counts stand in for the "
                      "student's")
     return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path) -> Path:
+    """A PNG of the bill per task: the API's $ per day against the student's, largest saving first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["tasks"] if r["api_usd_per_day"] is not None][:12]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * max(len(rows), 1) + 1.5))
+    names = [r["name"] for r in rows][::-1]
+    api = [r["api_usd_per_day"] for r in rows][::-1]
+    mine = [r["student_usd_per_day"] or 0 for r in rows][::-1]
+    y = range(len(rows))
+    for offset, values, colour, label in ((0.2, api, "#7f8c8d", "API"), (-0.2, mine, "#27ae60", "student")):
+        bars = ax.barh([i + offset for i in y], values, height=0.4, color=colour, label=label)
+        for bar, v in zip(bars, values):
+            ax.text(v, bar.get_y() + bar.get_height() / 2, f" ${v:,.2f}", va="center", fontsize=8)
+    ax.set_yticks(list(y), names)
+    ax.set_xlabel("$ per day at the observed rate")
+    ax.set_title(f"{report['answered']} calls over {_span(report['window_s'])}: the bill per task")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(out, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
