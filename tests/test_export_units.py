@@ -121,11 +121,13 @@ def test_safetensors_check_names_truncation(tmp_path):
         check_safetensors(tmp_path / "head.safetensors")
 
 
-def _tiny_gguf(path):
+def _tiny_gguf(path, **strings):
     import gguf
 
     w = gguf.GGUFWriter(path, arch="llama")
     w.add_string("tokenizer.ggml.model", "gpt2")
+    for key, value in strings.items():
+        w.add_string(key.replace("_", "."), value)
     w.add_tensor("t", np.arange(64, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -334,8 +336,6 @@ def test_leaks_finds_local_paths_private_urls_and_named_endpoints(tmp_path):
 
 
 def test_scan_for_leaks_reads_gguf_metadata_safetensors_headers_and_text_files(tmp_path):
-    import gguf
-
     clean = tmp_path / "clean"
     clean.mkdir()
     _tiny_gguf(clean / "m.gguf")
@@ -345,13 +345,7 @@ def test_scan_for_leaks_reads_gguf_metadata_safetensors_headers_and_text_files(t
 
     dirty = tmp_path / "dirty"
     dirty.mkdir()
-    w = gguf.GGUFWriter(dirty / "m.gguf", arch="llama")
-    w.add_string("general.description", "distilled from /home/alice/teacher.gguf")
-    w.add_tensor("t", np.arange(8, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _tiny_gguf(dirty / "m.gguf", general_description="distilled from /home/alice/teacher.gguf")
     header = json.dumps({"__metadata__": {"source": "http://192.168.1.9:8000/v1"}}).encode()
     (dirty / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     (dirty / "generation_config.json").write_text(json.dumps({"path": str(tmp_path / "runs")}))

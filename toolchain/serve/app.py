@@ -2,11 +2,11 @@
 shape."""
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at runtime.
-import hmac
 import json
 import time
 import uuid
 
+from toolchain.serve.http import authorised, completion_routes, error_handlers
 from toolchain.serve.scheduling import Server
 from toolchain.serve.schemas import (
     ChatRequest,
@@ -31,13 +31,6 @@ def create_app(engine, settings: Settings):
         server.metrics.count(endpoint, status)
         return JSONResponse(_error_body(status, message, param, code), status_code=status, headers=headers)
 
-    def authorised(request: Request) -> bool:
-        if not settings.api_key:
-            return True
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        return hmac.compare_digest(token.encode(), settings.api_key.encode())
-
     def task_format(request: Request, req):
         """serve.constrain: task — the constraint of the task the request names (or the server's task)."""
         if not settings.constraints and not settings.default_task:
@@ -53,7 +46,7 @@ def create_app(engine, settings: Settings):
 
     async def handle(request: Request, kind: str):
         endpoint = "chat" if kind == "chat" else "completions"
-        if not authorised(request):
+        if not authorised(request, settings.api_key):
             return fail(401, "invalid API key", endpoint, code="invalid_api_key")
         try:
             body = await read_body(request, settings.max_body_bytes)
@@ -133,17 +126,11 @@ def create_app(engine, settings: Settings):
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await handle(request, "chat")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, "completions")
+    completion_routes(app, handle)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        if not authorised(request):
+        if not authorised(request, settings.api_key):
             return fail(401, "invalid API key", "models", code="invalid_api_key")
         return {"object": "list", "data": [{"id": m, "object": "model", "created": int(server.started),
                                              "owned_by": "distillery"} for m in settings.model_ids()]}
@@ -155,21 +142,11 @@ def create_app(engine, settings: Settings):
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        if not authorised(request):
+        if not authorised(request, settings.api_key):
             return fail(401, "invalid API key", "metrics", code="invalid_api_key")
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc):
-        return JSONResponse(_error_body(404, f"no route {request.method} {request.url.path}"), status_code=404)
-
-    @app.exception_handler(405)
-    async def not_allowed(request: Request, exc):
-        return JSONResponse(_error_body(405, f"{request.method} is not allowed on {request.url.path}"), status_code=405)
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception):
-        return JSONResponse(_error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+    error_handlers(app)
 
     return app
 

@@ -17,7 +17,6 @@ variable the operator names (``--api-key-env``); headers are never stored.
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at runtime.
 import asyncio
 import contextlib
-import hmac
 import json
 import random
 import threading
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from toolchain.data.traffic import Recorder
+from toolchain.serve.http import authorised, completion_routes, error_handlers
 from toolchain.serve.metrics import BUCKETS, Histogram
 from toolchain.serve.schemas import RequestError, _error_body, parse_object, read_body
 
@@ -164,13 +164,6 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
         metrics.call(endpoint, status)
         return JSONResponse(_error_body(status, message, code=code), status_code=status)
 
-    def authorised(request: Request) -> bool:
-        if not settings.api_key:
-            return True
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        return hmac.compare_digest(token.encode(), settings.api_key.encode())
-
     def upstream_headers(request: Request) -> dict:
         headers = {"content-type": "application/json"}
         passed = None if settings.api_key else request.headers.get("authorization")
@@ -215,7 +208,7 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
     async def handle(request: Request, kind: str):
         endpoint = "chat" if kind == "chat" else "completions"
         started, t0 = time.time(), time.perf_counter()
-        if not authorised(request):
+        if not authorised(request, settings.api_key):
             return fail(401, "invalid API key", endpoint, code="invalid_api_key")
         try:
             body = await read_body(request, settings.max_body_bytes)
@@ -302,17 +295,11 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
         return StreamingResponse(events(), status_code=200, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await handle(request, "chat")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, "completions")
+    completion_routes(app, handle)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        if not authorised(request):
+        if not authorised(request, settings.api_key):
             return fail(401, "invalid API key", "models", code="invalid_api_key")
         try:
             reply = await client.get(f"{base}/models", headers=upstream_headers(request))
@@ -329,21 +316,11 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
 
     @app.get("/metrics")
     async def metrics_page(request: Request):
-        if not authorised(request):
+        if not authorised(request, settings.api_key):
             return fail(401, "invalid API key", "metrics", code="invalid_api_key")
         return PlainTextResponse(metrics.render(recorder), media_type="text/plain; version=0.0.4")
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc):
-        return JSONResponse(_error_body(404, f"no route {request.method} {request.url.path}"), status_code=404)
-
-    @app.exception_handler(405)
-    async def not_allowed(request: Request, exc):
-        return JSONResponse(_error_body(405, f"{request.method} is not allowed on {request.url.path}"), status_code=405)
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception):
-        return JSONResponse(_error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+    error_handlers(app)
 
     return app
 
