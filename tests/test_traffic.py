@@ -172,6 +172,9 @@ def test_answer_shapes_and_token_quantiles():
         c.prompt_tokens, c.answer = 10 * (i + 1), labels[i]
     sh = shape("t", calls)
     assert sh.prompt_tokens == {"median": 55.0, "p90": 90} and sh.answers["metric"] == "label"
+    for i, c in enumerate(calls):
+        c.answer = json.dumps({"team": labels[i], "why": f"reason {i}", **({"urgent": True} if i % 2 else {})})
+    assert shape("t", calls).answers == {"metric": "json", "keys": ["team", "urgent", "why"]}
 
 
 def test_prices_per_call_and_the_bill(tmp_path):

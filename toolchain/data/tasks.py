@@ -200,8 +200,21 @@ class TaskShape:
     examples: list = field(default_factory=list)
 
 
+def _json_keys(answers: list[str]) -> list[str]:
+    keys: Counter = Counter()
+    for a in answers:
+        try:
+            keys.update(json.loads(a).keys())
+        except (ValueError, AttributeError):
+            pass
+    return sorted(keys)
+
+
 def shape(name: str, calls: list[Call]) -> TaskShape:
     answers = [c.answer.strip() for c in calls if c.answer and c.answer.strip()]
+    spec = infer_metric(answers) if answers else {}
+    if spec.get("metric") == "json":  # the keys the answers carry, for the user to check
+        spec = {**spec, "keys": _json_keys(answers)}
     return TaskShape(
         name=name, calls=len(calls), tagged=all(c.tag for c in calls),
         first=min(c.started_at for c in calls), last=max(c.started_at for c in calls),
@@ -209,7 +222,7 @@ def shape(name: str, calls: list[Call]) -> TaskShape:
         cached_tokens=_quantiles([c.cached_tokens or 0 for c in calls if c.prompt_tokens is not None]),
         completion_tokens=_quantiles([c.completion_tokens for c in calls if c.completion_tokens is not None]),
         models=dict(Counter(c.model or "?" for c in calls).most_common()),
-        answers=infer_metric(answers) if answers else {},
+        answers=spec,
         instructions=calls[0].instructions[:400], examples=[c.text[:200] for c in calls[:2]],
     )
 

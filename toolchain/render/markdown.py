@@ -414,6 +414,14 @@ def bench_markdown(report: dict) -> str:
                          f"{t['answer_tokens']:.0f} | {t['api_usd_per_1k']:.4f} | {t['student_usd_per_1k']:.5f} | "
                          f"**{num(t['ratio'], '{:.0f}×')}** | {num(t['student_usd_per_1k_loaded'], '{:.5f}')} | "
                          f"{num(t['ratio_loaded'], '{:.0f}×')} |")
+        mix = per_call.get("all", {})
+        if report.get("strip_instructions") and mix.get("student_prompt_tokens") is not None:
+            left = mix["prompt_tokens"] - mix["student_prompt_tokens"]
+            usd = left * report["reference_api_usd_per_1m_input"] / 1000
+            lines += ["", f"data.strip_instructions: the student reads {mix['student_prompt_tokens']:.0f} prompt "
+                      f"tokens a call where the teacher read {mix['prompt_tokens']:.0f}; the {left:.0f} tokens of "
+                      f"instructions cost ${usd:.4f} per 1,000 calls at the API's input price, and no student call "
+                      "carries them."]
         lines.append("")
     be = report["break_even"]
     if be["output_tokens"]:

@@ -90,7 +90,8 @@ def markdown(report: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in report["tasks"]:
         spec = r["answers"]
-        answers = spec.get("metric", "–") + (f" ({len(spec['labels'])})" if spec.get("labels") else "")
+        answers = spec.get("metric", "–") + (f" ({len(spec['labels'])})" if spec.get("labels") else "") + (
+            f" ({', '.join(spec['keys'][:4])})" if spec.get("keys") else "")
         lines.append(f"| {r['name']}{' (tag)' if r['tagged'] else ''} | {r['calls']} | {r['share']:.0%} | "
                      f"{_tokens(r['prompt_tokens'])} | {_tokens(r['cached_tokens'])} | "
                      f"{_tokens(r['completion_tokens'])} | {answers} | {_usd(r['api_usd_per_1k'])} | "

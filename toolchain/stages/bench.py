@@ -372,6 +372,7 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             "retention": student_gold / teacher_gold if teacher_gold and student_gold is not None else None,
         },
         "per_call": _per_call(cfg, rows, runs),
+        "strip_instructions": cfg.data.strip_instructions,
         "usd_per_1m_output_tokens": usd,
         "reference_api_usd_per_1m_output": c.reference_api_usd_per_1m_output,
         "reference_api_usd_per_1m_input": c.reference_api_usd_per_1m_input,
