@@ -1,0 +1,83 @@
+"""The cascade's statistics (AUROC, the curve, a threshold chosen on one part of the prompts and reported on the
+other) and the student's confidence from its own log-probabilities."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from toolchain.quality.cascade import Case, at, auroc, choose, curve, split, thresholds
+from toolchain.quality.confidence import answer_scores, label_probability
+
+
+def _cases(n: int, seed: int, separation: float) -> list[Case]:
+    """A teacher right on 80 % of prompts; the student right on 90 % of those, its confidence higher on its right
+    answers by ``separation``."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        teacher = rng.random() < 0.8
+        student = teacher and rng.random() < 0.9
+        conf = min(1.0, max(0.0, rng.gauss(0.5 + (separation if student else 0.0), 0.15)))
+        out.append(Case(task=("a", "b")[i % 2], confidence=conf, student_right=student, teacher_right=teacher))
+    return out
+
+
+def test_auroc_is_one_for_a_perfect_separator_and_none_without_both_classes():
+    assert auroc([0.9, 0.8, 0.2, 0.1], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
+    assert auroc([0.5, 0.6], [True, True]) is None
+    assert 0.85 < auroc(*zip(*[(c.confidence, c.student_right) for c in _cases(400, 0, 0.4)])) <= 1.0
+
+
+def test_curve_runs_from_keep_all_to_keep_none_with_costs():
+    cases = _cases(200, 1, 0.4)
+    rows = curve(cases, student_usd=0.00001, teacher_usd=0.001)
+    assert rows[0]["kept"] == 1.0 and rows[-1]["kept"] == 0.0
+    student = sum(c.student_right for c in cases) / len(cases)
+    assert rows[0]["combined"] == pytest.approx(student)  # all kept: the student's own quality
+    assert rows[-1]["combined"] == rows[-1]["teacher"] and rows[-1]["retention"] == 1.0  # none kept: the teacher's
+    assert rows[0]["usd_per_1k"] == pytest.approx(0.01) and rows[-1]["usd_per_1k"] == pytest.approx(0.01 + 1.0)
+    kept = [r["kept"] for r in rows]
+    assert kept == sorted(kept, reverse=True)  # a higher threshold never keeps more
+    assert all(r["lower"] <= r["retention"] <= r["upper"] for r in rows)
+    assert thresholds([Case("a", 0.3, True, True), Case("a", 0.3, False, True)]) == [0.0, 0.3, float("inf")]
+
+
+def test_a_threshold_chosen_on_calibration_holds_on_the_report_part():
+    cases = _cases(1200, 2, 0.4)
+    calibration, report = split(cases, 0.5, seed=0)
+    assert len(calibration) == 600 and {c.task for c in calibration} == {"a", "b"}
+    assert not set(map(id, calibration)) & set(map(id, report))
+    t = choose(calibration, 0.98)
+    chosen = at(calibration, t, 0.0, 0.0)
+    assert chosen["lower"] >= 0.98 and 0.3 < chosen["kept"] < 1.0  # a separating confidence keeps many calls
+    looser = at(calibration, thresholds(calibration)[thresholds(calibration).index(t) - 1], 0.0, 0.0)
+    assert looser["lower"] < 0.98  # the lowest threshold that reaches the target
+    held = at(report, t, 0.0, 0.0)
+    assert held["retention"] > 0.95 and held["kept"] > 0.3
+    # a confidence that says nothing keeps only what the target can lose at random: far fewer calls
+    blind = _cases(1200, 3, 0.0)
+    cal, _ = split(blind, 0.5, seed=0)
+    assert at(cal, choose(cal, 0.98), 0.0, 0.0)["kept"] < min(0.3, chosen["kept"] / 2)
+    assert choose(cal, 1.5) == float("inf")
+    assert choose(calibration, 0.98, rule="point") <= t  # the point estimate is less demanding than its bound
+
+
+def test_confidence_scores_match_the_models_log_probabilities(tiny_llama):
+    model = tiny_llama.eval()
+    prompt, answer = [1, 5, 9, 14], [22, 7, 3]
+    s = answer_scores(model, prompt, answer)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + answer])).logits[0].float(), dim=-1)
+    own = [float(logp[len(prompt) - 1 + i, tok]) for i, tok in enumerate(answer)]
+    assert s["min_prob"] == pytest.approx(math.exp(min(own)), rel=1e-5)
+    assert s["mean_prob"] == pytest.approx(math.exp(sum(own) / len(own)), rel=1e-5)
+    first = logp[len(prompt) - 1].exp().sort(descending=True).values
+    assert s["first_margin"] == pytest.approx(float(first[0] - first[1]), rel=1e-5)
+    assert all(0.0 <= v <= 1.0 for v in s.values())
+    assert answer_scores(model, prompt, []) == {"min_prob": 0.0, "mean_prob": 0.0, "first_margin": 0.0}
+    labels = [[22, 7], [30], [41, 2, 3]]
+    probs = [label_probability(model, prompt, labels, k) for k in range(3)]
+    assert sum(probs) == pytest.approx(1.0) and label_probability(model, prompt, labels, None) == 0.0

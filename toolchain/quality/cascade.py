@@ -1,0 +1,100 @@
+"""The cascade: the student answers the calls it is sure of and hands the rest to the teacher (or the API it
+replaces). From held-out prompts — the student's confidence in its answer, whether the student and the teacher
+were right, what a call costs each way — this module gives:
+
+    auroc      how well a confidence separates the student's right answers from its wrong ones
+    curve      for every threshold: the share of calls kept locally, the combined quality (the student's answer
+               where kept, the teacher's elsewhere), its retention of the teacher's, and $ per 1,000 calls
+    split      a calibration part and a report part of the prompts, stratified by task (seeded)
+    choose     the lowest threshold (the most calls kept) whose combined retention on the calibration part reaches
+               the target: by its one-sided lower confidence bound (the gate's score test,
+               ``stats.retention_bounds``) or by its point estimate
+    at         one threshold on other prompts: what the chosen point gives where it was not chosen
+
+A forwarded call costs the student's attempt plus the teacher's call: the student answered first.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from toolchain.quality.stats import retention_bounds
+
+
+@dataclass(frozen=True)
+class Case:
+    """One held-out prompt as the cascade sees it."""
+
+    task: str
+    confidence: float  # the student's, in [0, 1]
+    student_right: bool
+    teacher_right: bool
+
+
+def auroc(confidence: list[float], right: list[bool]) -> float | None:
+    """Area under the ROC curve of ``confidence`` as a detector of right answers (0.5: no better than chance;
+    None when every answer is right or every one wrong)."""
+    if len(set(right)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score([int(r) for r in right], confidence))
+
+
+def thresholds(cases: list[Case]) -> list[float]:
+    """Every threshold that changes which calls are kept: 0 (keep all), each distinct confidence, and above the
+    highest (keep none). A call is kept when its confidence is at or above the threshold."""
+    values = sorted({c.confidence for c in cases})
+    return [0.0, *[v for v in values if v > 0.0], float("inf")]
+
+
+def at(cases: list[Case], threshold: float, student_usd: float, teacher_usd: float, alpha: float = 0.05) -> dict:
+    """The cascade at ``threshold`` on ``cases``: kept share, combined and teacher quality, the combined
+    retention with its one-sided (1 - alpha) bounds, and $ per 1,000 calls (the student's attempt on every call,
+    the teacher's price on every forwarded one)."""
+    kept = [c.confidence >= threshold for c in cases]
+    combined = [c.student_right if k else c.teacher_right for c, k in zip(cases, kept)]
+    teacher = [c.teacher_right for c in cases]
+    n = len(cases)
+    lower, upper = retention_bounds(teacher, combined, alpha) if any(teacher) else (None, None)
+    forwarded = n - sum(kept)
+    return {"threshold": threshold, "n": n, "kept": sum(kept) / n if n else None,
+            "combined": sum(combined) / n if n else None, "teacher": sum(teacher) / n if n else None,
+            "retention": sum(combined) / sum(teacher) if any(teacher) else None,
+            "lower": lower, "upper": upper,
+            "usd_per_1k": 1000 * (student_usd + teacher_usd * forwarded / n) if n else None,
+            "kept_wrong": sum(1 for c, k in zip(cases, kept) if k and not c.student_right)}
+
+
+def curve(cases: list[Case], student_usd: float, teacher_usd: float, alpha: float = 0.05) -> list[dict]:
+    """``at`` for every threshold that changes the kept set, from keep-all to keep-none."""
+    return [at(cases, t, student_usd, teacher_usd, alpha) for t in thresholds(cases)]
+
+
+def split(cases: list[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """(calibration, report): ``fraction`` of each task's prompts chosen by a seeded shuffle for calibration."""
+    calibration, report = [], []
+    by_task: dict[str, list[int]] = {}
+    for i, c in enumerate(cases):
+        by_task.setdefault(c.task, []).append(i)
+    chosen: set[int] = set()
+    rng = random.Random(seed)
+    for task in sorted(by_task):
+        idx = by_task[task][:]
+        rng.shuffle(idx)
+        chosen |= set(idx[:round(fraction * len(idx))])
+    for i, c in enumerate(cases):
+        (calibration if i in chosen else report).append(c)
+    return calibration, report
+
+
+def choose(calibration: list[Case], target: float, alpha: float = 0.05, rule: str = "lower") -> float:
+    """The lowest threshold whose combined retention on ``calibration`` reaches ``target``: its one-sided lower
+    bound (``rule: lower``) or its point estimate (``rule: point``). Keep-none (inf) when no threshold does."""
+    for t in thresholds(calibration):
+        point = at(calibration, t, 0.0, 0.0, alpha)
+        value = point["lower"] if rule == "lower" else point["retention"]
+        if value is not None and value >= target:
+            return t
+    return float("inf")

@@ -1,0 +1,47 @@
+"""How sure the student is of an answer, from its own log-probabilities (one forward pass over prompt + answer),
+as numbers in [0, 1] a cascade can threshold:
+
+    min_prob      exp of the lowest log-probability of any answer token (the weakest step of the answer)
+    mean_prob     exp of the mean token log-probability (the geometric mean probability of the answer)
+    first_margin  the first answer token's probability minus the runner-up's at that position
+    label         for a label task: the probability of the answer's label among the task's labels (each label's
+                  sequence probability, normalised over the labels, as constrained decoding would choose)
+
+Which separates right from wrong answers best is measured per task (AUROC, ``toolchain.quality.cascade.auroc``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCORES = ("min_prob", "mean_prob", "first_margin")
+
+
+@torch.no_grad()
+def _answer_logprobs(model, prompt_ids: list[int], answer_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities of the answer tokens, the full log-softmax at each answer position)."""
+    ids = torch.tensor([prompt_ids + answer_ids])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(1, torch.tensor(answer_ids).unsqueeze(1)).squeeze(1), logp
+
+
+def answer_scores(model, prompt_ids: list[int], answer_ids: list[int]) -> dict[str, float]:
+    """``SCORES`` of one answer (all 0 for an empty answer: nothing said, nothing to trust)."""
+    if not answer_ids:
+        return {name: 0.0 for name in SCORES}
+    chosen, logp = _answer_logprobs(model, prompt_ids, answer_ids)
+    top = torch.topk(logp[0].exp(), 2).values
+    return {"min_prob": math.exp(float(chosen.min())), "mean_prob": math.exp(float(chosen.mean())),
+            "first_margin": float(top[0] - top[1])}
+
+
+def label_probability(model, prompt_ids: list[int], labels: list[list[int]], chosen: int | None) -> float:
+    """The probability of label ``chosen`` (an index into ``labels``, token ids of each label's answer) among all
+    the labels; an answer that is none of them (``chosen`` None) gets 0."""
+    if chosen is None:
+        return 0.0
+    totals = torch.tensor([float(_answer_logprobs(model, prompt_ids, ids)[0].sum()) for ids in labels])
+    return float(torch.softmax(totals, dim=0)[chosen])
