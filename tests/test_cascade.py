@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from toolchain.quality.cascade import Case, at, auroc, choose, curve, split, thresholds
+from toolchain.quality.cascade import Case, at, auroc, choose, curve, from_eval, split, thresholds
 from toolchain.quality.confidence import answer_scores, label_probability
 
 
@@ -81,3 +81,35 @@ def test_confidence_scores_match_the_models_log_probabilities(tiny_llama):
     labels = [[22, 7], [30], [41, 2, 3]]
     probs = [label_probability(model, prompt, labels, k) for k in range(3)]
     assert sum(probs) == pytest.approx(1.0) and label_probability(model, prompt, labels, None) == 0.0
+
+
+def test_the_cascade_table_of_an_eval_report_chooses_on_one_part_and_reports_the_other():
+    """From an eval report's per-prompt table and the student's confidences: per task the AUROC of every score
+    and the one chosen on the calibration part; per target the pooled result on the report part."""
+    rng = random.Random(5)
+    paired, confidence = {}, {}
+    for task in ("a", "b"):
+        ids, teacher, student = [], [], []
+        for i in range(600):
+            pid = f"{task}{i}"
+            t = rng.random() < 0.8
+            s = t and rng.random() < 0.85
+            ids.append(pid), teacher.append(int(t)), student.append(int(s))
+            good = min(1.0, max(0.0, rng.gauss(0.75 if s else 0.35, 0.12)))
+            confidence[pid] = {"mean_prob": good, "min_prob": rng.random(), "first_margin": rng.random()}
+        paired[task] = {"ids": ids, "teacher": teacher, "student": student}
+    table = from_eval({"paired": paired, "confidence": confidence}, [0.95, 0.98, 1.0])
+    for task in ("a", "b"):
+        t = table["tasks"][task]
+        assert t["n"] == 600 and t["score"] == "mean_prob" and t["auroc"]["mean_prob"] > 0.8
+        assert 0.3 < t["auroc"]["min_prob"] < 0.7  # noise separates nothing
+    rows = {r["target"]: r for r in table["targets"]}
+    assert all(r["n"] == 600 for r in rows.values())  # the report halves of both tasks
+    assert rows[0.95]["kept"] >= rows[0.98]["kept"] >= rows[1.0]["kept"]
+    assert rows[0.95]["kept"] > 0.3 and rows[0.95]["retention"] > 0.9
+    assert rows[1.0]["kept"] == 0.0 and rows[1.0]["retention"] == 1.0  # a lower bound never reaches 1 unless better
+    # few prompts cannot certify a target by its lower bound; the point rule keeps calls (and says less)
+    few = {t: {k: v[:60] for k, v in p.items()} for t, p in paired.items()}
+    assert from_eval({"paired": few, "confidence": confidence}, [0.95])["targets"][0]["kept"] == 0.0
+    assert from_eval({"paired": few, "confidence": confidence}, [0.95], rule="point")["targets"][0]["kept"] > 0.3
+    assert from_eval({"paired": paired}, [0.98]) is None  # an eval without confidences: no table

@@ -431,6 +431,30 @@ class TaskConfig(_Section):
                 "threshold": self.threshold}
 
 
+class CascadeConfig(_Section):
+    """The cascade eval reports: the student answers the calls it is sure of, the teacher the rest."""
+
+    targets: list[float] = Field(
+        default_factory=lambda: [0.95, 0.98, 1.0],
+        description="Retentions of the teacher's gold the combined answers must keep; one row of the cascade table "
+        "each.")
+    calibration: float = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="Share of each task's held-out prompts the thresholds (and the confidence score) are chosen on; "
+        "the table reports the rest.")
+    rule: Literal["lower", "point"] = Field(
+        "lower", description="lower: a threshold reaches a target when the one-sided lower bound of the combined "
+        "retention does (at eval.gate_level); point: when its point estimate does.")
+    seed: int = Field(0, description="Seed of the calibration split.")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v):
+        if not v or any(not 0.0 < t <= 2.0 for t in v):
+            raise ValueError("each target is a retention above 0 (1.0: the teacher's gold)")
+        return v
+
+
 class EvalConfig(_Section):
     min_retention: float = Field(
         0.9, ge=0.0, le=2.0,
@@ -478,6 +502,10 @@ class EvalConfig(_Section):
     )
     bootstrap_iters: int = Field(10_000, ge=100, le=1_000_000, description="Bootstrap resamples for every interval.")
     log_samples: bool = Field(False, description="Keep every sample in samples.jsonl (also: eval --log-samples).")
+    cascade: CascadeConfig = Field(
+        default_factory=CascadeConfig,
+        description="The cascade table (from the student's confidence in each held-out answer); applied to the "
+        "results, so changing it re-runs nothing.")
 
     @model_validator(mode="before")
     @classmethod

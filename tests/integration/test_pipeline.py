@@ -71,6 +71,15 @@ def test_eval_reports_teacher_student_and_base_with_lm_eval(ci_run):
     tasks = {p.name for p in (out / "tasks" / "student").iterdir()}
     assert {"fact.jsonl", "fact.yaml", "fact_ppl.yaml"} <= tasks
     assert "retention" in proc.stdout + proc.stderr  # the table is printed
+    # the student's confidence in each held-out answer, the score each task routes on, and the cascade table
+    conf = report["confidence"]
+    assert set(conf) == {pid for v in report["paired"].values() for pid in v["ids"]} | set(conf)
+    assert all(0.0 <= v <= 1.0 for scores in conf.values() for v in scores.values())
+    assert all({"min_prob", "mean_prob", "first_margin"} <= set(s) for s in conf.values())
+    classify = report["paired"].get("classify", {}).get("ids", [])
+    assert all("label" in conf[pid] for pid in classify)  # a label task's answers carry their label's probability
+    assert [r["target"] for r in report["cascade"]["targets"]] == [0.95, 0.98, 1.0]
+    assert "## Cascade: the student answers when it is sure" in md
 
 
 def test_quality_gate_fails_below_and_passes_at_the_measured_retention(ci_run, tmp_path):

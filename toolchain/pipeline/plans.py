@@ -23,6 +23,7 @@ GATE = (
     "gate_level",
     "gate_margin",
     "allow_undecided",
+    "cascade",
 )  # judged after the fact, never in a key (nor tasks.*.min_retention)
 
 

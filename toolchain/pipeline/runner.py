@@ -12,10 +12,11 @@ from toolchain.models import licenses
 from toolchain.models.references import dimensions, resolve, vocabulary
 from toolchain.pipeline.plans import PLANS, STAGES, stage_inputs
 from toolchain.pipeline.runs import RunDir, RunError, execute, read_manifest, stage_key
+from toolchain.quality import cascade
 from toolchain.quality.gate import GateError, gate, gate_lines
 from toolchain.quality.metrics import normalise, parse_json
 from toolchain.recipe import Recipe, RecipeError
-from toolchain.render.markdown import eval_table
+from toolchain.render.markdown import cascade_markdown, eval_table
 from toolchain.serve.targets import default_quant
 from toolchain.ui import console, world_size
 
@@ -130,6 +131,10 @@ def quality_gate(cfg: Recipe, eval_dir: Path, enforce: bool = True) -> dict:
     report = json.loads((eval_dir / "eval.json").read_text(encoding="utf-8"))
     verdict = gate_verdict(cfg, report)
     console.print(eval_table(report, verdict), highlight=False, soft_wrap=True)
+    c = cfg.eval.cascade  # as the recipe says now: its settings are not part of eval's key
+    table = cascade.from_eval(report, c.targets, c.calibration, c.seed, cfg.eval.gate_level, c.rule)
+    if table:
+        console.print("\n".join(cascade_markdown(table)[2:]), highlight=False, soft_wrap=True, markup=False)
     if not verdict["passed"] and enforce:
         failed = [line for line in gate_lines(verdict) if ": FAIL" in line or ": UNDECIDED" in line]
         raise GateError(f"quality gate failed (eval.gate {verdict['rule']}; report: {eval_dir / 'eval.md'}): "

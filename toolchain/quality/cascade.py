@@ -98,3 +98,40 @@ def choose(calibration: list[Case], target: float, alpha: float = 0.05, rule: st
         if value is not None and value >= target:
             return t
     return float("inf")
+
+
+def from_eval(report: dict, targets: list[float], fraction: float = 0.5, seed: int = 0, alpha: float = 0.05,
+              rule: str = "lower") -> dict | None:
+    """The cascade of an eval report (its per-prompt gold outcomes and the student's confidences): per task, the
+    AUROC of every confidence score; the score each task routes on (the best AUROC on the task's calibration part,
+    so the choice is not made on the prompts it is reported on); and per target, the thresholds chosen per task on
+    the calibration part and what they give on the report part, pooled over the tasks (kept share, combined gold,
+    retention with its one-sided bounds). None when the report has no confidences (an older eval)."""
+    confidence = report.get("confidence")
+    if not confidence:
+        return None
+    tasks, scores = {}, sorted({name for s in confidence.values() for name in s})
+    pooled_cal: dict[str, list[Case]] = {}
+    pooled_rep: dict[str, list[Case]] = {}
+    for task, table in sorted(report["paired"].items()):
+        rows = [(pid, t, s) for pid, t, s in zip(table["ids"], table["teacher"], table["student"]) if pid in confidence]
+        if not rows:
+            continue
+        every = {name: [Case(task, confidence[pid].get(name, 0.0), bool(s), bool(t)) for pid, t, s in rows]
+                 for name in scores}
+        aurocs = {name: auroc([c.confidence for c in cs], [c.student_right for c in cs]) for name, cs in every.items()}
+        split_of = {name: split(cs, fraction, seed) for name, cs in every.items()}
+        on_cal = {name: auroc([c.confidence for c in cal], [c.student_right for c in cal])
+                  for name, (cal, _) in split_of.items()}
+        best = max(scores, key=lambda name: (on_cal[name] is not None, on_cal[name] or 0.0, name == "label"))
+        tasks[task] = {"n": len(rows), "auroc": aurocs, "score": best}
+        pooled_cal[task], pooled_rep[task] = split_of[best]
+    out = []
+    for target in targets:
+        chosen = {task: choose(cal, target, alpha, rule) for task, cal in pooled_cal.items()}
+        kept_cases = [Case(c.task, 1.0 if c.confidence >= chosen[task] else 0.0, c.student_right, c.teacher_right)
+                      for task, rep in pooled_rep.items() for c in rep]
+        point = at(kept_cases, 1.0, 0.0, 0.0, alpha)
+        out.append({"target": target, "thresholds": chosen, **{k: point[k] for k in (
+            "n", "kept", "combined", "teacher", "retention", "lower", "upper", "kept_wrong")}})
+    return {"rule": rule, "calibration": fraction, "seed": seed, "level": alpha, "tasks": tasks, "targets": out}

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from toolchain.quality.metrics import first_label
+
 SCORES = ("min_prob", "mean_prob", "first_margin")
 
 
@@ -45,3 +47,20 @@ def label_probability(model, prompt_ids: list[int], labels: list[list[int]], cho
         return 0.0
     totals = torch.tensor([float(_answer_logprobs(model, prompt_ids, ids)[0].sum()) for ids in labels])
     return float(torch.softmax(totals, dim=0)[chosen])
+
+
+def held_out(model, tok, items: list[tuple[str, list[dict], str, list[str] | None]]) -> dict[str, dict]:
+    """Every score of each held-out answer: ``items`` are (prompt id, the chat messages the student was asked,
+    its answer, the task's labels or None). A label task's answer also gets ``label`` (0 when it names no label)."""
+    out = {}
+    for pid, messages, answer, labels in items:
+        prompt_ids = list(tok.apply_chat_template(messages, add_generation_prompt=True))
+        answer_ids = tok(answer, add_special_tokens=False).input_ids
+        scores = answer_scores(model, prompt_ids, answer_ids)
+        if labels:
+            named = first_label(answer, labels)
+            label_ids = [tok(label, add_special_tokens=False).input_ids for label in labels]
+            scores["label"] = label_probability(model, prompt_ids, label_ids,
+                                                labels.index(named) if named in labels else None)
+        out[pid] = scores
+    return out

@@ -54,6 +54,17 @@ def _prompt_for(cfg: Recipe, role: str, row: dict) -> str:
     return f"{CONTEXT}{row['id']}\u2060{prompt}" if context(row) and instructed(cfg, role) else prompt
 
 
+def messages(cfg: Recipe, role: str, row: dict) -> list[dict]:
+    """The chat a chat-templated model is asked for a held-out row: what ``_prompt_for`` marks and ``with_context``
+    renders, with the recipe's system prompt where lm-eval adds it."""
+    r, prompt = cfg.reasoning, row["prompt"]
+    if cfg.distill.flavour == "reasoning" and (role == "teacher" or r.train_with_instruction):
+        prompt = with_instruction(prompt, r.instruction)
+    if not instructed(cfg, role):
+        return messages_for(prompt, None)
+    return messages_for(prompt, cfg.generate.system_prompt, context(row))
+
+
 def with_context(cfg: Recipe, lm, rows: list[dict]):
     """``lm`` rendering a marked doc prompt as its row's whole chat: lm-eval itself only knows one system
     instruction and one user turn per doc."""
@@ -232,6 +243,25 @@ def recorded_likelihood(rows: list[dict], given: list[dict], student_tok) -> dic
 def _response(sample: dict):
     r = sample["filtered_resps"][0]
     return r if isinstance(r, str) else None
+
+
+def confidence_items(cfg: Recipe, rows: list[dict], result: dict) -> list[tuple[str, list[dict], str, list | None]]:
+    """(prompt id, the student's chat, its answer, the task's labels or None) for every answered held-out
+    generation sample of a scored student: what ``toolchain.quality.confidence.held_out`` scores."""
+    by_id = {r["id"]: r for r in rows}
+    specs = cfg.task_specs(rows)
+    items = []
+    for name, samples in sorted(result["samples"].items()):
+        if name.endswith("_ppl"):
+            continue
+        for s in samples:
+            row, answer = by_id.get(s.get("id")), s.get("response")
+            if row is None or answer is None:
+                continue
+            spec = specs.get(row["task"], {})
+            labels = spec.get("labels") if spec.get("metric") == "label" else None
+            items.append((row["id"], messages(cfg, "student", row), answer, labels))
+    return items
 
 
 def evaluate_base(cfg: Recipe) -> bool:

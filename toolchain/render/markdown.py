@@ -195,7 +195,7 @@ def eval_markdown(report: dict, rows: list[dict], results: dict[str, dict]) -> s
         )
     out += [""] + [f"> {n}" for n in interval_notes(report) + gate_notes(report, verdict) + ceiling_notes(report)
                    + synthetic_notes(report)]
-    out += label_markdown(report) + judge_markdown(report)
+    out += label_markdown(report) + judge_markdown(report) + cascade_markdown(report.get("cascade"))
     by_id = {r["id"]: r for r in rows}
     for task in ret["tasks"]:
         out += ["", f"## {task}: samples", ""]
@@ -211,6 +211,37 @@ def eval_markdown(report: dict, rows: list[dict], results: dict[str, dict]) -> s
                 "",
             ]
     return "\n".join(out) + "\n"
+
+
+def cascade_markdown(c: dict | None) -> list[str]:
+    """The cascade table (toolchain.quality.cascade.from_eval): per target, the calls the student keeps and what
+    the combined answers keep of the teacher's gold on prompts the thresholds were not chosen on; then how well
+    each confidence score separates the student's right answers from its wrong ones."""
+    if not c:
+        return []
+    how = f"one-sided lower bound at level {c['level']:g}" if c["rule"] == "lower" else "point estimate"
+    out = ["", "## Cascade: the student answers when it is sure, the teacher the rest", "",
+           f"Thresholds per task chosen on {c['calibration']:.0%} of its held-out prompts (seed {c['seed']}; a target "
+           f"is reached when the {how} of the combined retention is), reported on the rest:", "",
+           "| target | n | kept locally | combined gold | teacher gold | retention [one-sided bounds] | "
+           "student errors kept |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in c["targets"]:
+        bounds = (f" [{row['lower']:.2f}, {row['upper']:.2f}]" if row["lower"] is not None else "")
+        out.append(f"| {row['target']:.2f} | {row['n']} | {100 * row['kept']:.0f}% | {100 * row['combined']:.1f} | "
+                   f"{100 * row['teacher']:.1f} | {_fmt_ratio(row['retention'])}{bounds} | {row['kept_wrong']} |")
+    scores = sorted({name for t in c["tasks"].values() for name in t["auroc"]})
+    out += ["", "AUROC of each confidence score (right vs wrong student answers, all of a task's prompts); the "
+            "task routes on the one marked, chosen on its calibration part:", "",
+            "| task | n | " + " | ".join(scores) + " |", "|---|---:|" + "---:|" * len(scores)]
+    for task, t in c["tasks"].items():
+        cells = [("-" if t["auroc"][s] is None else f"{t['auroc'][s]:.2f}") + (" ←" if s == t["score"] else "")
+                 for s in scores]
+        out.append(f"| {task} | {t['n']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _fmt_ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def synthetic_notes(report: dict) -> list[str]:

@@ -24,7 +24,7 @@ from toolchain.data.rows import write_jsonl
 from toolchain.models import cut
 from toolchain.models.references import file_sha256, load_tokenizer, load_torch_model, resolve
 from toolchain.pipeline.runs import RESUME_DIR, Manifest, read_manifest, write_json_atomic
-from toolchain.quality import heldout, judge, stats
+from toolchain.quality import cascade, confidence, heldout, judge, stats
 from toolchain.quality import scores as em
 from toolchain.quality.gate import gate
 from toolchain.recipe import Recipe
@@ -103,6 +103,10 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                 model, tok = load()
                 results[role] = heldout.score(cfg, heldout.hf_lm(cfg, model, tok), out_dir / "tasks" / role, names,
                                       chat=not heldout.raw_teacher(cfg, role), rows=rows, role=role)
+                if role == "student":  # how sure it was of each answer: what a cascade routes on
+                    bar.update(task, info="student confidence")
+                    results[role]["confidence"] = confidence.held_out(
+                        model, tok, heldout.confidence_items(cfg, rows, results[role]))
                 del model
             write_json_atomic(saved, results[role])
             bar.update(task, advance=1)
@@ -169,12 +173,13 @@ def _report(cfg: Recipe, rows: list[dict], results: dict[str, dict], shas: dict[
     paired = em.paired_tables(results, tasks)
     tables = {t: (v["teacher"], v["student"]) for t, v in paired.items()}
     specs = cfg.task_specs(rows)
-    return {
+    out = {
         "recipe": cfg.name,
         "scores": scores,
         "retention": em.retention_table(scores, counts),
         "intervals": stats.summarize(tables, cfg.eval.bootstrap_iters, cfg.eval.seed),
         "gate": gate(paired, cfg.eval, cfg.eval.seed, cfg.task_floors()),
+        "confidence": results["student"].get("confidence"),
         "paired": paired,
         "metrics": specs,
         "labels": em.label_tables(specs, rows, results),
@@ -200,3 +205,6 @@ def _report(cfg: Recipe, rows: list[dict], results: dict[str, dict], shas: dict[
         "versions": {p: version(p) for p in ("lm_eval", "transformers", "torch", "sacrebleu")},
         "quality_ceiling": em.QUALITY_CEILING,
     }
+    c = cfg.eval.cascade
+    out["cascade"] = cascade.from_eval(out, c.targets, c.calibration, c.seed, cfg.eval.gate_level, c.rule)
+    return out
