@@ -73,7 +73,7 @@ def test_eval_reports_teacher_student_and_base_with_lm_eval(ci_run):
     assert "retention" in proc.stdout + proc.stderr  # the table is printed
     # the student's confidence in each held-out answer, the score each task routes on, and the cascade table
     conf = report["confidence"]
-    assert set(conf) == {pid for v in report["paired"].values() for pid in v["ids"]} | set(conf)
+    assert {pid for v in report["paired"].values() for pid in v["ids"]} <= set(conf)
     assert all(0.0 <= v <= 1.0 for scores in conf.values() for v in scores.values())
     assert all({"min_prob", "mean_prob", "first_margin"} <= set(s) for s in conf.values())
     classify = report["paired"].get("classify", {}).get("ids", [])
