@@ -113,3 +113,4 @@ def test_the_cascade_table_of_an_eval_report_chooses_on_one_part_and_reports_the
     assert from_eval({"paired": few, "confidence": confidence}, [0.95])["targets"][0]["kept"] == 0.0
     assert from_eval({"paired": few, "confidence": confidence}, [0.95], rule="point")["targets"][0]["kept"] > 0.3
     assert from_eval({"paired": paired}, [0.98]) is None  # an eval without confidences: no table
+    assert from_eval({"paired": {}, "confidence": confidence}, [0.98]) is None  # no task with gold answers

@@ -106,7 +106,8 @@ def from_eval(report: dict, targets: list[float], fraction: float = 0.5, seed: i
     AUROC of every confidence score; the score each task routes on (the best AUROC on the task's calibration part,
     so the choice is not made on the prompts it is reported on); and per target, the thresholds chosen per task on
     the calibration part and what they give on the report part, pooled over the tasks (kept share, combined gold,
-    retention with its one-sided bounds). None when the report has no confidences (an older eval)."""
+    retention with its one-sided bounds). None when the report has no confidences (an older eval) or no task with
+    gold answers."""
     confidence = report.get("confidence")
     if not confidence:
         return None
@@ -126,6 +127,8 @@ def from_eval(report: dict, targets: list[float], fraction: float = 0.5, seed: i
         best = max(scores, key=lambda name: (on_cal[name] is not None, on_cal[name] or 0.0, name == "label"))
         tasks[task] = {"n": len(rows), "auroc": aurocs, "score": best}
         pooled_cal[task], pooled_rep[task] = split_of[best]
+    if not pooled_cal:  # no task with gold answers: nothing to route on
+        return None
     out = []
     for target in targets:
         chosen = {task: choose(cal, target, alpha, rule) for task, cal in pooled_cal.items()}
