@@ -438,15 +438,15 @@ def gateway(upstream: str | None, recipe: str | None, store: str, host: str, por
         if not cfg.teacher.startswith("openai:"):
             raise RecipeError(f"{recipe}: teacher {cfg.teacher!r} is not an openai: endpoint; pass --upstream")
         upstream, api_key_env = cfg.teacher, api_key_env or cfg.generate.api_key_env
-    if not upstream or not upstream.startswith("openai:") or not upstream[len("openai:"):].partition("#")[0]:
+    base_url, _, model = (upstream or "").removeprefix("openai:").partition("#")
+    if not (upstream or "").startswith("openai:") or not base_url:
         raise RecipeError(f"--upstream {upstream!r}: expected openai:<base_url>[#<model>]")
     if not 0.0 < log_fraction <= 1.0:
         raise RecipeError(f"--log-fraction {log_fraction}: a share of the calls, above 0 and at most 1")
-    if keep_days is not None and keep_days <= 0:
+    if keep_days is not None and not keep_days > 0:  # NaN too
         raise RecipeError(f"--keep-days {keep_days}: a positive number of days")
     if not is_loopback(host) and not api_key:
         raise RecipeError(f"refusing to listen on {host} without an API key (--api-key or DISTILLERY_API_KEY)")
-    base_url, _, model = upstream[len("openai:"):].partition("#")
     redactor = Redactor(list(redact))
     key = upstream_api_key(base_url, api_key_env, field="--api-key-env")
     traffic = TrafficStore(store_path(store))

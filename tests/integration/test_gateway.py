@@ -200,16 +200,18 @@ def test_a_killed_gateway_keeps_every_answered_call(upstream, tmp_path):
 
 
 def test_an_unreachable_upstream_is_a_502_naming_it(tmp_path):
-    proc, port = _gateway("openai:http://127.0.0.1:9/v1", tmp_path / "t.db")
+    proc, port = _gateway("openai:http://user:secret@127.0.0.1:9/v1", tmp_path / "t.db")
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         for stream in (False, True):
             with pytest.raises(APIStatusError) as err:
                 client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=stream)
             assert err.value.status_code == 502 and "upstream http://127.0.0.1:9/v1 unreachable" in err.value.message
+            assert "secret" not in err.value.message  # the URL's credentials are not told to clients
     finally:
         stop_child_server(proc)
-    assert sqlite3.connect(tmp_path / "t.db").execute("SELECT status FROM calls").fetchall() == [(502,), (502,)]
+    stored = sqlite3.connect(tmp_path / "t.db").execute("SELECT status, upstream, error FROM calls").fetchall()
+    assert [row[0] for row in stored] == [502, 502] and "secret" not in repr(stored)
 
 
 def test_bad_gateway_options_are_one_line_and_exit_2(tmp_path):

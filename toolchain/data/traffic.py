@@ -207,8 +207,6 @@ class Recorder:
         self.thread.start()
 
     def submit(self, call: dict, done: Callable[[bool], None] | None = None) -> bool:
-        call = {**call, "request": self.redact(call["request"]), "response": self.redact(call.get("response")),
-                "error": self.redact(call.get("error"))}
         try:
             self.queue.put_nowait(Pending(call, done))
             return True
@@ -253,8 +251,10 @@ class Recorder:
             group = [p for p in group if p is not None]
             if not group:
                 continue
-            try:
-                self.store.write([p.call for p in group])
+            try:  # redacted here, on the writer's thread, not on the caller's: before anything is written
+                self.store.write([{**p.call, "request": self.redact(p.call["request"]),
+                                   "response": self.redact(p.call.get("response")),
+                                   "error": self.redact(p.call.get("error"))} for p in group])
                 self.counts["written"] += len(group)
                 ok = True
             except (sqlite3.Error, OSError) as err:

@@ -228,7 +228,7 @@ def cascade_markdown(c: dict | None) -> list[str]:
     for row in c["targets"]:
         bounds = (f" [{row['lower']:.2f}, {row['upper']:.2f}]" if row["lower"] is not None else "")
         out.append(f"| {row['target']:.2f} | {row['n']} | {100 * row['kept']:.0f}% | {100 * row['combined']:.1f} | "
-                   f"{100 * row['teacher']:.1f} | {_fmt_ratio(row['retention'])}{bounds} | {row['kept_wrong']} |")
+                   f"{100 * row['teacher']:.1f} | {num(row['retention'])}{bounds} | {row['kept_wrong']} |")
     scores = sorted({name for t in c["tasks"].values() for name in t["auroc"]})
     out += ["", "AUROC of each confidence score (right vs wrong student answers, all of a task's prompts); the "
             "task routes on the one marked, chosen on its calibration part:", "",
@@ -238,10 +238,6 @@ def cascade_markdown(c: dict | None) -> list[str]:
                  for s in scores]
         out.append(f"| {task} | {t['n']} | " + " | ".join(cells) + " |")
     return out
-
-
-def _fmt_ratio(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
 
 
 def synthetic_notes(report: dict) -> list[str]:

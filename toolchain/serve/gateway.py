@@ -158,7 +158,8 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
     base = settings.base_url.rstrip("/")
     parts = urlsplit(base)
     host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
-    public_base = urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))  # no user:pw@
+    # what clients, the store and /health are told: the URL without any user:password@ it may carry
+    public_base = urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
 
     def fail(status: int, message: str, endpoint: str, code=None):
         metrics.call(endpoint, status)
@@ -177,7 +178,7 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
         return headers
 
     def unreachable(err: Exception) -> str:
-        return f"upstream {base} unreachable ({type(err).__name__}{': ' + str(err) if str(err) else ''})"
+        return f"upstream {public_base} unreachable ({type(err).__name__}{': ' + str(err) if str(err) else ''})"
 
     async def record(call: dict) -> None:
         """Hand the call to the writer and wait for its commit, at most record_wait_s; never raises."""
@@ -311,7 +312,7 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "upstream": base, "store": str(recorder.store.path), **recorder.counts,
+        return {"status": "ok", "upstream": public_base, "store": str(recorder.store.path), **recorder.counts,
                 "pending": recorder.queue.qsize()}
 
     @app.get("/metrics")
