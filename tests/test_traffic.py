@@ -52,8 +52,36 @@ def test_store_is_wal_versioned_and_reads_back_what_was_written(tmp_path):
     assert is_store(str(tmp_path / "sub" / "t.db")) and not is_store(str(tmp_path / "nothing.db"))
     # a store written by another schema version is refused in one line
     sqlite3.connect(tmp_path / "sub" / "t.db").execute("UPDATE meta SET value = '99'").connection.commit()
-    with pytest.raises(DataError, match=f"schema version 99; this distillery reads version {SCHEMA_VERSION}"):
+    with pytest.raises(DataError, match=f"schema version 99; this distillery reads versions 1 and {SCHEMA_VERSION}"):
         TrafficStore(tmp_path / "sub" / "t.db")
+
+
+def test_a_version_1_store_is_read_as_it_is_and_upgraded_when_written(tmp_path):
+    """A store the first gateway wrote (no cascade columns): read-only it reads them as NULL and is not changed;
+    opened for writing it gains them and keeps every call."""
+    path = tmp_path / "old.db"
+    store = TrafficStore(path)
+    Recorder(store).close()
+    Recorder(store).submit(_call(0))
+    rec = Recorder(store)
+    rec.submit(_call(1))
+    rec.close()
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE calls DROP COLUMN answered_by; ALTER TABLE calls DROP COLUMN student; "
+                     "ALTER TABLE calls DROP COLUMN shadow; UPDATE meta SET value = '1';")
+    db.close()
+    old = list(TrafficStore(path, readonly=True).calls())
+    assert old and all(c["student"] is None and c["shadow"] is None for c in old)
+    assert sqlite3.connect(path).execute("SELECT value FROM meta").fetchone()[0] == "1"
+    store = TrafficStore(path)
+    assert store.db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+    rec = Recorder(store)
+    rec.submit({**_call(2), "student": {"text": "hi", "confidence": 0.5}, "shadow": 1, "answered_by": "student"})
+    rec.close()
+    calls = list(TrafficStore(path, readonly=True).calls())
+    assert [c["call_id"] for c in calls][-1] == "c2" and len(calls) == len(old) + 1
+    assert [c["call_id"] for c in TrafficStore(path, readonly=True).calls(shadow_only=True)] == ["c2"]
+    assert calls[-1]["student"] == {"text": "hi", "confidence": 0.5}
 
 
 def test_a_locked_store_drops_and_counts_without_blocking_the_caller(tmp_path):

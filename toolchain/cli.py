@@ -38,7 +38,9 @@ from toolchain.render import traffic as traffic_report
 from toolchain.serve import gateway as gateway_app
 from toolchain.serve import targets as served
 from toolchain.serve.app import serve as run_server
+from toolchain.serve.routing import open_routing
 from toolchain.serve.settings import Settings, is_loopback
+from toolchain.serve.upstream import parse_upstream
 from toolchain.data.traffic import Recorder, Redactor, TrafficStore, is_store, store_path
 from toolchain.quality.cost import read_prices
 from toolchain.backends.openai_http import api_key as upstream_api_key
@@ -396,11 +398,15 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
                                 providers=cfg.serve.onnx_providers)
     recipe_name = () if model_file else (cfg.name if role == "student" else f"{cfg.name}-teacher",)
     constraints, unconstrained = served.task_constraints(cfg)
+    routes = open_routing(cfg, runs_root, engine, active=role == "student")  # a teacher answers every call
     settings = Settings.from_recipe(cfg, target.model_id, target.path.name, aliases=(*recipe_name, *names),
-                                    api_key=api_key, constraints=constraints, unconstrained=unconstrained)
+                                    api_key=api_key, constraints=constraints, unconstrained=unconstrained,
+                                    routes=routes)
     port = port or cfg.serve.port
-    click.echo(f"serving {target.model_id} ({target.path}) on http://{host}:{port}/v1", err=True)
-    run_server(engine, settings, host, port)
+    click.echo(f"serving {target.model_id} ({target.path}) on http://{host}:{port}/v1"
+               + (f"; route {settings.route}, shadow {settings.shadow:g}, upstream {routes.upstream.public}"
+                  if routes.upstream else ""), err=True)
+    run_server(engine, settings, host, port, routes.upstream, routes.recorder)
 
 
 @main.command()
@@ -438,9 +444,10 @@ def gateway(upstream: str | None, recipe: str | None, store: str, host: str, por
         if not cfg.teacher.startswith("openai:"):
             raise RecipeError(f"{recipe}: teacher {cfg.teacher!r} is not an openai: endpoint; pass --upstream")
         upstream, api_key_env = cfg.teacher, api_key_env or cfg.generate.api_key_env
-    base_url, _, model = (upstream or "").removeprefix("openai:").partition("#")
-    if not (upstream or "").startswith("openai:") or not base_url:
-        raise RecipeError(f"--upstream {upstream!r}: expected openai:<base_url>[#<model>]")
+    try:
+        base_url, model = parse_upstream(upstream or "")
+    except ValueError as err:
+        raise RecipeError(f"--upstream {err}") from None
     if not 0.0 < log_fraction <= 1.0:
         raise RecipeError(f"--log-fraction {log_fraction}: a share of the calls, above 0 and at most 1")
     if keep_days is not None and not keep_days > 0:  # NaN too
@@ -469,15 +476,31 @@ def gateway(upstream: str | None, recipe: str | None, store: str, host: str, por
 @click.option("--json", "as_json", is_flag=True, help="The whole report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Also write a PNG of the bill per task (API against student, $ per day).")
+@click.option("--agreement", is_flag=True,
+              help="Instead: the shadow pairs (serve.shadow): per task, the student's agreement with the teacher, "
+                   "its bounds and whether the student can take the task (with --recipe: its metrics and floors).")
+@click.option("--floor", type=click.FloatRange(0.0, 1.0), default=None,
+              help="With --agreement: the agreement a task must be shown to keep (default: the recipe's task floor, "
+                   "else 0.9).")
 @friendly
 def traffic(store: str, prices: str | None, recipe: str | None, runs_root: str, as_json: bool,
-            plot: str | None) -> None:
+            plot: str | None, agreement: bool, floor: float | None) -> None:
     """What the calls in a traffic store are: tasks, volumes, token lengths, answer shapes and the bill.
 
     Calls are grouped into tasks by their tag (metadata.task, X-Distillery-Task), else by their instructions
     (system prompt and few-shot turns, near-duplicates merged), else by the shared wording of one-message
     templates; sorted by what a local student would save a day.
     """
+    if agreement:
+        cfg = _load(recipe) if recipe else None
+        specs = served.task_specs(cfg) if cfg else {}
+        floors = {} if floor is not None or cfg is None else {
+            t: c.min_retention for t, c in cfg.tasks.items() if c.min_retention}
+        report = traffic_report.agreement(store_path(store), specs, floors, cfg.eval.gate_level if cfg else 0.05,
+                                          floor)
+        click.echo(json.dumps(report, indent=1) if as_json else traffic_report.agreement_markdown(report),
+                   nl=not as_json)
+        return
     local = traffic_report.local_speed(_load(recipe), runs_root) if recipe else traffic_report.ESTIMATE
     report = traffic_report.analyse(store_path(store), read_prices(prices) if prices else None, local)
     click.echo(json.dumps(report, indent=1) if as_json else traffic_report.markdown(report), nl=not as_json)

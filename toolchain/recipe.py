@@ -556,6 +556,28 @@ class ExportConfig(_Section):
         return v
 
 
+class ServeCascadeConfig(_Section):
+    """Which threshold a cascading server routes on."""
+
+    target: float = Field(
+        0.98, gt=0.0, le=2.0,
+        description="The row of eval's cascade table whose per-task thresholds and confidence scores route the calls "
+        "(one of eval.cascade.targets).")
+    score: Literal["min_prob", "mean_prob", "first_margin", "label"] | None = Field(
+        None, description="Route every task on this confidence instead of the one eval chose per task.")
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Keep a call locally when the confidence is at or above this, for every task, instead of eval's "
+        "thresholds (with score; in [0, 1]).")
+
+    @model_validator(mode="after")
+    def _both(self) -> "ServeCascadeConfig":
+        if (self.threshold is None) != (self.score is None):
+            raise ValueError("threshold: a fixed threshold needs the score it applies to (score), and score one to "
+                             "apply (threshold)")
+        return self
+
+
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="Bind address; a non-loopback address needs an API key.")
     port: int = Field(8088, ge=1, le=65535)
@@ -597,6 +619,35 @@ class ServeConfig(_Section):
         description="llama.cpp: requests decoded together (continuous batching; each step's time is shared out in "
         "the per-request cost). 1 = one request at a time, bit-identical to llama-cpp-python.",
     )
+    route: Literal["student", "cascade"] = Field(
+        "student",
+        description="cascade: the student answers first and a call whose confidence is below its task's threshold "
+        "(serve.cascade) is answered by serve.upstream instead; streamed calls are decided after the student's whole "
+        "answer, before the first byte leaves (docs/serving.md).",
+    )
+    upstream: str | None = Field(
+        None,
+        description="openai:<base_url>[#<model>]: the teacher or API that answers forwarded (cascade) and shadow "
+        "calls, e.g. `distillery serve --model teacher` on another port. Default: the recipe's teacher when it is "
+        "an openai: endpoint (its key from generate.api_key_env).",
+    )
+    upstream_key_env: str | None = Field(
+        None, description="The environment variable holding serve.upstream's API key (never sent elsewhere).")
+    cascade: ServeCascadeConfig = Field(default_factory=ServeCascadeConfig)
+    shadow: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Share of calls answered by both the student and serve.upstream (chosen at random, whoever "
+        "answers the client); each pair goes to serve.store for `distillery traffic --agreement`.",
+    )
+    store: str | None = Field(
+        None,
+        description="Traffic store (a SQLite file) where shadow pairs and forwarded calls are recorded; shadow needs "
+        "one.",
+    )
+
+    def upstream_of(self, teacher: str) -> str | None:
+        """Where forwarded and shadow calls go: serve.upstream, else an openai: teacher."""
+        return self.upstream or (teacher if teacher.startswith("openai:") else None)
 
 
 class BenchConfig(_Section):
@@ -748,6 +799,19 @@ class Recipe(_Section):
     def _teacher_ref(cls, v: str) -> str:
         check_reference_syntax(v)
         return v
+
+    @model_validator(mode="after")
+    def _serve_upstream(self) -> "Recipe":
+        s = self.serve
+        if s.shadow > 0 and s.store is None:
+            raise ValueError("serve.store: serve.shadow keeps the pairs of answers in a traffic store; name one")
+        if (s.route == "cascade" or s.shadow > 0) and s.upstream_of(self.teacher) is None:
+            raise ValueError("serve.upstream: route: cascade and shadow send calls to the teacher or API, and the "
+                             "teacher is not an openai: endpoint; name one, e.g. openai:http://127.0.0.1:8089/v1 for "
+                             "`distillery serve --model teacher --port 8089`")
+        if s.upstream is not None and (not s.upstream.startswith("openai:") or not s.upstream[7:].partition("#")[0]):
+            raise ValueError(f"serve.upstream: expected openai:<base_url>[#<model>], got {s.upstream!r}")
+        return self
 
     @model_validator(mode="after")
     def _student_vs_distill(self) -> "Recipe":

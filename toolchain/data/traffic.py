@@ -1,10 +1,17 @@
 """The traffic store: every call an application made through ``distillery gateway`` (request, answer, usage,
 latency, status, tags), in one SQLite file in WAL mode, and read back as rows like any data file.
 
-Schema (version 1; ``meta.schema_version``; docs/traffic.md):
+Schema (version 2; ``meta.schema_version``; docs/traffic.md):
 
     calls(id, call_id, started_at, latency_ms, endpoint, status, stream, model, upstream, upstream_model, task_tag,
-          user_tag, request, response, prompt_tokens, cached_tokens, completion_tokens, error)
+          user_tag, request, response, prompt_tokens, cached_tokens, completion_tokens, error,
+          answered_by, student, shadow)
+
+A cascading server (``distillery serve`` with ``serve.route: cascade`` or ``serve.shadow``) records the calls the
+upstream answered: ``response`` is the upstream's answer, ``student`` the student's own answer to the same call
+with its confidence (JSON), ``answered_by`` who answered the client (student / upstream) and ``shadow`` 1 when the
+call was drawn for shadowing (a uniform sample of the traffic: the pairs ``distillery traffic --agreement`` reads).
+A version-1 store (the gateway's first) gains the three columns the first time it is opened for writing.
 
 ``request`` is the client's JSON body as sent (after redaction); ``response`` the answer as an OpenAI
 ``chat.completion`` / ``text_completion`` object (a streamed answer is assembled into one), so both kinds of call
@@ -31,7 +38,7 @@ from pathlib import Path
 
 from toolchain.data.rows import DataError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS calls (
@@ -52,14 +59,19 @@ CREATE TABLE IF NOT EXISTS calls (
     prompt_tokens INTEGER,
     cached_tokens INTEGER,
     completion_tokens INTEGER,
-    error TEXT
+    error TEXT,
+    answered_by TEXT,
+    student TEXT,
+    shadow INTEGER
 );
 CREATE INDEX IF NOT EXISTS calls_started ON calls (started_at);
 CREATE INDEX IF NOT EXISTS calls_task ON calls (task_tag);
 """
 COLUMNS = ("call_id", "started_at", "latency_ms", "endpoint", "status", "stream", "model", "upstream", "upstream_model",
            "task_tag", "user_tag", "request", "response", "prompt_tokens", "cached_tokens", "completion_tokens",
-           "error")
+           "error", "answered_by", "student", "shadow")
+_ADDED_IN_2 = (("answered_by", "TEXT"), ("student", "TEXT"), ("shadow", "INTEGER"))
+_JSON = ("request", "response", "student")
 
 # Named redactions (``--redact email``); anything else given is a regular expression of its own.
 REDACTIONS = {
@@ -144,17 +156,34 @@ class TrafficStore:
             if not readonly:
                 self.db.executescript(_SCHEMA)
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self._upgrade()
             row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            present = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
         except (sqlite3.Error, OSError) as err:
             why = getattr(err, "strerror", None) or err
             raise DataError(f"{self.path}: cannot open the traffic store ({why})") from None
-        if row is None or int(row[0]) != SCHEMA_VERSION:
+        if row is None or int(row[0]) not in (1, SCHEMA_VERSION):
             raise DataError(f"{self.path}: traffic store schema version {row[0] if row else 'missing'}; "
-                            f"this distillery reads version {SCHEMA_VERSION}")
+                            f"this distillery reads versions 1 and {SCHEMA_VERSION}")
+        # a version-1 store opened read-only reads its missing columns as NULL
+        self.selected = ", ".join(c if c in present else f"NULL AS {c}" for c in COLUMNS)
+
+    def _upgrade(self) -> None:
+        """Version 1 → 2: the cascade's columns, added in one transaction."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or int(row[0]) != 1:
+            return
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            present = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
+            for name, kind in _ADDED_IN_2:
+                if name not in present:
+                    self.db.execute(f"ALTER TABLE calls ADD COLUMN {name} {kind}")
+            self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def write(self, calls: list[dict]) -> None:
         """Every call in one transaction (all or none); request and response as JSON values."""
-        rows = [tuple(json.dumps(c[k], ensure_ascii=False) if k in ("request", "response") and c.get(k) is not None
+        rows = [tuple(json.dumps(c[k], ensure_ascii=False) if k in _JSON and c.get(k) is not None
                       else c.get(k) for k in COLUMNS) for c in calls]
         with self.db:
             self.db.execute("BEGIN")
@@ -169,14 +198,17 @@ class TrafficStore:
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
-    def calls(self, ok_only: bool = False) -> Iterator[dict]:
-        """Every call, oldest first, with ``request`` and ``response`` parsed."""
-        where = " WHERE status = 200" if ok_only else ""
-        cur = self.db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM calls{where} ORDER BY started_at, id")
+    def calls(self, ok_only: bool = False, shadow_only: bool = False) -> Iterator[dict]:
+        """Every call, oldest first, with ``request``, ``response`` and ``student`` parsed; ``shadow_only``: the
+        shadowed calls that have both answers."""
+        where = [*(["status = 200"] if ok_only else []),
+                 *(["shadow = 1 AND student IS NOT NULL AND response IS NOT NULL"] if shadow_only else [])]
+        cur = self.db.execute(f"SELECT id, {self.selected} FROM calls"
+                              f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY started_at, id")
         for row in cur:
             call = dict(zip(("id", *COLUMNS), row))
-            call["request"] = json.loads(call["request"])
-            call["response"] = json.loads(call["response"]) if call["response"] else None
+            for k in _JSON:
+                call[k] = json.loads(call[k]) if call[k] else None
             yield call
 
     def close(self) -> None:
@@ -254,6 +286,7 @@ class Recorder:
             try:  # redacted here, on the writer's thread, not on the caller's: before anything is written
                 self.store.write([{**p.call, "request": self.redact(p.call["request"]),
                                    "response": self.redact(p.call.get("response")),
+                                   "student": self.redact(p.call.get("student")),
                                    "error": self.redact(p.call.get("error"))} for p in group])
                 self.counts["written"] += len(group)
                 ok = True

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from toolchain.quality.stats import retention_bounds
 
 
+PREFERRED = ("label", "mean_prob", "min_prob", "first_margin")
+
+
 @dataclass(frozen=True)
 class Case:
     """One held-out prompt as the cascade sees it."""
@@ -118,13 +121,19 @@ def from_eval(report: dict, targets: list[float], fraction: float = 0.5, seed: i
         rows = [(pid, t, s) for pid, t, s in zip(table["ids"], table["teacher"], table["student"]) if pid in confidence]
         if not rows:
             continue
-        every = {name: [Case(task, confidence[pid].get(name, 0.0), bool(s), bool(t)) for pid, t, s in rows]
-                 for name in scores}
+        # the scores every answer of the task has (a label task's ``label`` only there)
+        own = [name for name in scores if all(name in confidence[pid] for pid, _, _ in rows)]
+        every = {name: [Case(task, confidence[pid][name], bool(s), bool(t)) for pid, t, s in rows] for name in own}
         aurocs = {name: auroc([c.confidence for c in cs], [c.student_right for c in cs]) for name, cs in every.items()}
         split_of = {name: split(cs, fraction, seed) for name, cs in every.items()}
         on_cal = {name: auroc([c.confidence for c in cal], [c.student_right for c in cal])
                   for name, (cal, _) in split_of.items()}
-        best = max(scores, key=lambda name: (on_cal[name] is not None, on_cal[name] or 0.0, name == "label"))
+        if not own:
+            continue
+        # ties (and a calibration part where the student is always right or always wrong) go to the first of
+        # PREFERRED: the label's own probability, then the answer's mean probability
+        best = max(own, key=lambda name: (on_cal[name] is not None, on_cal[name] or 0.0,
+                                          -PREFERRED.index(name) if name in PREFERRED else -len(PREFERRED)))
         tasks[task] = {"n": len(rows), "auroc": aurocs, "score": best}
         pooled_cal[task], pooled_rep[task] = split_of[best]
     if not pooled_cal:  # no task with gold answers: nothing to route on

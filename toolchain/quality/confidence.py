@@ -30,14 +30,33 @@ def _answer_logprobs(model, prompt_ids: list[int], answer_ids: list[int]) -> tup
     return logp.gather(1, torch.tensor(answer_ids).unsqueeze(1)).squeeze(1), logp
 
 
-def answer_scores(model, prompt_ids: list[int], answer_ids: list[int]) -> dict[str, float]:
-    """``SCORES`` of one answer (all 0 for an empty answer: nothing said, nothing to trust)."""
-    if not answer_ids:
+def from_logprobs(chosen: list[float], first_two: tuple[float, float] | None) -> dict[str, float]:
+    """``SCORES`` from the log-probabilities of an answer's tokens and the two highest probabilities at its first
+    position: the one definition eval (PyTorch) and the server (the engine's logits, token by token) share. All 0
+    for an empty answer: nothing said, nothing to trust."""
+    if not chosen or first_two is None:
         return {name: 0.0 for name in SCORES}
+    return {"min_prob": math.exp(min(chosen)), "mean_prob": math.exp(sum(chosen) / len(chosen)),
+            "first_margin": first_two[0] - first_two[1]}
+
+
+def label_share(totals: list[float], chosen: int | None) -> float:
+    """The probability of label ``chosen`` among labels whose answers have the sequence log-probabilities
+    ``totals`` (0 when the answer named none of them)."""
+    if chosen is None:
+        return 0.0
+    top = max(totals)
+    weights = [math.exp(t - top) for t in totals]
+    return weights[chosen] / sum(weights)
+
+
+def answer_scores(model, prompt_ids: list[int], answer_ids: list[int]) -> dict[str, float]:
+    """``SCORES`` of one answer under a PyTorch model."""
+    if not answer_ids:
+        return from_logprobs([], None)
     chosen, logp = _answer_logprobs(model, prompt_ids, answer_ids)
     top = torch.topk(logp[0].exp(), 2).values
-    return {"min_prob": math.exp(float(chosen.min())), "mean_prob": math.exp(float(chosen.mean())),
-            "first_margin": float(top[0] - top[1])}
+    return from_logprobs([float(x) for x in chosen], (float(top[0]), float(top[1])))
 
 
 def label_probability(model, prompt_ids: list[int], labels: list[list[int]], chosen: int | None) -> float:
@@ -45,8 +64,7 @@ def label_probability(model, prompt_ids: list[int], labels: list[list[int]], cho
     the labels; an answer that is none of them (``chosen`` None) gets 0."""
     if chosen is None:
         return 0.0
-    totals = torch.tensor([float(_answer_logprobs(model, prompt_ids, ids)[0].sum()) for ids in labels])
-    return float(torch.softmax(totals, dim=0)[chosen])
+    return label_share([float(_answer_logprobs(model, prompt_ids, ids)[0].sum()) for ids in labels], chosen)
 
 
 def held_out(model, tok, items: list[tuple[str, list[dict], str, list[str] | None]]) -> dict[str, dict]:

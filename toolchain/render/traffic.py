@@ -13,6 +13,7 @@ from toolchain.data.tasks import from_stored, group, shape
 from toolchain.data.traffic import TrafficStore
 from toolchain.pipeline.plans import finished
 from toolchain.pipeline.runs import RunError
+from toolchain.quality import shadow
 from toolchain.quality.cost import LocalSpeed, Price, price_for, task_bill
 from toolchain.recipe import Recipe
 
@@ -106,6 +107,36 @@ def markdown(report: dict) -> str:
     if report.get("local"):
         lines.append(f"- student: {report['local']['source']}; the upstream's token counts stand in for the "
                      "student's")
+    return "\n".join(lines) + "\n"
+
+
+def agreement(store: Path, specs: dict[str, dict] | None = None, floors: dict[str, float] | None = None,
+              level: float = 0.05, default_floor: float | None = None) -> dict:
+    """Shadow mode's report (toolchain.quality.shadow): every shadowed call of the store that both answered, per
+    task (the task the server routed it as, else its tag)."""
+    db = TrafficStore(store, readonly=True)
+    try:
+        pairs = []
+        for call in db.calls(ok_only=True, shadow_only=True):
+            mine, theirs = (call["student"] or {}).get("text"), from_stored(call)
+            if isinstance(mine, str) and theirs is not None and theirs.answer is not None:
+                pairs.append((call.get("task_tag") or "(no task)", mine, theirs.answer))
+    finally:
+        db.close()
+    return {"store": str(store), "pairs": len(pairs), **shadow.verdicts(pairs, specs or {}, floors or {}, level,
+                                                                      default_floor)}
+
+
+def agreement_markdown(report: dict) -> str:
+    if not report["tasks"]:
+        return f"{report['store']}: no shadow pairs yet (serve.shadow records them)\n"
+    lines = [f"{report['pairs']} shadow pairs; one-sided bounds at level {report['level']:g} (Holm over the tasks).",
+             "", "| task | n | agreement | bounds | measured by | floor | verdict |",
+             "|---|---:|---:|---|---|---:|---|"]
+    for task, r in report["tasks"].items():
+        bounds = f"{r['lower']:.2f}–{min(r['upper'], 1.0):.2f}" if r["lower"] is not None else "–"
+        lines.append(f"| {task} | {r['n']} | {r['agreement']:.1%} | {bounds} | {r['measured_by']} | {r['floor']:g} | "
+                     f"{r['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,12 +23,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 from toolchain.data.traffic import Recorder
 from toolchain.serve.http import authorised, completion_routes, error_handlers
 from toolchain.serve.metrics import BUCKETS, Histogram
 from toolchain.serve.schemas import RequestError, _error_body, parse_object, read_body
+from toolchain.serve.upstream import Stream, Upstream, usage_numbers
 
 
 @dataclass(frozen=True)
@@ -77,108 +77,34 @@ class GatewayMetrics:
         return "\n".join(lines) + "\n"
 
 
-def _answer(kind: str, rid, created, model, text: str, finish, usage) -> dict:
-    """A streamed answer assembled into the object a whole answer would have been."""
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        obj = "chat.completion"
-    else:
-        choice, obj = {"index": 0, "text": text, "finish_reason": finish}, "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}
-
-
-def _usage_numbers(usage) -> tuple[int | None, int | None, int | None]:
-    if not isinstance(usage, dict):
-        return None, None, None
-    details = usage.get("prompt_tokens_details") or {}
-    return usage.get("prompt_tokens"), (details.get("cached_tokens") if isinstance(details, dict) else None), \
-        usage.get("completion_tokens")
-
-
-class _Stream:
-    """What a streamed answer said, read from its server-sent events as they pass."""
-
-    def __init__(self, kind: str, hide_usage: bool):
-        self.kind, self.hide_usage = kind, hide_usage
-        self.parts: list[str] = []
-        self.finish = self.usage = self.model = self.rid = self.created = None
-        self.done = False
-
-    def passes(self, event: bytes) -> bool:
-        """Note one event; whether the client gets it ([DONE] is held back until the call is recorded)."""
-        for line in event.split(b"\n"):
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                self.done = True
-                return False
-            try:
-                obj = json.loads(payload)
-            except ValueError:
-                continue
-            if not isinstance(obj, dict):
-                continue
-            self.model, self.rid = obj.get("model", self.model), obj.get("id", self.rid)
-            self.created = obj.get("created", self.created)
-            if obj.get("usage"):
-                self.usage = obj["usage"]
-            for choice in obj.get("choices") or []:
-                if self.kind == "chat":
-                    piece = (choice.get("delta") or {}).get("content")
-                else:
-                    piece = choice.get("text")
-                if isinstance(piece, str):
-                    self.parts.append(piece)
-                self.finish = choice.get("finish_reason") or self.finish
-            if self.hide_usage and obj.get("usage") and not obj.get("choices"):
-                return False
-        return True
-
-    def answer(self) -> dict:
-        return _answer(self.kind, self.rid, self.created, self.model, "".join(self.parts), self.finish, self.usage)
-
-
 def create_app(settings: GatewaySettings, recorder: Recorder):
     import httpx
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-    client = httpx.AsyncClient(timeout=httpx.Timeout(settings.timeout_s, connect=10.0),
-                               limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
+    upstream = Upstream(settings.base_url, settings.model, settings.upstream_key, settings.timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await client.aclose()
+        await upstream.close()
 
     app = FastAPI(title="distillery gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     metrics = GatewayMetrics()
     app.state.metrics = metrics
-    base = settings.base_url.rstrip("/")
-    parts = urlsplit(base)
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
-    # what clients, the store and /health are told: the URL without any user:password@ it may carry
-    public_base = urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+    public_base = upstream.public  # what clients, the store and /health are told
 
     def fail(status: int, message: str, endpoint: str, code=None):
         metrics.call(endpoint, status)
         return JSONResponse(_error_body(status, message, code=code), status_code=status)
 
     def upstream_headers(request: Request) -> dict:
-        headers = {"content-type": "application/json"}
         passed = None if settings.api_key else request.headers.get("authorization")
-        if passed:
-            headers["authorization"] = passed
-        elif settings.upstream_key:
-            headers["authorization"] = f"Bearer {settings.upstream_key}"
-        for name in ("openai-organization", "openai-project"):
-            if request.headers.get(name):
-                headers[name] = request.headers[name]
-        return headers
+        return upstream.headers(passed, {name: request.headers[name] for name in ("openai-organization",
+                                                                                   "openai-project")
+                                         if request.headers.get(name)})
 
-    def unreachable(err: Exception) -> str:
-        return f"upstream {public_base} unreachable ({type(err).__name__}{': ' + str(err) if str(err) else ''})"
+    unreachable = upstream.unreachable
 
     async def record(call: dict) -> None:
         """Hand the call to the writer and wait for its commit, at most record_wait_s; never raises."""
@@ -228,22 +154,20 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
         if hide_usage:
             outgoing["stream_options"] = {**options, "include_usage": True}
         content = body if outgoing == data else json.dumps(outgoing).encode()
-        url = f"{base}/{'chat/completions' if kind == 'chat' else 'completions'}"
         call = {"call_id": f"call-{uuid.uuid4().hex[:24]}", "started_at": started, "endpoint": endpoint,
                 "stream": int(stream), "model": outgoing.get("model"), "upstream": public_base, "request": data,
                 "task_tag": tag if isinstance(tag, str) else None, "user_tag": user if isinstance(user, str) else None}
 
         def finish(status: int, response=None, error=None, upstream_model=None) -> dict:
-            prompt, cached, completion = _usage_numbers((response or {}).get("usage"))
+            prompt, cached, completion = usage_numbers((response or {}).get("usage"))
             metrics.call(endpoint, status)
             return {**call, "status": status, "response": response, "error": error,
                     "upstream_model": upstream_model or (response or {}).get("model"),
                     "latency_ms": round((time.perf_counter() - t0) * 1000, 3), "prompt_tokens": prompt,
                     "cached_tokens": cached, "completion_tokens": completion}
 
-        up = client.build_request("POST", url, content=content, headers=upstream_headers(request))
         try:
-            reply = await client.send(up, stream=True)
+            reply = await upstream.send(kind, content, upstream_headers(request))
         except httpx.HTTPError as err:
             await record(finish(502, error=unreachable(err)))
             return fail(502, unreachable(err), endpoint, code="upstream_unreachable")
@@ -269,7 +193,7 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
             return Response(raw, status_code=reply.status_code, headers=headers,
                             media_type=reply.headers.get("content-type", "application/json"))
 
-        seen = _Stream(kind, hide_usage)
+        seen = Stream(kind, hide_usage)
 
         async def events():
             buffer, error, closed = b"", None, True
@@ -303,7 +227,7 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
         if not authorised(request, settings.api_key):
             return fail(401, "invalid API key", "models", code="invalid_api_key")
         try:
-            reply = await client.get(f"{base}/models", headers=upstream_headers(request))
+            reply = await upstream.client.get(f"{upstream.base}/models", headers=upstream_headers(request))
         except httpx.HTTPError as err:
             return fail(502, unreachable(err), "models", code="upstream_unreachable")
         metrics.call("models", reply.status_code)

@@ -51,6 +51,13 @@ class Metrics:
                        "cached_tokens": 0}
         self.histograms = {name: Histogram(bounds) for name, bounds in BUCKETS.items()}
         self.waiting = 0
+        self.routes: dict[tuple[str, str], int] = {}  # (task, answered_by | shadow_pair) -> calls
+
+    def route(self, task: str | None, who: str) -> None:
+        """A call the cascade routed (who answered it), or a shadow pair recorded."""
+        with self.lock:
+            key = (task or "", who)
+            self.routes[key] = self.routes.get(key, 0) + 1
 
     def observe_gaps(self, gaps: list[float]) -> None:
         """The times between one request's successive tokens (inter-token latency)."""
@@ -99,6 +106,13 @@ class Metrics:
                 lines += [f"# TYPE distillery_{name} {kind}", f"distillery_{name}{{{m}}} {t[key]}"]
             for name, hist in self.histograms.items():
                 lines += hist.lines(f"distillery_{name}", m)
+            if self.routes:
+                lines.append("# TYPE distillery_cascade_calls_total counter")
+                lines += [f'distillery_cascade_calls_total{{{m},task="{task}",answered_by="{who}"}} {n}'
+                          for (task, who), n in sorted(self.routes.items()) if who != "shadow_pair"]
+                lines.append("# TYPE distillery_shadow_pairs_total counter")
+                lines += [f'distillery_shadow_pairs_total{{{m},task="{task}"}} {n}'
+                          for (task, who), n in sorted(self.routes.items()) if who == "shadow_pair"]
             done = t["completion_tokens"]
             lines += ["# TYPE distillery_usd_per_1m_output_tokens gauge",
                       f"distillery_usd_per_1m_output_tokens{{{m}}} {t['cost_usd'] / done * 1e6 if done else 0.0}",

@@ -13,6 +13,8 @@ import numpy as np
 
 from toolchain.backends.base import pick
 from toolchain.backends.llama_batch import BatchDecoder
+from toolchain.quality.confidence import from_logprobs, label_share
+from toolchain.quality.metrics import first_label
 from toolchain.serve.metrics import Metrics
 from toolchain.serve.schemas import ChatRequest, RequestError
 from toolchain.serve.settings import Settings
@@ -24,8 +26,15 @@ class Job:
     budget / a client that went away, and accounts for what it cost. Both runners (one stream at a time, or
     several batched) drive it the same way."""
 
-    def __init__(self, server: "Server", req, ids: list[int], max_tokens: int, emit, grammar=None):
+    def __init__(self, server: "Server", req, ids: list[int], max_tokens: int, emit, grammar=None,
+                 task: str | None = None):
         self.server, self.req, self.ids, self.max_tokens, self.emit = server, req, ids, max_tokens, emit
+        self.task = task  # the task the call is (serve.constrain, the cascade's rule)
+        # how sure the model is (serve.route: cascade, serve.shadow): each token's log-probability, the two highest
+        # probabilities at the first, the text said
+        self.chosen: list[float] | None = [] if server.s.scoring else None
+        self.first_two: tuple[float, float] | None = None
+        self.said: list[str] = []
         self.temperature = server.s.temperature if req.temperature is None else req.temperature
         self.k = req.logprobs_k()
         self.logprobs = [] if self.k is not None else None
@@ -52,9 +61,20 @@ class Job:
         else:
             self.gaps.append(arrived - self.t_last)
         self.t_last = arrived
-        if self.logprobs is not None:
-            self.logprobs.append(self.server.token_logprobs(tok, self.k, logits()))
-        self.held += self.out.push(tok)
+        if self.logprobs is not None or self.chosen is not None:
+            row = logits()
+            if self.logprobs is not None:
+                self.logprobs.append(self.server.token_logprobs(tok, self.k, row))
+            if self.chosen is not None:
+                z = row.astype(np.float64)
+                lse = float(np.log(np.exp(z - z.max()).sum()) + z.max())
+                self.chosen.append(float(z[tok]) - lse)
+                if self.first_two is None:
+                    two = np.sort(np.partition(z, -2)[-2:])[::-1]
+                    self.first_two = (float(np.exp(two[0] - lse)), float(np.exp(two[1] - lse)))
+        piece = self.out.push(tok)
+        self.said.append(piece)
+        self.held += piece
         now = time.perf_counter()
         if self.held and now - self.t_sent >= self.server.s.stream_interval_ms / 1000:
             self.emit(("text", self.held))
@@ -64,7 +84,9 @@ class Job:
     def finish(self, ended: bool) -> None:
         """``ended``: the model ended its turn (EOS) or a stop string was met, rather than the token budget."""
         finish = "stop" if ended or self.out.stopped else "length"
-        rest = self.held + self.out.flush()
+        tail = self.out.flush()
+        self.said.append(tail)
+        rest = self.held + tail
         if rest:
             self.emit(("text", rest))
         t_end = time.perf_counter()
@@ -74,7 +96,8 @@ class Job:
         cost = self.server.cost(len(ids), n, self.t_queued, self.t_start, self.t_first, t_end, self.machine_s)
         self.server.metrics.add(usage, cost)
         self.server.metrics.observe_gaps(self.gaps)
-        self.emit(("done", (finish, usage, cost, self.logprobs)))
+        confidence = self.server.confidence(self) if self.chosen is not None else None
+        self.emit(("done", (finish, usage, cost, self.logprobs, confidence)))
 
     def fail(self, err: Exception) -> None:
         self.emit(("error", f"{type(err).__name__}: {err}"))
@@ -170,6 +193,17 @@ class Server:
         return {"token": name(tok), "logprob": float(z[tok] - lse),
                 "top_logprobs": [{"token": name(int(t)), "logprob": float(z[t] - lse)} for t in top]}
 
+    def confidence(self, job: Job) -> dict[str, float]:
+        """How sure the model was of the answer it just gave (toolchain.quality.confidence, the scores eval
+        measured); a label task's ``label`` also, from the engine's likelihood of each label after the prompt."""
+        scores = from_logprobs(job.chosen, job.first_two)
+        labels = self.s.labels.get(job.task) if job.task else None
+        if labels and hasattr(self.engine, "continuation_logprob"):
+            named = first_label("".join(job.said), labels)
+            totals = [self.engine.continuation_logprob(job.ids, self.engine.tokenize(label)) for label in labels]
+            scores["label"] = label_share(totals, labels.index(named) if named in labels else None)
+        return scores
+
     def run_one(self, job: Job) -> None:
         """One request alone on the engine (its own sampler, llama.cpp's KV-cache prefix reuse)."""
         job.start()
@@ -203,11 +237,13 @@ class Server:
         except ValueError as e:
             raise RequestError(400, f"response_format: {e}", param="response_format") from None
 
-    async def generate(self, req, ids: list[int], max_tokens: int, grammar=None):
-        """Yields ("text", piece) as tokens arrive, then ("done", (finish_reason, usage, cost, logprobs or None))."""
+    async def generate(self, req, ids: list[int], max_tokens: int, grammar=None, task: str | None = None):
+        """Yields ("text", piece) as tokens arrive, then ("done", (finish_reason, usage, cost, logprobs or None,
+        confidence or None))."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(self, req, ids, max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), grammar)
+        job = Job(self, req, ids, max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), grammar,
+                  task)
         self.metrics.waiting += 1
         if self.batcher is not None:
             future = loop.create_future()

@@ -34,12 +34,24 @@ class Settings:
     # On SIGTERM/SIGINT the server stops taking requests, lets those in flight finish for at most this long, then
     # closes them and exits.
     shutdown_grace_s: float = 5.0
+    # serve.route: cascade — the student answers a call of task T when its confidence ``rules[T].score`` is at or
+    # above ``rules[T].threshold`` (``rules[None]``: calls that name no task); anything else goes upstream
+    route: str = "student"
+    rules: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)  # each label task's labels (its confidence is the label's share)
+    shadow: float = 0.0  # share of calls answered by both the student and the upstream, the pair recorded
+
+    @property
+    def scoring(self) -> bool:
+        """Whether each answer's confidence is measured as it is generated."""
+        return self.route == "cascade" or self.shadow > 0
 
     @classmethod
     def from_recipe(cls, cfg: Recipe, model_id: str, file: str, aliases: tuple[str, ...] = (),
                     api_key: str | None = None, constraints: dict | None = None,
-                    unconstrained: tuple[str, ...] = ()) -> Settings:
-        """A recipe's serve: and cost: sections, and the system prompt the student was trained with."""
+                    unconstrained: tuple[str, ...] = (), routes=None) -> Settings:
+        """A recipe's serve: and cost: sections, the system prompt the student was trained with, and ``routes``
+        (toolchain.serve.routing.Routing) when calls are routed."""
         s, c = cfg.serve, cfg.cost
         return cls(
             model_id=model_id, file=file, aliases=aliases, api_key=api_key,
@@ -49,6 +61,8 @@ class Settings:
             n_ctx_per_slot=s.max_prompt_tokens + s.max_new_tokens + 8, stream_interval_ms=s.stream_interval_ms,
             usd_per_hour=c.usd_per_hour, reference_usd_per_1m_input=c.reference_api_usd_per_1m_input,
             reference_usd_per_1m_output=c.reference_api_usd_per_1m_output, system_prompt=cfg.student_system_prompt(),
+            **({"route": routes.route, "shadow": routes.shadow, "rules": routes.rules, "labels": routes.labels}
+               if routes is not None else {}),
         )
 
     def model_ids(self) -> list[str]:

@@ -143,14 +143,24 @@ def _teacher_onnx(ref, variant: str) -> Path:
     return out
 
 
+def task_specs(cfg: Recipe) -> dict[str, dict]:
+    """Each task's scoring spec, labels inferred from the data's gold values where `tasks:` gives none (as eval)."""
+    train, heldout = load_prompts(cfg)
+    return cfg.task_specs([{"task": p.task, "gold": p.gold} for p in [*train, *heldout]])
+
+
+def task_labels(cfg: Recipe) -> dict[str, list[str]]:
+    """The labels of each label task (what a cascading server's label confidence is a share among)."""
+    return {name: spec["labels"] for name, spec in task_specs(cfg).items() if spec.get("labels")}
+
+
 def task_constraints(cfg: Recipe) -> tuple[dict, tuple[str, ...]]:
     """serve.constrain: task — each task's decoding constraint from the recipe (labels inferred from the data's
     gold values where `tasks:` gives none, as eval does), and the tasks that have none."""
 
     if cfg.serve.constrain == "none":
         return {}, ()
-    train, heldout = load_prompts(cfg)
-    specs = cfg.task_specs([{"task": p.task, "gold": p.gold} for p in [*train, *heldout]])
+    specs = task_specs(cfg)
     constraints = build(specs)
     if cfg.serve.task is not None and cfg.serve.task not in specs:
         raise RecipeError(f"serve.task: '{cfg.serve.task}' is not a task of the recipe's data "
