@@ -114,3 +114,26 @@ def test_the_cascade_table_of_an_eval_report_chooses_on_one_part_and_reports_the
     assert from_eval({"paired": few, "confidence": confidence}, [0.95], rule="point")["targets"][0]["kept"] > 0.3
     assert from_eval({"paired": paired}, [0.98]) is None  # an eval without confidences: no table
     assert from_eval({"paired": {}, "confidence": confidence}, [0.98]) is None  # no task with gold answers
+
+
+def test_a_label_task_beside_a_free_text_task_routes_each_on_its_own_scores():
+    """Only a label task has a ``label`` score: the free-text task must not be routed on it (it would read 0 for
+    every answer), and the AUROC table shows it as missing there."""
+    from toolchain.render.markdown import cascade_markdown
+
+    rng = random.Random(7)
+    paired, confidence = {}, {}
+    for task in ("labels", "text"):
+        ids, teacher, student = [], [], []
+        for i in range(200):
+            pid, right = f"{task}{i}", rng.random() < 0.7
+            ids.append(pid), teacher.append(1), student.append(int(right))
+            confidence[pid] = {"mean_prob": rng.random(), "min_prob": rng.random(), "first_margin": rng.random()}
+            if task == "labels":
+                confidence[pid]["label"] = rng.uniform(0.8, 1.0) if right else rng.uniform(0.0, 0.6)
+        paired[task] = {"ids": ids, "teacher": teacher, "student": student}
+    table = from_eval({"paired": paired, "confidence": confidence}, [0.9])
+    assert table["tasks"]["labels"]["score"] == "label" and table["tasks"]["text"]["score"] != "label"
+    assert "label" not in table["tasks"]["text"]["auroc"]
+    text_row = next(line for line in cascade_markdown(table) if line.startswith("| text |"))
+    assert text_row.split("|")[4].strip() == "-"  # the label column (after first_margin) is empty for free text

@@ -234,8 +234,8 @@ def cascade_markdown(c: dict | None) -> list[str]:
             "task routes on the one marked, chosen on its calibration part:", "",
             "| task | n | " + " | ".join(scores) + " |", "|---|---:|" + "---:|" * len(scores)]
     for task, t in c["tasks"].items():
-        cells = [("-" if t["auroc"][s] is None else f"{t['auroc'][s]:.2f}") + (" ←" if s == t["score"] else "")
-                 for s in scores]
+        cells = [("-" if t["auroc"].get(s) is None else f"{t['auroc'][s]:.2f}") + (" ←" if s == t["score"] else "")
+                 for s in scores]  # "-": no right-vs-wrong split, or a score the task has not (label)
         out.append(f"| {task} | {t['n']} | " + " | ".join(cells) + " |")
     return out
 
