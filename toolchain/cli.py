@@ -38,6 +38,7 @@ from toolchain.render import traffic as traffic_report
 from toolchain.serve import gateway as gateway_app
 from toolchain.serve import targets as served
 from toolchain.serve.app import serve as run_server
+from toolchain.serve import promotion
 from toolchain.serve.routing import open_routing
 from toolchain.serve.settings import Settings, is_loopback
 from toolchain.serve.upstream import parse_upstream
@@ -371,10 +372,13 @@ def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:
               help="Serve a file export flagged as significantly below the PyTorch student.")
 @click.option("--api-key", envvar="DISTILLERY_API_KEY", default=None,
               help="Clients must send 'Authorization: Bearer KEY' (also $DISTILLERY_API_KEY). Required off loopback.")
+@click.option("--watch", is_flag=True,
+              help="Re-open the served file when it is replaced on disk (distillery promote), between two requests; "
+                   "llama_cpp, serve.batch 1.")
 @friendly
 def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | None, model_file: str | None,
           names: tuple[str, ...], host: str | None, port: int | None, include_flagged: bool,
-          api_key: str | None) -> None:
+          api_key: str | None, watch: bool) -> None:
     """Serve the student (or the teacher) behind an OpenAI-compatible API with per-request cost.
 
     POST /v1/chat/completions and /v1/completions (stream: true for server-sent events), GET /v1/models,
@@ -393,9 +397,11 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
         target = served.student(cfg, runs_root, backend, quant, include_flagged)
     else:
         target = served.teacher(cfg, backend, quant)
+    if watch and (backend != "llama_cpp" or cfg.serve.batch != 1):
+        raise UsageFailure("--watch: re-opening a promoted file needs --backend llama_cpp and serve.batch: 1")
     served.check_accelerators(cfg.serve.n_gpu_layers, cfg.serve.onnx_providers)
-    engine = served.open_engine(target, n_ctx=cfg.serve.n_ctx, n_gpu_layers=cfg.serve.n_gpu_layers,
-                                providers=cfg.serve.onnx_providers)
+    options = {"n_ctx": cfg.serve.n_ctx, "n_gpu_layers": cfg.serve.n_gpu_layers, "providers": cfg.serve.onnx_providers}
+    engine = served.open_engine(target, **options)
     recipe_name = () if model_file else (cfg.name if role == "student" else f"{cfg.name}-teacher",)
     constraints, unconstrained = served.task_constraints(cfg)
     routes = open_routing(cfg, runs_root, engine, active=role == "student")  # a teacher answers every call
@@ -406,7 +412,45 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
     click.echo(f"serving {target.model_id} ({target.path}) on http://{host}:{port}/v1"
                + (f"; route {settings.route}, shadow {settings.shadow:g}, upstream {routes.upstream.public}"
                   if routes.upstream else ""), err=True)
-    run_server(engine, settings, host, port, routes.upstream, routes.recorder)
+    run_server(engine, settings, host, port, routes.upstream, routes.recorder, target.path if watch else None,
+               lambda path: served.open_engine(served.Served(path, target.backend, target.model_id, target.role,
+                                                             target.quant), **options))
+
+
+@main.command()
+@recipe_arg
+@runs_opt
+@click.option("--quant", default=None, help="GGUF type of the recipe's export to promote (default q8_0 when exported).")
+@click.option("--file", "candidate", type=click.Path(dir_okay=False), default=None,
+              help="Promote this GGUF instead of the recipe's finished export.")
+@click.option("--to", "target", type=click.Path(dir_okay=False), default=None,
+              help="The served file it would replace (default runs/<recipe>/served/<recipe>-<quant>.gguf).")
+@click.option("--margin", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.05, show_default=True,
+              help="Promote when the candidate keeps at least 1 - margin of the served file's right answers (one-sided "
+                   "lower bound at eval.gate_level).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Compare on the newest N held-out prompts only.")
+@friendly
+def promote(recipe: str, runs_root: str, quant: str | None, candidate: str | None, target: str | None, margin: float,
+            limit: int | None) -> None:
+    """Replace the served student with the recipe's newer one only when it is not worse.
+
+    Both files answer the same newest held-out prompts with gold answers through llama.cpp; the paired one-sided
+    test decides; the served file is replaced atomically (a server started with --watch re-opens it between two
+    requests) and the decision goes to promotions.jsonl beside it. Exit 0 when promoted, 3 when the served file
+    is kept.
+    """
+    cfg = _load(recipe)
+    quant = quant or served.default_quant(cfg, "llama_cpp")
+    path = Path(candidate) if candidate else served.student(cfg, runs_root, "llama_cpp", quant).path
+    to = Path(target) if target else promotion.served_path(cfg, runs_root, quant)
+    record = promotion.promote(cfg, path, to, margin, limit)
+    numbers = (f" (n={record['n']}: served {record['served_right']} right, candidate {record['candidate_right']}; "
+               f"{record['why']})" if "n" in record else f" ({record['why']})")
+    click.echo(("promoted: " if record["promote"] else "kept the served file: ") + f"{path} → {to}" + numbers)
+    if record["promote"]:
+        click.echo(f"serve it: distillery serve {recipe} --file {to} --watch", err=True)
+    else:
+        sys.exit(3)
 
 
 @main.command()

@@ -42,15 +42,16 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def create_app(engine, settings: Settings, upstream: Upstream | None = None, recorder=None):
+def create_app(engine, settings: Settings, upstream: Upstream | None = None, recorder=None, watch=None, reopen=None):
     """The server's routes. With ``upstream`` (serve.route: cascade, serve.shadow) calls the student is not sure of
-    go there, and ``recorder`` (toolchain.data.traffic.Recorder) keeps every call answered upstream."""
+    go there, and ``recorder`` (toolchain.data.traffic.Recorder) keeps every call answered upstream; with ``watch``
+    the served file is re-opened by ``reopen`` when a promotion replaces it."""
     import httpx
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.background import BackgroundTask
 
-    server = Server(engine, settings)
+    server = Server(engine, settings, watch, reopen)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -300,7 +301,7 @@ def create_app(engine, settings: Settings, upstream: Upstream | None = None, rec
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_id, "queue": server.metrics.waiting,
-                "uptime_s": round(time.time() - server.started, 1)}
+                "uptime_s": round(time.time() - server.started, 1), "reopened": server.generation}
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -313,13 +314,15 @@ def create_app(engine, settings: Settings, upstream: Upstream | None = None, rec
     return app
 
 
-def serve(engine, settings: Settings, host: str, port: int, upstream: Upstream | None = None, recorder=None) -> None:
+def serve(engine, settings: Settings, host: str, port: int, upstream: Upstream | None = None, recorder=None,
+          watch=None, reopen=None) -> None:
     import uvicorn
 
     if not is_loopback(host) and not settings.api_key:
         raise ValueError(f"refusing to listen on {host} without an API key (--api-key or DISTILLERY_API_KEY)")
     try:
-        uvicorn.run(create_app(engine, settings, upstream, recorder), host=host, port=port, log_level="warning",
+        uvicorn.run(create_app(engine, settings, upstream, recorder, watch, reopen), host=host, port=port,
+                    log_level="warning",
                     access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s)
     finally:
         if recorder is not None:

@@ -52,6 +52,11 @@ class Metrics:
         self.histograms = {name: Histogram(bounds) for name, bounds in BUCKETS.items()}
         self.waiting = 0
         self.routes: dict[tuple[str, str], int] = {}  # (task, answered_by | shadow_pair) -> calls
+        self.reloads = {"done": 0, "failed": 0}  # the served file re-opened after a promotion
+
+    def reload(self, outcome: str) -> None:
+        with self.lock:
+            self.reloads[outcome] += 1
 
     def route(self, task: str | None, who: str) -> None:
         """A call the cascade routed (who answered it), or a shadow pair recorded."""
@@ -106,6 +111,8 @@ class Metrics:
                 lines += [f"# TYPE distillery_{name} {kind}", f"distillery_{name}{{{m}}} {t[key]}"]
             for name, hist in self.histograms.items():
                 lines += hist.lines(f"distillery_{name}", m)
+            lines.append("# TYPE distillery_reloads_total counter")
+            lines += [f'distillery_reloads_total{{{m},outcome="{k}"}} {n}' for k, n in self.reloads.items()]
             if self.routes:
                 lines.append("# TYPE distillery_cascade_calls_total counter")
                 lines += [f'distillery_cascade_calls_total{{{m},task="{task}",answered_by="{who}"}} {n}'

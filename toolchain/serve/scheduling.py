@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +21,9 @@ from toolchain.serve.metrics import Metrics
 from toolchain.serve.schemas import ChatRequest, RequestError
 from toolchain.serve.settings import Settings
 from toolchain.serve.text import TextStream
+
+
+WATCH_INTERVAL_S = 0.5  # how often a watched served file is checked for a replacement
 
 
 class Job:
@@ -42,6 +47,7 @@ class Job:
         self.cancel = threading.Event()
         self.n = 0
         self.t_queued = time.perf_counter()
+        self.generation = server.generation  # which opening of the served file the prompt was tokenized by
         self.t_start = self.t_first = None
         self.machine_s = 0.0  # this request's share of the engine's time
         self.grammar = grammar  # the engine's constraint (response_format, serve.constrain)
@@ -104,12 +110,48 @@ class Job:
 
 
 class Server:
-    def __init__(self, engine, settings: Settings):
+    def __init__(self, engine, settings: Settings, watch: Path | None = None, reopen=None):
+        """``watch`` and ``reopen``: the served file, re-opened (``reopen(path)`` → engine) when it changes on disk,
+        between two requests (one request at a time only)."""
         self.engine, self.s = engine, settings
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.metrics = Metrics(settings.model_id, settings.file)
         self.started = time.time()
         self.batcher = Batcher(self, settings.batch) if settings.batch > 1 and hasattr(engine, "llm") else None
+        self.generation = 0  # how many times the served file was re-opened
+        if watch is not None and reopen is not None:
+            threading.Thread(target=self._watch, args=(Path(watch), reopen), name="watch", daemon=True).start()
+
+    def _watch(self, path: Path, reopen) -> None:
+        """Poll the served file; when another file has been renamed over it (``distillery promote``), re-open it on
+        the engine's own thread, so the swap falls between two requests and none is dropped."""
+        def identity():
+            try:
+                st = path.stat()
+                return st.st_ino, st.st_mtime_ns, st.st_size
+            except OSError:
+                return None
+
+        seen = identity()
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            now = identity()
+            if now is not None and now != seen:
+                seen = now
+                self.worker.submit(self._reopen, path, reopen).result()
+
+    def _reopen(self, path: Path, reopen) -> None:
+        try:
+            engine = reopen(path)
+        except Exception as e:  # a bad file keeps the one being served
+            self.metrics.reload("failed")
+            print(f"{path}: not re-opened, still serving the previous file ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
+            return
+        self.engine = engine
+        self.generation += 1
+        self.metrics.reload("done")
+        print(f"{path}: re-opened (a promoted file); serving it from the next request", file=sys.stderr, flush=True)
 
     def cost(self, prompt_tokens: int, completion_tokens: int, t_queued: float, t_start: float,
              t_first: float | None, t_end: float, machine_s: float | None = None) -> dict:
@@ -209,6 +251,10 @@ class Server:
         job.start()
         ended = True  # the stream ran out: the model ended its turn
         try:
+            if job.generation != self.generation:  # queued before a re-open: tokenized by the file it replaced
+                job.ids, _ = self.prompt_ids(job.req)
+                job.out = TextStream(self.engine, job.req.stop)
+                job.generation = self.generation
             extra = {"grammar": job.grammar} if job.grammar is not None else {}
             for tok in self.engine.stream(job.ids, job.max_tokens, job.temperature, job.req.top_p, job.req.seed,
                                           **extra):
