@@ -104,13 +104,15 @@ def choose(calibration: list[Case], target: float, alpha: float = 0.05, rule: st
 
 
 def from_eval(report: dict, targets: list[float], fraction: float = 0.5, seed: int = 0, alpha: float = 0.05,
-              rule: str = "lower") -> dict | None:
+              rule: str = "lower", prices: dict | None = None) -> dict | None:
     """The cascade of an eval report (its per-prompt gold outcomes and the student's confidences): per task, the
     AUROC of every confidence score; the score each task routes on (the best AUROC on the task's calibration part,
     so the choice is not made on the prompts it is reported on); and per target, the thresholds chosen per task on
     the calibration part and what they give on the report part, pooled over the tasks (kept share, combined gold,
     retention with its one-sided bounds). None when the report has no confidences (an older eval) or no task with
-    gold answers."""
+    gold answers. With ``prices`` (bench's ``per_call``: per task, and ``all``, the student's and the API's $ per
+    1,000 calls at the task's own lengths) each target also gets $ per 1,000 calls: the student's attempt on every
+    call plus the API's price on every forwarded one, against the API answering all of them."""
     confidence = report.get("confidence")
     if not confidence:
         return None
@@ -144,6 +146,13 @@ def from_eval(report: dict, targets: list[float], fraction: float = 0.5, seed: i
         kept_cases = [Case(c.task, 1.0 if c.confidence >= chosen[task] else 0.0, c.student_right, c.teacher_right)
                       for task, rep in pooled_rep.items() for c in rep]
         point = at(kept_cases, 1.0, 0.0, 0.0, alpha)
-        out.append({"target": target, "thresholds": chosen, **{k: point[k] for k in (
-            "n", "kept", "combined", "teacher", "retention", "lower", "upper", "kept_wrong")}})
+        row = {"target": target, "thresholds": chosen, **{k: point[k] for k in (
+            "n", "kept", "combined", "teacher", "retention", "lower", "upper", "kept_wrong")}}
+        if prices:
+            price = [prices.get(c.task) or prices.get("all") or {} for c in kept_cases]
+            if all(p.get("student_usd_per_1k") is not None and p.get("api_usd_per_1k") is not None for p in price):
+                row["usd_per_1k"] = sum(p["student_usd_per_1k"] + (0.0 if c.confidence else p["api_usd_per_1k"])
+                                        for p, c in zip(price, kept_cases)) / len(kept_cases)
+                row["api_usd_per_1k"] = sum(p["api_usd_per_1k"] for p in price) / len(kept_cases)
+        out.append(row)
     return {"rule": rule, "calibration": fraction, "seed": seed, "level": alpha, "tasks": tasks, "targets": out}

@@ -220,15 +220,18 @@ def cascade_markdown(c: dict | None) -> list[str]:
     if not c:
         return []
     how = f"one-sided lower bound at level {c['level']:g}" if c["rule"] == "lower" else "point estimate"
+    priced = all("usd_per_1k" in row for row in c["targets"])  # with bench's per-call prices (the report)
     out = ["", "## Cascade: the student answers when it is sure, the teacher the rest", "",
            f"Thresholds per task chosen on {c['calibration']:.0%} of its held-out prompts (seed {c['seed']}; a target "
            f"is reached when the {how} of the combined retention is), reported on the rest:", "",
            "| target | n | kept locally | combined gold | teacher gold | retention [one-sided bounds] | "
-           "student errors kept |", "|---:|---:|---:|---:|---:|---:|---:|"]
+           "student errors kept |" + (" $ per 1,000 calls (API alone) |" if priced else ""),
+           "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if priced else "")]
     for row in c["targets"]:
         bounds = (f" [{row['lower']:.2f}, {row['upper']:.2f}]" if row["lower"] is not None else "")
+        cost = f" ${row['usd_per_1k']:.4f} (${row['api_usd_per_1k']:.4f}) |" if priced else ""
         out.append(f"| {row['target']:.2f} | {row['n']} | {100 * row['kept']:.0f}% | {100 * row['combined']:.1f} | "
-                   f"{100 * row['teacher']:.1f} | {num(row['retention'])}{bounds} | {row['kept_wrong']} |")
+                   f"{100 * row['teacher']:.1f} | {num(row['retention'])}{bounds} | {row['kept_wrong']} |" + cost)
     scores = sorted({name for t in c["tasks"].values() for name in t["auroc"]})
     out += ["", "AUROC of each confidence score (right vs wrong student answers, all of a task's prompts); the "
             "task routes on the one marked, chosen on its calibration part:", "",

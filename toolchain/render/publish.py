@@ -30,7 +30,7 @@ from toolchain.pipeline.runs import RunError
 from toolchain.quality.scores import flagged_files
 from toolchain.recipe import Recipe
 from toolchain.render.markdown import bench_markdown as bench_md
-from toolchain.render.markdown import eval_table
+from toolchain.render.markdown import cascade_markdown, eval_table
 from toolchain.render.markdown import export_markdown as export_md
 from toolchain.render.report import gather
 
@@ -99,6 +99,7 @@ def _cards(cfg: Recipe, data: dict, licence: dict, repo: str | None, base_model:
     decision = LicenceDecision(**{k: licence.get(k) for k in LicenceDecision.__dataclass_fields__}) if licence else None
     body = [f"# {cfg.name} student", "", summary, "", "## Quality: teacher vs student (held-out prompts)", "", "```",
             eval_table(data["eval"], data.get("gate")), "```", "",
+            *cascade_markdown(data.get("cascade")), "",
             "## Exported files", "", export_md(data["export"]).split("\n", 2)[2],
             "## Speed (same machine, same quantization)", "", bench_md(data["bench"]).split("\n", 2)[2]]
     body += _left_out_lines(skipped)

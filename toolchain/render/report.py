@@ -21,10 +21,11 @@ from toolchain.artifacts.files import ExportError, run_tool
 from toolchain.pipeline.plans import status
 from toolchain.pipeline.runner import gate_verdict
 from toolchain.pipeline.runs import RunError
+from toolchain.quality import cascade
 from toolchain.quality.gate import gate_lines
 from toolchain.recipe import Recipe
 from toolchain.render.markdown import bench_markdown as bench_md
-from toolchain.render.markdown import eval_table, gate_head, judge_markdown, label_markdown
+from toolchain.render.markdown import cascade_markdown, eval_table, gate_head, judge_markdown, label_markdown
 from toolchain.render.markdown import export_markdown as export_md
 
 
@@ -44,8 +45,12 @@ def gather(cfg: Recipe, runs_root) -> dict:
 
     run_dir = Path(runs_root) / cfg.name
     evaluation = _load(done["eval"] / "eval.json")
+    bench = _load(done["bench"] / "bench.json")
+    c = cfg.eval.cascade  # as the recipe says now, priced per call as bench measured
+    table = cascade.from_eval(evaluation, c.targets, c.calibration, c.seed, cfg.eval.gate_level, c.rule,
+                              prices=bench.get("per_call"))
     return {"recipe": cfg.name, "teacher": cfg.teacher, "eval": evaluation, "gate": gate_verdict(cfg, evaluation),
-            "export": _load(done["export"] / "export.json"), "bench": _load(done["bench"] / "bench.json"),
+            "export": _load(done["export"] / "export.json"), "bench": bench, "cascade": table,
             "sweep": _load(run_dir / "sweep.json"), "dirs": {k: str(v) for k, v in done.items()}}
 
 
@@ -130,6 +135,31 @@ def charts(data: dict) -> dict[str, str]:
     ax.set_ylabel("student gold / teacher gold")
     ax.set_title("Retention per task")
     out["retention"] = _png(fig)
+
+    rows = (data.get("cascade") or {}).get("targets") or []
+    if rows:  # the cascade: how many calls the student keeps, what the combined answers keep, what a call costs
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        x = [100 * r["kept"] for r in rows]
+        y = [r["retention"] or 0 for r in rows]
+        low = [max(0.0, (r["retention"] or 0) - (r["lower"] if r["lower"] is not None else r["retention"] or 0))
+               for r in rows]
+        ax.errorbar(x, y, yerr=[low, [0.0] * len(rows)], fmt="o", color="#2980b9", capsize=4,
+                    label="combined retention (one-sided lower bound)")
+        for r, xi, yi in zip(rows, x, y):
+            cost = f", ${r['usd_per_1k']:.3g}/1k calls" if "usd_per_1k" in r else ""
+            ax.annotate(f"target {r['target']:g}{cost}", (xi, yi), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8)
+        if "api_usd_per_1k" in rows[0]:
+            ax.set_title(f"Cascade on the report prompts (the API alone: ${rows[0]['api_usd_per_1k']:.3g}/1k calls)")
+        else:
+            ax.set_title("Cascade on the report prompts")
+        ax.axhline(1.0, color="#333", lw=0.8)
+        ax.set_xlim(-5, 105)
+        ax.set_xlabel("calls the student answers (%)")
+        ax.set_ylabel("combined gold / teacher gold")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+        out["cascade"] = _png(fig)
     return out
 
 
@@ -161,6 +191,10 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
         lines += [f"![retention]({images['retention']})", ""]
     lines += [x.replace("## ", "### ", 1) if x.startswith("## ") else x
               for x in label_markdown(data["eval"]) + judge_markdown(data["eval"])] + [""]
+    if data.get("cascade"):
+        lines += cascade_markdown(data["cascade"]) + [""]
+        if images and images.get("cascade"):
+            lines += [f"![cascade]({images['cascade']})", ""]
     lines += ["## Exported files", "", export_md(data["export"]).split("\n", 2)[2]]
     if data.get("sweep"):
         lines += [
