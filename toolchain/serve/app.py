@@ -269,14 +269,10 @@ def create_app(engine, settings: Settings, upstream: Upstream | None = None, rec
         seen = Stream(kind, hide_usage=not wants_usage)
 
         async def passed():
-            buffer, error = b"", None
+            error = None
             try:
-                async for chunk in reply.aiter_bytes():
-                    buffer += chunk.replace(b"\r\n", b"\n")
-                    while b"\n\n" in buffer:
-                        event, buffer = buffer.split(b"\n\n", 1)
-                        if seen.passes(event):
-                            yield event + b"\n\n"
+                async for event in seen.relay(reply):
+                    yield event
             except httpx.HTTPError as err:
                 error = upstream.unreachable(err)
                 yield _sse(_error_body(502, error)).encode()

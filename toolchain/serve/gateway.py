@@ -196,14 +196,10 @@ def create_app(settings: GatewaySettings, recorder: Recorder):
         seen = Stream(kind, hide_usage)
 
         async def events():
-            buffer, error, closed = b"", None, True
+            error, closed = None, True
             try:
-                async for chunk in reply.aiter_bytes():
-                    buffer += chunk.replace(b"\r\n", b"\n")
-                    while b"\n\n" in buffer:
-                        event, buffer = buffer.split(b"\n\n", 1)
-                        if seen.passes(event):
-                            yield event + b"\n\n"
+                async for event in seen.relay(reply):
+                    yield event
                 closed = False
             except httpx.HTTPError as err:
                 error = unreachable(err)

@@ -81,6 +81,16 @@ class Stream:
                 return False
         return True
 
+    async def relay(self, reply):
+        """The upstream response's events as they arrive, whole, those the client gets (``passes``)."""
+        buffer = b""
+        async for chunk in reply.aiter_bytes():
+            buffer += chunk.replace(b"\r\n", b"\n")
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                if self.passes(event):
+                    yield event + b"\n\n"
+
     def answer(self) -> dict:
         return assembled(self.kind, self.rid, self.created, self.model, "".join(self.parts), self.finish, self.usage)
 
