@@ -4,9 +4,10 @@ token), against the plain student and the teacher streaming straight away.
 
     python benchmarks/cascade_latency.py [--recipe recipes/default.yaml] [--runs runs] [--prompts 24]
 
-Starts the teacher (``distillery serve --model teacher``), a plain student server and two cascading ones (fixed
-threshold 0: every call kept; threshold 1: every call forwarded) on the recipe's exported student, then sends each
-held-out prompt streamed to all four in turn (one call at a time, so the four see the same machine). Prints the
+Starts the teacher twice (``distillery serve --model teacher``: one asked directly, one the cascades' upstream, so
+neither has seen a prompt before — llama.cpp reuses a prompt's cache), a plain student server and two cascading ones
+(fixed threshold 0: every call kept; threshold 1: every call forwarded) on the recipe's exported student, then sends
+each held-out prompt streamed to the four paths in turn (one call at a time, so they see the same machine). Prints the
 median and p90 time to first content byte and to the last byte per path, and the ratios to the plain student.
 """
 
@@ -66,9 +67,11 @@ def main() -> None:
 
     procs = []
     try:
-        teacher, t_port = server(args.recipe, "--model", "teacher", what="the teacher")
+        teacher, direct = server(args.recipe, "--model", "teacher", what="the teacher")
         procs.append(teacher)
-        ports = {"teacher": t_port}
+        upstream, t_port = server(args.recipe, "--model", "teacher", what="the cascades' teacher")
+        procs.append(upstream)
+        ports = {"teacher": direct}
         student, ports["student"] = server(args.recipe, "--runs", args.runs, what="the student")
         procs.append(student)
         for name, threshold in (("cascade, kept", 0.0), ("cascade, forwarded", 1.0)):
