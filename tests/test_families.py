@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from toolchain.models import families
 from toolchain.models import student as cut
 from toolchain.models import vocab as trim
 from toolchain.models.references import load_tokenizer, resolve
@@ -112,3 +113,34 @@ def test_the_gguf_file_computes_what_pytorch_computes(family, tmp_path):
     for _ in range(6):
         ids.append(int(_logits(model, ids)[-1].argmax()))
     assert greedy == ids[len(PROMPT):]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_on_the_recipes_targets_adapts_every_projection_and_merges_to_the_same_function(family):
+    """The recipe's default LoRA targets reach every linear layer of a decoder block in every family (Phi-3's fused
+    qkv_proj and gate_up_proj included), and the merged model computes what the adapted one does."""
+    from peft import LoraConfig, get_peft_model
+
+    from toolchain.recipe import LoraConfig as RecipeLora
+
+    model = _model(family)
+    block = {n.rsplit(".", 1)[-1] for n, m in cut.decoder_layers(model)[0].named_modules()
+             if isinstance(m, torch.nn.Linear)}
+    targets = families.lora_targets(model, list(RecipeLora().targets))
+    torch.manual_seed(1)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    layer = cut.decoder_layers(adapted.base_model.model)[0]
+    got = {n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if hasattr(m, "lora_A")}
+    assert got == block, f"{family}: adapters on {sorted(got)}, block has {sorted(block)}"
+    want = _logits(adapted, PROMPT)
+    merged = adapted.merge_and_unload()
+    np.testing.assert_allclose(_logits(merged, PROMPT), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_lora_target_no_layer_has_is_one_line_naming_what_the_model_has():
+    from toolchain.models.references import ModelError
+
+    with pytest.raises(ModelError, match=r"distill\.lora\.targets: c_attn is no layer of the phi3 model; its linear "
+                                         r"layers are down_proj, gate_up_proj, lm_head, o_proj, qkv_proj"):
+        families.lora_targets(_model("phi3"), ["q_proj", "c_attn"])
+    assert families.lora_targets(_model("phi3"), ["q_proj", "k_proj", "o_proj"]) == ["qkv_proj", "o_proj"]

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from toolchain.models import student, vocab
+from toolchain.models import families, student, vocab
 from toolchain.models.chat import IGNORE, common_prefix
 from toolchain.recipe import Recipe
 from toolchain.training import batches
@@ -37,7 +37,8 @@ def trainable(model, cfg: Recipe):
 
         norms = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "norm" in type(m).__name__.lower()})
         lcfg = LoraConfig(r=d.lora.r, lora_alpha=d.lora.alpha, lora_dropout=d.lora.dropout,
-                          target_modules=list(d.lora.targets), bias="none", task_type="CAUSAL_LM",
+                          target_modules=families.lora_targets(model, list(d.lora.targets)), bias="none",
+                          task_type="CAUSAL_LM",
                           modules_to_save=norms if d.train_norms else None)
         return get_peft_model(model, lcfg)
     tied = student.embeddings_tied(model)

@@ -1,0 +1,42 @@
+"""What differs between the model families users bring where distillery's own code touches it. So far: which
+linear layers LoRA adapts — Phi-3 fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``, so the usual
+per-projection names would adapt only ``o_proj`` and ``down_proj`` there, silently; they are mapped onto the fused
+layers, and a name no layer of the model has is refused in one line naming what it has.
+
+Measured per family (tiny random models from each family's ``transformers`` config, tests/test_families.py): the
+layer cut, the vocabulary trim, LoRA on every projection and its merge, and the GGUF file against PyTorch for
+Llama-3, Qwen2, Qwen3, Gemma-2, Gemma-3 (text), Phi-3 and Mistral.
+"""
+
+from __future__ import annotations
+
+from toolchain.models.references import ModelError
+
+# per-projection names → the fused layer that holds them, in families that fuse (Phi-3)
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
+
+
+def linear_names(model) -> list[str]:
+    """The leaf names of the model's linear layers (``q_proj``, ``qkv_proj``, ``lm_head``, ...)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def lora_targets(model, requested: list[str]) -> list[str]:
+    """``distill.lora.targets`` as this model names its layers (fused where it fuses), in the order given;
+    ModelError naming the field for a name none of its layers has."""
+    have = set(linear_names(model)) | {"embed_tokens"}
+    out, missing = [], []
+    for name in requested:
+        found = name if name in have else FUSED.get(name) if FUSED.get(name) in have else None
+        if found is None:
+            missing.append(name)
+        elif found not in out:
+            out.append(found)
+    if missing:
+        kind = getattr(getattr(model, "config", None), "model_type", "this")
+        raise ModelError(f"distill.lora.targets: {', '.join(missing)} is no layer of the {kind} model; its linear "
+                         f"layers are {', '.join(sorted(have - {'embed_tokens'}))}")
+    return out
