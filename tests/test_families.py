@@ -144,3 +144,23 @@ def test_a_lora_target_no_layer_has_is_one_line_naming_what_the_model_has():
                                          r"layers are down_proj, gate_up_proj, lm_head, o_proj, qkv_proj"):
         families.lora_targets(_model("phi3"), ["q_proj", "c_attn"])
     assert families.lora_targets(_model("phi3"), ["q_proj", "k_proj", "o_proj"]) == ["qkv_proj", "o_proj"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_onnx_file_computes_what_pytorch_computes(family, tmp_path):
+    """HF folder → optimum's ONNX export (the decoder with past key values) → onnxruntime: the logits at every
+    position of the prompt match PyTorch's."""
+    from toolchain.artifacts import onnx_io
+    from toolchain.backends.onnx import OnnxEngine
+
+    model = _model(family)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")
+    path = onnx_io.export(tmp_path / "hf", tmp_path / "onnx")
+    engine = OnnxEngine(path.parent)
+    try:
+        got = engine.logits(PROMPT)
+    finally:
+        engine.close()
+    want = _logits(model, PROMPT)
+    np.testing.assert_allclose(got, want, atol=2e-3 * float(np.abs(want).max()), rtol=0)
