@@ -185,6 +185,40 @@ def test_soft_label_over_a_trimmed_vocabulary_end_to_end(soft_run, tmp_path):
                                  for r in log)
 
 
+def test_a_smaller_model_of_the_teachers_family_distils_soft_label_and_exports(soft_run, tmp_path):
+    """student.from: a separately built, smaller and narrower model of the teacher's family (the teacher's tokenizer,
+    2 layers of width 32 against 30 of 576; not a pruned copy): soft labels from the teacher's top-32 cache, merged,
+    exported to a GGUF that llama.cpp loads and whose tokens match PyTorch's; the file names both its base models."""
+    import shutil
+
+    from tests.conftest import tiny_model_dir
+    from toolchain.artifacts.gguf_io import open_reader
+
+    _, runs = soft_run
+    gen = stage_dirs(runs, "ci-soft")["generate"]
+    mine = tmp_path / "runs"
+    shutil.copytree(gen, mine / "ci-soft" / gen.name)
+    small = tiny_model_dir(tmp_path / "small", layers=2)
+    recipe = recipe_copy(tmp_path, "ci-soft", base="ci-soft", student={"from": str(small)}, distill__max_steps=3,
+                         eval__base=False, export={"formats": ["gguf"], "quants": ["q8_0"]})
+    # a random 2-layer student is no match for the teacher: the gate reports it, the chain still runs
+    proc = distillery("run", str(recipe), "--runs", str(mine), "--until", "export", "--no-gate")
+    assert "generate: up to date" in proc.stdout + proc.stderr
+    dirs = stage_dirs(mine, "ci-soft")
+    info = json.loads((dirs["distill"] / "student.json").read_text())
+    assert info["from"] == str(small) and len(info["kept_layers"]) == 2
+    log = [json.loads(l) for l in (dirs["distill"] / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(r["kd"] > 0 for r in log)  # soft labels across the same vocabulary
+    export = json.loads((dirs["export"] / "export.json").read_text())
+    (gguf,) = [r for r in export["files"] if r["format"] == "gguf"]
+    assert gguf["tokenizer_same_as_hf"] == gguf["tokenizer_strings"]
+    assert gguf["greedy_same"] + gguf["greedy_near_ties"] == gguf["greedy_prompts"] > 0
+    fields = open_reader(dirs["export"] / gguf["file"]).fields
+    names = [fields[f"general.base_model.{i}.name"].contents() for i in range(fields["general.base_model.count"]
+                                                                                .contents())]
+    assert len(names) == 2 and names[1] == "small"  # the teacher, then the student's own starting model
+
+
 @pytest.fixture(scope="module")
 def reasoning_run(tmp_path_factory):
     return _run(tmp_path_factory, "ci-reasoning", until="eval")

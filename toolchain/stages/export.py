@@ -19,6 +19,7 @@ float files; top-1 agreement and mean KL(PyTorch ‖ file) over those sequences 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -57,9 +58,27 @@ EXACT = {"f32", "f16", "fp32"}  # float files: greedy output must equal PyTorch'
 
 
 def tokenizer_source(cfg: Recipe) -> Path | None:
-    """The GGUF the student's tokenizer came from (the teacher, or the student's own starting model)."""
+    """The GGUF the student's tokenizer came from: the teacher, the student's own starting model, or — for a
+    student from an HF folder whose vocabulary is the GGUF teacher's token for token — the teacher's, so llama.cpp
+    gets the exact tables it already runs rather than the converter's reading of the folder."""
     ref = resolve(cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_)
-    return ref.path if ref.kind == "gguf" else None
+    if ref.kind == "gguf":
+        return ref.path
+    teacher = resolve(cfg.teacher)
+    if teacher.kind == "gguf" and ref.kind == "hf_dir" and _same_vocabulary(teacher.path, ref.path):
+        return teacher.path
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _same_vocabulary(gguf: Path, folder: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    tokens = gguf_io.open_reader(gguf).fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return False
+    tok = AutoTokenizer.from_pretrained(folder)
+    return list(tokens.contents()) == tok.convert_ids_to_tokens(list(range(len(tok))))
 
 
 class Reference:
