@@ -164,3 +164,24 @@ def test_the_onnx_file_computes_what_pytorch_computes(family, tmp_path):
         engine.close()
     want = _logits(model, PROMPT)
     np.testing.assert_allclose(got, want, atol=2e-3 * float(np.abs(want).max()), rtol=0)
+
+
+def test_every_family_is_one_the_pinned_converter_converts_and_another_is_refused_at_validate(tmp_path):
+    """validate knows before any training whether the student can become a GGUF: an architecture llama.cpp's
+    converter lacks is one line naming it (exit 2); the seven families above are all convertible."""
+    import json
+
+    from tests.conftest import distillery, recipe_copy, tiny_model_dir
+    from toolchain.artifacts import gguf_io
+
+    known = gguf_io.convertible()
+    assert {type(_model(f)).__name__ for f in FAMILIES} <= known
+    folder = tiny_model_dir(tmp_path / "odd", layers=2)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["OddForCausalLM"]}))
+    recipe = recipe_copy(tmp_path, student={"from": str(folder)})
+    proc = distillery("validate", str(recipe), check=False)
+    assert proc.returncode == 2 and "cannot convert OddForCausalLM" in proc.stderr and "export.formats" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    ok = recipe_copy(tmp_path, name="onnx-only", student={"from": str(folder)}, export={"formats": ["onnx"]})
+    assert distillery("validate", str(ok), check=False).returncode == 0  # no GGUF asked: nothing to refuse

@@ -69,6 +69,21 @@ def converter_dir() -> Path:
     return target
 
 
+def convertible() -> set[str]:
+    """The Hugging Face architectures (``config.json`` ``architectures``) the pinned llama.cpp's converter converts to
+    a text model: its ``TEXT_MODEL_MAP``, read from the source without importing it."""
+    import ast
+
+    source = (converter_dir() / "conversion" / "__init__.py").read_text(encoding="utf-8")
+    for node in ast.walk(ast.parse(source)):
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and isinstance(node.value, ast.Dict):
+            return {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+    raise ExportError(f"{converter_dir()}: no TEXT_MODEL_MAP in llama.cpp's converter (a layout this distillery "
+                      "does not know)")
+
+
 def tools_dir(announce=None) -> Path:
     """llama.cpp's ``llama-imatrix`` and ``llama-quantize``, built once (about 3 minutes on 2 cores) from the
     same sdist as the runtime and the converter, with the wheel's portable CPU flags, and cached per version and

@@ -10,7 +10,9 @@ Llama-3, Qwen2, Qwen3, Gemma-2, Gemma-3 (text), Phi-3 and Mistral.
 
 from __future__ import annotations
 
-from toolchain.models.references import ModelError
+import json
+
+from toolchain.models.references import ModelError, ModelRef, gguf_metadata
 
 # per-projection names → the fused layer that holds them, in families that fuse (Phi-3)
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
@@ -40,3 +42,18 @@ def lora_targets(model, requested: list[str]) -> list[str]:
         raise ModelError(f"distill.lora.targets: {', '.join(missing)} is no layer of the {kind} model; its linear "
                          f"layers are {', '.join(sorted(have - {'embed_tokens'}))}")
     return out
+
+
+def architecture(ref: ModelRef) -> str | None:
+    """The Hugging Face architecture a student made from ``ref`` has: its folder's ``config.json``, or for a GGUF
+    the class transformers' GGUF loader builds for its ``general.architecture``; None for an endpoint or what the
+    files do not say."""
+    if ref.kind == "hf_dir" and ref.path is not None and (ref.path / "config.json").is_file():
+        names = json.loads((ref.path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+        return names[0] if names else None
+    if ref.kind == "gguf" and ref.path is not None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = str(gguf_metadata(ref.path).get("general.architecture") or "")
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(arch)
+    return None

@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
+from toolchain.artifacts import gguf_io
 from toolchain.data.formats import load_prompts
 from toolchain.data.rows import DataError
-from toolchain.models import licenses
+from toolchain.models import families, licenses
 from toolchain.models.references import dimensions, resolve, vocabulary
 from toolchain.pipeline.plans import PLANS, STAGES, stage_inputs
 from toolchain.pipeline.runs import RunDir, RunError, execute, read_manifest, stage_key
@@ -33,6 +35,7 @@ def preflight(cfg: Recipe) -> None:
                           f"(their tasks: {', '.join(sorted(known))})")
     check_golds(cfg, train + heldout)
     check_dimensions(cfg)
+    check_family(cfg)
 
     if cfg.distill.flavour == "soft" and cfg.teacher.startswith("openai:"):
         console.print("  soft-label from an openai: teacher: the token strings of its top log-probs are mapped to ids "
@@ -49,6 +52,20 @@ def preflight(cfg: Recipe) -> None:
             console.print(f"  soft-label: one tokenizer, but output layers of {rows['teacher']} (teacher) and "
                           f"{rows['student']} (student) rows: the divergence uses the {min(rows.values())} both have "
                           f"(the rest are padding, no token maps to them)")
+
+
+def check_family(cfg: Recipe) -> None:
+    """A student whose architecture the pinned llama.cpp converter cannot convert is refused here, in one line, when
+    the recipe exports GGUF — not after training, at export."""
+    ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
+    if "gguf" not in cfg.export.formats or ref.startswith(("hf:", "openai:")):
+        return
+    arch = families.architecture(resolve(ref))
+    if arch is not None and arch not in gguf_io.convertible():
+        raise RecipeError(f"{cfg.source}: export.formats: llama.cpp's converter (llama-cpp-python "
+                          f"{importlib.metadata.version('llama_cpp_python')}) cannot convert {arch}, the "
+                          "student's architecture; leave gguf out of export.formats (ONNX still exports) or choose "
+                          "another student")
 
 
 def check_golds(cfg: Recipe, prompts) -> None:
