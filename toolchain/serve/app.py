@@ -170,7 +170,7 @@ def create_app(engine, settings: Settings, upstream: Upstream | None = None, rec
         endpoint = "chat" if kind == "chat" else "completions"
         started, t0 = time.time(), time.perf_counter()
         said, confidence, failed = [], None, None
-        async for ev, value in server.generate(req, ids, max_tokens, grammar, task):
+        async for ev, value in server.generate(req, ids, max_tokens, grammar, task, scored=True):
             if ev == "text":
                 said.append(value)
             elif ev == "error":

@@ -32,12 +32,12 @@ class Job:
     several batched) drive it the same way."""
 
     def __init__(self, server: "Server", req, ids: list[int], max_tokens: int, emit, grammar=None,
-                 task: str | None = None):
+                 task: str | None = None, scored: bool = False):
         self.server, self.req, self.ids, self.max_tokens, self.emit = server, req, ids, max_tokens, emit
         self.task = task  # the task the call is (serve.constrain, the cascade's rule)
-        # how sure the model is (serve.route: cascade, serve.shadow): each token's log-probability, the two highest
-        # probabilities at the first, the text said
-        self.chosen: list[float] | None = [] if server.s.scoring else None
+        # how sure the model is (a call the cascade routes or shadow mode pairs): each token's log-probability, the
+        # two highest probabilities at the first, the text said
+        self.chosen: list[float] | None = [] if scored else None
         self.first_two: tuple[float, float] | None = None
         self.said: list[str] = []
         self.temperature = server.s.temperature if req.temperature is None else req.temperature
@@ -283,13 +283,14 @@ class Server:
         except ValueError as e:
             raise RequestError(400, f"response_format: {e}", param="response_format") from None
 
-    async def generate(self, req, ids: list[int], max_tokens: int, grammar=None, task: str | None = None):
+    async def generate(self, req, ids: list[int], max_tokens: int, grammar=None, task: str | None = None,
+                       scored: bool = False):
         """Yields ("text", piece) as tokens arrive, then ("done", (finish_reason, usage, cost, logprobs or None,
-        confidence or None))."""
+        confidence: the answer's scores when ``scored``, else None))."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(self, req, ids, max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), grammar,
-                  task)
+                  task, scored)
         self.metrics.waiting += 1
         if self.batcher is not None:
             future = loop.create_future()

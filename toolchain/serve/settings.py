@@ -41,11 +41,6 @@ class Settings:
     labels: dict = field(default_factory=dict)  # each label task's labels (its confidence is the label's share)
     shadow: float = 0.0  # share of calls answered by both the student and the upstream, the pair recorded
 
-    @property
-    def scoring(self) -> bool:
-        """Whether each answer's confidence is measured as it is generated."""
-        return self.route == "cascade" or self.shadow > 0
-
     @classmethod
     def from_recipe(cls, cfg: Recipe, model_id: str, file: str, aliases: tuple[str, ...] = (),
                     api_key: str | None = None, constraints: dict | None = None,
