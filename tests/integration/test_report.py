@@ -65,8 +65,10 @@ def test_report_html_renders_in_headless_chromium(ci_run, tmp_path):
     assert str(page) in proc.stdout  # `distillery run` wrote it
     assert str(page) in distillery("report", str(recipe), "--runs", str(runs)).stdout  # and `distillery report` does
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == 3 and "http" not in text.split("<body>")[1].split("Teacher")[0]
-    for heading in ("Speed and cost", "Quality (lm-eval", "Exported files"):
+    # quality vs speed, cost, retention per task, and the cascade (calls kept vs combined retention, priced)
+    assert text.count("data:image/png;base64,") == 4 and "http" not in text.split("<body>")[1].split("Teacher")[0]
+    for heading in ("Speed and cost", "Quality (lm-eval", "Exported files", "Cascade: the student answers",
+                    "$ per 1,000 calls (API alone)"):
         assert heading in text
     png = screenshot(page, tmp_path / "report.png", height=2400)
     image = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
