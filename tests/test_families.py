@@ -185,3 +185,18 @@ def test_every_family_is_one_the_pinned_converter_converts_and_another_is_refuse
     assert len(proc.stderr.strip().splitlines()) == 1
     ok = recipe_copy(tmp_path, name="onnx-only", student={"from": str(folder)}, export={"formats": ["onnx"]})
     assert distillery("validate", str(ok), check=False).returncode == 0  # no GGUF asked: nothing to refuse
+
+
+def test_validate_does_not_fail_when_the_converter_cannot_be_fetched(tmp_path, monkeypatch):
+    """Offline, with no converter in the cache, the architecture is left to export: validate does not stop."""
+    from tests.conftest import recipe_copy
+    from toolchain.artifacts import gguf_io
+    from toolchain.artifacts.files import ExportError
+    from toolchain.pipeline import runner
+    from toolchain.recipe import load
+
+    def offline():
+        raise ExportError("could not fetch llama.cpp's source")
+
+    monkeypatch.setattr(gguf_io, "convertible", offline)
+    runner.check_family(load(recipe_copy(tmp_path)))  # no exception

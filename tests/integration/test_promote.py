@@ -58,7 +58,7 @@ def test_a_worse_student_is_kept_out_and_a_better_one_promoted_under_load(ci_run
             except Exception as e:  # any failed call is a dropped call
                 errors.append(repr(e))
             i += 1
-            time.sleep(0.2)  # a steady trickle: the two comparisons share these cores
+            time.sleep(0.5)  # a steady trickle: the two comparisons share these cores
 
     thread = threading.Thread(target=load_it)
     thread.start()
