@@ -17,6 +17,14 @@ class Completion:
     logprobs: list[dict] | None = None
 
 
+def log_softmax(x):
+    """Log-probabilities from logits along the last axis (numpy; shift by the maximum first)."""
+    import numpy as np
+
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def pick(logits, temperature: float, top_p: float, rng) -> int:
     """Argmax at temperature 0; otherwise a sample from the tempered distribution cut to its top-p mass."""
     import numpy as np

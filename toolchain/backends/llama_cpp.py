@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.backends.base import Completion
+from toolchain.backends.base import Completion, log_softmax
 from toolchain.backends.llama_batch import BATCH_TOKENS, BatchDecoder, fill, greedy_stream, logits_row, logits_stream
 
 
@@ -236,9 +236,7 @@ class LlamaCppEngine:
         self._prime(list(ids))
         total = 0.0
         for k, tok in enumerate(continuation):
-            z = self.step_logits().astype(np.float64)
-            top = z.max()
-            total += float(z[tok] - top - np.log(np.exp(z - top).sum()))
+            total += float(log_softmax(self.step_logits().astype(np.float64))[tok])
             if k + 1 < len(continuation):
                 self._decode([tok])
         return total

@@ -14,12 +14,8 @@ from collections import defaultdict
 import numpy as np
 from lm_eval.api.model import LM
 
+from toolchain.backends.base import log_softmax
 from toolchain.ui import progress
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def continuation_logprob(logits: np.ndarray, cont: list[int]) -> tuple[float, bool]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.backends.base import pick
+from toolchain.backends.base import log_softmax, pick
 from toolchain.backends.llama_batch import BatchDecoder
 from toolchain.quality.confidence import from_logprobs, label_share
 from toolchain.quality.metrics import first_label
@@ -72,12 +72,11 @@ class Job:
             if self.logprobs is not None:
                 self.logprobs.append(self.server.token_logprobs(tok, self.k, row))
             if self.chosen is not None:
-                z = row.astype(np.float64)
-                lse = float(np.log(np.exp(z - z.max()).sum()) + z.max())
-                self.chosen.append(float(z[tok]) - lse)
+                logp = log_softmax(row.astype(np.float64))
+                self.chosen.append(float(logp[tok]))
                 if self.first_two is None:
-                    two = np.sort(np.partition(z, -2)[-2:])[::-1]
-                    self.first_two = (float(np.exp(two[0] - lse)), float(np.exp(two[1] - lse)))
+                    two = np.exp(np.sort(np.partition(logp, -2)[-2:])[::-1])
+                    self.first_two = (float(two[0]), float(two[1]))
         piece = self.out.push(tok)
         self.said.append(piece)
         self.held += piece
@@ -228,12 +227,12 @@ class Server:
     def token_logprobs(self, tok: int, k: int, logits=None) -> dict:
         """The chosen token's log-probability and the k most likely tokens, from the raw logits of this step."""
         z = (self.engine.step_logits() if logits is None else logits).astype(np.float64)
-        lse = float(np.log(np.exp(z - z.max()).sum()) + z.max())
+        logp = log_softmax(z)
         top = np.argpartition(-z, k)[:k] if 0 < k < len(z) else np.arange(len(z) if k else 0)
         top = top[np.argsort(-z[top])]
         name = self.engine.token_text
-        return {"token": name(tok), "logprob": float(z[tok] - lse),
-                "top_logprobs": [{"token": name(int(t)), "logprob": float(z[t] - lse)} for t in top]}
+        return {"token": name(tok), "logprob": float(logp[tok]),
+                "top_logprobs": [{"token": name(int(t)), "logprob": float(logp[t])} for t in top]}
 
     def confidence(self, job: Job) -> dict[str, float]:
         """How sure the model was of the answer it just gave (toolchain.quality.confidence, the scores eval

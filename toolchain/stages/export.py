@@ -30,6 +30,7 @@ import numpy as np
 from toolchain.artifacts import gguf_io, onnx_io
 from toolchain.artifacts.files import ExportError, check_safetensors
 from toolchain.artifacts.modelfile import modelfile, roles, with_default_system
+from toolchain.backends.base import log_softmax
 from toolchain.backends.llama_cpp import LlamaCppEngine
 from toolchain.backends.onnx import OnnxEngine
 from toolchain.data.rows import iter_jsonl
@@ -40,7 +41,6 @@ from toolchain.pipeline.runs import RESUME_DIR, Manifest, read_manifest, write_j
 from toolchain.quality import heldout
 from toolchain.quality import scores as em
 from toolchain.quality.constraints import free_and_constrained
-from toolchain.quality.lm_adapter import log_softmax
 from toolchain.recipe import Recipe
 from toolchain.render.markdown import export_markdown, num, pct, quality_notes
 from toolchain.serve import targets as served
