@@ -20,7 +20,7 @@ from toolchain.data.traffic import Recorder, TrafficStore, store_path
 from toolchain.pipeline.plans import finished
 from toolchain.quality import cascade
 from toolchain.recipe import Recipe, RecipeError
-from toolchain.serve.targets import task_labels, task_specs
+from toolchain.serve.targets import task_specs
 from toolchain.serve.upstream import Upstream, parse_upstream
 
 
@@ -74,13 +74,14 @@ def open_routing(cfg: Recipe, runs_root, engine, active: bool = True) -> Routing
     s = cfg.serve
     if not active or (s.route != "cascade" and s.shadow == 0):
         return Routing("student", 0.0, {}, {}, None, None)
-    labels = task_labels(cfg)
+    specs = task_specs(cfg)  # the prompt files read once
+    labels = {name: spec["labels"] for name, spec in specs.items() if spec.get("labels")}
     rules_ = {}
     if s.route == "cascade":
         report = None
         if s.cascade.threshold is None:
             report = json.loads((finished(cfg, runs_root, "eval") / "eval.json").read_text(encoding="utf-8"))
-        rules_ = rules(cfg, report, sorted(task_specs(cfg)))
+        rules_ = rules(cfg, report, sorted(specs))
         if any(r.score == "label" for r in rules_.values()) and not hasattr(engine, "continuation_logprob"):
             raise RecipeError("serve.route: a label task's confidence (serve.cascade.score: label) is measured on the "
                               "llama_cpp backend only; serve with --backend llama_cpp or fix serve.cascade.score")

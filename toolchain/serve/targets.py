@@ -149,11 +149,6 @@ def task_specs(cfg: Recipe) -> dict[str, dict]:
     return cfg.task_specs([{"task": p.task, "gold": p.gold} for p in [*train, *heldout]])
 
 
-def task_labels(cfg: Recipe) -> dict[str, list[str]]:
-    """The labels of each label task (what a cascading server's label confidence is a share among)."""
-    return {name: spec["labels"] for name, spec in task_specs(cfg).items() if spec.get("labels")}
-
-
 def task_constraints(cfg: Recipe) -> tuple[dict, tuple[str, ...]]:
     """serve.constrain: task — each task's decoding constraint from the recipe (labels inferred from the data's
     gold values where `tasks:` gives none, as eval does), and the tasks that have none."""
