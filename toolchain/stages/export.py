@@ -65,20 +65,15 @@ def tokenizer_source(cfg: Recipe) -> Path | None:
     if ref.kind == "gguf":
         return ref.path
     teacher = resolve(cfg.teacher)
-    if teacher.kind == "gguf" and ref.kind == "hf_dir" and _same_vocabulary(teacher.path, ref.path):
+    if teacher.kind == "gguf" and ref.kind == "hf_dir" and _same_vocabulary(cfg.teacher, cfg.student.from_):
         return teacher.path
     return None
 
 
 @functools.lru_cache(maxsize=8)
-def _same_vocabulary(gguf: Path, folder: Path) -> bool:
-    from transformers import AutoTokenizer
-
-    tokens = gguf_io.open_reader(gguf).fields.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        return False
-    tok = AutoTokenizer.from_pretrained(folder)
-    return list(tokens.contents()) == tok.convert_ids_to_tokens(list(range(len(tok))))
+def _same_vocabulary(teacher: str, student_from: str) -> bool:
+    """``references.vocabulary`` equal (the test soft labels use too), once per pair in a process."""
+    return references.vocabulary(resolve(teacher)) == references.vocabulary(resolve(student_from))
 
 
 class Reference:
