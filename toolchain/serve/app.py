@@ -38,6 +38,11 @@ def _choice(kind: str, text: str | None, finish: str | None, delta: bool, logpro
                 "top_logprobs": [{x["token"]: x["logprob"] for x in t["top_logprobs"]} for t in logprobs]}}
 
 
+def _objects(kind: str) -> tuple[str, str]:
+    """The ``object`` of a whole answer and of a streamed chunk."""
+    return ("chat.completion", "chat.completion.chunk") if kind == "chat" else ("text_completion", "text_completion")
+
+
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -109,7 +114,7 @@ def create_app(engine, settings: Settings, upstream: Upstream | None = None, rec
                         headers={"Retry-After": "1"})
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        obj = "chat.completion" if kind == "chat" else "text_completion"
+        obj, chunk_obj = _objects(kind)
         server.metrics.count(endpoint, 200)
 
         task = named_task(request, req)
@@ -135,7 +140,6 @@ def create_app(engine, settings: Settings, upstream: Upstream | None = None, rec
                                  "cost": cost})
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         async def events():
             def sse(payload: dict) -> str:
@@ -198,7 +202,7 @@ def create_app(engine, settings: Settings, upstream: Upstream | None = None, rec
                                                upstream.public, student, answered_by, shadowed, status, response,
                                                error, usage_numbers((response or {}).get("usage"))))
                 if shadowed:
-                    server.metrics.route(known, "shadow_pair")
+                    server.metrics.pair(known)
 
         async def ask(answered_by: str):
             """The upstream's whole answer: (status, parsed answer or None, raw bytes, error)."""
@@ -223,15 +227,15 @@ def create_app(engine, settings: Settings, upstream: Upstream | None = None, rec
 
         if kept:
             later = BackgroundTask(ask, "student") if shadowed else None
-            whole = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                     "created": created, "model": settings.model_id, "usage": usage, "cost": cost, "distillery": told}
+            obj, chunk_obj = _objects(kind)
+            whole = {"id": rid, "object": obj, "created": created, "model": settings.model_id, "usage": usage,
+                     "cost": cost, "distillery": told}
             if not req.stream:
                 return JSONResponse({**whole, "choices": [_choice(kind, text, finish, False, logprobs)]},
                                     headers=headers, background=later)
 
             def events():
-                base = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                        "created": created, "model": settings.model_id}
+                base = {"id": rid, "object": chunk_obj, "created": created, "model": settings.model_id}
                 if kind == "chat":
                     yield _sse({**base, "choices": [_choice(kind, "", None, True) | {"delta": {
                         "role": "assistant", "content": ""}}], "distillery": told})

@@ -51,7 +51,8 @@ class Metrics:
                        "cached_tokens": 0}
         self.histograms = {name: Histogram(bounds) for name, bounds in BUCKETS.items()}
         self.waiting = 0
-        self.routes: dict[tuple[str, str], int] = {}  # (task, answered_by | shadow_pair) -> calls
+        self.routes: dict[tuple[str, str], int] = {}  # (task, answered_by) -> calls the cascade routed
+        self.pairs: dict[str, int] = {}  # task -> shadow pairs recorded
         self.reloads = {"done": 0, "failed": 0}  # the served file re-opened after a promotion
 
     def reload(self, outcome: str) -> None:
@@ -59,10 +60,15 @@ class Metrics:
             self.reloads[outcome] += 1
 
     def route(self, task: str | None, who: str) -> None:
-        """A call the cascade routed (who answered it), or a shadow pair recorded."""
+        """A call the cascade routed, and who answered it."""
         with self.lock:
             key = (task or "", who)
             self.routes[key] = self.routes.get(key, 0) + 1
+
+    def pair(self, task: str | None) -> None:
+        """A shadow pair recorded."""
+        with self.lock:
+            self.pairs[task or ""] = self.pairs.get(task or "", 0) + 1
 
     def observe_gaps(self, gaps: list[float]) -> None:
         """The times between one request's successive tokens (inter-token latency)."""
@@ -116,10 +122,10 @@ class Metrics:
             if self.routes:
                 lines.append("# TYPE distillery_cascade_calls_total counter")
                 lines += [f'distillery_cascade_calls_total{{{m},task="{task}",answered_by="{who}"}} {n}'
-                          for (task, who), n in sorted(self.routes.items()) if who != "shadow_pair"]
+                          for (task, who), n in sorted(self.routes.items())]
                 lines.append("# TYPE distillery_shadow_pairs_total counter")
                 lines += [f'distillery_shadow_pairs_total{{{m},task="{task}"}} {n}'
-                          for (task, who), n in sorted(self.routes.items()) if who == "shadow_pair"]
+                          for task, n in sorted(self.pairs.items())]
             done = t["completion_tokens"]
             lines += ["# TYPE distillery_usd_per_1m_output_tokens gauge",
                       f"distillery_usd_per_1m_output_tokens{{{m}}} {t['cost_usd'] / done * 1e6 if done else 0.0}",

@@ -53,9 +53,12 @@ def answers(path: Path, chats: list[list[dict]], max_tokens: int, cache: Path | 
     if kept is not None and kept.is_file():
         return json.loads(kept.read_text(encoding="utf-8"))
     engine = LlamaCppEngine(path, n_ctx=4096)
-    prompts = [engine.tokenize(engine.chat_text(m)) for m in chats]
-    out = [engine.detokenize([t for t in toks if t not in engine.eos_ids]).strip()
-           for toks in engine.greedy_batch(prompts, max_tokens)]
+    try:
+        prompts = [engine.tokenize(engine.chat_text(m)) for m in chats]
+        out = [engine.detokenize([t for t in toks if t not in engine.eos_ids]).strip()
+               for toks in engine.greedy_batch(prompts, max_tokens)]
+    finally:
+        engine.close()  # the other file is opened next: one model in memory at a time
     if kept is not None:
         kept.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(kept, out)
