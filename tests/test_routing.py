@@ -112,3 +112,15 @@ def test_a_cascade_or_shadow_it_cannot_run_is_one_line_naming_the_field(tmp_path
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args, option", [
+    (["promote", "r.yaml", "--margin", "nan"], "--margin"),
+    (["promote", "r.yaml", "--margin", "1"], "--margin"),
+    (["traffic", "t.db", "--agreement", "--floor", "nan"], "--floor"),
+    (["traffic", "t.db", "--agreement", "--floor", "-0.1"], "--floor"),
+])
+def test_a_margin_or_floor_that_is_no_share_is_refused_before_anything_runs(args, option):
+    """NaN passes every comparison of a range: a floor of NaN would have told every task it can be taken."""
+    proc = distillery(*args, check=False)
+    assert proc.returncode == 2 and f"Invalid value for '{option}'" in proc.stderr, proc.stderr

@@ -70,6 +70,16 @@ def _user_errors():
     return (RecipeError, ModelError, LicenceError, DataError), (RunError, ExportError, EndpointError)
 
 
+class Share(click.FloatRange):
+    """click's FloatRange that also refuses NaN (which passes every comparison of a range)."""
+
+    def convert(self, value, param, ctx):
+        out = super().convert(value, param, ctx)
+        if out != out:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return out
+
+
 def friendly(fn):
     """Turn known errors into one-line messages; usage errors exit 2, runtime failures exit 1."""
 
@@ -425,7 +435,7 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
               help="Promote this GGUF instead of the recipe's finished export.")
 @click.option("--to", "target", type=click.Path(dir_okay=False), default=None,
               help="The served file it would replace (default runs/<recipe>/served/<recipe>-<quant>.gguf).")
-@click.option("--margin", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.05, show_default=True,
+@click.option("--margin", type=Share(0.0, 1.0, max_open=True), default=0.05, show_default=True,
               help="Promote when the candidate keeps at least 1 - margin of the served file's right answers (one-sided "
                    "lower bound at eval.gate_level).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Compare on the newest N held-out prompts only.")
@@ -523,7 +533,7 @@ def gateway(upstream: str | None, recipe: str | None, store: str, host: str, por
 @click.option("--agreement", is_flag=True,
               help="Instead: the shadow pairs (serve.shadow): per task, the student's agreement with the teacher, "
                    "its bounds and whether the student can take the task (with --recipe: its metrics and floors).")
-@click.option("--floor", type=click.FloatRange(0.0, 1.0), default=None,
+@click.option("--floor", type=Share(0.0, 1.0), default=None,
               help="With --agreement: the agreement a task must be shown to keep (default: the recipe's task floor, "
                    "else 0.9).")
 @friendly
