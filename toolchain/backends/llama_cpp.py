@@ -278,15 +278,7 @@ class LlamaCppEngine:
 
     def chat_text(self, messages: list[dict]) -> str:
         """The GGUF's own chat template (``tokenizer.chat_template``) applied to ``messages``."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ValueError(f"{self.path.name} has no chat template; use /v1/completions")
-        vocab = self.llm
-        formatter = Jinja2ChatFormatter(template, eos_token=vocab.detokenize([vocab.token_eos()]).decode(),
-                                        bos_token=vocab.detokenize([vocab.token_bos()]).decode())
-        return formatter(messages=messages).prompt
+        return _chat_text(self.llm, self.path, messages)
 
     def close(self) -> None:
         if self._batch is not None:
@@ -294,6 +286,52 @@ class LlamaCppEngine:
 
             L.llama_batch_free(self._batch)
             self._batch = None
+        self.llm.close()
+
+
+def _chat_text(llm, path: Path, messages: list[dict]) -> str:
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ValueError(f"{path.name} has no chat template; use /v1/completions")
+    formatter = Jinja2ChatFormatter(template, eos_token=llm.detokenize([llm.token_eos()]).decode(),
+                                    bos_token=llm.detokenize([llm.token_bos()]).decode())
+    return formatter(messages=messages).prompt
+
+
+class LlamaVocab:
+    """A GGUF's tokenizer alone (no weights): the tokens llama.cpp itself makes of a text, which is what the model
+    saw in generate; a Hugging Face tokenizer rebuilt from the GGUF can cut differently (Gemma-3's splits words
+    into letters)."""
+
+    def __init__(self, path: Path):
+        from llama_cpp import Llama
+
+        self.path = Path(path)
+        self.llm = Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        _whole_pieces(self.llm._model)
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Special tokens written in the text are parsed; ``add_special``: the start-of-text token the GGUF asks
+        for, if any."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token spells (empty for a control token)."""
+        return self.llm.detokenize([token])
+
+    def __len__(self) -> int:
+        return self.llm.n_vocab()
+
+    @property
+    def eos_id(self) -> int:
+        return self.llm.token_eos()
+
+    def chat_text(self, messages: list[dict]) -> str:
+        return _chat_text(self.llm, self.path, messages)
+
+    def close(self) -> None:
         self.llm.close()
 
 

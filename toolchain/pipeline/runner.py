@@ -21,6 +21,7 @@ from toolchain.quality.metrics import normalise, parse_json
 from toolchain.recipe import Recipe, RecipeError
 from toolchain.render.markdown import cascade_markdown, eval_table
 from toolchain.serve.targets import default_quant
+from toolchain.training import cross_vocab
 from toolchain.ui import console, world_size
 
 
@@ -44,15 +45,35 @@ def preflight(cfg: Recipe) -> None:
     elif cfg.distill.flavour == "soft" and cfg.student.from_ != "teacher":
         teacher, student = resolve(cfg.teacher), resolve(cfg.student.from_)
         if vocabulary(teacher) != vocabulary(student):
-            raise RecipeError(
-                f"{cfg.source}: distill.flavour: soft-label needs one shared vocabulary, but {cfg.teacher} and "
-                f"{cfg.student.from_} tokenize differently; use flavour: hard (works across tokenizers)"
-            )
+            check_across_tokenizers(cfg, train + heldout)
+            return
         rows = {name: dimensions(ref)["vocab"] for name, ref in (("teacher", teacher), ("student", student))}
         if None not in rows.values() and rows["teacher"] != rows["student"]:
             console.print(f"  soft-label: one tokenizer, but output layers of {rows['teacher']} (teacher) and "
                           f"{rows['student']} (student) rows: the divergence uses the {min(rows.values())} both have "
                           f"(the rest are padding, no token maps to them)")
+
+
+def check_across_tokenizers(cfg: Recipe, prompts) -> None:
+    """Soft labels between two tokenizers (training/cross_vocab.py): what they need, and before any training how
+    much of the answers the two tokenizers cut alike (on the prompt files' gold answers, else the prompts)."""
+    d, where = cfg.distill, f"{cfg.source}: "
+    pair = f"{cfg.teacher} and {cfg.student.from_} tokenize differently"
+    if d.soft.teacher_logits != "online":
+        raise RecipeError(f"{where}distill.soft.teacher_logits: {pair}, so the teacher reads each answer in its own "
+                          "tokens during training; set it to online (a top-k cache holds one tokenizer's ids)")
+    if d.on_policy.fraction > 0:
+        raise RecipeError(f"{where}distill.on_policy.fraction: {pair}; on-policy steps score the student's own "
+                          "tokens with the teacher's, which needs one vocabulary: set it to 0")
+    if cfg.student.vocab is not None:
+        raise RecipeError(f"{where}student.vocab: {pair}; a trimmed student vocabulary is not aligned with the "
+                          "teacher's yet: remove the field")
+    golds = [p.gold for p in prompts if p.gold]
+    texts = (golds or [p.prompt for p in prompts])[:500]
+    report = cross_vocab.text_report(cfg, texts)
+    console.print(f"  soft-label across tokenizers, on {len(texts)} {'gold answers' if golds else 'prompts'}:")
+    for line in report.lines():
+        console.print(f"    {line}")
 
 
 def check_family(cfg: Recipe) -> None:

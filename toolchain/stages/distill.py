@@ -29,6 +29,7 @@ from toolchain.models.chat import IGNORE, tokenize_pairs
 from toolchain.models.references import load_tokenizer, resolve
 from toolchain.pipeline.runs import RESUME_DIR, Manifest
 from toolchain.recipe import Recipe
+from toolchain.training import cross_vocab
 from toolchain.training.topk_cache import TopKCache, example_key
 from toolchain.training.trainer import Trainer
 from toolchain.ui import console, local_world_size
@@ -59,7 +60,14 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         model, tok, pairs = cut.trim_vocabulary(cfg, model, tok, pairs, rows, info, train + heldout)
     console.print(f"  student: {len(info['kept_layers'])} layers, {info['student_params'] / 1e6:.1f}M parameters")
 
-    trainer = Trainer(cfg, model, tok, pairs, keys, teacher=teacher, cache=cache, kept=info.get("vocab_kept"))
+    aligned = None
+    if teacher is not None and cfg.student.from_ != "teacher" and not cross_vocab.same_vocabulary(cfg):
+        aligned, report = cross_vocab.prepare(cfg, tok, rows, pairs, source)
+        for line in report.lines():
+            console.print(f"  across tokenizers: {line}")
+        info["alignment"] = report.as_dict()
+    trainer = Trainer(cfg, model, tok, pairs, keys, teacher=teacher, cache=cache, kept=info.get("vocab_kept"),
+                      aligned=aligned)
     trainer.resume(out_dir / RESUME_DIR)
     trainer.train()
     if not trainer.save(out_dir):

@@ -10,6 +10,7 @@ import time
 import torch
 
 from toolchain.models.chat import IGNORE
+from toolchain.training.cross_vocab import aligned_loss
 from toolchain.training.losses import head_loss, kd_loss, log_probs, sampled_reverse_kl, upcast
 
 
@@ -65,7 +66,10 @@ def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, to
         ce = torch.nn.functional.cross_entropy(logits, y[a:b], reduction="sum")
         if soft is None:
             return torch.stack([ce, ce.detach()])
-        if topk is not None:
+        if getattr(teacher, "aligned", False):  # across tokenizers (training/cross_vocab.py)
+            kd = aligned_loss(soft, logits, teacher.project(t_hidden[a:b]), teacher.kinds[a:b], teacher.t_shared,
+                              teacher.s_shared)
+        elif topk is not None:
             kd = kd_loss(soft.loss, logits, temperature=soft.temperature, beta=soft.beta,
                          teacher_topk=tuple(t[a:b] for t in topk)) * (b - a)
         else:

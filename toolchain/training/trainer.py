@@ -24,6 +24,7 @@ from toolchain.models import families, student, vocab
 from toolchain.models.chat import IGNORE, common_prefix
 from toolchain.recipe import Recipe
 from toolchain.training import batches
+from toolchain.training.cross_vocab import AlignedTeacher
 from toolchain.training.losses import auto_chunk
 from toolchain.training.on_policy import is_on_policy, on_policy_batch
 from toolchain.training.step import MasterWeights, OnlineTeacher, TrainStep, fused_adamw, total
@@ -66,8 +67,10 @@ class Trainer:
     """One student's training: built by ``setup``, run by ``train``, written by ``save``."""
 
     def __init__(self, cfg: Recipe, model, tok, pairs: list[tuple[list[int], list[int]]], keys: list[str],
-                 teacher=None, cache=None, kept: list[int] | None = None):
+                 teacher=None, cache=None, kept: list[int] | None = None, aligned=None):
+        """``aligned``: (examples, shared ids) of a teacher with another tokenizer (training/cross_vocab.py)."""
         self.cfg, self.d, self.tok, self.pairs, self.keys, self.cache = cfg, cfg.distill, tok, pairs, keys, cache
+        self.aligned = aligned
         self.soft = self.d.soft if self.d.flavour == "soft" else None
         self.step_no, self.log_rows = 0, []
         self.setup(model, teacher, kept)
@@ -95,7 +98,11 @@ class Trainer:
         self.total = d.max_steps or max(1, math.ceil(self.steps_per_epoch * d.epochs))
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_at)
         prefix = common_prefix([ids for ids, _ in self.pairs])
-        if teacher is not None:
+        if teacher is not None and self.aligned is not None:
+            examples, shared = self.aligned
+            teacher = AlignedTeacher(teacher.to(d.teacher_device or accelerator.device), examples, shared,
+                                     pad_id=0, out_device=accelerator.device)
+        elif teacher is not None:
             teacher = OnlineTeacher(teacher.to(d.teacher_device or accelerator.device), prefix, kept,
                                     out_device=accelerator.device)
         self.teacher = teacher
@@ -196,6 +203,8 @@ class Trainer:
         on_policy = self.soft is not None and not warm and is_on_policy(step, d.on_policy.fraction)
         examples, extra = self._examples(batch_ids, on_policy)
         batch = {k: v.to(acc.device) for k, v in batches.collate(examples, self.tok.pad_token_id).items()}
+        if self.aligned is not None:
+            batch["example"] = torch.tensor(batch_ids, dtype=torch.long)
         topk = None
         if self.cache is not None and not on_policy and not warm:
             rows = batches.cached_rows(self.cache, [self.keys[i] for i in batch_ids], batch, self.lookup)
