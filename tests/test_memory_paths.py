@@ -168,5 +168,12 @@ def test_a_teacher_with_padding_rows_teaches_soft_label(tiny_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_tokens(["<another_token>"])  # one more token: a different vocabulary, not padding
     tok.save_pretrained(other)
-    with pytest.raises(RecipeError, match="tokenize differently"):
-        preflight(tiny_recipe(padded, tmp_path, student={"from": str(other)}))
+    # another vocabulary: soft labels across tokenizers, online only; validate reports the alignment
+    across = tiny_recipe(padded, tmp_path, student={"from": str(other)})
+    with console.capture() as captured:
+        preflight(across)
+    assert "100.0% of" in captured.get() and "one-to-one token pairs" in captured.get()
+    cached = across.model_copy(update={"distill": across.distill.model_copy(update={
+        "soft": across.distill.soft.model_copy(update={"teacher_logits": "cache"})})})
+    with pytest.raises(RecipeError, match="teacher_logits: .* tokenize differently"):
+        preflight(cached)

@@ -26,6 +26,7 @@ from toolchain.models.licenses import LicenceError
 from toolchain.models.references import ModelError
 from toolchain.pipeline.plans import finished
 from toolchain.pipeline.plans import status as stage_status
+from toolchain.pipeline.budget import plan_lines
 from toolchain.pipeline.runner import licence_decision, preflight, run_stages
 from toolchain.pipeline.runner import sweep as run_sweep
 from toolchain.pipeline.runs import RunError
@@ -134,8 +135,8 @@ def main() -> None:
 def validate(recipe: str) -> None:
     """Check RECIPE and print it with every default filled in (exit 2 naming the bad field).
 
-    Beyond the schema it resolves the teacher, applies the licence policy and, for soft-label recipes,
-    checks that teacher and student share one vocabulary.
+    Beyond the schema it resolves the teacher, applies the licence policy and, for soft-label recipes whose
+    teacher and student tokenize differently, reports how much of the answers the two tokenizers cut alike.
     """
 
     cfg = _load(recipe)
@@ -143,6 +144,26 @@ def validate(recipe: str) -> None:
     decision = licence_decision(cfg)
     click.echo(dump(cfg), nl=False)
     click.echo(f"# teacher licence: {decision.teacher_licence} ({decision.source}). {decision.student_terms}")
+
+
+@main.command()
+@recipe_arg
+@click.option("--gpu", "capacity", type=click.Choice(["16GB", "24GB", "40GB", "48GB", "80GB", "141GB"]), default=None,
+              help="A device's memory: say whether distill fits it, and with which settings if not.")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training processes (one per GPU): the batch is split, FSDP shards the weights.")
+@click.option("--tflops", type=click.FloatRange(min=0.001), default=None,
+              help="A GPU's sustained TFLOP/s, for a time estimate there (this machine's is measured).")
+@runs_opt
+@friendly
+def plan(recipe: str, capacity: str | None, gpus: int, tflops: float | None, runs_root: str) -> None:
+    """Print what RECIPE needs before it runs: each stage's peak memory from the models' configs alone (no weights
+    loaded), the training run's work and time, and which settings make distill fit a GPU (docs/plan.md)."""
+
+    cfg = _load(recipe)
+    size = int(capacity.removesuffix("GB")) * 1024**3 if capacity else None
+    for line in plan_lines(cfg, size, gpus, tflops, runs_root):
+        click.echo(line)
 
 
 @main.command()
