@@ -87,6 +87,23 @@ def one(conf: dict) -> dict:
             "positions": n, "chunk": chunk}
 
 
+def planned(conf: dict) -> int:
+    """What ``distillery plan`` (training/memory.py) says the same step adds above its models and batch (MB): the
+    gradients, AdamW's moments, the activations and the loss path; every weight of this benchmark's student is
+    trained, its embedding included, and the float32 master copies exist before the baseline is taken."""
+    from toolchain.models.sizes import from_config
+    from toolchain.training.memory import Setting, step_parts
+
+    student = from_config({"hidden_size": conf["hidden"], "intermediate_size": conf["hidden"] * 3,
+                           "num_hidden_layers": conf["layers"], "num_attention_heads": 4, "num_key_value_heads": 2,
+                           "vocab_size": conf["vocab"], "tie_word_embeddings": True})
+    setting = Setting(dtype=conf["dtype"], checkpointing=conf["checkpointing"], train_embeddings=True,
+                      batch=conf["batch"], seq_len=conf["seq"] + 1, labelled=conf["seq"] - 7,
+                      chunk=None if conf["chunked"] else 0, teacher_in_step=conf["source"] == "online")
+    parts = step_parts(student, None, setting)
+    return round(sum(parts[k] for k in ("gradients", "optimizer", "activations", "loss")) / 1024**2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=151_936)
@@ -124,8 +141,9 @@ def main() -> None:
             continue
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[name]
-        print(f"{name:22s} peak +{r['peak_mb']:6d} MB  step {r['step_s']:6.2f} s  loss {r['loss']:.5f}"
-              f"  (chunk {r['chunk']})", flush=True)
+        r["plan_mb"] = planned({**common, **c})
+        print(f"{name:22s} peak +{r['peak_mb']:6d} MB  plan +{r['plan_mb']:6d} MB ({r['plan_mb'] / r['peak_mb']:.2f}x)"
+              f"  step {r['step_s']:6.2f} s  loss {r['loss']:.5f}  (chunk {r['chunk']})", flush=True)
     ok = {k: v for k, v in results.items() if "error" not in v}
     if "unchunked fp32" in ok and "chunked fp32" in ok:
         u, c = ok["unchunked fp32"], ok["chunked fp32"]

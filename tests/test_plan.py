@@ -115,3 +115,26 @@ def test_plan_on_the_7b_endpoint_recipe_from_a_cached_config(tmp_path):
                                                   "HF_HUB_OFFLINE": "1"})
     assert bare.returncode == 0 and "config.json is not on this machine" in bare.stdout
 
+
+
+def test_the_qwen_recipe_validates_and_plans_offline_from_a_local_folder(tmp_path):
+    """recipes/qwen2.5-local.yaml: the 7B teacher behind vLLM, the 0.5B student a local folder (config.json only:
+    enough to validate and to plan); 24 GB is too little without checkpointing, and plan says what fits."""
+    import os
+    import shutil
+
+    from tests.conftest import ROOT
+
+    folder = tmp_path / "models" / "Qwen2.5-0.5B-Instruct"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(QWEN25_05B))
+    shutil.copy(ROOT / "recipes" / "qwen2.5-local.yaml", tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "toolchain.cli", "validate", "qwen2.5-local.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = subprocess.run([sys.executable, "-m", "toolchain.cli", "plan", "qwen2.5-local.yaml", "--gpu", "24GB"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "does not fit 24 GB" in out.stdout and "gradient checkpointing:" in out.stdout

@@ -18,6 +18,9 @@ from toolchain.training import memory
 from toolchain.training.memory import GB, RUNTIME_BYTES, Setting, fmt_bytes, fmt_seconds
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def shapes(cfg: Recipe) -> tuple[sizes.Shape | None, sizes.Shape | None, list[str]]:
     """(teacher, student, notes): None for a model nothing local describes."""
     notes = []
@@ -124,7 +127,10 @@ def _longest_prompt(cfg: Recipe) -> int | None:
     ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
     if ref.startswith(("hf:", "openai:")):
         return None
-    tok = load_tokenizer(resolve(ref))
+    model = resolve(ref)
+    if model.kind == "hf_dir" and not any((model.path / f).is_file() for f in TOKENIZER_FILES):
+        return None  # a folder with its config alone (enough to plan)
+    tok = load_tokenizer(model)
     train, _ = load_prompts(cfg)
     system = cfg.student_system_prompt()
     return max((len(tok.apply_chat_template(messages_for(p.prompt, system, context(p)), add_generation_prompt=True))
