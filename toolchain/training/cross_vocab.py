@@ -25,9 +25,8 @@ from toolchain.backends.llama_cpp import LlamaVocab
 from toolchain.models import alignment
 from toolchain.models.chat import IGNORE, context, flat_prompt, messages_for
 from toolchain.models.references import ModelRef, load_tokenizer, resolve, vocabulary
-from toolchain.training.losses import divergence, fold_topk, log_probs, upcast
-
-NONE, MAPPED, SORTED = 0, 1, 2
+from toolchain.training.losses import MAPPED, NONE, SORTED
+from toolchain.training.step import FrozenTeacher
 
 
 def hf_texts(tok) -> list[str | None]:
@@ -126,7 +125,7 @@ def plan(teacher: TeacherText, tok, rows: list[dict], pairs: list[tuple[list[int
     return out
 
 
-class AlignedTeacher:
+class AlignedTeacher(FrozenTeacher):
     """The frozen teacher of cross-tokenizer soft labels: ``hidden_at`` gives one teacher hidden state per
     labelled student position of the batch (zeros where there is none), ``project`` its logits; ``kinds`` says
     which loss each row takes and ``shared`` the (teacher ids, student ids) both vocabularies spell alike."""
@@ -135,16 +134,11 @@ class AlignedTeacher:
 
     def __init__(self, model, examples: list[Example], shared: tuple[list[int], list[int]], pad_id: int,
                  out_device=None):
-        self.model = model
-        device = next(model.parameters()).device
-        self.device = torch.device(out_device) if out_device is not None else device
-        head = model.get_output_embeddings()
-        self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
+        super().__init__(model, out_device)
         self.examples, self.pad_id = examples, pad_id
         self.t_shared = torch.tensor(shared[0], dtype=torch.long, device=self.device)
         self.s_shared = torch.tensor(shared[1], dtype=torch.long, device=self.device)
         self.kinds = torch.zeros(0, dtype=torch.long)
-        self.seconds = 0.0
 
     @torch.no_grad()
     def hidden_at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
@@ -168,33 +162,6 @@ class AlignedTeacher:
         self.kinds = torch.cat(kinds).to(self.device)
         self.seconds += time.perf_counter() - started
         return torch.cat(rows)
-
-    @torch.no_grad()
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        started = time.perf_counter()
-        out = upcast(torch.nn.functional.linear(hidden, self.head_weight, self.head_bias))
-        self.seconds += time.perf_counter() - started
-        return out.to(self.device)
-
-
-def aligned_loss(soft, s_logits: torch.Tensor, t_logits: torch.Tensor, kinds: torch.Tensor,
-                 t_shared: torch.Tensor, s_shared: torch.Tensor) -> torch.Tensor:
-    """Summed over rows: the recipe's divergence (T²-scaled) on the shared tokens at MAPPED rows, plus
-    ``soft.uld_weight`` × the sorted-probability distance at SORTED rows."""
-    total = s_logits.new_zeros((), dtype=torch.float32)
-    mapped, ranked = kinds == MAPPED, kinds == SORTED
-    if mapped.any():
-        s_log = log_probs(s_logits[mapped], soft.temperature)
-        t_log = log_probs(t_logits[mapped], soft.temperature)
-        s_fold = fold_topk(s_log, s_shared.expand(len(s_log), -1))
-        t_fold = fold_topk(t_log, t_shared.expand(len(t_log), -1))
-        total = total + divergence(soft.loss, s_fold, t_fold, soft.beta) * soft.temperature ** 2 * int(mapped.sum())
-    if ranked.any() and soft.uld_weight > 0:
-        k = min(soft.top_k, s_logits.shape[-1], t_logits.shape[-1])
-        s_top = log_probs(s_logits[ranked], soft.temperature).exp().topk(k, dim=-1).values
-        t_top = log_probs(t_logits[ranked], soft.temperature).exp().topk(k, dim=-1).values
-        total = total + soft.uld_weight * (s_top - t_top).abs().sum()
-    return total
 
 
 def same_vocabulary(cfg) -> bool:

@@ -205,3 +205,27 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not chunk or chunk >= n:
         return fn(torch.nn.functional.linear(hidden, weight, bias), 0, n)
     return _ChunkedHeadLoss.apply(hidden, weight, bias, fn, int(chunk))
+
+
+# How a labelled student position is compared with a teacher of another tokenizer (training/cross_vocab.py).
+NONE, MAPPED, SORTED = 0, 1, 2
+
+
+def aligned_loss(soft, s_logits: torch.Tensor, t_logits: torch.Tensor, kinds: torch.Tensor,
+                 t_shared: torch.Tensor, s_shared: torch.Tensor) -> torch.Tensor:
+    """Summed over rows: the recipe's divergence (T²-scaled) on the shared tokens at MAPPED rows, plus
+    ``soft.uld_weight`` × the sorted-probability distance at SORTED rows."""
+    total = s_logits.new_zeros((), dtype=torch.float32)
+    mapped, ranked = kinds == MAPPED, kinds == SORTED
+    if mapped.any():
+        s_log = log_probs(s_logits[mapped], soft.temperature)
+        t_log = log_probs(t_logits[mapped], soft.temperature)
+        s_fold = fold_topk(s_log, s_shared.expand(len(s_log), -1))
+        t_fold = fold_topk(t_log, t_shared.expand(len(t_log), -1))
+        total = total + divergence(soft.loss, s_fold, t_fold, soft.beta) * soft.temperature ** 2 * int(mapped.sum())
+    if ranked.any() and soft.uld_weight > 0:
+        k = min(soft.top_k, s_logits.shape[-1], t_logits.shape[-1])
+        s_top = log_probs(s_logits[ranked], soft.temperature).exp().topk(k, dim=-1).values
+        t_top = log_probs(t_logits[ranked], soft.temperature).exp().topk(k, dim=-1).values
+        total = total + soft.uld_weight * (s_top - t_top).abs().sum()
+    return total

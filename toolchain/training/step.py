@@ -10,8 +10,7 @@ import time
 import torch
 
 from toolchain.models.chat import IGNORE
-from toolchain.training.cross_vocab import aligned_loss
-from toolchain.training.losses import head_loss, kd_loss, log_probs, sampled_reverse_kl, upcast
+from toolchain.training.losses import aligned_loss, head_loss, kd_loss, log_probs, sampled_reverse_kl, upcast
 
 
 def decoder_hidden(decoder, batch: dict[str, torch.Tensor], shared: int = 0) -> torch.Tensor:
@@ -92,7 +91,28 @@ def step_loss(model, batch: dict[str, torch.Tensor], soft=None, teacher=None, to
     return sums[0], n, parts
 
 
-class OnlineTeacher:
+class FrozenTeacher:
+    """A frozen teacher's output layer and the time spent in it; ``project`` turns its hidden states at scored
+    positions into float32 logits on the student's device."""
+
+    def __init__(self, model, out_device=None):
+        self.model = model
+        device = next(model.parameters()).device
+        self.device = torch.device(out_device) if out_device is not None else device
+        head = model.get_output_embeddings()
+        self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
+        self.seconds = 0.0  # time spent in the teacher (the train log's teacher_s)
+
+    @torch.no_grad()
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, on the student's device) from hidden states at scored positions."""
+        started = time.perf_counter()
+        out = upcast(torch.nn.functional.linear(hidden, self.head_weight, self.head_bias))
+        self.seconds += time.perf_counter() - started
+        return out.to(self.device)
+
+
+class OnlineTeacher(FrozenTeacher):
     """The frozen teacher of online soft-label KD.
 
     Every training sequence starts with the same tokens (the chat template's system prompt and user header: 24
@@ -104,11 +124,9 @@ class OnlineTeacher:
         """``to_teacher``: a trimmed student's kept token ids (student id -> teacher id). Batches then come in
         student ids, and the logits are the teacher's at the kept ids only (the projection onto those rows).
         ``out_device``: where the student trains (logits are returned there); the teacher stays on its own."""
-        self.model = model
+        super().__init__(model, out_device)
         device = next(model.parameters()).device
-        self.device = torch.device(out_device) if out_device is not None else device
         head = model.get_output_embeddings()
-        self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
         self.to_teacher = None
         if to_teacher is not None:
             self.to_teacher = torch.tensor(to_teacher, dtype=torch.long, device=device)
@@ -117,7 +135,6 @@ class OnlineTeacher:
             self.head_bias = None if self.head_bias is None else self.head_bias.detach()[self.to_teacher].clone()
         self.prefix = torch.tensor(prefix[:-1] if prefix else [], dtype=torch.long, device=device)  # >= 1 token left
         self.cache = None
-        self.seconds = 0.0  # time spent in the teacher (the train log's teacher_s)
         if len(self.prefix):
             with torch.inference_mode():
                 out = model.get_decoder()(input_ids=self.prefix[None], use_cache=True)
@@ -161,14 +178,6 @@ class OnlineTeacher:
         hidden = decoder(input_ids=ids[:, p:], attention_mask=mask, past_key_values=past, position_ids=positions,
                          use_cache=True).last_hidden_state[:, :-1]
         return hidden[keep[:, p:]]
-
-    @torch.no_grad()
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (float32, on the student's device) from hidden states at scored positions."""
-        started = time.perf_counter()
-        out = upcast(torch.nn.functional.linear(hidden, self.head_weight, self.head_bias))
-        self.seconds += time.perf_counter() - started
-        return out.to(self.device)
 
 
 class TrainStep(torch.nn.Module):
