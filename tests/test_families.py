@@ -137,6 +137,64 @@ def test_lora_on_the_recipes_targets_adapts_every_projection_and_merges_to_the_s
     np.testing.assert_allclose(_logits(merged, PROMPT), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_shared_prompt_prefix_computes_the_plain_forward_pass_in_training_mode(family):
+    """distill runs the prompt prefix every row shares once and the rest against its KV cache, in training mode,
+    where some families (Gemma-2) make no cache of their own: the hidden states are the plain pass's."""
+    from toolchain.training.step import decoder_hidden
+
+    model = _model(family).train()
+    ids = torch.tensor([PROMPT, PROMPT[:10] + [77, 78, 79, 80]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    decoder = model.get_decoder()
+    np.testing.assert_allclose(decoder_hidden(decoder, batch, shared=10).detach().numpy(),
+                               decoder_hidden(decoder, batch, shared=0).detach().numpy(), atol=1e-5)
+    # the online teacher's own prefix cache (eval mode, where a family makes its own sliding-window cache)
+    from toolchain.training.step import OnlineTeacher
+
+    model.eval()
+    keep = torch.zeros(2, ids.shape[1] - 1, dtype=torch.bool)
+    keep[:, 10:] = True
+    cached = OnlineTeacher(model, PROMPT[:11]).logits_at(batch, keep)
+    np.testing.assert_allclose(cached.numpy(), OnlineTeacher(model, []).logits_at(batch, keep).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distill_trains_every_family_soft_with_lora_and_hard_in_full(family, tmp_path):
+    """The distill stage itself on each family: the teacher's layer cut trained soft-label (online teacher, LoRA on
+    the recipe's targets, the shared-prompt KV cache), and the whole model trained hard-label in full; every step
+    has a finite loss and the weights move."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import tiny_generate_dir, tiny_recipe
+    from toolchain.stages import distill
+
+    folder = tmp_path / family
+    _model(family).save_pretrained(folder)
+    load_tokenizer(resolve(SMOLLM2)).save_pretrained(folder)
+    gen = {"generate": tiny_generate_dir(tmp_path)}
+    for name, changes in (("soft", {"method": "lora", "lora": {"r": 4, "alpha": 8}}),
+                          ("hard", {"flavour": "hard", "method": "full"})):
+        out = tmp_path / name
+        out.mkdir()
+        cfg = tiny_recipe(folder, tmp_path, student=None if name == "soft" else {"from": str(folder)}, **changes)
+        manifest = distill.run(cfg, gen, out)
+        log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        assert manifest.metrics["steps"] == len(log) == 2
+        assert all(math.isfinite(r["loss"]) for r in log) and (name == "hard" or all(r["kd"] > 0 for r in log))
+        if name == "soft":
+            adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+            assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+        else:
+            trained = load_file(out / "model" / "model.safetensors")
+            before = dict(_model(family).named_parameters())
+            moved = [k for k, v in trained.items() if k in before and not torch.equal(v, before[k].detach())]
+            assert moved, f"{family}: no weight changed"
+
+
 def test_a_lora_target_no_layer_has_is_one_line_naming_what_the_model_has():
     from toolchain.models.references import ModelError
 

@@ -31,7 +31,11 @@ def decoder_hidden(decoder, batch: dict[str, torch.Tensor], shared: int = 0) -> 
         or not torch.equal(ids[:, :shared], ids[:1, :shared].expand(b, -1))
     ):
         return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    head = decoder(input_ids=ids[:1, :shared], use_cache=True)
+    from transformers import DynamicCache
+
+    # a cache given, not asked for: some families (Gemma-2) make none of their own in training mode, and a plain one
+    # keeps the whole prefix (a sliding-window layer's own cache keeps its last window only)
+    head = decoder(input_ids=ids[:1, :shared], use_cache=True, past_key_values=DynamicCache())
     past = head.past_key_values
     for layer in past.layers:
         layer.keys, layer.values = layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1)
@@ -136,8 +140,10 @@ class OnlineTeacher(FrozenTeacher):
         self.prefix = torch.tensor(prefix[:-1] if prefix else [], dtype=torch.long, device=device)  # >= 1 token left
         self.cache = None
         if len(self.prefix):
-            with torch.inference_mode():
-                out = model.get_decoder()(input_ids=self.prefix[None], use_cache=True)
+            from transformers import DynamicCache
+
+            with torch.inference_mode():  # a plain cache: the whole prefix in every layer (as decoder_hidden)
+                out = model.get_decoder()(input_ids=self.prefix[None], use_cache=True, past_key_values=DynamicCache())
             self.cache = [(k.clone(), v.clone()) for k, v in out.past_key_values.to_legacy_cache()]
 
     def logits_at(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
