@@ -275,6 +275,13 @@ BASE_SKIPPED = ("student before distillation: not evaluated (an untrained pruned
                 "scores near 0 before training; eval.base: true measures it)")
 
 
+def base_skipped(cfg: Recipe) -> str:
+    """Why the student before distillation has no column: a pruned copy is not worth it; a pretrained one was
+    switched off."""
+    return BASE_SKIPPED if cfg.student.from_ == "teacher" else \
+        f"student before distillation ({cfg.student.from_}): not evaluated (eval.base: false)"
+
+
 def task_scores(result: dict, tasks: list[str]) -> dict[str, dict]:
     """One model's metrics per task: the generation task's and its likelihood task's side by side."""
     no_ppl = {"perplexity": None, "greedy": None}

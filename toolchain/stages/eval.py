@@ -184,7 +184,7 @@ def _report(cfg: Recipe, rows: list[dict], results: dict[str, dict], shas: dict[
         "metrics": specs,
         "labels": em.label_tables(specs, rows, results),
         "notes": heldout.undeclared_notes(cfg, rows),
-        "base": {"evaluated": "base" in results, "note": None if "base" in results else heldout.BASE_SKIPPED},
+        "base": {"evaluated": "base" in results, "note": None if "base" in results else heldout.base_skipped(cfg)},
         "teacher_answers": results["teacher"].get("source", "lm-eval (generated again)"),
         "teacher_likelihood": results["teacher"].get("likelihood_source", "lm-eval"),
         "docs": {t: sum(1 for r in rows if r["task"] == t) for t in tasks},

@@ -15,9 +15,9 @@ The parts of a distill step (per process; FSDP shards the first four over the pr
                        MLP's gate, up, activation and product); with checkpointing one hidden state per layer
                        and token, plus one layer's worth recomputed in backward
     loss               rows in flight × vocabulary × 4 bytes × 4 tensors (logits, the log-probabilities of the
-                       cross-entropy and of the divergence, the logits' gradient); + 2 for an online teacher's
-                       logits and log-probabilities. Rows in flight: the labelled positions of a batch, or
-                       distill.loss_chunk of them (the chunked loss)
+                       cross-entropy and of the divergence, the logits' gradient); + 2 of the teacher's vocabulary
+                       for an online teacher's logits and log-probabilities. Rows in flight: the labelled positions
+                       of a batch, or distill.loss_chunk of them (the chunked loss)
     runtime            the framework itself (measured: the Python process with torch and transformers imported)
 
 Values at bfloat16 autocast or a 16-bit student are 2 bytes, else 4. Attention is taken as the fused kernel (no
@@ -95,7 +95,8 @@ def step_parts(student: Shape, teacher: Shape | None, s: Setting) -> dict[str, i
     rows = seqs * s.labelled
     chunk = auto_chunk(student.vocab) if s.chunk is None else s.chunk
     in_flight = min(rows, chunk) if chunk else rows
-    loss = in_flight * student.vocab * 4 * (6 if s.teacher_in_step else 4)
+    teacher_vocab = teacher.vocab if teacher is not None else student.vocab
+    loss = in_flight * 4 * (4 * student.vocab + (2 * teacher_vocab if s.teacher_in_step else 0))
     parts = {
         "student weights": student.params * wb // shard,
         "gradients": t * wb // shard,

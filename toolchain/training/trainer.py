@@ -170,6 +170,7 @@ class Trainer:
                        "teacher_s": sum(r.get("teacher_s", 0.0) for r in log)}
         self.n_on = sum(1 for r in log if r.get("on_policy"))
         self.started, self.tokens_seen = time.time(), 0
+        began = time.perf_counter()
         with progress() as bar:
             task = bar.add_task("distill", total=self.total, completed=self.step_no, info="")
             while self.step_no < self.total:
@@ -180,6 +181,7 @@ class Trainer:
                         and self.step_no % d.checkpoint_every == 0 and self.step_no < self.total):
                     save_checkpoint(self.checkpoint, self.model, self.opt, self.sched, self.step_no, self.log_rows,
                                     self.masters)
+        self.timing["train_s"] = time.perf_counter() - began  # this process's steps (a resumed run: the rest)
 
     def _examples(self, batch_ids: list[int], on_policy: bool) -> tuple[list, dict]:
         """The batch's training sequences: the teacher's answers, or on an on-policy step the student's own."""
@@ -290,7 +292,7 @@ class Trainer:
         log = self.log_rows
         tail = [r["loss"] for r in log[-max(1, min(20, len(log))):]]
         out = {"steps": self.step_no, "final_loss": round(sum(tail) / len(tail), 4),
-               "first_loss": log[0]["loss"] if log else None}
+               "first_loss": log[0]["loss"] if log else None, "train_s": round(self.timing["train_s"], 1)}
         if self.d.on_policy.fraction > 0:
             out.update(on_policy_steps=self.n_on, rollout_s=round(self.timing["rollout_s"], 1))
         if self.teacher is not None:
