@@ -245,10 +245,10 @@ class SoftConfig(_Section):
     )
     top_k: int = Field(32, ge=1, description="Teacher log-probs kept per position in the cache (the rest is one tail "
                                              "bucket); across tokenizers, the sorted probabilities compared.")
-    uld_weight: float = Field(
-        1.0, ge=0.0, description="Across tokenizers (teacher and student vocabularies differ): the weight of the "
+    uld_weight: float | None = Field(
+        None, ge=0.0, description="Across tokenizers (teacher and student vocabularies differ): the weight of the "
         "sorted-probability distance at answer tokens the two tokenizers do not cut alike (training/cross_vocab.py);"
-        " 0 leaves them to cross-entropy.")
+        " None: 1.0; 0 leaves them to cross-entropy.")
 
 
 class ReasoningConfig(_Section):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolchain.artifacts.gguf_io import captured_stderr
 from toolchain.backends.base import Completion, log_softmax
 from toolchain.backends.llama_batch import BATCH_TOKENS, BatchDecoder, fill, greedy_stream, logits_row, logits_stream
 
@@ -309,7 +310,8 @@ class LlamaVocab:
         from llama_cpp import Llama
 
         self.path = Path(path)
-        self.llm = Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        with captured_stderr():  # llama.cpp warns that a vocabulary-only context has no training context
+            self.llm = Llama(model_path=str(self.path), vocab_only=True, verbose=False)
         _whole_pieces(self.llm._model)
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:

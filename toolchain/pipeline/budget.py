@@ -76,7 +76,9 @@ def plan_lines(cfg: Recipe, capacity: int | None = None, gpus: int = 1, tflops: 
     parts = memory.step_parts(student, teacher, setting)
     peak = sum(parts.values())
     where = f"per process ({gpus} processes)" if gpus > 1 else "one process"
-    out.append(f"distill, {where}: peak {fmt_bytes(peak)}")
+    cut = memory.cut_bytes(student, teacher, setting) if cfg.student.from_ == "teacher" else 0
+    out.append(f"distill, {where}: peak {fmt_bytes(max(peak, cut))}"
+               + (f" (cutting the student from the teacher: {fmt_bytes(cut)})" if cut > peak else ""))
     out += [f"  {name:<16} {fmt_bytes(v):>10}" for name, v in parts.items() if v]
     if cfg.distill.flavour == "soft" and cfg.distill.soft.teacher_logits == "cache":
         positions = sequences * setting.labelled

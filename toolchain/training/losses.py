@@ -223,9 +223,10 @@ def aligned_loss(soft, s_logits: torch.Tensor, t_logits: torch.Tensor, kinds: to
         s_fold = fold_topk(s_log, s_shared.expand(len(s_log), -1))
         t_fold = fold_topk(t_log, t_shared.expand(len(t_log), -1))
         total = total + divergence(soft.loss, s_fold, t_fold, soft.beta) * soft.temperature ** 2 * int(mapped.sum())
-    if ranked.any() and soft.uld_weight > 0:
+    weight = 1.0 if soft.uld_weight is None else soft.uld_weight
+    if ranked.any() and weight > 0:
         k = min(soft.top_k, s_logits.shape[-1], t_logits.shape[-1])
         s_top = log_probs(s_logits[ranked], soft.temperature).exp().topk(k, dim=-1).values
         t_top = log_probs(t_logits[ranked], soft.temperature).exp().topk(k, dim=-1).values
-        total = total + soft.uld_weight * (s_top - t_top).abs().sum()
+        total = total + weight * (s_top - t_top).abs().sum()
     return total
