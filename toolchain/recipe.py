@@ -875,6 +875,10 @@ class Recipe(_Section):
         """A section as plain JSON-able data (used for stage keys)."""
         return json.loads(getattr(self, name).model_dump_json(by_alias=True))
 
+    def student_source(self) -> str:
+        """The model reference the student starts from: the teacher for a layer cut, else student.from."""
+        return self.teacher if self.student.from_ == "teacher" else self.student.from_
+
     def student_system_prompt(self) -> str | None:
         """The system prompt the student is trained, scored and served with: the recipe's, unless
         data.strip_instructions keeps every instruction for the teacher alone."""

@@ -59,7 +59,6 @@ def plan_lines(cfg: Recipe, capacity: int | None = None, gpus: int = 1, tflops: 
     out += notes
     if student is None:
         return out
-    fsdp = gpus > 1 and capacity is not None
     setting = Setting.of(cfg, processes=gpus)
     answered = _answered(cfg, runs_root)
     if answered is not None:  # generate is done: its answers, as distill will tokenize them
@@ -67,10 +66,11 @@ def plan_lines(cfg: Recipe, capacity: int | None = None, gpus: int = 1, tflops: 
         setting = replace(setting, **answered)
         out.append(f"(sequences measured on generate's {sequences:,} training pairs)")
     else:
-        longest = _longest_prompt(cfg)
+        train, _ = load_prompts(cfg)
+        longest = _longest_prompt(cfg, train)
         if longest is not None:  # the longest batch: the longest prompt with an answer of generate.max_new_tokens
             setting = replace(setting, seq_len=min(setting.seq_len, longest + setting.labelled))
-        sequences = _sequences(cfg)
+        sequences = len(train) * cfg.generate.n
     out.append("")
     out.append(f"generate: {_generate(cfg, teacher)}")
     parts = memory.step_parts(student, teacher, setting)
@@ -97,7 +97,7 @@ def plan_lines(cfg: Recipe, capacity: int | None = None, gpus: int = 1, tflops: 
         if peak <= capacity:
             out.append(f"fits {device}: distill peaks at {fmt_bytes(peak)} per process")
         else:
-            ways = memory.ways_to_fit(student, teacher, setting, capacity, gpus if fsdp else 1)
+            ways = memory.ways_to_fit(student, teacher, setting, capacity, gpus)
             out.append(f"does not fit {device}: distill peaks at {fmt_bytes(peak)} per process; "
                        + ("it fits with:" if ways else "no combination of the settings below makes it fit"))
             out += [f"  {name}: {fmt_bytes(p)}" for name, p in ways]
@@ -113,10 +113,10 @@ def _answered(cfg: Recipe, runs_root: str | None) -> dict | None:
     except RunError:
         return None
     rows = [r for _, r in iter_jsonl(folder / "train.jsonl")]
-    ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
-    if not rows or ref.startswith(("hf:", "openai:")):
+    tok = _student_tokenizer(cfg)
+    if not rows or tok is None:
         return None
-    pairs, _, _ = tokenize_pairs(load_tokenizer(resolve(ref)), rows, cfg.student_system_prompt(), cfg.distill.seq_len,
+    pairs, _, _ = tokenize_pairs(tok, rows, cfg.student_system_prompt(), cfg.distill.seq_len,
                                  bare=cfg.data.strip_instructions)
     lengths = [len(ids) for ids, _ in pairs]
     labelled = [sum(x != IGNORE for x in labels) for _, labels in pairs]
@@ -124,16 +124,23 @@ def _answered(cfg: Recipe, runs_root: str | None) -> dict | None:
             "mean_labelled": sum(labelled) / len(pairs), "sequences": len(pairs)}
 
 
-def _longest_prompt(cfg: Recipe) -> int | None:
-    """Tokens of the longest training prompt in the student's chat template (None: its tokenizer is not local)."""
-    ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
+def _student_tokenizer(cfg: Recipe):
+    """The student's tokenizer, or None where it is not on this machine (a Hub model, a folder with its config
+    alone: enough to plan)."""
+    ref = cfg.student_source()
     if ref.startswith(("hf:", "openai:")):
         return None
     model = resolve(ref)
     if model.kind == "hf_dir" and not any((model.path / f).is_file() for f in TOKENIZER_FILES):
-        return None  # a folder with its config alone (enough to plan)
-    tok = load_tokenizer(model)
-    train, _ = load_prompts(cfg)
+        return None
+    return load_tokenizer(model)
+
+
+def _longest_prompt(cfg: Recipe, train) -> int | None:
+    """Tokens of the longest training prompt in the student's chat template (None: its tokenizer is not local)."""
+    tok = _student_tokenizer(cfg)
+    if tok is None:
+        return None
     system = cfg.student_system_prompt()
     return max((len(tok.apply_chat_template(messages_for(p.prompt, system, context(p)), add_generation_prompt=True))
                 for p in train), default=0)
@@ -152,11 +159,6 @@ def _generate(cfg: Recipe, teacher: sizes.Shape | None) -> str:
     weights = ref.path.stat().st_size if ref.kind == "gguf" else teacher.params * 4
     kv = _kv(teacher, cfg.generate.max_new_tokens + cfg.distill.seq_len) * max(1, cfg.generate.batch)
     return f"peak {fmt_bytes(weights + kv + RUNTIME_BYTES)} (weights {fmt_bytes(weights)}, KV cache {fmt_bytes(kv)})"
-
-
-def _sequences(cfg: Recipe) -> int:
-    train, _ = load_prompts(cfg)
-    return len(train) * cfg.generate.n
 
 
 def _time(cfg: Recipe, student, teacher, setting: Setting, tflops: float | None, sequences: int,

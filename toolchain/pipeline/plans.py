@@ -161,7 +161,7 @@ def external_inputs(cfg: Recipe, stage: str) -> dict[str, tuple[str, Path | None
                 digest = source_digest(str(source), path, "train" if split == "train" else "test")
                 out[f"data:{split}:{i}"] = (digest, None)
     if stage == "distill":
-        ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
+        ref = cfg.student_source()
         out["student_init"] = (resolve(ref).sha256(), None)
     return out
 

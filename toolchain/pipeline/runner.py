@@ -79,7 +79,7 @@ def check_across_tokenizers(cfg: Recipe, prompts) -> None:
 def check_family(cfg: Recipe) -> None:
     """A student whose architecture the pinned llama.cpp converter cannot convert is refused here, in one line, when
     the recipe exports GGUF — not after training, at export."""
-    ref = cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_
+    ref = cfg.student_source()
     if "gguf" not in cfg.export.formats or ref.startswith(("hf:", "openai:")):
         return
     arch = families.architecture(resolve(ref))

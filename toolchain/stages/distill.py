@@ -43,7 +43,7 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     if not rows:
         raise ValueError("generate kept no training pairs; check the teacher and generate.max_new_tokens")
 
-    student_ref = resolve(cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_)
+    student_ref = resolve(cfg.student_source())
     tok = load_tokenizer(student_ref)
     pairs, source, n_cut = tokenize_pairs(tok, rows, cfg.student_system_prompt(), d.seq_len,
                                           bare=cfg.data.strip_instructions)

@@ -61,7 +61,7 @@ def tokenizer_source(cfg: Recipe) -> Path | None:
     """The GGUF the student's tokenizer came from: the teacher, the student's own starting model, or — for a
     student from an HF folder whose vocabulary is the GGUF teacher's token for token — the teacher's, so llama.cpp
     gets the exact tables it already runs rather than the converter's reading of the folder."""
-    ref = resolve(cfg.teacher if cfg.student.from_ == "teacher" else cfg.student.from_)
+    ref = resolve(cfg.student_source())
     if ref.kind == "gguf":
         return ref.path
     teacher = resolve(cfg.teacher)

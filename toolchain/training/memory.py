@@ -141,10 +141,6 @@ WHAT_IFS = [
 ]
 
 
-def fits(student: Shape, teacher: Shape | None, s: Setting, capacity: int) -> bool:
-    return sum(step_parts(student, teacher, s).values()) <= capacity
-
-
 def ways_to_fit(student: Shape, teacher: Shape | None, s: Setting, capacity: int,
                 gpus: int = 1) -> list[tuple[str, int]]:
     """The smallest sets of what-ifs (one, then two, ...) under which a process fits ``capacity`` bytes, each with
