@@ -28,7 +28,7 @@ FLOORS = [
     ("command line", ["toolchain.cli"]),
 ]
 HEAVY = ("torch", "transformers", "llama_cpp", "onnxruntime", "onnxruntime_genai", "lm_eval", "fastapi", "datasets",
-         "peft", "accelerate", "optimum", "uvicorn", "onnx", "matplotlib", "safetensors", "gguf")
+         "peft", "accelerate", "optimum", "uvicorn", "onnx", "matplotlib", "safetensors", "gguf", "sklearn")
 
 
 def floor_of(module: str) -> int:

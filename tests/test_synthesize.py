@@ -243,6 +243,10 @@ def test_init_offers_a_synthesize_section_for_little_data(tmp_path):
                             for line in text.splitlines())
     cfg = parse(yaml.safe_load(uncommented), str(tmp_path / "r.yaml"))
     assert cfg.synthesize.method == "fill" and cfg.synthesize.target == SYNTHESIZE_BELOW
+    assert cfg.student.vocab == 4096  # the embedded teacher's BPE: the fast student, its output layer trimmed
+    named, _ = recipe_text(inspect(str(small), "tickets"), "tickets", "local/model.gguf")
+    assert parse(yaml.safe_load(named), str(tmp_path / "n.yaml")).student.vocab is None  # offered, commented
+    assert "# vocab: 4096" in named
     big = tmp_path / "big.jsonl"
     big.write_text("".join(json.dumps({**r, "id": f"b{i}"}) + "\n" for i, r in enumerate(rows * 20)))
     text, _ = recipe_text(inspect(str(big), "tickets"), "tickets", None)

@@ -54,6 +54,11 @@ def test_a_labelled_csv_goes_through_init_validate_and_run(tmp_path):
         right = sum(confusion[g].get(g, 0) for g in ("ham", "spam")) / 8
         assert right == pytest.approx(report["retention"]["tasks"]["tickets"][role])  # accuracy is the confusion's diagonal
     assert report["scores"]["teacher"]["tickets"]["gold"] is not None
+    classical = labels["classical"]  # trained on the 32 training rows' gold labels, scored on the same 8 prompts
+    assert classical["train_rows"] == 32 and classical["n"] == 8 and classical["vs_student"]["n"] == 8
+    assert sum(sum(row.values()) for row in classical["confusion"].values()) == 8
+    eval_md = (stage_dirs(tmp_path / "runs", "tickets")["eval"] / "eval.md").read_text()
+    assert "Classical baseline (TF-IDF" in eval_md and "classical P / R" in eval_md
 
     # The same data under another task name: every score is the same.
     _, _, renamed = _init_and_run(tmp_path, "spam-filter")

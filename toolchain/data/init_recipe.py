@@ -126,7 +126,11 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
              f"teacher: {teacher or DEFAULT_TEACHER}" + ("" if teacher else "   # the embedded default; any GGUF, "
                                                           "model folder, hf: or openai: reference"),
              "student:", "  from: teacher", "  keep_layers: 20          # of the teacher's layers, by block influence",
-             "  select: influence", "data:"]
+             "  select: influence",
+             ("  vocab: 4096              # the output layer keeps the teacher's first 4,096 tokens + every token "
+              "the task uses: faster decode" if teacher is None else
+              "  # vocab: 4096            # a BPE teacher: trim the output layer to the task's tokens (faster decode)"),
+             "data:"]
     traffic = found.get("traffic")
     lines.append(f"  train: [{_yaml(traffic['train'] if traffic else found['source'])}]")
     tasks = {t: infer_metric(g) for t, g in sorted(found["golds"].items()) if g}

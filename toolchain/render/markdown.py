@@ -125,15 +125,51 @@ def ceiling_notes(report: dict) -> list[str]:
             out.append(f"'{task}': the teacher ({_fmt(teacher)}%) is no better than always answering "
                        f"'{base['majority_label']}' ({_fmt(base['majority'])}%): distil from reference answers or a "
                        "stronger teacher; distilling this one teaches the student nothing")
+        v = (lab.get("classical") or {}).get("vs_student")
+        if v and v["classical"] >= v["student"]:
+            out.append(f"'{task}': a classical classifier on the training rows' labels gets {_fmt(v['classical'])}% "
+                       f"where the student gets {_fmt(v['student'])}% (McNemar p = {v['p_student_below']:.2g} that "
+                       "the student is below it): a language model may not be the cheapest way to do this task "
+                       "(labels section)")
     return out
 
 
-def label_markdown(report: dict) -> list[str]:
-    """Per label task: precision and recall per label for each model, the baselines, and the confusion matrices."""
+def classical_line(c: dict | None, student_usd_per_1k: float | None = None) -> str:
+    """The classical baseline of a label task in one sentence: accuracy with its interval, against the student
+    (McNemar both ways), and what a call costs; with ``student_usd_per_1k`` (bench's, measured) the two costs side
+    by side."""
+    if not c:
+        return ""
+    if c.get("skipped"):
+        return f"Classical baseline: not trained ({c['skipped']})."
+    iv = c.get("interval")
+    ci = f" [{_fmt(iv[0])}-{_fmt(iv[1])}]" if iv else ""
+    chosen = f"C = {c['C']:g} by {c['folds']}-fold cross-validation on the training rows" if c["folds"] else \
+        "C = 1 (too few rows of a label to cross-validate)"
+    text = (f"Classical baseline ({c['method']}, trained on the {c['train_rows']} training rows' gold labels, "
+            f"{chosen}): {_fmt(c['accuracy'])}%{ci} of {c['n']}")
+    v = c.get("vs_student")
+    if v:
+        text += (f"; the student {_fmt(v['student'])}% on the same prompts ({v['classical_only']} right only by "
+                 f"the classifier, {v['student_only']} only by the student; McNemar p = "
+                 f"{v['p_student_below']:.2g} that the student is below it, {v['p_classical_below']:.2g} the other "
+                 "way)")
+    if c.get("usd_per_1k") is not None:
+        text += (f". It answers in {1000 * c['seconds_per_call']:.2f} ms a call on this machine "
+                 f"(${c['usd_per_1k']:.6f} per 1,000 calls; {c['model_bytes'] / 1e6:.2f} MB)")
+        if student_usd_per_1k:
+            text += f" against the student's ${student_usd_per_1k:.5f}"
+    return text + "."
+
+
+def label_markdown(report: dict, per_call: dict | None = None) -> list[str]:
+    """Per label task: precision and recall per label for each model and the classical baseline, the baselines,
+    and the confusion matrices. ``per_call``: bench's cost per call by task, for the classical comparison."""
     out = []
     for task, lab in (report.get("labels") or {}).items():
-        roles = [r for r in ROLES if r in lab]
+        roles = [r for r in ROLES if r in lab] + (["classical"] if "confusion" in lab.get("classical", {}) else [])
         base = lab["baselines"]
+        student_usd = (per_call or {}).get(task, {}).get("student_usd_per_1k")
         out += [
             "",
             f"## {task}: labels",
@@ -142,6 +178,7 @@ def label_markdown(report: dict) -> list[str]:
             f"{_fmt(base['uniform'])}%. Precision / recall (%) per label; the label an answer names first "
             'counts, "(none)" when it names none.',
             "",
+            *([classical_line(lab["classical"], student_usd), ""] if lab.get("classical") else []),
             "| label | support | " + " | ".join(f"{r} P / R" for r in roles) + " |",
             "|---|---:|" + "---:|" * len(roles),
         ]

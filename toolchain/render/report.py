@@ -190,7 +190,8 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
     if images:
         lines += [f"![retention]({images['retention']})", ""]
     lines += [x.replace("## ", "### ", 1) if x.startswith("## ") else x
-              for x in label_markdown(data["eval"]) + judge_markdown(data["eval"])] + [""]
+              for x in label_markdown(data["eval"], data["bench"].get("per_call"))
+              + judge_markdown(data["eval"])] + [""]
     if data.get("cascade"):
         lines += cascade_markdown(data["cascade"]) + [""]
         if images and images.get("cascade"):

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from toolchain.backends import asking
-from toolchain.data.rows import write_jsonl
+from toolchain.data.rows import iter_jsonl, write_jsonl
 from toolchain.models import cut
 from toolchain.models.references import file_sha256, load_tokenizer, load_torch_model, resolve
 from toolchain.pipeline.runs import RESUME_DIR, Manifest, read_manifest, write_json_atomic
-from toolchain.quality import cascade, confidence, heldout, judge, stats
+from toolchain.quality import cascade, classical, confidence, heldout, judge, stats
 from toolchain.quality import scores as em
 from toolchain.quality.gate import gate
 from toolchain.recipe import Recipe
@@ -112,7 +112,7 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
             bar.update(task, advance=1)
 
     judged = _judge(cfg, rows, results, resume)
-    report = _report(cfg, rows, results, {role: sha for role, _, sha in models})
+    report = _report(cfg, rows, results, {role: sha for role, _, sha in models}, training_rows(inputs["generate"]))
     synthetic = read_manifest(inputs["generate"], verify=False)["metrics"].get("synthetic")
     if synthetic:
         report["synthetic"] = synthetic
@@ -164,7 +164,19 @@ def _judge(cfg: Recipe, rows: list[dict], results: dict, resume: Path) -> dict:
     return done
 
 
-def _report(cfg: Recipe, rows: list[dict], results: dict[str, dict], shas: dict[str, str | None]) -> dict:
+def training_rows(generate_dir: Path) -> list[dict]:
+    """Every training prompt generate asked, once each (its first sample), with its gold where the data had one:
+    what a classical baseline trains on (the teacher's answers, and which of them were kept, do not matter)."""
+    path = generate_dir / "responses.jsonl"
+    seen: dict[str, dict] = {}
+    for _, r in iter_jsonl(path if path.is_file() else generate_dir / "train.jsonl"):
+        if r.get("split", "train") == "train":
+            seen.setdefault(r["id"], r)
+    return list(seen.values())
+
+
+def _report(cfg: Recipe, rows: list[dict], results: dict[str, dict], shas: dict[str, str | None],
+            train: list[dict]) -> dict:
     from importlib.metadata import version
 
     tasks = sorted({r["task"] for r in rows})
@@ -182,7 +194,8 @@ def _report(cfg: Recipe, rows: list[dict], results: dict[str, dict], shas: dict[
         "confidence": results["student"].get("confidence"),
         "paired": paired,
         "metrics": specs,
-        "labels": em.label_tables(specs, rows, results),
+        "labels": classical.label_tables(em.label_tables(specs, rows, results), specs, train, rows, results,
+                                         cfg.cost.usd_per_hour, cfg.eval.bootstrap_iters, cfg.eval.seed),
         "notes": heldout.undeclared_notes(cfg, rows),
         "base": {"evaluated": "base" in results, "note": None if "base" in results else heldout.base_skipped(cfg)},
         "teacher_answers": results["teacher"].get("source", "lm-eval (generated again)"),
