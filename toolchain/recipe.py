@@ -308,6 +308,18 @@ class OnPolicyConfig(_Section):
     )
 
 
+class QuantizationAwareConfig(_Section):
+    """The last optimizer steps see the weights as llama.cpp will store them (training/qat.py)."""
+
+    type: Literal["q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_1", "q4_0", "iq4_nl"] = Field(
+        description="The export.quants type the student is trained for: each weight in the forward pass is "
+        "llama.cpp's own quantization of it for this preset (the type its quantizer gives that tensor), the gradient "
+        "passes straight through. Export then stores exactly those values.")
+    steps: int = Field(
+        30, ge=1, description="How many of the last optimizer steps train against the quantized weights (the rest "
+        "train in float32 first).")
+
+
 class DistillConfig(_Section):
     flavour: Literal["hard", "soft", "reasoning"] = Field(
         "hard", description="hard: teacher responses as labels; soft: match teacher distributions; reasoning: "
@@ -354,6 +366,15 @@ class DistillConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute the student's layer activations in backward instead of keeping them (less "
         "memory, ~30% more compute; the shared-prompt-prefix saving is off then).")
+    quantization_aware: QuantizationAwareConfig | None = Field(
+        None, description="Train the file that ships: {type: iq4_nl, steps: 30} (or just the type) makes the last "
+        "steps quantization-aware for that GGUF type (training/qat.py). Needs a full fine-tune and the type in "
+        "export.quants; export.imatrix rounds differently and is refused with it.")
+
+    @field_validator("quantization_aware", mode="before")
+    @classmethod
+    def _qat_type_alone(cls, v):
+        return {"type": v} if isinstance(v, str) else v
 
 
 class MergeConfig(_Section):
@@ -857,6 +878,17 @@ class Recipe(_Section):
                 raise ValueError(
                     f"distill.lora.targets: {sorted(bad)} share weights in tied models; adapters there break tying"
                 )
+        q = self.distill.quantization_aware
+        if q is not None:
+            if self.distill.method != "full":
+                raise ValueError("distill.quantization_aware: trains the weights the file stores, which needs "
+                                 "distill.method: full (a LoRA adapter is added to them only at merge)")
+            if "gguf" not in self.export.formats or q.type not in self.export.quants:
+                raise ValueError(f"distill.quantization_aware: {q.type} is not among the GGUF files export writes; "
+                                 f"add it to export.quants")
+            if self.export.imatrix:
+                raise ValueError("distill.quantization_aware: export.imatrix quantizes with other rounding than the "
+                                 "training saw; set export.imatrix: false")
         return self
 
     def task_floors(self) -> dict[str, float]:

@@ -380,15 +380,20 @@ def compute_imatrix(model: Path, text: Path, out: Path, chunks: int, n_ctx: int 
 
 @contextlib.contextmanager
 def captured_stderr():
-    """File descriptor 2 (where C code writes) goes to a temporary file; its lines are in the yielded list after."""
+    """File descriptor 2 (where C code writes) and ``sys.stderr`` (where llama-cpp-python's log callback writes,
+    which is not fd 2 under a test runner or a notebook) go to a temporary file; its lines are in the yielded list
+    after."""
     lines: list[str] = []
     with tempfile.TemporaryFile() as fh:
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(fh.fileno(), 2)
+        text = open(fh.fileno(), "w", encoding="utf-8", closefd=False)
         try:
-            yield lines
+            with contextlib.redirect_stderr(text):
+                yield lines
         finally:
+            text.flush()
             os.dup2(saved, 2)
             os.close(saved)
             fh.seek(0)

@@ -23,7 +23,7 @@ import torch
 from toolchain.models import families, student, vocab
 from toolchain.models.chat import IGNORE, common_prefix
 from toolchain.recipe import Recipe
-from toolchain.training import batches
+from toolchain.training import batches, qat
 from toolchain.training.cross_vocab import AlignedTeacher
 from toolchain.training.losses import auto_chunk
 from toolchain.training.on_policy import is_on_policy, on_policy_batch
@@ -51,7 +51,7 @@ def trainable(model, cfg: Recipe):
 
 def save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict], masters: MasterWeights) -> None:
     state = {
-        "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "weights": {qat.plain_name(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
         "masters": [m.detach().clone() for m in masters.masters] if masters.copies else None,
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
@@ -136,6 +136,10 @@ class Trainer:
             loss=op.loss, temperature=self.soft.temperature, beta=self.soft.beta, alpha=1.0)
         self.warm_steps = round(d.warmup_epochs * self.steps_per_epoch)
         self.lengths = [len(ids) for ids, _ in self.pairs]
+        q = d.quantization_aware
+        self.qat_start = None if q is None else max(0, self.total - q.steps)
+        self.qat: list | None = None  # the fake-quantized weights, once the quantization-aware steps begin
+        self.work = None
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to a tenth of the peak."""
@@ -148,11 +152,12 @@ class Trainer:
     def resume(self, resume_dir: Path) -> None:
         """Carry on from the last checkpoint of a killed run (weights, masters, optimizer, schedule, log)."""
         resume_dir.mkdir(exist_ok=True)
+        self.work = resume_dir
         self.checkpoint = resume_dir / "checkpoint.pt"
         if not self.checkpoint.exists():
             return
         state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)  # tensors, numbers, lists only
-        named = dict(self.model.named_parameters())
+        named = {qat.plain_name(n): p for n, p in self.model.named_parameters()}
         with torch.no_grad():
             for n, w in state["weights"].items():
                 named[n].copy_(w)
@@ -174,6 +179,8 @@ class Trainer:
         with progress() as bar:
             task = bar.add_task("distill", total=self.total, completed=self.step_no, info="")
             while self.step_no < self.total:
+                if self.qat_start is not None and self.step_no >= self.qat_start and self.qat is None:
+                    self.start_qat(bar, task)
                 row, extra, on_policy = self.step()
                 bar.update(task, advance=1, info=self.log(row, extra, on_policy))
                 d = self.d
@@ -182,6 +189,19 @@ class Trainer:
                     save_checkpoint(self.checkpoint, self.model, self.opt, self.sched, self.step_no, self.log_rows,
                                     self.masters)
         self.timing["train_s"] = time.perf_counter() - began  # this process's steps (a resumed run: the rest)
+
+    def start_qat(self, bar, task) -> None:
+        """From here on the forward pass reads every weight as the GGUF of distill.quantization_aware.type will
+        hold it (training/qat.py)."""
+        kind = self.d.quantization_aware.type
+        bar.update(task, info=f"quantization-aware: which type llama.cpp gives each tensor for {kind}")
+        types = qat.plan(self.model, kind, self.work)
+        self.qat = qat.attach(self.model, types)
+        counts: dict[str, int] = {}
+        for t in types.values():
+            counts[t.name.lower()] = counts.get(t.name.lower(), 0) + 1
+        console.print(f"  quantization-aware from step {self.step_no + 1}: {len(types)} weights as llama.cpp stores "
+                      f"them for {kind} (" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
 
     def _examples(self, batch_ids: list[int], on_policy: bool) -> tuple[list, dict]:
         """The batch's training sequences: the teacher's answers, or on an on-policy step the student's own."""
@@ -212,6 +232,11 @@ class Trainer:
             rows = batches.cached_rows(self.cache, [self.keys[i] for i in batch_ids], batch, self.lookup)
             topk = tuple(t.to(acc.device) for t in rows)
         loss_cfg = None if warm else self.on_soft if on_policy else self.soft
+        quantize_s = None
+        if self.qat is not None:  # the weights the last step changed, quantized again by llama.cpp
+            t0 = time.perf_counter()
+            qat.refresh(self.qat, self.d.threads)
+            quantize_s = time.perf_counter() - t0
         teacher_before = self.teacher.seconds if self.teacher is not None else 0.0
         n_local = int((batch["labels"][:, 1:] != IGNORE).sum()) if real else 0
         n_global = total(acc, [n_local])[0] if self.world > 1 else n_local
@@ -238,6 +263,8 @@ class Trainer:
             row["teacher_s"] = round(self.teacher.seconds - teacher_before, 3)
         if warm:
             row["warmup"] = True
+        if quantize_s is not None:
+            row["quantize_s"] = round(quantize_s, 3)
         return row, extra, on_policy
 
     def log(self, row: dict, extra: dict, on_policy: bool) -> str:
@@ -272,6 +299,8 @@ class Trainer:
             return False
         model = self.model
         model.eval()
+        if self.qat is not None:  # the trained float weights are saved; export's quantizer gives what training saw
+            qat.detach(self.qat)
         if d.method == "lora":
             base = model.get_base_model()
             model.save_pretrained(out_dir / "adapter", save_embedding_layers=False, state_dict=full_state)
@@ -297,4 +326,8 @@ class Trainer:
             out.update(on_policy_steps=self.n_on, rollout_s=round(self.timing["rollout_s"], 1))
         if self.teacher is not None:
             out["teacher_s"] = round(self.timing["teacher_s"], 1)
+        quantized = [r["quantize_s"] for r in log if "quantize_s" in r]
+        if self.d.quantization_aware is not None:
+            out.update(quantization_aware=self.d.quantization_aware.type, quantization_aware_steps=len(quantized),
+                       quantize_s=round(sum(quantized), 1))
         return out
