@@ -187,7 +187,10 @@ def _score(cfg: Recipe, engine, ref: Reference, rows: list[dict], label: str, wo
                                heldout.gold_counts(rows))
     return {"scores": scores, "gold": table["overall"]["student"], "retention": table["overall"]["retention"],
             "perplexity": em.mean_known([s.get("perplexity") for s in scores.values()]),
-            "vs_pytorch": em.against(evaluation.get("paired") or {}, result["samples"])}
+            "vs_pytorch": em.against(evaluation.get("paired") or {}, result["samples"]),
+            # per prompt, so two files (or two runs' files) can be compared prompt by prompt
+            "gold_by_prompt": {t: {s["id"]: s["gold"] for s in result["samples"].get(t, [])
+                                   if s.get("gold") is not None} for t in tasks}}
 
 
 def _finish(cfg: Recipe, kind: str, label: str, path: Path, describe: dict, engine, ref, rows, work,
