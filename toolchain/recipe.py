@@ -39,6 +39,19 @@ class StudentConfig(_Section):
                     "indices.",
     )
     influence_samples: int = Field(48, ge=1, description="Teacher responses used to score block influence.")
+    intermediate_size: int | None = Field(
+        None, ge=32, multiple_of=32,
+        description="Width pruning (toolchain/models/width.py): MLP channels kept in every layer, the ones the "
+        "training answers activate least removed (Minitron's activation importance). A multiple of 32 (GGUF "
+        "blocks); of 256 where a k-quant (q4_k_m, q5_k_m, q6_k) should quantize the down projection whole. None "
+        "keeps them all.",
+    )
+    kv_heads: int | None = Field(
+        None, ge=1,
+        description="Width pruning: key/value head groups kept in every layer, each with all its query heads "
+        "(grouped-query attention keeps its ratio), ranked by the heads' output on the training answers. None "
+        "keeps them all.",
+    )
     vocab: int | None = Field(
         None, ge=0,
         description="Trim the student's vocabulary (see toolchain/models/vocab.py): keep the teacher's first N BPE "
@@ -840,8 +853,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _student_vs_distill(self) -> "Recipe":
-        if self.student.from_ != "teacher" and self.student.keep_layers is not None:
-            raise ValueError("student.keep_layers only applies when student.from is 'teacher'")
+        for field in ("keep_layers", "intermediate_size", "kv_heads"):
+            if self.student.from_ != "teacher" and getattr(self.student, field) is not None:
+                raise ValueError(f"student.{field} only applies when student.from is 'teacher'")
         if self.distill.warmup_epochs and self.distill.warmup_epochs >= self.distill.epochs:
             raise ValueError("distill.warmup_epochs: must be less than distill.epochs (it is part of them)")
         if self.distill.on_policy.fraction > 0 and self.distill.flavour != "soft":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
@@ -186,6 +187,7 @@ def build_float(model_dir: Path, out: Path, tokenizer_gguf: Path | None, metadat
     instead."""
     raw = out.with_name(out.name + ".converted")
     convert(model_dir, raw, "f32", keep_vocab=tokenizer_gguf is None)
+    metadata = {**head_size(model_dir, raw), **metadata}
     tmp = out.with_name(out.name + ".tmp")
     if tokenizer_gguf is not None:
         transplant_tokenizer(tokenizer_gguf, raw, tmp, metadata, vocab_of=model_dir)
@@ -194,6 +196,22 @@ def build_float(model_dir: Path, out: Path, tokenizer_gguf: Path | None, metadat
     raw.unlink()
     os.replace(tmp, out)
     return out
+
+
+def head_size(model_dir: Path, converted: Path) -> dict:
+    """The attention head size for a GGUF whose converter did not write it: llama.cpp takes embedding / heads
+    unless the file says otherwise, and some converters (Qwen2's) never write it, so a width-pruned student (fewer
+    heads of the same size) would not load. Empty when the file has it or the config's head size is the default."""
+    import gguf
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    size, heads, hidden = config.get("head_dim"), config.get("num_attention_heads"), config.get("hidden_size")
+    if not size or not heads or not hidden or size * heads == hidden:
+        return {}
+    arch = open_reader(converted).fields[gguf.Keys.General.ARCHITECTURE].contents()
+    fields = open_reader(converted).fields
+    keys = (f"{arch}.attention.key_length", f"{arch}.attention.value_length")
+    return {k: int(size) for k in keys if k not in fields}
 
 
 def file_type(path: Path) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from toolchain.models import student, vocab
+from toolchain.models import student, vocab, width
 from toolchain.models.chat import context, messages_for, tokenize_pairs
 from toolchain.models.references import load_torch_model, resolve
 from toolchain.ui import console
@@ -33,6 +33,13 @@ def build(cfg, pairs: list[tuple[list[int], list[int]]]):
         info.update(teacher_layers=n, kept_layers=keep, select=s.select,
                     influence=[round(x, 5) for x in scores] if scores else None,
                     teacher_params=student.parameter_count(teacher))
+        if s.intermediate_size is not None or s.kv_heads is not None:  # ranked on the cut model's own activations
+            sample = [ids for ids, _ in pairs[: s.influence_samples]]
+            info["width"] = width.plan(model, sample, s.intermediate_size, s.kv_heads)
+            model = width.apply(model, info["width"])
+            c = model.config
+            console.print(f"  width: {c.intermediate_size} MLP channels, {c.num_attention_heads} heads "
+                          f"({c.num_key_value_heads} key/value) a layer")
     else:
         model = load_torch_model(resolve(s.from_), dtype=d.dtype)
         info.update(kept_layers=list(range(len(student.decoder_layers(model)))))
@@ -72,6 +79,8 @@ def recut(cfg, info: dict):
         full = load_torch_model(resolve(cfg.teacher))
         keep = info["kept_layers"]
         model = student.prune(full, keep) if len(keep) < len(student.decoder_layers(full)) else full
+        if info.get("width"):
+            model = width.apply(model, info["width"])
     else:
         model = load_torch_model(resolve(cfg.student.from_))
     if info.get("vocab_kept"):  # the same trimmed vocabulary as the student, before training

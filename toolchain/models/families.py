@@ -19,6 +19,11 @@ FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate
          "up_proj": "gate_up_proj"}
 
 
+# llama.cpp sizes these architectures' query projection by the hidden size rather than heads x head size, so a
+# student with fewer attention heads than its hidden size implies makes a GGUF it cannot load (tests/test_width.py)
+FIXED_HEAD_LAYOUT = {"Qwen2ForCausalLM", "Phi3ForCausalLM"}
+
+
 def linear_names(model) -> list[str]:
     """The leaf names of the model's linear layers (``q_proj``, ``qkv_proj``, ``lm_head``, ...)."""
     import torch

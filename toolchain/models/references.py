@@ -205,8 +205,9 @@ def gguf_metadata(path: Path) -> dict[str, object]:
 
 
 def dimensions(ref: ModelRef) -> dict[str, int | None]:
-    """Decoder layers, context length and vocabulary size of a local model, from its metadata only (GGUF header
-    or config.json; no weights are read). None for what the files do not say, and for an endpoint."""
+    """Decoder layers, context length, vocabulary size, MLP width and key/value heads of a local model, from its
+    metadata only (GGUF header or config.json; no weights are read). None for what the files do not say, and for
+    an endpoint."""
     if ref.kind == "gguf":
         from gguf import GGUFReader
 
@@ -216,7 +217,9 @@ def dimensions(ref: ModelRef) -> dict[str, int | None]:
         tokens = GGUFReader(str(ref.path), "r").fields.get("tokenizer.ggml.tokens")
         vocab = meta.get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
         return {"layers": meta.get(f"{arch}.block_count"), "context": meta.get(f"{arch}.context_length"),
-                "vocab": int(vocab) if vocab is not None else None}
+                "vocab": int(vocab) if vocab is not None else None,
+                "intermediate": meta.get(f"{arch}.feed_forward_length"),
+                "kv_heads": meta.get(f"{arch}.attention.head_count_kv")}
     if ref.kind == "hf_dir":
         import json
 
@@ -224,8 +227,9 @@ def dimensions(ref: ModelRef) -> dict[str, int | None]:
         cfg = json.loads((ref.path / "config.json").read_text(encoding="utf-8"))
         cfg = cfg.get("text_config", cfg)
         return {"layers": cfg.get("num_hidden_layers"), "context": cfg.get("max_position_embeddings"),
-                "vocab": cfg.get("vocab_size")}
-    return {"layers": None, "context": None, "vocab": None}
+                "vocab": cfg.get("vocab_size"), "intermediate": cfg.get("intermediate_size"),
+                "kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))}
+    return dict.fromkeys(("layers", "context", "vocab", "intermediate", "kv_heads"))
 
 
 def quiet_transformers() -> None:

@@ -52,6 +52,15 @@ class Shape:
         return Shape(layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim, self.vocab,
                      self.tied, round(self.embedding + self.output_layer + per_layer * layers), self.exact)
 
+    def with_width(self, intermediate: int | None, kv_heads: int | None) -> Shape:
+        """The shape width-pruned (student.intermediate_size, student.kv_heads): each layer loses the MLP channels'
+        three rows or columns and whole key/value groups with their query heads (biases are not counted)."""
+        inter = intermediate or self.intermediate
+        kv = kv_heads or self.kv_heads
+        heads = kv * (self.heads // self.kv_heads)
+        cut = 3 * self.hidden * (self.intermediate - inter) + 2 * self.hidden * self.head_dim * (
+            (self.heads - heads) + (self.kv_heads - kv))
+        return replace(self, intermediate=inter, heads=heads, kv_heads=kv, params=self.params - self.layers * cut)
 
     def with_vocab(self, vocab: int) -> Shape:
         """The shape with a trimmed vocabulary (student.vocab): embedding and output layer lose the other rows."""

@@ -37,6 +37,8 @@ def shapes(cfg: Recipe) -> tuple[sizes.Shape | None, sizes.Shape | None, list[st
     teacher = shape(cfg.teacher, "teacher")
     if cfg.student.from_ == "teacher":
         student = teacher.with_layers(cfg.student.keep_layers or teacher.layers) if teacher else None
+        if student is not None and (cfg.student.intermediate_size or cfg.student.kv_heads):
+            student = student.with_width(cfg.student.intermediate_size, cfg.student.kv_heads)
     else:
         student = shape(cfg.student.from_, "student")
     if student is not None and cfg.student.vocab is not None and cfg.student.vocab < student.vocab:

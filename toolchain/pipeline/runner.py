@@ -124,7 +124,7 @@ def check_dimensions(cfg: Recipe) -> None:
 
     def dims(ref: str) -> dict:
         if ref.startswith(("hf:", "openai:")):  # not fetched to validate; checked where the files are
-            return {"layers": None, "context": None, "vocab": None}
+            return dict.fromkeys(("layers", "context", "vocab", "intermediate", "kv_heads"))
         return dimensions(resolve(ref))
 
     st = cfg.student
@@ -141,6 +141,18 @@ def check_dimensions(cfg: Recipe) -> None:
             bad = sorted(i for i in st.select if i >= layers)
             raise RecipeError(f"{where}student.select: layer {bad[0]} does not exist; the teacher has {layers} "
                               f"layers (0-{layers - 1})")
+    for field, have, what in (("intermediate_size", teacher["intermediate"], "MLP channels"),
+                              ("kv_heads", teacher["kv_heads"], "key/value heads")):
+        want = getattr(st, field)
+        if want is not None and have and want >= have:
+            raise RecipeError(f"{where}student.{field}: {want} is not fewer than the teacher's {have} {what} a "
+                              "layer; use a smaller number or remove the field")
+    if st.kv_heads is not None and "gguf" in cfg.export.formats:
+        arch = families.architecture(resolve(cfg.teacher))
+        if arch in families.FIXED_HEAD_LAYOUT:
+            raise RecipeError(f"{where}student.kv_heads: llama.cpp sizes {arch}'s query projection by the hidden "
+                              "size, so a student with fewer heads would make a GGUF it cannot load; cut "
+                              "student.intermediate_size or layers instead, or drop gguf from export.formats")
     vocab = student["vocab"]
     if st.vocab is not None and vocab and st.vocab >= vocab:
         raise RecipeError(f"{where}student.vocab: {st.vocab} keeps every one of the tokenizer's {vocab:,} tokens; "

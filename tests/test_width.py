@@ -1,0 +1,156 @@
+"""Width pruning on every family: a cut that keeps everything computes the same logits, dead channels and
+heads go first, and a cut model saves, reloads and runs in llama.cpp with PyTorch's greedy tokens."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_families import FAMILIES, PROMPT, SMOLLM2, _logits, _model
+from toolchain.models import families, sizes, student, width
+from toolchain.models.references import load_tokenizer, resolve
+
+SEQS = [PROMPT, [5, 77, 310, 42, 9, 1000, 12], [400, 401, 402, 403]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_cut_that_keeps_every_channel_and_head_computes_the_same_logits(family):
+    model = _model(family)
+    want = _logits(model, PROMPT)
+    c = model.config
+    n = len(student.decoder_layers(model))
+    everything = {"mlp": [list(range(c.intermediate_size))] * n, "kv_heads": [list(range(c.num_key_value_heads))] * n}
+    width.apply(model, everything)  # every weight sliced and put back through the same code a real cut takes
+    np.testing.assert_array_equal(_logits(model, PROMPT), want)
+    assert width.plan(model, SEQS, c.intermediate_size, c.num_key_value_heads) == {"mlp": None, "kv_heads": None}
+
+
+@pytest.mark.parametrize("family", ["llama3", "phi3", "gemma3"])
+def test_dead_channels_and_head_groups_are_cut_first(family):
+    model = _model(family)
+    c = model.config
+    hd = width.head_dim(model)
+    dead_channels, dead_group = [3, 17, 40], 1
+    with torch.no_grad():
+        for layer in student.decoder_layers(model):
+            mlp, attn = layer.mlp, layer.self_attn
+            if hasattr(mlp, "gate_up_proj"):
+                mlp.gate_up_proj.weight[[i + c.intermediate_size for i in dead_channels]] = 0  # up half: product 0
+            else:
+                mlp.up_proj.weight[dead_channels] = 0
+            per = c.num_attention_heads // c.num_key_value_heads
+            v_rows = slice(dead_group * hd, (dead_group + 1) * hd)
+            if hasattr(attn, "qkv_proj"):
+                q = c.num_attention_heads * hd
+                kv = c.num_key_value_heads * hd
+                attn.qkv_proj.weight[q + kv + v_rows.start: q + kv + v_rows.stop] = 0
+            else:
+                attn.v_proj.weight[v_rows] = 0
+                if attn.v_proj.bias is not None:
+                    attn.v_proj.bias[v_rows] = 0
+            assert per >= 1
+    kept = width.plan(model, SEQS, c.intermediate_size - len(dead_channels), c.num_key_value_heads - 1)
+    for layer_kept in kept["mlp"]:
+        assert not set(dead_channels) & set(layer_kept) and len(layer_kept) == c.intermediate_size - 3
+    assert all(dead_group not in g for g in kept["kv_heads"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_cut_model_reloads_and_runs_in_llama_cpp_with_the_same_greedy_tokens(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from toolchain.artifacts import gguf_io
+    from toolchain.backends.llama_cpp import LlamaCppEngine
+
+    model = _model(family)
+    before = student.parameter_count(model)
+    shape = sizes.from_config(model.config.to_dict())
+    # half the MLP, one of two key/value groups (where llama.cpp allows fewer heads than the hidden size implies)
+    heads = family not in ("qwen2", "phi3")
+    assert (type(model).__name__ in families.FIXED_HEAD_LAYOUT) != heads
+    width.apply(model, width.plan(model, SEQS, 64, 1 if heads else None))
+    c = model.config
+    assert c.intermediate_size == 64 and (c.num_key_value_heads, c.num_attention_heads) == ((1, 2) if heads else (2, 4))
+    cut = shape.with_width(64, 1 if heads else None)  # what plan counts for the student
+    bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    assert student.parameter_count(model) < before and cut.params == pytest.approx(student.parameter_count(model) - bias, rel=0.01)
+    want = _logits(model, PROMPT)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
+    np.testing.assert_allclose(_logits(reloaded.eval(), PROMPT), want, atol=1e-5, rtol=0)
+    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")
+    gguf = gguf_io.build_float(tmp_path / "hf", tmp_path / "m.gguf", resolve(SMOLLM2).path, {})
+    engine = LlamaCppEngine(gguf, n_ctx=256, logits_all=True)
+    try:
+        got = engine.logits(PROMPT)
+        greedy = engine.greedy(PROMPT, 6, stop_ids=set())
+    finally:
+        engine.close()
+    np.testing.assert_allclose(got, want, atol=2e-3 * float(np.abs(want).max()), rtol=0)
+    ids = list(PROMPT)
+    for _ in range(6):
+        ids.append(int(_logits(model, ids)[-1].argmax()))
+    assert greedy == ids[len(PROMPT):]
+
+
+def test_validate_refuses_fewer_heads_where_llama_cpp_cannot_load_them_and_more_than_the_teacher_has(tmp_path):
+    from toolchain.pipeline.runner import check_dimensions
+    from toolchain.recipe import RecipeError, parse
+
+    folder = tmp_path / "qwen2"
+    _model("qwen2").save_pretrained(folder)
+    base = {"name": "w", "teacher": str(folder), "data": {"train": ["x.jsonl"]}}
+    check_dimensions(parse({**base, "student": {"intermediate_size": 64}}, str(tmp_path / "r.yaml")))
+    with pytest.raises(RecipeError, match="student.kv_heads: llama.cpp sizes Qwen2ForCausalLM"):
+        check_dimensions(parse({**base, "student": {"kv_heads": 1}}, str(tmp_path / "r.yaml")))
+    check_dimensions(parse({**base, "student": {"kv_heads": 1}, "export": {"formats": ["onnx"]}},
+                           str(tmp_path / "r.yaml")))  # no GGUF asked for: allowed
+    with pytest.raises(RecipeError, match="student.intermediate_size: 128 is not fewer than the teacher's 128"):
+        check_dimensions(parse({**base, "student": {"intermediate_size": 128}}, str(tmp_path / "r.yaml")))
+    with pytest.raises(Exception, match="multiple of 32"):
+        parse({**base, "student": {"intermediate_size": 100}}, str(tmp_path / "r.yaml"))
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_a_cut_model_exports_to_onnx_with_pytorchs_logits(family, tmp_path):
+    """Fewer heads of the same size also in optimum's export and onnxruntime (Qwen2's too: only llama.cpp's graph
+    cannot take it)."""
+    from toolchain.artifacts import onnx_io
+    from toolchain.backends.onnx import OnnxEngine
+
+    model = _model(family)
+    width.apply(model, width.plan(model, SEQS, 64, 1))
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")
+    engine = OnnxEngine(onnx_io.export(tmp_path / "hf", tmp_path / "onnx").parent)
+    try:
+        got = engine.logits(PROMPT)
+    finally:
+        engine.close()
+    want = _logits(model, PROMPT)
+    np.testing.assert_allclose(got, want, atol=2e-3 * float(np.abs(want).max()), rtol=0)
+
+
+def test_distill_cuts_layers_and_width_and_eval_cuts_the_same_student_again(tmp_path):
+    import json
+
+    from tests.conftest import tiny_generate_dir, tiny_recipe
+    from toolchain.models import cut
+    from toolchain.stages import distill
+
+    folder = tmp_path / "llama3"
+    _model("llama3").save_pretrained(folder)
+    load_tokenizer(resolve(SMOLLM2)).save_pretrained(folder)
+    cfg = tiny_recipe(folder, tmp_path, student={"from": "teacher", "keep_layers": 2, "select": "even",
+                                                 "intermediate_size": 64, "kv_heads": 1})
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = distill.run(cfg, {"generate": tiny_generate_dir(tmp_path)}, out)
+    info = json.loads((out / "student.json").read_text())
+    assert len(info["width"]["mlp"]) == 2 and all(len(k) == 64 for k in info["width"]["mlp"])
+    assert info["width"]["kv_heads"] in ([[0], [0]], [[0], [1]], [[1], [0]], [[1], [1]])
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert (saved["intermediate_size"], saved["num_key_value_heads"], saved["num_attention_heads"]) == (64, 1, 2)
+    assert saved["head_dim"] == 16 and manifest.metrics["student_params"] == info["student_params"]
+    again = cut.recut(cfg, info)  # eval's student before distillation: the same shape, the same kept rows
+    assert student.parameter_count(again) == info["student_params"]
+    assert again.config.intermediate_size == 64 and again.config.num_key_value_heads == 1
