@@ -154,3 +154,16 @@ def test_distill_cuts_layers_and_width_and_eval_cuts_the_same_student_again(tmp_
     again = cut.recut(cfg, info)  # eval's student before distillation: the same shape, the same kept rows
     assert student.parameter_count(again) == info["student_params"]
     assert again.config.intermediate_size == 64 and again.config.num_key_value_heads == 1
+
+
+def test_sweep_shapes_are_depth_width_and_head_groups_and_bad_ones_name_the_item():
+    from toolchain.pipeline.runner import parse_shapes, shape_label
+    from toolchain.recipe import RecipeError
+
+    assert parse_shapes("20, 16x1024,20X1536x2") == [
+        {"keep_layers": 20}, {"keep_layers": 16, "intermediate_size": 1024},
+        {"keep_layers": 20, "intermediate_size": 1536, "kv_heads": 2}]
+    assert shape_label({"keep_layers": 20, "intermediate_size": 1536, "kv_heads": 2}) == "20L x 1536 MLP x 2 KV"
+    for bad in ("20x", "0", "1x2x3x4", "a", ","):
+        with pytest.raises(RecipeError, match="--shapes"):
+            parse_shapes(bad)

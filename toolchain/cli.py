@@ -27,7 +27,7 @@ from toolchain.models.references import ModelError
 from toolchain.pipeline.plans import finished
 from toolchain.pipeline.plans import status as stage_status
 from toolchain.pipeline.budget import plan_lines
-from toolchain.pipeline.runner import licence_decision, preflight, run_stages
+from toolchain.pipeline.runner import licence_decision, parse_shapes, preflight, run_stages
 from toolchain.pipeline.runner import sweep as run_sweep
 from toolchain.pipeline.runs import RunError
 from toolchain.quality.gate import GateError
@@ -362,21 +362,23 @@ def publish(recipe: str, runs_root: str, to: str, repo: str | None, base_model: 
 @main.command()
 @recipe_arg
 @runs_opt
-@click.option("--keep-layers", required=True, help="Comma-separated depths to try, e.g. 6,10,15,20.")
+@click.option("--keep-layers", default=None, help="Comma-separated depths to try, e.g. 6,10,15,20.")
+@click.option("--shapes", default=None,
+              help="Comma-separated student shapes LAYERS[xMLP[xKV]]: depth, MLP channels and key/value head groups "
+                   "kept, e.g. 20,30x768,16x1024x2 (width pruning: docs/student.md).")
 @friendly
-def sweep(recipe: str, runs_root: str, keep_layers: str) -> None:
-    """Build one student per depth (distill, eval, export, bench each) and add the retention-vs-speed Pareto
-    front to the report."""
+def sweep(recipe: str, runs_root: str, keep_layers: str | None, shapes: str | None) -> None:
+    """Build one student per depth or shape (distill, eval, export, bench each) and add the retention-vs-speed
+    Pareto front to the report."""
 
-    try:
-        depths = sorted({int(x) for x in keep_layers.split(",") if x.strip()})
-    except ValueError:
-        raise RecipeError(f"--keep-layers: expected comma-separated integers, got '{keep_layers}'") from None
-    if not depths or depths[0] < 1:
-        raise RecipeError("--keep-layers: give at least one depth, each 1 or more")
-
+    if (keep_layers is None) == (shapes is None):
+        raise RecipeError("sweep: give --keep-layers (depths) or --shapes (depth x width), one of the two")
+    found = parse_shapes(keep_layers, "--keep-layers") if keep_layers is not None else parse_shapes(shapes)
+    if keep_layers is not None and any(len(s) > 1 for s in found):
+        raise RecipeError(f"--keep-layers: expected comma-separated integers, got '{keep_layers}' (--shapes takes "
+                          "widths)")
     cfg = _load(recipe)
-    click.echo(run_sweep(cfg, runs_root, depths))
+    click.echo(run_sweep(cfg, runs_root, found))
     try:
         click.echo(write(cfg, runs_root))
     except RunError as err:  # the sweep itself is done; the report also needs the recipe's own student

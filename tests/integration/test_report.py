@@ -79,14 +79,17 @@ def test_report_html_renders_in_headless_chromium(ci_run, tmp_path):
 
 def test_sweep_adds_students_and_a_pareto_front(ci_run):
     recipe, runs, _ = ci_run
-    proc = distillery("sweep", str(recipe), "--runs", str(runs), "--keep-layers", "4,8", timeout=1800)
+    proc = distillery("sweep", str(recipe), "--runs", str(runs), "--shapes", "4,4x768", timeout=1800)
     sweep = json.loads((runs / "ci" / "sweep.json").read_text())
-    depths = [s["keep_layers"] for s in sweep["students"]]
-    assert depths == [4, 8]
-    four, eight = sweep["students"]
-    assert four["parameters"] < eight["parameters"] and four["bytes"] < eight["bytes"]
+    shapes = [(s["keep_layers"], s["intermediate_size"]) for s in sweep["students"]]
+    assert shapes == [(4, None), (4, 768)]  # depth alone, then depth and half the MLP channels
+    deep, narrow = sweep["students"]
+    assert narrow["parameters"] < deep["parameters"] and narrow["bytes"] < deep["bytes"]
     assert all(s["decode_tps"] > 0 for s in sweep["students"])
     html = (runs / "ci" / "report" / "report.html").read_text()
     assert "Sweep: layers kept" in html and "Pareto" in html and str(runs / "ci" / "report" / "report.html") in proc.stdout
+    assert "<td>4</td><td>768</td><td>all</td>" in html  # the narrow student's row names its width
     bad = distillery("sweep", str(recipe), "--runs", str(runs), "--keep-layers", "4,x", check=False)
     assert bad.returncode == 2 and "--keep-layers" in bad.stderr
+    bad = distillery("sweep", str(recipe), "--runs", str(runs), "--shapes", "4x7000", check=False)
+    assert bad.returncode == 2 and "student.intermediate_size: 7000 is not fewer than the teacher's 1536" in bad.stderr

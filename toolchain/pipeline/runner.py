@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from toolchain.artifacts import gguf_io
 from toolchain.artifacts.files import ExportError
 from toolchain.data.formats import load_prompts
@@ -18,7 +20,7 @@ from toolchain.pipeline.runs import RunDir, RunError, execute, read_manifest, st
 from toolchain.quality import cascade
 from toolchain.quality.gate import GateError, gate, gate_lines
 from toolchain.quality.metrics import normalise, parse_json
-from toolchain.recipe import Recipe, RecipeError
+from toolchain.recipe import Recipe, RecipeError, StudentConfig
 from toolchain.render.markdown import cascade_markdown, eval_table
 from toolchain.serve.targets import default_quant
 from toolchain.training import cross_vocab
@@ -239,39 +241,80 @@ def run_stages(cfg: Recipe, runs_root: str | Path, until: str | None = None, onl
     return finished
 
 
-def sweep(cfg: Recipe, runs_root: str | Path, keep_layers: list[int]) -> Path:
-    """One student per depth in ``keep_layers`` (the recipe otherwise unchanged), each distilled, evaluated,
-    exported at the bench type and benched once; runs/<recipe>/sweep.json holds the retention-vs-speed points.
+SHAPE_FIELDS = ("keep_layers", "intermediate_size", "kv_heads")
 
-    The students share the recipe's run directory, so the teacher's answers are generated once; each depth is
+
+def parse_shapes(text: str, option: str = "--shapes") -> list[dict]:
+    """``LAYERS[xMLP[xKV]]`` items, comma-separated (``20,16x1024,20x1536x2``): each a student shape as
+    student.keep_layers, student.intermediate_size and student.kv_heads (left out: the recipe's own)."""
+    shapes = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.lower().split("x")
+        if len(parts) > 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise RecipeError(f"{option}: '{item}' is not LAYERS, LAYERSxMLP or LAYERSxMLPxKV (positive integers, "
+                              "e.g. 20, 16x1024, 20x1536x2)")
+        shapes.append(dict(zip(SHAPE_FIELDS, map(int, parts))))
+    if not shapes:
+        raise RecipeError(f"{option}: give at least one student shape")
+    return shapes
+
+
+def shape_label(shape: dict) -> str:
+    label = f"{shape['keep_layers']}L"
+    if shape.get("intermediate_size"):
+        label += f" x {shape['intermediate_size']} MLP"
+    if shape.get("kv_heads"):
+        label += f" x {shape['kv_heads']} KV"
+    return label
+
+
+def sweep(cfg: Recipe, runs_root: str | Path, shapes: list[dict]) -> Path:
+    """One student per shape in ``shapes`` (``parse_shapes``: depth, and optionally MLP width and key/value head
+    groups; the recipe otherwise unchanged), each distilled, evaluated, exported at the bench type and benched
+    once; runs/<recipe>/sweep.json holds the retention-vs-speed points.
+
+    The students share the recipe's run directory, so the teacher's answers are generated once; each shape is
     its own distill/merge/eval/export/bench key. Per student, eval skips the before-distillation model, export
     writes only the GGUF type bench runs, and bench runs once without the served or per-file timings.
     """
     import json
 
-
     if cfg.student.from_ != "teacher":
         raise RecipeError(
-            f"{cfg.source}: sweep varies how many teacher layers the student keeps; student.from must be 'teacher'"
+            f"{cfg.source}: sweep cuts the teacher into students of other shapes; student.from must be 'teacher'"
         )
     if isinstance(cfg.student.select, list):
         raise RecipeError(f"{cfg.source}: sweep needs student.select 'influence' or 'even', not explicit indices")
     quant = cfg.bench.quant or default_quant(cfg, "llama_cpp")
-    students = []
-    for k in keep_layers:
-        console.print(f"[bold]sweep: {k} layers[/]")
+    variants = []
+    for shape in shapes:  # every shape checked against the teacher before the first one trains
+        try:  # the shape's fields checked as the recipe checks them (a width a multiple of 32, ...)
+            student = StudentConfig.model_validate({**cfg.student.model_dump(by_alias=True), **shape})
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise RecipeError(f"--shapes: {shape_label(shape)}: student.{first['loc'][0]}: {first['msg']}") from None
         variant = cfg.model_copy(update={
-            "student": cfg.student.model_copy(update={"keep_layers": k}),
+            "student": student,
             "eval": cfg.eval.model_copy(update={"base": False}),
             "export": cfg.export.model_copy(update={"formats": ["gguf"], "quants": [quant], "score": False}),
             "bench": cfg.bench.model_copy(update={"backend": "llama_cpp", "quant": quant, "repeats": 1,
                                                   "served": False, "each_file": False}),
         })
+        check_dimensions(variant)
+        variants.append((shape, variant))
+    students = []
+    for shape, variant in variants:
+        console.print(f"[bold]sweep: {shape_label(shape)}[/]")
         done = run_stages(variant, runs_root, until="bench", gate=False)
         ev = json.loads((done["eval"] / "eval.json").read_text(encoding="utf-8"))["retention"]["overall"]
         bench = json.loads((done["bench"] / "bench.json").read_text(encoding="utf-8"))
         merge = json.loads((done["merge"] / "merge_check.json").read_text(encoding="utf-8"))
-        students.append({"keep_layers": k, "parameters": merge["student_params"], "teacher_gold": ev["teacher"],
+        st = variant.student
+        students.append({"keep_layers": st.keep_layers, "intermediate_size": st.intermediate_size,
+                         "kv_heads": st.kv_heads, "label": shape_label(shape),
+                         "parameters": merge["student_params"], "teacher_gold": ev["teacher"],
                          "student_gold": ev["student"], "retention": ev["retention"],
                          "decode_tps": bench["summary"]["student"]["decode_tps"]["median"],
                          "teacher_decode_tps": bench["summary"]["teacher"]["decode_tps"]["median"],

@@ -96,7 +96,8 @@ def charts(data: dict) -> dict[str, str]:
         pts = [(r["decode_tps"], 100 * (r["student_gold"] or 0)) for r in data["sweep"]["students"]]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=40, color="#7f8c8d", label="sweep students", zorder=2)
         for r, p in zip(data["sweep"]["students"], pts):
-            ax.annotate(f"{r['keep_layers']}L", p, textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(r.get("label") or f"{r['keep_layers']}L", p, textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
         front = [pts[i] for i in pareto(pts)]
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#7f8c8d", label="Pareto front")
     ax.set_xlabel("decode tokens/s (this machine)")
@@ -201,15 +202,17 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
         lines += [
             "## Sweep: layers kept vs quality and speed",
             "",
-            "| layers | parameters (M) | student gold | retention | decode tokens/s | on the Pareto front |",
-            "|---:|---:|---:|---:|---:|---|",
+            "| layers | MLP channels | key/value heads | parameters (M) | student gold | retention | decode tokens/s "
+            "| on the Pareto front |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         students = data["sweep"]["students"]
         front = set(pareto([(r["decode_tps"], r["student_gold"] or 0) for r in students]))
         for i, r in enumerate(students):
             retention = "-" if r["retention"] is None else f"{r['retention']:.2f}"
             lines.append(
-                f"| {r['keep_layers']} | {r['parameters'] / 1e6:.1f} | {_pct(r['student_gold'])} | {retention} | "
+                f"| {r['keep_layers']} | {r.get('intermediate_size') or 'all'} | {r.get('kv_heads') or 'all'} | "
+                f"{r['parameters'] / 1e6:.1f} | {_pct(r['student_gold'])} | {retention} | "
                 f"{r['decode_tps']:.1f} | {'yes' if i in front else ''} |"
             )
         lines.append("")
