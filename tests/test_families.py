@@ -61,6 +61,47 @@ def _logits(model, ids: list[int]) -> np.ndarray:
     return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
 
 
+def check_gguf(model, tmp_path) -> None:
+    """``model`` through llama.cpp's converter (float32, the SmolLM2 tokenizer written in, as merge writes it beside
+    the weights) into llama.cpp: its logits at every position of PROMPT match PyTorch's and six greedy tokens are
+    PyTorch's."""
+    from toolchain.artifacts import gguf_io
+    from toolchain.backends.llama_cpp import LlamaCppEngine
+
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")
+    gguf = gguf_io.build_float(tmp_path / "hf", tmp_path / "m.gguf", resolve(SMOLLM2).path, {})
+    engine = LlamaCppEngine(gguf, n_ctx=256, logits_all=True)
+    try:
+        got = engine.logits(PROMPT)
+        greedy = engine.greedy(PROMPT, 6, stop_ids=set())
+    finally:
+        engine.close()
+    want = _logits(model, PROMPT)
+    np.testing.assert_allclose(got, want, atol=2e-3 * float(np.abs(want).max()), rtol=0)
+    ids = list(PROMPT)
+    for _ in range(6):
+        ids.append(int(_logits(model, ids)[-1].argmax()))
+    assert greedy == ids[len(PROMPT):]
+
+
+def check_onnx(model, tmp_path) -> None:
+    """``model`` through optimum's ONNX export (the decoder with past key values) into onnxruntime: its logits at
+    every position of PROMPT match PyTorch's."""
+    from toolchain.artifacts import onnx_io
+    from toolchain.backends.onnx import OnnxEngine
+
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")
+    engine = OnnxEngine(onnx_io.export(tmp_path / "hf", tmp_path / "onnx").parent)
+    try:
+        got = engine.logits(PROMPT)
+    finally:
+        engine.close()
+    want = _logits(model, PROMPT)
+    np.testing.assert_allclose(got, want, atol=2e-3 * float(np.abs(want).max()), rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_layer_cut_keeps_a_working_model_of_the_family(family):
     model = _model(family)
@@ -93,26 +134,7 @@ def test_the_vocabulary_trim_computes_the_kept_rows_exactly(family):
 def test_the_gguf_file_computes_what_pytorch_computes(family, tmp_path):
     """HF folder → llama.cpp's converter (float32, the SmolLM2 tokenizer written in) → llama.cpp: the logits at
     every position of a prompt longer than the sliding window match PyTorch's, and greedy decoding agrees."""
-    from toolchain.artifacts import gguf_io
-    from toolchain.backends.llama_cpp import LlamaCppEngine
-
-    model = _model(family)
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")  # as merge writes it beside the weights
-    gguf = gguf_io.build_float(tmp_path / "hf", tmp_path / "m.gguf", resolve(SMOLLM2).path, {})
-    engine = LlamaCppEngine(gguf, n_ctx=256, logits_all=True)
-    try:
-        got = engine.logits(PROMPT)
-        want = _logits(model, PROMPT)
-        scale = float(np.abs(want).max())
-        np.testing.assert_allclose(got, want, atol=2e-3 * scale, rtol=0)
-        greedy = engine.greedy(PROMPT, 6, stop_ids=set())
-    finally:
-        engine.close()
-    ids = list(PROMPT)
-    for _ in range(6):
-        ids.append(int(_logits(model, ids)[-1].argmax()))
-    assert greedy == ids[len(PROMPT):]
+    check_gguf(_model(family), tmp_path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -208,20 +230,7 @@ def test_a_lora_target_no_layer_has_is_one_line_naming_what_the_model_has():
 def test_the_onnx_file_computes_what_pytorch_computes(family, tmp_path):
     """HF folder → optimum's ONNX export (the decoder with past key values) → onnxruntime: the logits at every
     position of the prompt match PyTorch's."""
-    from toolchain.artifacts import onnx_io
-    from toolchain.backends.onnx import OnnxEngine
-
-    model = _model(family)
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")
-    path = onnx_io.export(tmp_path / "hf", tmp_path / "onnx")
-    engine = OnnxEngine(path.parent)
-    try:
-        got = engine.logits(PROMPT)
-    finally:
-        engine.close()
-    want = _logits(model, PROMPT)
-    np.testing.assert_allclose(got, want, atol=2e-3 * float(np.abs(want).max()), rtol=0)
+    check_onnx(_model(family), tmp_path)
 
 
 def test_every_family_is_one_the_pinned_converter_converts_and_another_is_refused_at_validate(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_families import FAMILIES, PROMPT, SMOLLM2, _logits, _model
+from tests.test_families import FAMILIES, PROMPT, SMOLLM2, _logits, _model, check_gguf, check_onnx
 from toolchain.models import families, sizes, student, width
 from toolchain.models.references import load_tokenizer, resolve
 
@@ -58,8 +58,6 @@ def test_dead_channels_and_head_groups_are_cut_first(family):
 def test_a_cut_model_reloads_and_runs_in_llama_cpp_with_the_same_greedy_tokens(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from toolchain.artifacts import gguf_io
-    from toolchain.backends.llama_cpp import LlamaCppEngine
 
     model = _model(family)
     before = student.parameter_count(model)
@@ -74,60 +72,21 @@ def test_a_cut_model_reloads_and_runs_in_llama_cpp_with_the_same_greedy_tokens(f
     bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
     assert student.parameter_count(model) < before and cut.params == pytest.approx(student.parameter_count(model) - bias, rel=0.01)
     want = _logits(model, PROMPT)
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
+    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32,
+                                                    attn_implementation="eager")
     np.testing.assert_allclose(_logits(reloaded.eval(), PROMPT), want, atol=1e-5, rtol=0)
-    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")
-    gguf = gguf_io.build_float(tmp_path / "hf", tmp_path / "m.gguf", resolve(SMOLLM2).path, {})
-    engine = LlamaCppEngine(gguf, n_ctx=256, logits_all=True)
-    try:
-        got = engine.logits(PROMPT)
-        greedy = engine.greedy(PROMPT, 6, stop_ids=set())
-    finally:
-        engine.close()
-    np.testing.assert_allclose(got, want, atol=2e-3 * float(np.abs(want).max()), rtol=0)
-    ids = list(PROMPT)
-    for _ in range(6):
-        ids.append(int(_logits(model, ids)[-1].argmax()))
-    assert greedy == ids[len(PROMPT):]
-
-
-def test_validate_refuses_fewer_heads_where_llama_cpp_cannot_load_them_and_more_than_the_teacher_has(tmp_path):
-    from toolchain.pipeline.runner import check_dimensions
-    from toolchain.recipe import RecipeError, parse
-
-    folder = tmp_path / "qwen2"
-    _model("qwen2").save_pretrained(folder)
-    base = {"name": "w", "teacher": str(folder), "data": {"train": ["x.jsonl"]}}
-    check_dimensions(parse({**base, "student": {"intermediate_size": 64}}, str(tmp_path / "r.yaml")))
-    with pytest.raises(RecipeError, match="student.kv_heads: llama.cpp sizes Qwen2ForCausalLM"):
-        check_dimensions(parse({**base, "student": {"kv_heads": 1}}, str(tmp_path / "r.yaml")))
-    check_dimensions(parse({**base, "student": {"kv_heads": 1}, "export": {"formats": ["onnx"]}},
-                           str(tmp_path / "r.yaml")))  # no GGUF asked for: allowed
-    with pytest.raises(RecipeError, match="student.intermediate_size: 128 is not fewer than the teacher's 128"):
-        check_dimensions(parse({**base, "student": {"intermediate_size": 128}}, str(tmp_path / "r.yaml")))
-    with pytest.raises(Exception, match="multiple of 32"):
-        parse({**base, "student": {"intermediate_size": 100}}, str(tmp_path / "r.yaml"))
+    check_gguf(model, tmp_path)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_a_cut_model_exports_to_onnx_with_pytorchs_logits(family, tmp_path):
     """Fewer heads of the same size also in optimum's export and onnxruntime (Qwen2's too: only llama.cpp's graph
     cannot take it)."""
-    from toolchain.artifacts import onnx_io
-    from toolchain.backends.onnx import OnnxEngine
 
     model = _model(family)
     width.apply(model, width.plan(model, SEQS, 64, 1))
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    load_tokenizer(resolve(SMOLLM2)).save_pretrained(tmp_path / "hf")
-    engine = OnnxEngine(onnx_io.export(tmp_path / "hf", tmp_path / "onnx").parent)
-    try:
-        got = engine.logits(PROMPT)
-    finally:
-        engine.close()
-    want = _logits(model, PROMPT)
-    np.testing.assert_allclose(got, want, atol=2e-3 * float(np.abs(want).max()), rtol=0)
+    check_onnx(model, tmp_path)
 
 
 def test_distill_cuts_layers_and_width_and_eval_cuts_the_same_student_again(tmp_path):
