@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import sys
@@ -400,8 +401,12 @@ def compute_imatrix(model: Path, text: Path, out: Path, chunks: int, n_ctx: int 
 def captured_stderr():
     """File descriptor 2 (where C code writes) and ``sys.stderr`` (where llama-cpp-python's log callback writes,
     which is not fd 2 under a test runner or a notebook) go to a temporary file; its lines are in the yielded list
-    after."""
+    after. The callback prints only while its logger is verbose, which any ``Llama(verbose=False)`` turns off for
+    the whole process, so it is made verbose meanwhile."""
     lines: list[str] = []
+    llama_log = logging.getLogger("llama-cpp-python")
+    level = llama_log.level
+    llama_log.setLevel(logging.DEBUG)
     with tempfile.TemporaryFile() as fh:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -412,6 +417,7 @@ def captured_stderr():
                 yield lines
         finally:
             text.flush()
+            llama_log.setLevel(level)
             os.dup2(saved, 2)
             os.close(saved)
             fh.seek(0)
