@@ -54,7 +54,8 @@ def plan_lines(cfg: Recipe, capacity: int | None = None, gpus: int = 1, tflops: 
     for role, s in (("teacher", teacher), ("student", student)):
         if s is not None:
             out.append(f"{role}: {s.params / 1e6:,.1f}M weights ({'counted' if s.exact else 'from its config'}), "
-                       f"{s.layers} layers × {s.hidden} wide, vocabulary {s.vocab:,}"
+                       f"{s.layers} layers × {s.hidden} wide (MLP {s.intermediate:,}, {s.heads} heads, {s.kv_heads} "
+                       f"key/value), vocabulary {s.vocab:,}"
                        f"{', output layer tied' if s.tied else ''}")
     if cfg.teacher.startswith("openai:"):
         out.append("teacher: behind an endpoint (no memory here)")
