@@ -91,5 +91,5 @@ def test_sweep_adds_students_and_a_pareto_front(ci_run):
     assert "<td>4</td><td>768</td><td>all</td>" in html  # the narrow student's row names its width
     bad = distillery("sweep", str(recipe), "--runs", str(runs), "--keep-layers", "4,x", check=False)
     assert bad.returncode == 2 and "--keep-layers" in bad.stderr
-    bad = distillery("sweep", str(recipe), "--runs", str(runs), "--shapes", "4x7000", check=False)
-    assert bad.returncode == 2 and "student.intermediate_size: 7000 is not fewer than the teacher's 1536" in bad.stderr
+    bad = distillery("sweep", str(recipe), "--runs", str(runs), "--shapes", "4x7040", check=False)
+    assert bad.returncode == 2 and "student.intermediate_size: 7040 is not fewer than the teacher's 1536" in bad.stderr
