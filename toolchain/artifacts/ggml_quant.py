@@ -85,7 +85,7 @@ def dequantize(data: bytes | np.ndarray, kind: GGMLQuantizationType, shape: tupl
 
 def roundtrip(x: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray:
     """``x`` as the runtime will see it once stored as ``kind``: the fake-quantized weight."""
-    if kind in (GGMLQuantizationType.F32,):
+    if kind == GGMLQuantizationType.F32:
         return np.asarray(x, dtype=np.float32)
     return dequantize(quantize(x, kind), kind, x.shape)
 

@@ -209,8 +209,8 @@ def head_size(model_dir: Path, converted: Path) -> dict:
     size, heads, hidden = config.get("head_dim"), config.get("num_attention_heads"), config.get("hidden_size")
     if not size or not heads or not hidden or size * heads == hidden:
         return {}
-    arch = open_reader(converted).fields[gguf.Keys.General.ARCHITECTURE].contents()
     fields = open_reader(converted).fields
+    arch = fields[gguf.Keys.General.ARCHITECTURE].contents()
     keys = (f"{arch}.attention.key_length", f"{arch}.attention.value_length")
     return {k: int(size) for k in keys if k not in fields}
 

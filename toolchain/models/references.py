@@ -204,6 +204,9 @@ def gguf_metadata(path: Path) -> dict[str, object]:
     return meta
 
 
+DIMENSIONS = ("layers", "context", "vocab", "intermediate", "kv_heads")  # what ``dimensions`` reads
+
+
 def dimensions(ref: ModelRef) -> dict[str, int | None]:
     """Decoder layers, context length, vocabulary size, MLP width and key/value heads of a local model, from its
     metadata only (GGUF header or config.json; no weights are read). None for what the files do not say, and for
@@ -229,7 +232,7 @@ def dimensions(ref: ModelRef) -> dict[str, int | None]:
         return {"layers": cfg.get("num_hidden_layers"), "context": cfg.get("max_position_embeddings"),
                 "vocab": cfg.get("vocab_size"), "intermediate": cfg.get("intermediate_size"),
                 "kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))}
-    return dict.fromkeys(("layers", "context", "vocab", "intermediate", "kv_heads"))
+    return dict.fromkeys(DIMENSIONS)
 
 
 def quiet_transformers() -> None:

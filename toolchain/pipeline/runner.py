@@ -14,7 +14,7 @@ from toolchain.artifacts.files import ExportError
 from toolchain.data.formats import load_prompts
 from toolchain.data.rows import DataError
 from toolchain.models import families, licenses
-from toolchain.models.references import dimensions, resolve, vocabulary
+from toolchain.models.references import DIMENSIONS, dimensions, resolve, vocabulary
 from toolchain.pipeline.plans import PLANS, STAGES, stage_inputs
 from toolchain.pipeline.runs import RunDir, RunError, execute, read_manifest, stage_key
 from toolchain.quality import cascade
@@ -126,7 +126,7 @@ def check_dimensions(cfg: Recipe) -> None:
 
     def dims(ref: str) -> dict:
         if ref.startswith(("hf:", "openai:")):  # not fetched to validate; checked where the files are
-            return dict.fromkeys(("layers", "context", "vocab", "intermediate", "kv_heads"))
+            return dict.fromkeys(DIMENSIONS)
         return dimensions(resolve(ref))
 
     st = cfg.student

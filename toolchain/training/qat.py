@@ -26,6 +26,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from toolchain.artifacts import ggml_quant, gguf_io
+from toolchain.models.references import gguf_metadata
 
 
 class _Straight(torch.autograd.Function):
@@ -66,12 +67,10 @@ def _tensor_names(model, gguf_path: Path) -> dict[str, str]:
     """The model's parameter names -> the tensor names llama.cpp's converter gave them."""
     import gguf
 
-    reader = gguf.GGUFReader(gguf_path)
-    field = reader.fields["general.architecture"]
-    arch_name = bytes(field.parts[field.data[0]]).decode()
+    meta = gguf_metadata(gguf_path)
+    arch_name = str(meta["general.architecture"])
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-    count = reader.fields[f"{arch_name}.block_count"]
-    names = gguf.get_tensor_name_map(arch, int(count.parts[count.data[0]][0]))
+    names = gguf.get_tensor_name_map(arch, int(meta[f"{arch_name}.block_count"]))
     out = {}
     for name, _ in model.named_parameters():
         mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))

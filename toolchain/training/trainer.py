@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -197,9 +198,7 @@ class Trainer:
         bar.update(task, info=f"quantization-aware: which type llama.cpp gives each tensor for {kind}")
         types = qat.plan(self.model, kind, self.work)
         self.qat = qat.attach(self.model, types)
-        counts: dict[str, int] = {}
-        for t in types.values():
-            counts[t.name.lower()] = counts.get(t.name.lower(), 0) + 1
+        counts = Counter(t.name.lower() for t in types.values())
         console.print(f"  quantization-aware from step {self.step_no + 1}: {len(types)} weights as llama.cpp stores "
                       f"them for {kind} (" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
 
