@@ -333,6 +333,23 @@ class QuantizationAwareConfig(_Section):
         "train in float32 first).")
 
 
+class RecoveryConfig(_Section):
+    """Before the task phase, the pruned student learns the teacher's next-token distribution on broad text, to give
+    back what the cut layers held (training/recovery.py)."""
+
+    text: Literal["teacher"] | list[str] = Field(
+        "teacher", description="'teacher': sequences the teacher writes itself from a random first token (data-free, "
+        "as LLM-QAT generates its training text), sampled over the student's vocabulary; or plain-text files (.txt: "
+        "passages separated by a blank line; .jsonl: a 'text' field per line), e.g. a slice of a pretraining corpus.")
+    sequences: int = Field(512, ge=1, description="How many sequences of text (the first this-many of the files).")
+    seq_len: int = Field(128, ge=8, le=32768, description="Tokens per sequence (longer text is cut).")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps (None: one pass over the sequences at "
+                              "distill.batch_size).")
+    lr: float | None = Field(None, gt=0, lt=1.0, description="Peak learning rate (None: distill.lr).")
+    temperature: float = Field(1.0, gt=0, description="The distillation temperature, and the teacher's sampling "
+                               "temperature for text: teacher.")
+
+
 class DistillConfig(_Section):
     flavour: Literal["hard", "soft", "reasoning"] = Field(
         "hard", description="hard: teacher responses as labels; soft: match teacher distributions; reasoning: "
@@ -383,11 +400,19 @@ class DistillConfig(_Section):
         None, description="Train the file that ships: {type: iq4_nl, steps: 30} (or just the type) makes the last "
         "steps quantization-aware for that GGUF type (training/qat.py). Needs a full fine-tune and the type in "
         "export.quants; export.imatrix rounds differently and is refused with it.")
+    recovery: RecoveryConfig | None = Field(
+        None, description="A recovery phase before the task phase: {text: teacher, sequences: 512, seq_len: 128} "
+        "distills the teacher's full next-token distribution on broad text into the pruned student (Minitron's "
+        "recovery; docs/student.md). Needs a local teacher with the student's tokenizer and a full fine-tune.")
 
     @field_validator("quantization_aware", mode="before")
     @classmethod
     def _qat_type_alone(cls, v):
         return {"type": v} if isinstance(v, str) else v
+
+    def teacher_in_step(self) -> bool:
+        """Whether the task phase runs the teacher at each step (online soft-label or on-policy scoring)."""
+        return self.flavour == "soft" and (self.soft.teacher_logits == "online" or self.on_policy.fraction > 0)
 
 
 class MergeConfig(_Section):
@@ -903,6 +928,16 @@ class Recipe(_Section):
             if self.export.imatrix:
                 raise ValueError("distill.quantization_aware: export.imatrix quantizes with other rounding than the "
                                  "training saw; set export.imatrix: false")
+        if self.distill.recovery is not None:
+            if self.distill.method != "full":
+                raise ValueError("distill.recovery: trains the whole pruned student before its task; it needs "
+                                 "distill.method: full")
+            if self.teacher.startswith("openai:"):
+                raise ValueError("distill.recovery: needs the teacher's logits at every position of the text, which an "
+                                 "openai: teacher does not return; name a local teacher")
+            if self.student.from_ != "teacher":
+                raise ValueError("distill.recovery: gives back what pruning took from a student cut from the teacher; "
+                                 "it needs student.from: teacher")
         return self
 
     def task_floors(self) -> dict[str, float]:

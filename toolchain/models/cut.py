@@ -14,12 +14,13 @@ from toolchain.ui import console
 
 
 def build(cfg, pairs: list[tuple[list[int], list[int]]]):
-    """(student, teacher or None, info); the teacher is loaded only when pruning or online KD needs it."""
+    """(student, teacher or None, info); the teacher is loaded only when pruning or online KD (in the task phase or
+    distill.recovery's) needs it."""
     s = cfg.student
     info: dict = {"from": s.from_}
     teacher = None
     d = cfg.distill
-    online = d.flavour == "soft" and (d.soft.teacher_logits == "online" or d.on_policy.fraction > 0)
+    online = d.teacher_in_step() or d.recovery is not None  # recovery distills the teacher's logits on broad text
     if s.from_ == "teacher" or online:
         teacher = load_torch_model(resolve(cfg.teacher), dtype=d.teacher_dtype)
     if s.from_ == "teacher":

@@ -163,6 +163,12 @@ def external_inputs(cfg: Recipe, stage: str) -> dict[str, tuple[str, Path | None
     if stage == "distill":
         ref = cfg.student_source()
         out["student_init"] = (resolve(ref).sha256(), None)
+        r = cfg.distill.recovery
+        for i, name in enumerate(r.text if r is not None and r.text != "teacher" else []):
+            path = cfg.data_path(name)
+            if not path.is_file():
+                raise DataError(f"{path}: text file not found (distill.recovery.text[{i}])")
+            out[f"recovery:{i}"] = (source_digest(name, path, "train"), None)
     return out
 
 

@@ -7,6 +7,7 @@ Outputs:
     base/ + adapter/  LoRA: the (pruned) student base and the peft adapter; merge joins them
     student.json      kept layers, block-influence scores, parameter counts, kept token ids (student.vocab)
     train_log.jsonl   loss and tokens/s per optimizer step
+    recovery_log.jsonl  distill.recovery: the same per step of the recovery phase (its text: .resume/recovery/)
 
 The student is cut in toolchain.models.cut and trained by toolchain.training.trainer (losses, batches, the
 online teacher, on-policy rollouts live in toolchain.training). Checkpoints (trainable weights, optimizer,
@@ -23,13 +24,13 @@ from pathlib import Path
 import torch
 
 from toolchain.data.formats import load_prompts
-from toolchain.data.rows import iter_jsonl
+from toolchain.data.rows import iter_jsonl, write_jsonl
 from toolchain.models import cut
 from toolchain.models.chat import IGNORE, tokenize_pairs
 from toolchain.models.references import load_tokenizer, resolve
 from toolchain.pipeline.runs import RESUME_DIR, Manifest
 from toolchain.recipe import Recipe
-from toolchain.training import cross_vocab
+from toolchain.training import cross_vocab, recovery
 from toolchain.training.topk_cache import TopKCache, example_key
 from toolchain.training.trainer import Trainer
 from toolchain.ui import console, local_world_size
@@ -66,6 +67,13 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         for line in report.lines():
             console.print(f"  across tokenizers: {line}")
         info["alignment"] = report.as_dict()
+    recovered = {}
+    if d.recovery is not None:  # the teacher's distribution on broad text first, then the task
+        recovered, recovery_log = recovery.recover(cfg, model, tok, teacher, info.get("vocab_kept"),
+                                                   out_dir / RESUME_DIR)
+        write_jsonl(out_dir / "recovery_log.jsonl", recovery_log)
+        if not d.teacher_in_step():
+            teacher = None  # loaded for the recovery only: the task phase reads its cache or the answers
     trainer = Trainer(cfg, model, tok, pairs, keys, teacher=teacher, cache=cache, kept=info.get("vocab_kept"),
                       aligned=aligned)
     trainer.resume(out_dir / RESUME_DIR)
@@ -79,6 +87,6 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
                  "prompt_tokens_mean": round(sum(sum(x == IGNORE for x in labels) for _, labels in pairs)
                                              / len(pairs), 1),
                  "first_loss": m.pop("first_loss"), "student_params": info["student_params"],
-                 "student_layers": len(info["kept_layers"]), **m},
+                 "student_layers": len(info["kept_layers"]), **m, **recovered},
         seeds={"distill": d.seed},
     )

@@ -63,12 +63,11 @@ class Setting:
     @classmethod
     def of(cls, cfg, processes: int = 1, fsdp: bool = False) -> Setting:
         d = cfg.distill
-        soft = d.flavour == "soft"
         return cls(method=d.method, lora_r=d.lora.r, lora_targets=tuple(d.lora.targets), dtype=d.dtype,
                    teacher_dtype=d.teacher_dtype, bf16=d.bf16, checkpointing=d.gradient_checkpointing,
                    train_embeddings=d.train_embeddings, batch=d.batch_size, seq_len=d.seq_len,
                    labelled=min(d.seq_len, cfg.generate.max_new_tokens + 1), chunk=d.loss_chunk,
-                   teacher_in_step=soft and (d.soft.teacher_logits == "online" or d.on_policy.fraction > 0),
+                   teacher_in_step=d.teacher_in_step() or d.recovery is not None,
                    processes=processes, fsdp=fsdp)
 
 
