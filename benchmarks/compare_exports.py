@@ -37,15 +37,20 @@ def main() -> None:
         summary = stats.summarize(tables, 10_000, 0)["tasks"]
         x = [v for t in tables.values() for v in t[0]]
         y = [v for t in tables.values() for v in t[1]]
-        back = stats.mcnemar(y, x)
         o = summary["overall"]
-        two_sided = min(1.0, 2 * min(o["p_student_below"], back["p_student_below"]))
+        two_sided = _two_sided(x, y)
         print(f"{variant}: n={len(x)}  A {100 * sum(x) / len(x):.1f}% {_iv(o['teacher'])}  B {100 * sum(y) / len(y):.1f}% "
               f"{_iv(o['student'])}  B-A {100 * (sum(y) - sum(x)) / len(x):+.1f} points  right only in A {o['teacher_only']}, "
               f"only in B {o['student_only']}  McNemar two-sided p = {two_sided:.3g}")
         for task, (ta, tb) in sorted(tables.items()):
-            print(f"  {task}: {100 * sum(ta) / len(ta):.1f}% -> {100 * sum(tb) / len(tb):.1f}% (n={len(ta)})")
+            print(f"  {task}: {100 * sum(ta) / len(ta):.1f}% -> {100 * sum(tb) / len(tb):.1f}% (n={len(ta)}, "
+                  f"McNemar two-sided p = {_two_sided(ta, tb):.3g})")
         print(f"  perplexity of the teacher's answers: {a[variant]['perplexity']:.2f} -> {b[variant]['perplexity']:.2f}")
+
+
+def _two_sided(a: list[int], b: list[int]) -> float:
+    """McNemar's exact test both ways, doubled."""
+    return min(1.0, 2 * min(stats.mcnemar(a, b)["p_student_below"], stats.mcnemar(b, a)["p_student_below"]))
 
 
 def _iv(iv) -> str:
