@@ -27,6 +27,7 @@ from toolchain.models.references import ModelError
 from toolchain.pipeline.plans import finished
 from toolchain.pipeline.plans import status as stage_status
 from toolchain.pipeline.budget import plan_lines
+from toolchain.pipeline import draft as drafting
 from toolchain.pipeline.runner import licence_decision, parse_shapes, preflight, run_stages
 from toolchain.pipeline.runner import sweep as run_sweep
 from toolchain.pipeline.runs import RunError
@@ -383,6 +384,30 @@ def sweep(recipe: str, runs_root: str, keep_layers: str | None, shapes: str | No
         click.echo(write(cfg, runs_root))
     except RunError as err:  # the sweep itself is done; the report also needs the recipe's own student
         click.echo(f"report not written: {err}", err=True)
+
+
+@main.command()
+@recipe_arg
+@runs_opt
+@click.option("--draft-max", "lengths", default="2,4,8,16", show_default=True,
+              help="Comma-separated draft lengths to measure (tokens the student proposes per teacher pass).")
+@click.option("--prompts", "n_prompts", type=click.IntRange(1), default=8, show_default=True,
+              help="Held-out prompts to decode at each length.")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--sampled", "temperature", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Also measure sampled decoding at this temperature (acceptance only differs; the output follows "
+                   "the teacher's distribution).")
+@click.option("--quant", default=None, help="GGUF type of both files (default: q8_0 when exported).")
+@click.option("--student", "student_file", type=click.Path(), default=None,
+              help="The draft's .gguf instead of the recipe's exported student.")
+@friendly
+def draft(recipe: str, runs_root: str, lengths: str, n_prompts: int, max_tokens: int, temperature: float | None,
+          quant: str | None, student_file: str | None) -> None:
+    """Measure the student as the teacher's draft model in llama.cpp's speculative decoding (acceptance, tokens per
+    teacher pass, decode speed vs the teacher alone, per draft length) and write the settings that serve it."""
+
+    found = drafting.parse_lengths(lengths)
+    click.echo(drafting.run(_load(recipe), runs_root, found, n_prompts, max_tokens, temperature, quant, student_file))
 
 
 @main.command()

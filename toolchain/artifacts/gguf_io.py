@@ -38,7 +38,8 @@ FLOAT_QUANTS = ("f32", "f16", "bf16")
 # Types an importance matrix changes (llama.cpp weights each column's rounding error by it); q8_0 and floats
 # are stored as they are.
 IMATRIX_QUANTS = tuple(q for q in FTYPES if q not in FLOAT_QUANTS + ("q8_0",))
-TOOLS = ("llama-imatrix", "llama-quantize")
+# export.imatrix's two, and the speculative-decoding measurement of `distillery draft` (backends/speculative.py)
+TOOLS = ("llama-imatrix", "llama-quantize", "llama-speculative-simple")
 # The Makefile's LLAMA_CMAKE_ARGS (it exports its value, which wins): a portable x86-64-v3 build, as the wheel.
 PORTABLE_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
                        "-DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF")
@@ -87,9 +88,9 @@ def convertible() -> set[str]:
 
 
 def tools_dir(announce=None) -> Path:
-    """llama.cpp's ``llama-imatrix`` and ``llama-quantize``, built once (about 3 minutes on 2 cores) from the
-    same sdist as the runtime and the converter, with the wheel's portable CPU flags, and cached per version and
-    flags. ``announce`` (a callable) hears one line before a build starts."""
+    """llama.cpp's ``TOOLS`` (``llama-imatrix``, ``llama-quantize``, ``llama-speculative-simple``), built once (about
+    4 minutes on 2 cores) from the same sdist as the runtime and the converter, with the wheel's portable CPU flags,
+    and cached per version and flags. ``announce`` (a callable) hears one line before a build starts."""
     version = importlib.metadata.version("llama_cpp_python")
     flags = os.environ.get("LLAMA_CMAKE_ARGS") or PORTABLE_CMAKE_ARGS
     tag = hashlib.sha256(flags.encode()).hexdigest()[:8]
@@ -98,10 +99,10 @@ def tools_dir(announce=None) -> Path:
         return target
     cmake = shutil.which("cmake")
     if cmake is None or shutil.which("c++") is None:
-        raise ExportError("export.imatrix needs cmake and a C++ compiler to build llama.cpp's llama-imatrix "
-                          "(apt-get install cmake g++, or pip install cmake)")
+        raise ExportError("export.imatrix and distillery draft need cmake and a C++ compiler to build llama.cpp's "
+                          "tools (apt-get install cmake g++, or pip install cmake)")
     if announce:
-        announce(f"building llama.cpp's {' and '.join(TOOLS)} {version} (once; cached in {target})")
+        announce(f"building llama.cpp's {', '.join(TOOLS)} {version} (once; cached in {target})")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_path = Path(tmp)
@@ -110,7 +111,7 @@ def tools_dir(announce=None) -> Path:
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         configure = [cmake, "-S", str(src), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
                      "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", *flags.split()]
+                     "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_SERVER=OFF", *flags.split()]
         compile_ = [cmake, "--build", str(build), "--target", *TOOLS, "-j", str(os.cpu_count() or 1)]
         for cmd, what, limit in ((configure, "cmake configure of llama.cpp's tools", 900),
                                  (compile_, "the build of llama.cpp's tools", 3600)):
