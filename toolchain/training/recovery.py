@@ -27,12 +27,16 @@ from toolchain.recipe import Recipe
 from toolchain.ui import console, progress
 
 DONE = "recovered.pt"
+# LLM-QAT's hybrid: after the random first token the teacher's next few tokens are its top-1 (a random token alone
+# starts mid-word in nowhere in particular; a few greedy steps settle on a topic), then it samples.
+GREEDY_FIRST = 4
 
 
 def teacher_text(teacher, allowed: list[int], n: int, seq_len: int, temperature: float, seed: int,
                  batch: int = 32) -> list[list[int]]:
     """``n`` sequences of ``seq_len`` teacher token ids, each from a random first token in ``allowed`` (no special
-    token), then sampled from the teacher at ``temperature`` over ``allowed`` only. A pure function of the seed."""
+    token), then ``GREEDY_FIRST`` top-1 tokens, then sampled from the teacher at ``temperature``, over ``allowed``
+    only. A pure function of the seed."""
     device = next(teacher.parameters()).device
     allowed_t = torch.tensor(sorted(allowed), dtype=torch.long, device=device)
     mask = torch.full((teacher.get_output_embeddings().weight.shape[0],), float("-inf"), device=device)
@@ -45,11 +49,15 @@ def teacher_text(teacher, allowed: list[int], n: int, seq_len: int, temperature:
             size = min(batch, n - len(out))
             ids = allowed_t[torch.randint(len(allowed_t), (size,), generator=gen)][:, None]
             past, step_ids = None, ids
-            for _ in range(seq_len - 1):
+            for k in range(seq_len - 1):
                 res = teacher(input_ids=step_ids, past_key_values=past, use_cache=True)
                 past = res.past_key_values
-                logits = res.logits[:, -1].float() / temperature + mask
-                step_ids = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen).to(device)
+                logits = res.logits[:, -1].float() + mask
+                if k < GREEDY_FIRST:
+                    step_ids = logits.argmax(-1, keepdim=True)
+                else:
+                    probs = torch.softmax(logits / temperature, -1).cpu()
+                    step_ids = torch.multinomial(probs, 1, generator=gen).to(device)
                 ids = torch.cat([ids, step_ids], dim=1)
             out += ids.tolist()
             bar.update(task, advance=size)
