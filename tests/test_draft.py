@@ -70,3 +70,67 @@ def test_distillery_draft_refuses_a_trimmed_student_and_bad_lengths_in_one_line(
     assert res.exit_code != 0 and "cannot draft" in res.output and "Traceback" not in res.output
     res = runner.invoke(main, ["draft", str(recipe), "--draft-max", "2,x"])
     assert res.exit_code == 2 and "--draft-max" in res.output
+
+
+def _teacher_choices_within(engine, ids: list[int], tokens: list[int], gap: float) -> bool:
+    """Every token is the teacher's greedy choice after the tokens before it, or within ``gap`` logits of it
+    (llama.cpp's one-token and batched kernels may order a near tie differently)."""
+    for i, tok in enumerate(tokens):
+        engine._kv = None
+        engine._prime(ids + tokens[:i])
+        logits = engine.step_logits()
+        if logits[tok] < logits.max() - gap:
+            return False
+    return True
+
+
+def test_a_served_engine_with_a_draft_decodes_the_teachers_greedy_tokens(random_draft):
+    from toolchain.backends.llama_cpp import LlamaCppEngine
+
+    teacher, check = LlamaCppEngine(TEACHER, threads=2), LlamaCppEngine(TEACHER, threads=2)
+    ids = teacher.tokenize(PROMPT)
+    alone = list(teacher.stream(ids, 24))
+    teacher.attach_draft(LlamaCppEngine(random_draft, threads=2), 4)
+    with_random = list(teacher.stream(ids, 24))
+    assert teacher.speculation["drafted"] > 0
+    assert _teacher_choices_within(check, ids, with_random, 0.1) and len(with_random) == len(alone)
+    teacher.attach_draft(LlamaCppEngine(TEACHER, threads=2), 4)  # a draft that is always right
+    teacher.speculation = {"passes": 0, "drafted": 0, "accepted": 0}
+    with_itself = list(teacher.stream(ids, 24))
+    s = teacher.speculation
+    assert _teacher_choices_within(check, ids, with_itself, 0.1)
+    assert s["accepted"] >= 0.8 * s["drafted"] and len(with_itself) / s["passes"] > 2  # several tokens a pass
+
+
+def test_serve_with_a_draft_answers_through_the_openai_client_and_refuses_a_trimmed_one(random_draft, tmp_path):
+    import sys
+
+    from openai import OpenAI
+
+    from tests.conftest import ROOT
+    from toolchain.backends.llama_cpp import LlamaCppEngine
+    from toolchain.serve.targets import start_child_server, stop_child_server
+
+    recipe = ROOT / "recipes" / "ci.yaml"
+    proc, port = start_child_server(lambda p: [sys.executable, "-m", "toolchain.cli", "serve", str(recipe), "--model",
+                                               "teacher", "--draft", str(random_draft), "--draft-max", "3", "--port",
+                                               str(p)], "/health", "the teacher with a draft", 300)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        messages = [{"role": "user", "content": "Name a colour."}]
+        got = client.chat.completions.create(model="ci-teacher", messages=messages, max_tokens=16, temperature=0)
+    finally:
+        stop_child_server(proc)
+    engine = LlamaCppEngine(TEACHER, threads=2)  # the same speculative decoding in process gives the same answer
+    engine.attach_draft(LlamaCppEngine(random_draft, threads=2), 3)
+    served = engine.tokenize(engine.chat_text(messages))
+    assert got.choices[0].message.content == engine.detokenize(list(engine.stream(served, 16))).strip()
+
+    tok = load_tokenizer(resolve(SMOLLM2))
+    trimmed = _gguf(tmp_path, "trimmed", vocab.plan(tok, [tok("Name a colour.").input_ids], 300))
+    from click.testing import CliRunner
+
+    from toolchain.cli import main
+
+    res = CliRunner().invoke(main, ["serve", str(recipe), "--model", "teacher", "--draft", str(trimmed)])
+    assert res.exit_code != 0 and "cannot draft" in res.output and "Traceback" not in res.output

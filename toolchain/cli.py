@@ -433,10 +433,15 @@ def draft(recipe: str, runs_root: str, lengths: str, n_prompts: int, max_tokens:
 @click.option("--watch", is_flag=True,
               help="Re-open the served file when it is replaced on disk (distillery promote), between two requests; "
                    "llama_cpp, serve.batch 1.")
+@click.option("--draft", "draft_file", type=click.Path(), default=None,
+              help="A draft model's .gguf (e.g. the student's, with the teacher's vocabulary): greedy requests decode "
+                   "speculatively, the served model checking its proposals (llama_cpp, serve.batch 1).")
+@click.option("--draft-max", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Tokens the draft proposes per pass of the served model (distillery draft measures the best).")
 @friendly
 def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | None, model_file: str | None,
           names: tuple[str, ...], host: str | None, port: int | None, include_flagged: bool,
-          api_key: str | None, watch: bool) -> None:
+          api_key: str | None, watch: bool, draft_file: str | None, draft_max: int) -> None:
     """Serve the student (or the teacher) behind an OpenAI-compatible API with per-request cost.
 
     POST /v1/chat/completions and /v1/completions (stream: true for server-sent events), GET /v1/models,
@@ -460,6 +465,10 @@ def serve(recipe: str, runs_root: str, role: str, backend: str, quant: str | Non
     served.check_accelerators(cfg.serve.n_gpu_layers, cfg.serve.onnx_providers)
     options = {"n_ctx": cfg.serve.n_ctx, "n_gpu_layers": cfg.serve.n_gpu_layers, "providers": cfg.serve.onnx_providers}
     engine = served.open_engine(target, **options)
+    if draft_file:
+        if backend != "llama_cpp" or cfg.serve.batch != 1:
+            raise UsageFailure("--draft: speculative decoding needs --backend llama_cpp and serve.batch: 1")
+        drafting.attach(engine, target.path, Path(draft_file), draft_max, cfg.serve.n_ctx)
     recipe_name = () if model_file else (cfg.name if role == "student" else f"{cfg.name}-teacher",)
     constraints, unconstrained = served.task_constraints(cfg)
     routes = open_routing(cfg, runs_root, engine, active=role == "student")  # a teacher answers every call

@@ -64,6 +64,16 @@ class LlamaCppEngine:
         self._kv: list[int] | None = None  # tokens in the KV cache after a greedy stream (None: unknown)
         self._grammars: dict = {}  # compiled constraints by definition (grammar())
         self._batch = None
+        self.draft: LlamaCppEngine | None = None  # attach_draft: speculative greedy streams
+        self.draft_max = 0
+        self.speculation = {"passes": 0, "drafted": 0, "accepted": 0}
+
+    def attach_draft(self, draft: LlamaCppEngine, draft_max: int) -> None:
+        """Greedy streams (``stream`` at temperature 0, no grammar) become speculative: ``draft`` (a model with this
+        one's vocabulary, backends/speculative.incompatibility) proposes up to ``draft_max`` tokens, this model
+        checks them in one pass and keeps those its own argmax agrees with, plus its next token. The tokens are
+        this model's greedy tokens; ``speculation`` counts passes, drafted and accepted tokens."""
+        self.draft, self.draft_max = draft, draft_max
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None) -> Completion:
@@ -186,7 +196,7 @@ class LlamaCppEngine:
         """Sampled (or, at temperature 0, greedy) token ids until end of turn or ``max_tokens``; the end-of-turn
         token is not yielded. The KV cache of the longest prefix shared with the last call is reused."""
         if temperature <= 0 and grammar is None:
-            yield from self._greedy(list(ids), max_tokens)
+            yield from (self._speculative if self.draft else self._greedy)(list(ids), max_tokens)
             return
         self._kv = None
         self.cached_tokens = 0
@@ -215,6 +225,40 @@ class LlamaCppEngine:
                 return
             self._decode([tok])
 
+    def _speculative(self, ids: list[int], max_tokens: int) -> Iterator[int]:
+        """``_greedy`` with the attached draft's proposals checked a batch at a time (``attach_draft``)."""
+        import llama_cpp as L
+
+        ctx, n_vocab, stop = self.llm._ctx.ctx, self.llm.n_vocab(), self.eos_ids
+        self._prime(ids)
+        tok, produced = int(np.argmax(self.step_logits())), 0
+        while tok not in stop:
+            yield tok
+            produced += 1
+            room = self.llm.n_ctx() - len(self._kv) - 2
+            if produced >= max_tokens or room < 1:
+                return
+            proposal = list(self.draft._greedy(self._kv + [tok], min(self.draft_max, max_tokens - produced, room),
+                                               stop))
+            base = len(self._kv)
+            self._decode([tok, *proposal], every=True)
+            accepted = 0
+            while accepted < len(proposal) and \
+                    int(np.argmax(logits_row(L, ctx, accepted, n_vocab))) == proposal[accepted]:
+                accepted += 1
+            nxt = int(np.argmax(logits_row(L, ctx, accepted, n_vocab)))
+            L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, base + 1 + accepted, -1)  # the rejected drafts
+            del self._kv[base + 1 + accepted:]
+            st = self.speculation
+            st["passes"], st["drafted"], st["accepted"] = (st["passes"] + 1, st["drafted"] + len(proposal),
+                                                           st["accepted"] + accepted)
+            for d in proposal[:accepted]:
+                yield d
+                produced += 1
+                if produced >= max_tokens:
+                    return
+            tok = nxt
+
     def _prime(self, ids: list[int]) -> None:
         """Evaluate ``ids`` reusing the KV cache of the longest prefix shared with what it holds; the logits of
         the last token are then ``step_logits()``."""
@@ -242,8 +286,9 @@ class LlamaCppEngine:
                 self._decode([tok])
         return total
 
-    def _decode(self, tokens: list[int]) -> None:
-        """Evaluate ``tokens`` after what the cache holds (in chunks of n_batch); logits for the last one."""
+    def _decode(self, tokens: list[int], every: bool = False) -> None:
+        """Evaluate ``tokens`` after what the cache holds (in chunks of n_batch); logits for the last one (``every``:
+        for each, read by their index in the batch; one batch then)."""
         import llama_cpp as L
 
 
@@ -253,7 +298,7 @@ class LlamaCppEngine:
         b = self._batch
         for start in range(0, len(tokens), n_batch):
             part = tokens[start:start + n_batch]
-            fill(b, [(0, tok, len(self._kv) + k, start + k == len(tokens) - 1) for k, tok in enumerate(part)])
+            fill(b, [(0, tok, len(self._kv) + k, every or start + k == len(tokens) - 1) for k, tok in enumerate(part)])
             if L.llama_decode(self.llm._ctx.ctx, b) != 0:
                 self._kv = None
                 raise RuntimeError("llama_decode failed (context full?)")

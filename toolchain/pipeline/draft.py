@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from toolchain.backends import speculative
-from toolchain.backends.llama_cpp import LlamaVocab
+from toolchain.backends.llama_cpp import LlamaCppEngine, LlamaVocab
 from toolchain.data.formats import load_prompts
 from toolchain.models.chat import context, messages_for
 from toolchain.models.references import ModelError
@@ -41,6 +41,16 @@ def pair(cfg: Recipe, runs_root, quant: str | None, student_file: str | None) ->
     if why:
         raise ModelError(f"{draft.name} cannot draft for {teacher.name} in llama.cpp: {why}")
     return teacher, draft
+
+
+def attach(engine, served: Path, draft_file: Path, draft_max: int, n_ctx: int) -> None:
+    """``serve --draft``: ``draft_file`` proposes tokens for the served llama.cpp ``engine`` (checked first)."""
+    if not draft_file.is_file() or draft_file.suffix != ".gguf":
+        raise ModelError(f"{draft_file}: --draft needs a .gguf file")
+    why = speculative.incompatibility(served, draft_file)
+    if why:
+        raise ModelError(f"{draft_file.name} cannot draft for {served.name}: {why}")
+    engine.attach_draft(LlamaCppEngine(draft_file, n_ctx=n_ctx), draft_max)
 
 
 def prompts(cfg: Recipe, teacher: Path, n: int) -> list[str]:
