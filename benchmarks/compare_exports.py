@@ -1,9 +1,11 @@
 """Two export stages' files of the same type, prompt by prompt: held-out gold of each with a 95 % bootstrap
-interval, the difference, and McNemar's exact test both ways (export.json's ``gold_by_prompt``).
+interval, the difference, and McNemar's exact test both ways (export.json's ``gold_by_prompt``). Two eval stages
+compare their PyTorch students the same way (eval.json's ``paired``; shown as type "pytorch").
 
     python benchmarks/compare_exports.py runs/default/export-AAAA runs/default/export-BBBB [--type iq4_nl]
+    python benchmarks/compare_exports.py runs/default/eval-AAAA runs/default/eval-BBBB
 
-Used for docs/export.md's quantization-aware table (without: A, with: B).
+Used for docs/export.md's quantization-aware table (without: A, with: B) and docs/student.md's recovery table.
 """
 
 import argparse
@@ -13,8 +15,13 @@ from pathlib import Path
 from toolchain.quality import stats
 
 
-def outcomes(export_dir: Path) -> dict[str, dict]:
-    report = json.loads((export_dir / "export.json").read_text(encoding="utf-8"))
+def outcomes(stage_dir: Path) -> dict[str, dict]:
+    """Per file type: {"gold_by_prompt": {task: {prompt id: 0/1}}, "perplexity": ...}."""
+    if (stage_dir / "eval.json").exists():
+        report = json.loads((stage_dir / "eval.json").read_text(encoding="utf-8"))
+        golds = {task: dict(zip(p["ids"], p["student"])) for task, p in report["paired"].items()}
+        return {"pytorch": {"gold_by_prompt": golds, "perplexity": None}}
+    report = json.loads((stage_dir / "export.json").read_text(encoding="utf-8"))
     return {f["variant"]: f for f in report["files"] if f["format"] == "gguf" and "gold_by_prompt" in f}
 
 
@@ -45,7 +52,9 @@ def main() -> None:
         for task, (ta, tb) in sorted(tables.items()):
             print(f"  {task}: {100 * sum(ta) / len(ta):.1f}% -> {100 * sum(tb) / len(tb):.1f}% (n={len(ta)}, "
                   f"McNemar two-sided p = {_two_sided(ta, tb):.3g})")
-        print(f"  perplexity of the teacher's answers: {a[variant]['perplexity']:.2f} -> {b[variant]['perplexity']:.2f}")
+        if a[variant]["perplexity"] is not None:
+            print(f"  perplexity of the teacher's answers: {a[variant]['perplexity']:.2f} -> "
+                  f"{b[variant]['perplexity']:.2f}")
 
 
 def _two_sided(a: list[int], b: list[int]) -> float:
