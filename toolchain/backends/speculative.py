@@ -22,6 +22,7 @@ from pathlib import Path
 
 from toolchain.artifacts import gguf_io
 from toolchain.artifacts.files import run_tool
+from toolchain.backends.llama_cpp import LlamaCppEngine
 
 # llama.cpp's common/speculative.cpp: a draft's vocabulary may differ in size by this much, and every token text
 # from this id on must be the target's.
@@ -141,8 +142,6 @@ def measure(teacher: Path, draft: Path, prompts: list[str], max_tokens: int, len
     rate, tokens per teacher pass and the speed-up over the teacher alone, every setting of a prompt run one after
     the other so that a slow spell of the machine falls on all of them; greedy rows also count the prompts whose
     answer is the teacher alone's. ``tick`` (a callable) hears each finished call."""
-    from toolchain.backends.llama_cpp import LlamaCppEngine
-
     engine = LlamaCppEngine(teacher, threads=threads, seed=seed)
     rows = []
     try:
