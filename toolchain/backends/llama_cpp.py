@@ -249,9 +249,9 @@ class LlamaCppEngine:
             nxt = int(np.argmax(logits_row(L, ctx, accepted, n_vocab)))
             L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, base + 1 + accepted, -1)  # the rejected drafts
             del self._kv[base + 1 + accepted:]
-            st = self.speculation
-            st["passes"], st["drafted"], st["accepted"] = (st["passes"] + 1, st["drafted"] + len(proposal),
-                                                           st["accepted"] + accepted)
+            self.speculation["passes"] += 1
+            self.speculation["drafted"] += len(proposal)
+            self.speculation["accepted"] += accepted
             for d in proposal[:accepted]:
                 yield d
                 produced += 1

@@ -33,21 +33,15 @@ VOCAB_CHECK_START_TOKEN_ID = 5
 def _tokenizer(path: Path) -> dict:
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path), "r")
+    fields = GGUFReader(str(path), "r").fields
 
-    def scalar(name: str, default=None):
-        field = reader.fields.get(name)
-        if field is None:
-            return default
-        value = field.parts[field.data[0]]
-        return bytes(value).decode("utf-8", errors="replace") if field.types[0].name == "STRING" else value.tolist()[0]
+    def value(name: str, default=None):
+        return fields[name].contents() if name in fields else default
 
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    return {"model": scalar("tokenizer.ggml.model"),
-            "tokens": [bytes(tokens.parts[i]).decode("utf-8", errors="replace") for i in tokens.data] if tokens else [],
-            "bos": scalar("tokenizer.ggml.bos_token_id"), "eos": scalar("tokenizer.ggml.eos_token_id"),
-            "add_bos": bool(scalar("tokenizer.ggml.add_bos_token", False)),
-            "add_eos": bool(scalar("tokenizer.ggml.add_eos_token", False))}
+    return {"model": value("tokenizer.ggml.model"), "tokens": value("tokenizer.ggml.tokens", []),
+            "bos": value("tokenizer.ggml.bos_token_id"), "eos": value("tokenizer.ggml.eos_token_id"),
+            "add_bos": bool(value("tokenizer.ggml.add_bos_token", False)),
+            "add_eos": bool(value("tokenizer.ggml.add_eos_token", False))}
 
 
 def incompatibility(teacher: Path, draft: Path) -> str | None:

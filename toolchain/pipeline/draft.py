@@ -34,22 +34,23 @@ def pair(cfg: Recipe, runs_root, quant: str | None, student_file: str | None) ->
     """(teacher GGUF, draft GGUF) at the same type, checked as llama.cpp checks a draft."""
     quant = quant or targets.default_quant(cfg, "llama_cpp")
     draft = Path(student_file) if student_file else targets.student(cfg, runs_root, "llama_cpp", quant).path
-    if not draft.is_file() or draft.suffix != ".gguf":
-        raise ModelError(f"{draft}: not a .gguf file (--student names the draft's GGUF)")
     teacher = targets.teacher(cfg, "llama_cpp", quant).path
-    why = speculative.incompatibility(teacher, draft)
-    if why:
-        raise ModelError(f"{draft.name} cannot draft for {teacher.name} in llama.cpp: {why}")
+    check(teacher, draft, "--student")
     return teacher, draft
+
+
+def check(served: Path, draft: Path, option: str) -> None:
+    """One line when ``draft`` is not a GGUF llama.cpp takes as ``served``'s draft model."""
+    if not draft.is_file() or draft.suffix != ".gguf":
+        raise ModelError(f"{draft}: not a .gguf file ({option} names the draft's GGUF)")
+    why = speculative.incompatibility(served, draft)
+    if why:
+        raise ModelError(f"{draft.name} cannot draft for {served.name} in llama.cpp: {why}")
 
 
 def attach(engine, served: Path, draft_file: Path, draft_max: int, n_ctx: int) -> None:
     """``serve --draft``: ``draft_file`` proposes tokens for the served llama.cpp ``engine`` (checked first)."""
-    if not draft_file.is_file() or draft_file.suffix != ".gguf":
-        raise ModelError(f"{draft_file}: --draft needs a .gguf file")
-    why = speculative.incompatibility(served, draft_file)
-    if why:
-        raise ModelError(f"{draft_file.name} cannot draft for {served.name}: {why}")
+    check(served, draft_file, "--draft")
     engine.attach_draft(LlamaCppEngine(draft_file, n_ctx=n_ctx), draft_max)
 
 
@@ -80,9 +81,10 @@ def run(cfg: Recipe, runs_root, lengths: list[int], n_prompts: int, max_tokens: 
     report = {"recipe": cfg.name, "teacher": str(teacher), "draft": str(draft), "threads": threads,
               "teacher_bytes": teacher.stat().st_size, "draft_bytes": draft.stat().st_size,
               "max_tokens": max_tokens, "rows": rows}
+    text = markdown(report)
     (out_dir / "draft.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "draft.md").write_text(markdown(report), encoding="utf-8")
-    for line in markdown(report).splitlines():
+    (out_dir / "draft.md").write_text(text, encoding="utf-8")
+    for line in text.splitlines():
         console.print(line, markup=False, highlight=False)
     return out_dir / "draft.json"
 

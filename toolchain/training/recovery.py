@@ -4,9 +4,10 @@ pretraining text; a task's few hundred answers do not carry the world knowledge 
 
 The text is either
 
-  - the teacher's own: ``sequences`` samples, each from a random first token of the student's vocabulary, at
-    ``temperature`` over that vocabulary (the data-free recipe of LLM-QAT: what the teacher writes unprompted is
-    a sample of what it knows, and it needs no corpus on the machine), or
+  - the teacher's own: ``sequences`` samples, each from a random first token of the student's vocabulary, then
+    ``GREEDY_FIRST`` greedy tokens, then sampled at ``temperature`` over that vocabulary (the data-free recipe of
+    LLM-QAT: what the teacher writes unprompted is a sample of what it knows, and it needs no corpus on the
+    machine), or
   - plain-text files the recipe names (.txt passages separated by a blank line, .jsonl with a ``text`` field).
 
 Every position of every sequence is a target: forward KL at ``temperature`` from the online teacher's distribution
@@ -24,6 +25,7 @@ import torch
 from toolchain.data.rows import iter_jsonl, write_jsonl
 from toolchain.models.chat import IGNORE
 from toolchain.recipe import Recipe
+from toolchain.training.trainer import Trainer
 from toolchain.ui import console, progress
 
 DONE = "recovered.pt"
@@ -120,11 +122,9 @@ def phase_recipe(cfg: Recipe, n: int) -> Recipe:
         "lr": r.lr or d.lr, "seq_len": r.seq_len, "quantization_aware": None})})
 
 
-def recover(cfg: Recipe, model, tok, teacher, kept: list[int] | None, resume_dir: Path) -> dict:
+def recover(cfg: Recipe, model, tok, teacher, kept: list[int] | None, resume_dir: Path) -> tuple[dict, list[dict]]:
     """Run the recovery phase on ``model`` in place (or load its finished weights); its figures for the manifest
     (``recovery_*``) and its train log rows."""
-    from toolchain.training.trainer import Trainer
-
     work = resume_dir / "recovery"
     work.mkdir(parents=True, exist_ok=True)
     done = work / DONE
