@@ -51,6 +51,8 @@ def test_speculative_decoding_gives_the_teachers_own_greedy_text_whatever_the_dr
     # the teacher as its own draft: (almost) every proposed token is accepted, several tokens per teacher pass
     own = speculative.measure(TEACHER, TEACHER, [PROMPT], 16, [4], threads=2)[1]
     assert own["acceptance"] >= 0.9 and own["tokens_per_teacher_pass"] > 2 and own["same_text_as_teacher"] == 1
+    # the draft alone timed beside it: the teacher as its own draft costs about one teacher token a token
+    assert 0.5 < own["draft_token_cost"] < 2 and own["predicted_speedup"] > 0
 
 
 def test_distillery_draft_refuses_a_trimmed_student_and_bad_lengths_in_one_line(tmp_path):
@@ -105,6 +107,7 @@ def test_a_served_engine_with_a_draft_decodes_the_teachers_greedy_tokens(random_
 def test_serve_with_a_draft_answers_through_the_openai_client_and_refuses_a_trimmed_one(random_draft, tmp_path):
     import sys
 
+    import httpx
     from openai import OpenAI
 
     from tests.conftest import ROOT
@@ -119,12 +122,19 @@ def test_serve_with_a_draft_answers_through_the_openai_client_and_refuses_a_trim
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         messages = [{"role": "user", "content": "Name a colour."}]
         got = client.chat.completions.create(model="ci-teacher", messages=messages, max_tokens=16, temperature=0)
+        page = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        counts = {k: float(line.rsplit(" ", 1)[1]) for line in page.splitlines() for k in
+                  ("draft_passes_total", "draft_tokens_total", "draft_tokens_accepted_total")
+                  if line.startswith(f"distillery_{k}{{")}
     finally:
         stop_child_server(proc)
     engine = LlamaCppEngine(TEACHER, threads=2)  # the same speculative decoding in process gives the same answer
     engine.attach_draft(LlamaCppEngine(random_draft, threads=2), 3)
     served = engine.tokenize(engine.chat_text(messages))
     assert got.choices[0].message.content == engine.detokenize(list(engine.stream(served, 16))).strip()
+    assert counts["draft_passes_total"] >= 1 and counts["draft_tokens_total"] >= counts["draft_passes_total"]
+    assert counts == {"draft_passes_total": engine.speculation["passes"], "draft_tokens_total":
+                      engine.speculation["drafted"], "draft_tokens_accepted_total": engine.speculation["accepted"]}
 
     tok = load_tokenizer(resolve(SMOLLM2))
     trimmed = _gguf(tmp_path, "trimmed", vocab.plan(tok, [tok("Name a colour.").input_ids], 300))
@@ -134,3 +144,30 @@ def test_serve_with_a_draft_answers_through_the_openai_client_and_refuses_a_trim
 
     res = CliRunner().invoke(main, ["serve", str(recipe), "--model", "teacher", "--draft", str(trimmed)])
     assert res.exit_code != 0 and "cannot draft" in res.output and "Traceback" not in res.output
+
+
+def test_the_report_sets_the_teacher_with_its_draft_beside_the_teacher_and_the_student():
+    """The "teacher with draft" columns come from one `distillery draft` run (both teacher columns measured side by
+    side), priced per call at the bench's machine price; the teacher with a draft has the teacher's quality."""
+    from toolchain.render.markdown import best_draft, draft_markdown
+
+    D = speculative.Decoded
+    rows = speculative._rows(0.0, {0: [D(40, 1.0, 0, 0, "a")], 2: [D(40, 0.8, 30, 20, "a")],
+                                   4: [D(40, 0.5, 40, 30, "a")]}, draft_tps=160.0)
+    # a draft token costs 40/160 = 0.25 teacher tokens; length 4: 10 passes of 4 drafted tokens, 4 tokens each
+    assert rows[2]["draft_token_cost"] == 0.25 and rows[2]["predicted_speedup"] == pytest.approx(4 / (1 + 4 * 0.25))
+    assert rows[2]["predicted_speedup_large_pair"] == pytest.approx(4 / (1 + 4 * 0.5 / 7), abs=1e-3)
+    assert "predicted_speedup" not in rows[0]
+    draft = {"rows": rows, "threads": 2}
+    assert best_draft(draft)["draft_max"] == 4 and best_draft(draft)["speedup"] == pytest.approx(2.0)
+    bench = {"settings": {"usd_per_hour": 0.36}, "per_call": {"all": {"answer_tokens": 50}},
+             "quality": {"teacher_gold": 0.7, "student_gold": 0.5},
+             "summary": {"student": {"decode_tps": {"median": 100.0}}}}
+    text = "\n".join(draft_markdown(draft, bench))
+    assert "teacher + draft (length 4)" in text and "80.0 (2.00×)" in text  # 40 tokens in 0.5 s
+    # 50 tokens at 40 / 80 / 100 tok/s, $0.36 an hour: 1,000 calls cost $0.125 / $0.0625 / $0.05
+    assert "| 0.12500 | 0.06250 | 0.05000 |" in text
+    assert "75 %, 4.00" in text  # 30 of 40 drafted tokens accepted; 40 tokens from 10 teacher passes
+    assert "| 70.0 | 70.0 (the teacher's greedy output: 1/1" in text and text.rstrip().endswith("draft length).")
+    assert draft_markdown(None, bench) == []
+    assert draft_markdown({"rows": rows[:1], "threads": 2}, bench) == []  # no draft length measured

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from toolchain.training.losses import fold_topk, forward_kl, jsd, kd_loss, log_probs, reverse_kl, with_tail
+from toolchain.training.losses import (
+    fold_topk,
+    forward_kl,
+    jsd,
+    kd_loss,
+    log_probs,
+    reverse_kl,
+    total_variation,
+    with_tail,
+)
 
 P = torch.tensor([[0.7, 0.2, 0.1]])  # teacher
 Q = torch.tensor([[0.5, 0.3, 0.2]])  # student
@@ -35,6 +44,22 @@ def test_jsd_by_hand_and_its_limits():
     assert float(jsd(Q.log(), P.log(), 0.5)) == pytest.approx(float(jsd(P.log(), Q.log(), 0.5)), rel=1e-5)
 
 
+def test_total_variation_is_one_minus_the_speculative_acceptance_rate():
+    # by hand: ½(|0.7-0.5| + |0.2-0.3| + |0.1-0.2|) = 0.2
+    assert float(total_variation(Q.log(), P.log())) == pytest.approx(0.2, rel=1e-6)
+    assert float(total_variation(P.log(), P.log())) == pytest.approx(0.0, abs=1e-7)
+    # a draft q proposes x ~ q, the target p keeps it with probability min(1, p/q): E = Σ min(p, q) = 1 - TV
+    accept = sum(min(p, q) for p, q in zip([0.7, 0.2, 0.1], [0.5, 0.3, 0.2]))
+    assert accept == pytest.approx(1 - float(total_variation(Q.log(), P.log())), rel=1e-6)
+    # a gradient step on it raises the acceptance rate
+    s = torch.tensor([[0.0, 1.0, 2.0]], requires_grad=True)
+    before = float(kd_loss("total_variation", s, teacher_logits=P.log()))
+    kd_loss("total_variation", s, teacher_logits=P.log()).backward()
+    with torch.no_grad():
+        after = float(kd_loss("total_variation", s - 0.5 * s.grad, teacher_logits=P.log()))
+    assert after < before
+
+
 def test_temperature_softens_and_scales_by_t_squared():
     s = torch.tensor([[2.0, 1.0, 0.0]])
     t = torch.tensor([[3.0, 0.0, -1.0]])
@@ -49,7 +74,7 @@ def test_temperature_softens_and_scales_by_t_squared():
 def test_topk_with_full_vocab_equals_full_loss_and_tail_is_explicit():
     torch.manual_seed(0)
     s, t = torch.randn(5, 50), torch.randn(5, 50) * 2
-    for kind in ("forward_kl", "reverse_kl", "jsd"):
+    for kind in ("forward_kl", "reverse_kl", "jsd", "total_variation"):
         full = kd_loss(kind, s, teacher_logits=t, temperature=1.5, beta=0.4)
         t_log = log_probs(t, 1.5)
         vals, ids = t_log.topk(50, dim=-1)

@@ -242,9 +242,10 @@ class LoraConfig(_Section):
 class SoftConfig(_Section):
     """Soft-label KD (Hinton et al. 2015): match the teacher's token distribution, not only its tokens."""
 
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        "forward_kl", description="Divergence: forward KL (mode-covering), reverse KL (mode-seeking) or generalized "
-                                  "JSD."
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "total_variation"] = Field(
+        "forward_kl", description="Divergence: forward KL (mode-covering), reverse KL (mode-seeking), generalized "
+        "JSD, or total variation (one minus the chance a speculative step accepts the student's token: the loss of "
+        "a draft model, DistillSpec)."
     )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD mixture weight (0 = forward KL, 1 = reverse KL).")
     temperature: float = Field(
@@ -312,7 +313,7 @@ class OnPolicyConfig(_Section):
     temperature: float = Field(
         1.0, ge=0.0, le=5.0,
         description="Sampling temperature of the rollouts (0 = greedy). sampled_reverse_kl is unbiased at 1.")
-    loss: Literal["jsd", "forward_kl", "reverse_kl", "sampled_reverse_kl"] = Field(
+    loss: Literal["jsd", "forward_kl", "reverse_kl", "total_variation", "sampled_reverse_kl"] = Field(
         "jsd",
         description="On the student's samples: a divergence over the whole (or trimmed) vocabulary at every sampled "
         "position (jsd uses distill.soft.beta, all use distill.soft.temperature), or sampled_reverse_kl: student "

@@ -135,38 +135,67 @@ def measure(teacher: Path, draft: Path, prompts: list[str], max_tokens: int, len
     """Per (temperature, draft length; 0 = the teacher alone), over ``prompts``: decode tok/s, the draft's acceptance
     rate, tokens per teacher pass and the speed-up over the teacher alone, every setting of a prompt run one after
     the other so that a slow spell of the machine falls on all of them; greedy rows also count the prompts whose
-    answer is the teacher alone's. ``tick`` (a callable) hears each finished call."""
+    answer is the teacher alone's. The draft alone decodes each prompt too (the same kernels and threads): its
+    tok/s gives the cost of a draft token in teacher tokens, and each row the speed-up the standard formula
+    predicts from its measured tokens per pass (``predicted``). ``tick`` (a callable) hears each finished call."""
     engine = LlamaCppEngine(teacher, threads=threads, seed=seed)
+    drafter = LlamaCppEngine(draft, threads=threads, seed=seed)
     rows = []
     try:
         for temp in temperatures:
             runs: dict[int, list[Decoded]] = {n: [] for n in [0, *lengths]}
+            by_draft: list[Decoded] = []
             for prompt in prompts:
+                by_draft.append(alone(drafter, prompt, max_tokens, temp, seed))
                 for n in runs:
                     runs[n].append(alone(engine, prompt, max_tokens, temp, seed) if n == 0 else
                                    decode(teacher, draft, prompt, max_tokens, n, threads, temp, seed))
                     if tick:
                         tick()
-            rows += _rows(temp, runs)
+            rows += _rows(temp, runs, _tps(by_draft))
     finally:
         engine.close()
+        drafter.close()
     return rows
 
 
-def _rows(temp: float, runs: dict[int, list[Decoded]]) -> list[dict]:
+def _tps(done: list[Decoded]) -> float:
+    return sum(r.tokens for r in done) / max(sum(r.seconds for r in done), 1e-9)
+
+
+def predicted(tokens_per_pass: float, drafted_per_pass: float, cost: float) -> float:
+    """The speed-up of speculative decoding (Leviathan et al. 2023; Chen et al. 2023) when each teacher pass checks
+    ``drafted_per_pass`` draft tokens at the price of one teacher token and yields ``tokens_per_pass``, and a draft
+    token costs ``cost`` teacher tokens: tokens_per_pass / (1 + drafted_per_pass · cost)."""
+    return tokens_per_pass / (1 + drafted_per_pass * cost)
+
+
+# What a draft token costs in target tokens for a 0.5B draft of a 7B target at the same quantization: decode of a
+# single sequence on a CPU is memory-bound, so cost follows the bytes read per token.
+LARGE_PAIR_COST = 0.5 / 7
+
+
+def _rows(temp: float, runs: dict[int, list[Decoded]], draft_tps: float | None = None) -> list[dict]:
     alone_runs = runs[0]
-    base_tps = sum(r.tokens for r in alone_runs) / max(sum(r.seconds for r in alone_runs), 1e-9)
+    base_tps = _tps(alone_runs)
+    cost = base_tps / draft_tps if draft_tps else None
     rows = []
     for n, done in runs.items():
         tokens, seconds = sum(r.tokens for r in done), sum(r.seconds for r in done)
         drafted, accepted = sum(r.drafted for r in done), sum(r.accepted for r in done)
-        passes = tokens - accepted  # each teacher pass yields its accepted draft tokens and one of its own
+        passes = max(tokens - accepted, 1)  # each teacher pass yields its accepted draft tokens and one of its own
         row = {"temperature": temp, "draft_max": n, "prompts": len(done), "tokens": tokens,
                "decode_tps": round(tokens / max(seconds, 1e-9), 2),
                "speedup": round(tokens / max(seconds, 1e-9) / base_tps, 3),
                "drafted": drafted, "accepted": accepted,
                "acceptance": round(accepted / drafted, 4) if drafted else None,
-               "tokens_per_teacher_pass": round(tokens / max(passes, 1), 3)}
+               "tokens_per_teacher_pass": round(tokens / passes, 3)}
+        if n > 0 and cost is not None:
+            row["draft_alone_tps"] = round(draft_tps, 2)
+            row["draft_token_cost"] = round(cost, 4)
+            row["predicted_speedup"] = round(predicted(tokens / passes, drafted / passes, cost), 3)
+            row["predicted_speedup_large_pair"] = round(predicted(tokens / passes, drafted / passes,
+                                                                  LARGE_PAIR_COST), 3)
         if temp == 0:
             row["same_text_as_teacher"] = sum(same_answer(a.text, b.text) for a, b in zip(done, alone_runs))
         rows.append(row)

@@ -97,12 +97,24 @@ def markdown(report: dict) -> str:
              f"{rows[0]['prompts']} held-out prompts, up to {report['max_tokens']} tokens each; draft length 0 is the "
              "teacher alone (llama-cpp-python, the same kernels and threads).", "",
              "| temperature | draft length | decode tok/s | vs teacher alone | acceptance | tokens per teacher pass "
-             "| same text as the teacher alone |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| same text as the teacher alone | formula, this pair | formula, a 0.5B draft for a 7B teacher |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         acc = "—" if r["acceptance"] is None else f"{100 * r['acceptance']:.1f} %"
         same = f"{r['same_text_as_teacher']}/{r['prompts']}" if "same_text_as_teacher" in r else "—"
+        here = f"{r['predicted_speedup']:.2f}×" if "predicted_speedup" in r else "—"
+        large = f"{r['predicted_speedup_large_pair']:.2f}×" if "predicted_speedup_large_pair" in r else "—"
         lines.append(f"| {r['temperature']:g} | {r['draft_max']} | {r['decode_tps']:.1f} | {r['speedup']:.2f}× | {acc} "
-                     f"| {r['tokens_per_teacher_pass']:.2f} | {same} |")
+                     f"| {r['tokens_per_teacher_pass']:.2f} | {same} | {here} | {large} |")
+    timed = next((r for r in rows if "draft_token_cost" in r), None)
+    if timed is not None:
+        lines += ["", f"The draft alone decodes at {timed['draft_alone_tps']:.1f} tok/s: a draft token costs "
+                  f"{timed['draft_token_cost']:.2f} of a teacher token here. "
+                  "Formula: tokens per teacher pass / (1 + draft tokens per "
+                  "pass × that cost), the speed-up if checking the draft's tokens cost one teacher token (the gap to "
+                  "the measured column is what the batched check costs on this machine). The last column puts "
+                  f"this draft's measured tokens per pass at a cost of {speculative.LARGE_PAIR_COST:.3f} (0.5/7: "
+                  "one sequence's decode on a CPU reads every weight per token, so cost follows bytes)."]
     greedy = [r for r in rows if r["temperature"] == 0 and r["draft_max"] > 0]
     best = max(greedy, key=lambda r: r["speedup"], default=None)
     lines.append("")

@@ -4,6 +4,7 @@ the model card: one place, so a stage's numbers read the same wherever they are 
 from __future__ import annotations
 
 from toolchain.quality import scores as em
+from toolchain.quality.cost import local_per_call
 from toolchain.quality.heldout import ROLES
 
 SAMPLES_IN_REPORT = 5
@@ -523,3 +524,44 @@ def bench_markdown(report: dict) -> str:
                       + (f" (median of {len(pairs)} runs, each right after a raw run: "
                          + ", ".join(f"{x:.2f}" for x in pairs) + ")." if pairs else ".")]
     return "\n".join(lines) + "\n"
+
+
+def best_draft(draft: dict) -> dict | None:
+    """The greedy row of ``distillery draft`` with the highest speed-up over the teacher alone."""
+    greedy = [r for r in draft["rows"] if r["temperature"] == 0 and r["draft_max"] > 0]
+    return max(greedy, key=lambda r: r["speedup"], default=None)
+
+
+def draft_markdown(draft: dict | None, bench: dict) -> list[str]:
+    """The report's "teacher with draft" columns: the teacher alone and with the student as its draft model (one
+    ``distillery draft`` run, side by side), the student alone from bench; $ per 1,000 calls is the decode of the
+    median answer at the bench's machine price; the quality of the teacher with a draft is the teacher's."""
+    best = best_draft(draft) if draft else None
+    if best is None:
+        return []
+    alone = next(r for r in draft["rows"] if r["temperature"] == 0 and r["draft_max"] == 0)
+    usd_h = bench["settings"]["usd_per_hour"]
+    answer = ((bench.get("per_call") or {}).get("all") or {}).get("answer_tokens")
+    q = bench["quality"]
+    student_tps = (bench["summary"]["student"].get("decode_tps") or {}).get("median")
+
+    def per_1k(tps):
+        return "-" if not answer or not tps else f"{local_per_call(answer / tps, usd_h) * 1000:.5f}"
+
+    def gold(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    acc = "-" if best["acceptance"] is None else f"{100 * best['acceptance']:.0f} %"
+    return ["## The teacher with the student as its draft model", "",
+            f"| | teacher alone | teacher + draft (length {best['draft_max']}) | student alone (bench) |",
+            "|---|---:|---:|---:|",
+            f"| decode tokens/s | {alone['decode_tps']:.1f} | {best['decode_tps']:.1f} "
+            f"({best['speedup']:.2f}×) | {'-' if student_tps is None else f'{student_tps:.1f}'} |",
+            f"| draft acceptance, tokens per teacher pass | | {acc}, {best['tokens_per_teacher_pass']:.2f} | |",
+            f"| $ per 1,000 calls (decode, {answer or 0:.0f}-token answers) | {per_1k(alone['decode_tps'])} | "
+            f"{per_1k(best['decode_tps'])} | {per_1k(student_tps)} |",
+            f"| held-out gold % | {gold(q['teacher_gold'])} | {gold(q['teacher_gold'])} (the teacher's greedy "
+            f"output: {best.get('same_text_as_teacher', '-')}/{best['prompts']} answers the same text) | "
+            f"{gold(q['student_gold'])} |", "",
+            f"From `distillery draft` ({best['prompts']} held-out prompts, {draft['threads']} threads, teacher and "
+            "teacher + draft alternating in one run; runs/RECIPE/draft.md has every draft length).", ""]

@@ -25,7 +25,14 @@ from toolchain.quality import cascade
 from toolchain.quality.gate import gate_lines
 from toolchain.recipe import Recipe
 from toolchain.render.markdown import bench_markdown as bench_md
-from toolchain.render.markdown import cascade_markdown, eval_table, gate_head, judge_markdown, label_markdown
+from toolchain.render.markdown import (
+    cascade_markdown,
+    draft_markdown,
+    eval_table,
+    gate_head,
+    judge_markdown,
+    label_markdown,
+)
 from toolchain.render.markdown import export_markdown as export_md
 
 
@@ -51,7 +58,8 @@ def gather(cfg: Recipe, runs_root) -> dict:
                               prices=bench.get("per_call"))
     return {"recipe": cfg.name, "teacher": cfg.teacher, "eval": evaluation, "gate": gate_verdict(cfg, evaluation),
             "export": _load(done["export"] / "export.json"), "bench": bench, "cascade": table,
-            "sweep": _load(run_dir / "sweep.json"), "dirs": {k: str(v) for k, v in done.items()}}
+            "sweep": _load(run_dir / "sweep.json"), "draft": _load(run_dir / "draft.json"),
+            "dirs": {k: str(v) for k, v in done.items()}}
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -180,6 +188,7 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
     lines += ["## Speed and cost", "", bench_md(data["bench"]).split("\n", 2)[2]]
     if images:
         lines += [f"![quality vs speed]({images['quality_vs_speed']})", f"![cost]({images['cost']})", ""]
+    lines += draft_markdown(data.get("draft"), data["bench"])
     lines += [
         "## Quality (lm-eval, held-out prompts)",
         "",

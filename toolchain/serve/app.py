@@ -307,7 +307,9 @@ def create_app(engine, settings: Settings, upstream: Upstream | None = None, rec
     async def metrics(request: Request):
         if not authorised(request, settings.api_key):
             return fail(401, "invalid API key", "metrics", code="invalid_api_key")
-        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+        drafting = getattr(server.engine, "draft", None) is not None
+        return PlainTextResponse(server.metrics.render(server.engine.speculation if drafting else None),
+                                 media_type="text/plain; version=0.0.4")
 
     error_handlers(app)
 

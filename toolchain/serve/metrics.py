@@ -97,7 +97,8 @@ class Metrics:
             h["e2e_request_latency_seconds"].observe((cost["queue_ms"] + cost["wall_ms"]) / 1000)
             h["request_queue_time_seconds"].observe(cost["queue_ms"] / 1000)
 
-    def render(self) -> str:
+    def render(self, speculation: dict | None = None) -> str:
+        """``speculation``: a served engine's draft counters (teacher passes, drafted and accepted tokens)."""
         m = f'model="{self.model_id}",file="{self.file}"'
         with self.lock:
             lines = ["# TYPE distillery_requests_total counter"]
@@ -126,6 +127,10 @@ class Metrics:
                 lines.append("# TYPE distillery_shadow_pairs_total counter")
                 lines += [f'distillery_shadow_pairs_total{{{m},task="{task}"}} {n}'
                           for task, n in sorted(self.pairs.items())]
+            if speculation is not None:  # the names llama-server's /metrics gives the same counts
+                for name, key in (("draft_passes_total", "passes"), ("draft_tokens_total", "drafted"),
+                                  ("draft_tokens_accepted_total", "accepted")):
+                    lines += [f"# TYPE distillery_{name} counter", f"distillery_{name}{{{m}}} {speculation[key]}"]
             done = t["completion_tokens"]
             lines += ["# TYPE distillery_usd_per_1m_output_tokens gauge",
                       f"distillery_usd_per_1m_output_tokens{{{m}}} {t['cost_usd'] / done * 1e6 if done else 0.0}",

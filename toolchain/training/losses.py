@@ -8,6 +8,10 @@ Generalized JSD follows the GKD convention (Agarwal et al. 2024, as in TRL): wit
 m = β·p_teacher + (1-β)·p_student, JSD(β) = β·KL(p_teacher‖m) + (1-β)·KL(p_student‖m); β=0 is taken as forward
 KL(p_teacher‖p_student) and β=1 as reverse KL(p_student‖p_teacher), the limits the objective interpolates.
 
+Total variation, ½·Σ|p_teacher - p_student|, is the divergence of speculative decoding: a draft q proposing for a
+target p has its token accepted with probability 1 - TV(p, q) (Leviathan et al. 2023), so DistillSpec (Zhou et al.
+2024) trains drafts on it.
+
 Top-k: the teacher's distribution is known on k token ids; everything else is one "tail" bucket with mass
 1 - Σ top-k. The student's distribution is folded the same way (its mass on those ids, and the rest), so
 both are proper distributions on k+1 outcomes and the same divergences apply. With k = vocabulary size the
@@ -59,6 +63,11 @@ def jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, beta: float = 0.5)
     return (beta * _kl(teacher_log, mix) + (1 - beta) * _kl(student_log, mix)).mean()
 
 
+def total_variation(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Tensor:
+    """½·Σ|p_teacher - p_student|: one minus the chance a speculative step accepts the draft's token."""
+    return 0.5 * (teacher_log.exp() - student_log.exp()).abs().sum(-1).mean()
+
+
 def divergence(kind: str, student_log: torch.Tensor, teacher_log: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     if kind == "forward_kl":
         return forward_kl(student_log, teacher_log)
@@ -66,6 +75,8 @@ def divergence(kind: str, student_log: torch.Tensor, teacher_log: torch.Tensor, 
         return reverse_kl(student_log, teacher_log)
     if kind == "jsd":
         return jsd(student_log, teacher_log, beta)
+    if kind == "total_variation":
+        return total_variation(student_log, teacher_log)
     raise ValueError(f"unknown divergence '{kind}'")
 
 
