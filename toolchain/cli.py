@@ -365,8 +365,9 @@ def publish(recipe: str, runs_root: str, to: str, repo: str | None, base_model: 
 @runs_opt
 @click.option("--keep-layers", default=None, help="Comma-separated depths to try, e.g. 6,10,15,20.")
 @click.option("--shapes", default=None,
-              help="Comma-separated student shapes LAYERS[xMLP[xKV]]: depth, MLP channels and key/value head groups "
-                   "kept, e.g. 20,30x768,16x1024x2 (width pruning: docs/student.md).")
+              help="Comma-separated student shapes LAYERS[xMLP[xKV]][hHIDDEN]: depth, MLP channels, key/value head "
+                   "groups and hidden size kept, e.g. 20,30x768,16x1024x2,20x768h512 (width pruning: "
+                   "docs/student.md).")
 @friendly
 def sweep(recipe: str, runs_root: str, keep_layers: str | None, shapes: str | None) -> None:
     """Build one student per depth or shape (distill, eval, export, bench each) and add the retention-vs-speed

@@ -34,13 +34,13 @@ def build(cfg, pairs: list[tuple[list[int], list[int]]]):
         info.update(teacher_layers=n, kept_layers=keep, select=s.select,
                     influence=[round(x, 5) for x in scores] if scores else None,
                     teacher_params=student.parameter_count(teacher))
-        if s.intermediate_size is not None or s.kv_heads is not None:  # ranked on the cut model's own activations
+        if any(x is not None for x in (s.intermediate_size, s.kv_heads, s.hidden_size)):  # ranked on the cut model
             sample = [ids for ids, _ in pairs[: s.influence_samples]]
-            info["width"] = width.plan(model, sample, s.intermediate_size, s.kv_heads)
+            info["width"] = width.plan(model, sample, s.intermediate_size, s.kv_heads, s.hidden_size)
             model = width.apply(model, info["width"])
             c = model.config
-            console.print(f"  width: {c.intermediate_size} MLP channels, {c.num_attention_heads} heads "
-                          f"({c.num_key_value_heads} key/value) a layer")
+            console.print(f"  width: {c.hidden_size} hidden, {c.intermediate_size} MLP channels, "
+                          f"{c.num_attention_heads} heads ({c.num_key_value_heads} key/value) a layer")
     else:
         model = load_torch_model(resolve(s.from_), dtype=d.dtype)
         info.update(kept_layers=list(range(len(student.decoder_layers(model)))))

@@ -204,13 +204,13 @@ def gguf_metadata(path: Path) -> dict[str, object]:
     return meta
 
 
-DIMENSIONS = ("layers", "context", "vocab", "intermediate", "kv_heads")  # what ``dimensions`` reads
+DIMENSIONS = ("layers", "context", "vocab", "intermediate", "kv_heads", "hidden")  # what ``dimensions`` reads
 
 
 def dimensions(ref: ModelRef) -> dict[str, int | None]:
-    """Decoder layers, context length, vocabulary size, MLP width and key/value heads of a local model, from its
-    metadata only (GGUF header or config.json; no weights are read). None for what the files do not say, and for
-    an endpoint."""
+    """Decoder layers, context length, vocabulary size, MLP width, key/value heads and hidden size of a local model,
+    from its metadata only (GGUF header or config.json; no weights are read). None for what the files do not say,
+    and for an endpoint."""
     if ref.kind == "gguf":
         from gguf import GGUFReader
 
@@ -222,7 +222,8 @@ def dimensions(ref: ModelRef) -> dict[str, int | None]:
         return {"layers": meta.get(f"{arch}.block_count"), "context": meta.get(f"{arch}.context_length"),
                 "vocab": int(vocab) if vocab is not None else None,
                 "intermediate": meta.get(f"{arch}.feed_forward_length"),
-                "kv_heads": meta.get(f"{arch}.attention.head_count_kv")}
+                "kv_heads": meta.get(f"{arch}.attention.head_count_kv"),
+                "hidden": meta.get(f"{arch}.embedding_length")}
     if ref.kind == "hf_dir":
         import json
 
@@ -231,7 +232,8 @@ def dimensions(ref: ModelRef) -> dict[str, int | None]:
         cfg = cfg.get("text_config", cfg)
         return {"layers": cfg.get("num_hidden_layers"), "context": cfg.get("max_position_embeddings"),
                 "vocab": cfg.get("vocab_size"), "intermediate": cfg.get("intermediate_size"),
-                "kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))}
+                "kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
+                "hidden": cfg.get("hidden_size")}
     return dict.fromkeys(DIMENSIONS)
 
 
@@ -305,11 +307,22 @@ def _gguf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     folder = _cache_folder("tokenizers", path)
-    if (folder / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(folder))
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    _save_once(tok, folder)
-    return tok
+    if not (folder / "tokenizer.json").is_file():
+        _save_once(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), folder)
+    _drop_gguf_copy(folder)
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _drop_gguf_copy(folder: Path) -> None:
+    """transformers saves a tokenizer read from a GGUF with the whole GGUF copied in as its ``tokenizer.model``: a
+    model's worth of bytes in every folder the tokenizer is saved to, which llama.cpp's converter then reads as a
+    SentencePiece model (and fails, for Gemma). The tokenizer is all in tokenizer.json; the copy goes."""
+    copy = folder / "tokenizer.model"
+    if copy.is_file():
+        with copy.open("rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            copy.unlink(missing_ok=True)
 
 
 DEQUANTIZED_CACHE_MAX_BYTES = 1 << 30  # GGUF files up to this size keep a float32 copy under the cache

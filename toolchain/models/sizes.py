@@ -52,15 +52,21 @@ class Shape:
         return Shape(layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim, self.vocab,
                      self.tied, round(self.embedding + self.output_layer + per_layer * layers), self.exact)
 
-    def with_width(self, intermediate: int | None, kv_heads: int | None) -> Shape:
-        """The shape width-pruned (student.intermediate_size, student.kv_heads): each layer loses the MLP channels'
-        three rows or columns and whole key/value groups with their query heads (biases are not counted)."""
+    def with_width(self, intermediate: int | None, kv_heads: int | None, hidden: int | None = None) -> Shape:
+        """The shape width-pruned (student.intermediate_size, student.kv_heads, student.hidden_size): each layer
+        loses the MLP channels' three rows or columns and whole key/value groups with their query heads; a narrower
+        hidden size takes a column or row of every projection, norm and the embedding (biases are not counted)."""
         inter = intermediate or self.intermediate
         kv = kv_heads or self.kv_heads
         heads = kv * (self.heads // self.kv_heads)
         cut = 3 * self.hidden * (self.intermediate - inter) + 2 * self.hidden * self.head_dim * (
             (self.heads - heads) + (self.kv_heads - kv))
-        return replace(self, intermediate=inter, heads=heads, kv_heads=kv, params=self.params - self.layers * cut)
+        out = replace(self, intermediate=inter, heads=heads, kv_heads=kv, params=self.params - self.layers * cut)
+        if hidden is None or hidden >= self.hidden:
+            return out
+        q, k = heads * self.head_dim, kv * self.head_dim
+        per_channel = self.layers * (2 * q + 2 * k + 3 * inter + 2) + self.vocab * (1 if self.tied else 2) + 1
+        return replace(out, hidden=hidden, params=out.params - (self.hidden - hidden) * per_channel)
 
     def with_vocab(self, vocab: int) -> Shape:
         """The shape with a trimmed vocabulary (student.vocab): embedding and output layer lose the other rows."""

@@ -9,6 +9,12 @@ Grouped-query attention shares one key/value head among several query heads, so 
 group's importance is the sum of its query heads', and keeping it keeps its key/value head and all its query heads
 (the ratio of query to key/value heads, which the attention code assumes, does not change).
 
+The hidden size (the residual stream's channels, shared by every layer, the embedding and the output layer) is cut
+last and alike everywhere: a channel's importance is the magnitude of its normalised activation at every norm of
+every layer and the final norm (Minitron's embedding-channel importance, over the norms' outputs), summed. Every
+projection loses the columns it reads from those channels and the rows it writes to them; ``head_dim`` stays, so
+the attention's own widths do not change (llama.cpp reads them from ``attention.key_length``).
+
 Every layer keeps the same width (a model config holds one ``intermediate_size`` and one head count), the channels
 and groups each layer keeps are its own. ``plan`` ranks them, ``apply`` slices the weights (biases included; Phi-3's
 fused ``gate_up_proj`` and ``qkv_proj`` in their parts) and writes the new sizes into the config, with ``head_dim``
@@ -30,6 +36,13 @@ def _attn(layer):
     return layer.self_attn
 
 
+def _norms(model) -> list[torch.nn.Module]:
+    """Every norm over the hidden size: each layer's (``input_layernorm``, ``post_attention_layernorm``, Gemma's
+    pre/post feed-forward norms) and the final one."""
+    found = [m for layer in decoder_layers(model) for name, m in layer.named_children() if name.endswith("layernorm")]
+    return found + [model.get_decoder().norm]
+
+
 def head_dim(model) -> int:
     c = model.config
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -41,6 +54,13 @@ def importance(model, sequences: list[list[int]]) -> dict[str, list[torch.Tensor
     layers = decoder_layers(model)
     hd = head_dim(model)
     per_seq: dict[str, list[list[torch.Tensor]]] = {"mlp": [[] for _ in layers], "heads": [[] for _ in layers]}
+    norms = _norms(model)
+    per_seq["hidden"] = [[] for _ in norms]
+
+    def norm_hook(i):
+        def fn(module, args, out):
+            per_seq["hidden"][i].append(out.float()[0].abs().mean(dim=0))
+        return fn
 
     def hook(kind, i):
         def fn(module, args):
@@ -54,21 +74,28 @@ def importance(model, sequences: list[list[int]]) -> dict[str, list[torch.Tensor
     for i, layer in enumerate(layers):
         handles.append(_mlp(layer).down_proj.register_forward_pre_hook(hook("mlp", i)))
         handles.append(_attn(layer).o_proj.register_forward_pre_hook(hook("heads", i)))
+    for i, norm in enumerate(norms):
+        handles.append(norm.register_forward_hook(norm_hook(i)))
     try:
         for seq in sequences:
             model(input_ids=torch.tensor([seq], dtype=torch.long), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return {k: [torch.stack(v).norm(dim=0) for v in layers_] for k, layers_ in per_seq.items()}
+    out = {k: [torch.stack(v).norm(dim=0) for v in layers_] for k, layers_ in per_seq.items()}
+    out["hidden"] = torch.stack(out["hidden"]).sum(dim=0)  # one ranking for the stream every layer shares
+    return out
 
 
-def plan(model, sequences: list[list[int]], intermediate_size: int | None, kv_heads: int | None) -> dict:
-    """Per layer, ascending: the MLP channels and the key/value head groups to keep (None: that dimension is kept
-    whole)."""
+def plan(model, sequences: list[list[int]], intermediate_size: int | None, kv_heads: int | None,
+         hidden_size: int | None = None) -> dict:
+    """Per layer, ascending: the MLP channels and the key/value head groups to keep, and the hidden channels every
+    layer keeps (None: that dimension is kept whole)."""
     c = model.config
     scores = importance(model, sequences)
     out: dict = {"mlp": None, "kv_heads": None}
+    if hidden_size is not None and hidden_size < c.hidden_size:
+        out["hidden"] = sorted(torch.topk(scores["hidden"], hidden_size).indices.tolist())
     if intermediate_size is not None and intermediate_size < c.intermediate_size:
         out["mlp"] = [sorted(torch.topk(s, intermediate_size).indices.tolist()) for s in scores["mlp"]]
     if kv_heads is not None and kv_heads < c.num_key_value_heads:
@@ -118,6 +145,32 @@ def _prune_heads(attn, groups: list[int], n_heads: int, n_kv: int, hd: int) -> N
             setattr(attn, name, value)
 
 
+def _prune_hidden(model, keep: list[int]) -> None:
+    idx = torch.tensor(keep, dtype=torch.long)
+    for norm in _norms(model):
+        norm.weight = torch.nn.Parameter(norm.weight.data[idx].clone())
+        if getattr(norm, "bias", None) is not None:
+            norm.bias = torch.nn.Parameter(norm.bias.data[idx].clone())
+    for layer in decoder_layers(model):
+        attn, mlp = _attn(layer), _mlp(layer)
+        for module in (attn, mlp):  # what reads the stream (Phi-3's fused projections too)
+            for name in ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj"):
+                if isinstance(getattr(module, name, None), torch.nn.Linear):
+                    _columns(getattr(module, name), idx)
+        _rows(attn.o_proj, idx)  # what writes to it
+        _rows(mlp.down_proj, idx)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    emb.weight = torch.nn.Parameter(emb.weight.data[:, idx].clone())
+    emb.embedding_dim = len(keep)
+    if tied:
+        head.weight = emb.weight
+    elif head is not None:
+        _columns(head, idx)
+    if hasattr(emb, "embed_scale"):  # Gemma scales its embedding by √hidden_size, from the config when it loads
+        emb.embed_scale.fill_(len(keep) ** 0.5)
+
+
 def apply(model, kept: dict):
     """``model`` (changed in place and returned) with only ``kept``'s channels and head groups per layer."""
     c = model.config
@@ -128,6 +181,10 @@ def apply(model, kept: dict):
             _prune_mlp(_mlp(layer), kept["mlp"][i], full)
         if kept.get("kv_heads"):
             _prune_heads(_attn(layer), kept["kv_heads"][i], n_heads, n_kv, hd)
+    if kept.get("hidden"):
+        _prune_hidden(model, kept["hidden"])
+        c.hidden_size = len(kept["hidden"])
+        c.head_dim = hd
     if kept.get("mlp"):
         c.intermediate_size = len(kept["mlp"][0])
     if kept.get("kv_heads"):

@@ -37,8 +37,9 @@ def shapes(cfg: Recipe) -> tuple[sizes.Shape | None, sizes.Shape | None, list[st
     teacher = shape(cfg.teacher, "teacher")
     if cfg.student.from_ == "teacher":
         student = teacher.with_layers(cfg.student.keep_layers or teacher.layers) if teacher else None
-        if student is not None and (cfg.student.intermediate_size or cfg.student.kv_heads):
-            student = student.with_width(cfg.student.intermediate_size, cfg.student.kv_heads)
+        st = cfg.student
+        if student is not None and (st.intermediate_size or st.kv_heads or st.hidden_size):
+            student = student.with_width(st.intermediate_size, st.kv_heads, st.hidden_size)
     else:
         student = shape(cfg.student.from_, "student")
     if student is not None and cfg.student.vocab is not None and cfg.student.vocab < student.vocab:

@@ -144,17 +144,21 @@ def check_dimensions(cfg: Recipe) -> None:
             raise RecipeError(f"{where}student.select: layer {bad[0]} does not exist; the teacher has {layers} "
                               f"layers (0-{layers - 1})")
     for field, have, what in (("intermediate_size", teacher["intermediate"], "MLP channels"),
-                              ("kv_heads", teacher["kv_heads"], "key/value heads")):
+                              ("kv_heads", teacher["kv_heads"], "key/value heads"),
+                              ("hidden_size", teacher["hidden"], "hidden channels")):
         want = getattr(st, field)
         if want is not None and have and want >= have:
             raise RecipeError(f"{where}student.{field}: {want} is not fewer than the teacher's {have} {what} a "
                               "layer; use a smaller number or remove the field")
-    if st.kv_heads is not None and "gguf" in cfg.export.formats:
+    for field in ("kv_heads", "hidden_size"):
+        if getattr(st, field) is None or "gguf" not in cfg.export.formats:
+            continue
         arch = families.architecture(resolve(cfg.teacher))
         if arch in families.FIXED_HEAD_LAYOUT:
-            raise RecipeError(f"{where}student.kv_heads: llama.cpp sizes {arch}'s query projection by the hidden "
-                              "size, so a student with fewer heads would make a GGUF it cannot load; cut "
-                              "student.intermediate_size or layers instead, or drop gguf from export.formats")
+            raise RecipeError(f"{where}student.{field}: llama.cpp sizes {arch}'s query projection by the hidden "
+                              "size, so a student whose heads do not fill its hidden size would make a GGUF it "
+                              "cannot load; cut student.intermediate_size or layers instead, or drop gguf from "
+                              "export.formats")
     vocab = student["vocab"]
     if st.vocab is not None and vocab and st.vocab >= vocab:
         raise RecipeError(f"{where}student.vocab: {st.vocab} keeps every one of the tokenizer's {vocab:,} tokens; "
@@ -245,17 +249,22 @@ SHAPE_FIELDS = ("keep_layers", "intermediate_size", "kv_heads")
 
 
 def parse_shapes(text: str, option: str = "--shapes") -> list[dict]:
-    """``LAYERS[xMLP[xKV]]`` items, comma-separated (``20,16x1024,20x1536x2``): each a student shape as
-    student.keep_layers, student.intermediate_size and student.kv_heads (left out: the recipe's own)."""
+    """``LAYERS[xMLP[xKV]][hHIDDEN]`` items, comma-separated (``20,16x1024,20x1536x2,20x768h512``): each a student
+    shape as student.keep_layers, student.intermediate_size, student.kv_heads and student.hidden_size (left out: the
+    recipe's own)."""
     shapes = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
-        parts = item.lower().split("x")
-        if len(parts) > 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise RecipeError(f"{option}: '{item}' is not LAYERS, LAYERSxMLP or LAYERSxMLPxKV (positive integers, "
-                              "e.g. 20, 16x1024, 20x1536x2)")
-        shapes.append(dict(zip(SHAPE_FIELDS, map(int, parts))))
+        dims, _, hidden = item.lower().partition("h")
+        parts = dims.split("x")
+        if len(parts) > 3 or not all(p.isdigit() and int(p) > 0 for p in parts + ([hidden] if hidden or _ else [])):
+            raise RecipeError(f"{option}: '{item}' is not LAYERS, LAYERSxMLP or LAYERSxMLPxKV, each optionally "
+                              "followed by hHIDDEN (positive integers, e.g. 20, 16x1024, 20x1536x2, 20x768h512)")
+        shape = dict(zip(SHAPE_FIELDS, map(int, parts)))
+        if hidden:
+            shape["hidden_size"] = int(hidden)
+        shapes.append(shape)
     if not shapes:
         raise RecipeError(f"{option}: give at least one student shape")
     return shapes
@@ -267,6 +276,8 @@ def shape_label(shape: dict) -> str:
         label += f" x {shape['intermediate_size']} MLP"
     if shape.get("kv_heads"):
         label += f" x {shape['kv_heads']} KV"
+    if shape.get("hidden_size"):
+        label += f" x {shape['hidden_size']} hidden"
     return label
 
 
@@ -313,7 +324,7 @@ def sweep(cfg: Recipe, runs_root: str | Path, shapes: list[dict]) -> Path:
         merge = json.loads((done["merge"] / "merge_check.json").read_text(encoding="utf-8"))
         st = variant.student
         students.append({"keep_layers": st.keep_layers, "intermediate_size": st.intermediate_size,
-                         "kv_heads": st.kv_heads, "label": shape_label(shape),
+                         "kv_heads": st.kv_heads, "hidden_size": st.hidden_size, "label": shape_label(shape),
                          "parameters": merge["student_params"], "teacher_gold": ev["teacher"],
                          "student_gold": ev["student"], "retention": ev["retention"],
                          "decode_tps": bench["summary"]["student"]["decode_tps"]["median"],

@@ -211,9 +211,9 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
         lines += [
             "## Sweep: layers kept vs quality and speed",
             "",
-            "| layers | MLP channels | key/value heads | parameters (M) | student gold | retention | decode tokens/s "
-            "| on the Pareto front |",
-            "|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| layers | MLP channels | key/value heads | hidden size | parameters (M) | student gold | retention "
+            "| decode tokens/s | on the Pareto front |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         students = data["sweep"]["students"]
         front = set(pareto([(r["decode_tps"], r["student_gold"] or 0) for r in students]))
@@ -221,6 +221,7 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
             retention = "-" if r["retention"] is None else f"{r['retention']:.2f}"
             lines.append(
                 f"| {r['keep_layers']} | {r.get('intermediate_size') or 'all'} | {r.get('kv_heads') or 'all'} | "
+                f"{r.get('hidden_size') or 'all'} | "
                 f"{r['parameters'] / 1e6:.1f} | {_pct(r['student_gold'])} | {retention} | "
                 f"{r['decode_tps']:.1f} | {'yes' if i in front else ''} |"
             )
