@@ -101,6 +101,10 @@ def friendly(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; finished work is kept and the stage resumes on the next run", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`distillery status … | head`): stop quietly, as cat does
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush has nowhere to fail
+            sys.exit(141)
         except Exception as err:  # anything else: one line (and the work done so far is kept); the trace on request
             if os.environ.get("DISTILLERY_DEBUG"):
                 raise
