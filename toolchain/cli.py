@@ -653,6 +653,7 @@ def init(data: str, out: str | None, teacher: str | None, name: str | None, forc
     for line in check:
         click.echo(f"  - {line}")
     click.echo(f"then: distillery validate {path} && distillery run {path}")
+    click.echo(f"(to choose the student's cut by measurement first: distillery sweep {path} --shapes 20,20x768,14)")
 
 
 @main.command()

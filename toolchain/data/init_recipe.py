@@ -126,6 +126,7 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
              f"teacher: {teacher or DEFAULT_TEACHER}" + ("" if teacher else "   # the embedded default; any GGUF, "
                                                           "model folder, hf: or openai: reference"),
              "student:", "  from: teacher", "  keep_layers: 20          # of the teacher's layers, by block influence",
+             "  # the cut by measurement: distillery sweep <this file> --shapes 20,20x768,14 (docs/student.md)",
              "  select: influence",
              ("  vocab: 4096              # the output layer keeps the teacher's first 4,096 tokens + every token "
               "the task uses: faster decode" if teacher is None else
