@@ -56,10 +56,20 @@ def test_dead_channels_and_head_groups_are_cut_first(family):
     assert all(dead_group not in g for g in kept["kv_heads"])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_cut_model_reloads_and_runs_in_llama_cpp_with_the_same_greedy_tokens(family, tmp_path):
+def _reloads_and_runs_in_llama_cpp(model, tmp_path) -> None:
+    """The cut model saves and reloads with the same logits, and llama.cpp runs it as PyTorch does."""
     from transformers import AutoModelForCausalLM
 
+    want = _logits(model, PROMPT)
+    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32,
+                                                    attn_implementation="eager")
+    np.testing.assert_allclose(_logits(reloaded.eval(), PROMPT), want, atol=1e-5, rtol=0)
+    check_gguf(model, tmp_path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_cut_model_reloads_and_runs_in_llama_cpp_with_the_same_greedy_tokens(family, tmp_path):
 
     model = _model(family)
     before = student.parameter_count(model)
@@ -73,12 +83,7 @@ def test_a_cut_model_reloads_and_runs_in_llama_cpp_with_the_same_greedy_tokens(f
     cut = shape.with_width(64, 1 if heads else None)  # what plan counts for the student
     bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
     assert student.parameter_count(model) < before and cut.params == pytest.approx(student.parameter_count(model) - bias, rel=0.01)
-    want = _logits(model, PROMPT)
-    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32,
-                                                    attn_implementation="eager")
-    np.testing.assert_allclose(_logits(reloaded.eval(), PROMPT), want, atol=1e-5, rtol=0)
-    check_gguf(model, tmp_path)
+    _reloads_and_runs_in_llama_cpp(model, tmp_path)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
@@ -141,8 +146,6 @@ def test_a_narrower_hidden_size_cuts_the_dead_channels_and_runs_in_llama_cpp(fam
     every hidden-sized weight is narrower, its parameter count is what plan counts, it reloads from disk with the
     same logits, and llama.cpp's converter and runtime take it with PyTorch's greedy tokens (the attention keeps its
     head size, written as attention.key_length)."""
-    from transformers import AutoModelForCausalLM
-
     model = _model(family)
     c = model.config
     full, hd = c.hidden_size, width.head_dim(model)
@@ -162,12 +165,7 @@ def test_a_narrower_hidden_size_cuts_the_dead_channels_and_runs_in_llama_cpp(fam
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     assert shape.with_width(None, None, full - 16).params == pytest.approx(
         student.parameter_count(model) - bias, rel=0.01, abs=norms)
-    want = _logits(model, PROMPT)
-    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32,
-                                                    attn_implementation="eager")
-    np.testing.assert_allclose(_logits(reloaded.eval(), PROMPT), want, atol=1e-5, rtol=0)
-    check_gguf(model, tmp_path)
+    _reloads_and_runs_in_llama_cpp(model, tmp_path)
 
 
 def test_a_hidden_size_the_teacher_lacks_or_llama_cpp_cannot_load_is_refused_at_validate(tmp_path):
