@@ -149,7 +149,7 @@ def test_serve_with_a_draft_answers_through_the_openai_client_and_refuses_a_trim
 def test_the_report_sets_the_teacher_with_its_draft_beside_the_teacher_and_the_student():
     """The "teacher with draft" columns come from one `distillery draft` run (both teacher columns measured side by
     side), priced per call at the bench's machine price; the teacher with a draft has the teacher's quality."""
-    from toolchain.render.markdown import best_draft, draft_markdown
+    from toolchain.render.markdown import draft_markdown
 
     D = speculative.Decoded
     rows = speculative._rows(0.0, {0: [D(40, 1.0, 0, 0, "a")], 2: [D(40, 0.8, 30, 20, "a")],
@@ -159,7 +159,7 @@ def test_the_report_sets_the_teacher_with_its_draft_beside_the_teacher_and_the_s
     assert rows[2]["predicted_speedup_large_pair"] == pytest.approx(4 / (1 + 4 * 0.5 / 7), abs=1e-3)
     assert "predicted_speedup" not in rows[0]
     draft = {"rows": rows, "threads": 2}
-    assert best_draft(draft)["draft_max"] == 4 and best_draft(draft)["speedup"] == pytest.approx(2.0)
+    assert speculative.best(rows)["draft_max"] == 4 and speculative.best(rows)["speedup"] == pytest.approx(2.0)
     bench = {"settings": {"usd_per_hour": 0.36}, "per_call": {"all": {"answer_tokens": 50}},
              "quality": {"teacher_gold": 0.7, "student_gold": 0.5},
              "summary": {"student": {"decode_tps": {"median": 100.0}}}}

@@ -159,6 +159,12 @@ def measure(teacher: Path, draft: Path, prompts: list[str], max_tokens: int, len
     return rows
 
 
+def best(rows: list[dict]) -> dict | None:
+    """The greedy row of ``measure`` with a draft (length > 0) and the highest speed-up over the teacher alone."""
+    greedy = [r for r in rows if r["temperature"] == 0 and r["draft_max"] > 0]
+    return max(greedy, key=lambda r: r["speedup"], default=None)
+
+
 def _tps(done: list[Decoded]) -> float:
     return sum(r.tokens for r in done) / max(sum(r.seconds for r in done), 1e-9)
 
@@ -181,12 +187,11 @@ def _rows(temp: float, runs: dict[int, list[Decoded]], draft_tps: float | None =
     cost = base_tps / draft_tps if draft_tps else None
     rows = []
     for n, done in runs.items():
-        tokens, seconds = sum(r.tokens for r in done), sum(r.seconds for r in done)
+        tokens, tps = sum(r.tokens for r in done), _tps(done)
         drafted, accepted = sum(r.drafted for r in done), sum(r.accepted for r in done)
         passes = max(tokens - accepted, 1)  # each teacher pass yields its accepted draft tokens and one of its own
         row = {"temperature": temp, "draft_max": n, "prompts": len(done), "tokens": tokens,
-               "decode_tps": round(tokens / max(seconds, 1e-9), 2),
-               "speedup": round(tokens / max(seconds, 1e-9) / base_tps, 3),
+               "decode_tps": round(tps, 2), "speedup": round(tps / base_tps, 3),
                "drafted": drafted, "accepted": accepted,
                "acceptance": round(accepted / drafted, 4) if drafted else None,
                "tokens_per_teacher_pass": round(tokens / passes, 3)}

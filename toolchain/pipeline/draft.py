@@ -115,8 +115,7 @@ def markdown(report: dict) -> str:
                   "the measured column is what the batched check costs on this machine). The last column puts "
                   f"this draft's measured tokens per pass at a cost of {speculative.LARGE_PAIR_COST:.3f} (0.5/7: "
                   "one sequence's decode on a CPU reads every weight per token, so cost follows bytes)."]
-    greedy = [r for r in rows if r["temperature"] == 0 and r["draft_max"] > 0]
-    best = max(greedy, key=lambda r: r["speedup"], default=None)
+    best = speculative.best(rows)
     lines.append("")
     if best is None or best["speedup"] <= 1.0:
         lines.append("No draft length was faster than the teacher alone on this machine: serve the teacher without "

@@ -256,13 +256,14 @@ def parse_shapes(text: str, option: str = "--shapes") -> list[dict]:
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
-        dims, _, hidden = item.lower().partition("h")
+        dims, has_hidden, hidden = item.lower().partition("h")
         parts = dims.split("x")
-        if len(parts) > 3 or not all(p.isdigit() and int(p) > 0 for p in parts + ([hidden] if hidden or _ else [])):
+        numbers = parts + ([hidden] if has_hidden else [])
+        if len(parts) > 3 or not all(p.isdigit() and int(p) > 0 for p in numbers):
             raise RecipeError(f"{option}: '{item}' is not LAYERS, LAYERSxMLP or LAYERSxMLPxKV, each optionally "
                               "followed by hHIDDEN (positive integers, e.g. 20, 16x1024, 20x1536x2, 20x768h512)")
         shape = dict(zip(SHAPE_FIELDS, map(int, parts)))
-        if hidden:
+        if has_hidden:
             shape["hidden_size"] = int(hidden)
         shapes.append(shape)
     if not shapes:

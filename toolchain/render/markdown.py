@@ -3,6 +3,7 @@ the model card: one place, so a stage's numbers read the same wherever they are 
 
 from __future__ import annotations
 
+from toolchain.backends.speculative import best
 from toolchain.quality import scores as em
 from toolchain.quality.cost import local_per_call
 from toolchain.quality.heldout import ROLES
@@ -526,18 +527,12 @@ def bench_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def best_draft(draft: dict) -> dict | None:
-    """The greedy row of ``distillery draft`` with the highest speed-up over the teacher alone."""
-    greedy = [r for r in draft["rows"] if r["temperature"] == 0 and r["draft_max"] > 0]
-    return max(greedy, key=lambda r: r["speedup"], default=None)
-
-
 def draft_markdown(draft: dict | None, bench: dict) -> list[str]:
     """The report's "teacher with draft" columns: the teacher alone and with the student as its draft model (one
     ``distillery draft`` run, side by side), the student alone from bench; $ per 1,000 calls is the decode of the
     median answer at the bench's machine price; the quality of the teacher with a draft is the teacher's."""
-    best = best_draft(draft) if draft else None
-    if best is None:
+    top = best(draft["rows"]) if draft else None
+    if top is None:
         return []
     alone = next(r for r in draft["rows"] if r["temperature"] == 0 and r["draft_max"] == 0)
     usd_h = bench["settings"]["usd_per_hour"]
@@ -551,17 +546,17 @@ def draft_markdown(draft: dict | None, bench: dict) -> list[str]:
     def gold(x):
         return "-" if x is None else f"{100 * x:.1f}"
 
-    acc = "-" if best["acceptance"] is None else f"{100 * best['acceptance']:.0f} %"
+    acc = "-" if top["acceptance"] is None else f"{100 * top['acceptance']:.0f} %"
     return ["## The teacher with the student as its draft model", "",
-            f"| | teacher alone | teacher + draft (length {best['draft_max']}) | student alone (bench) |",
+            f"| | teacher alone | teacher + draft (length {top['draft_max']}) | student alone (bench) |",
             "|---|---:|---:|---:|",
-            f"| decode tokens/s | {alone['decode_tps']:.1f} | {best['decode_tps']:.1f} "
-            f"({best['speedup']:.2f}×) | {'-' if student_tps is None else f'{student_tps:.1f}'} |",
-            f"| draft acceptance, tokens per teacher pass | | {acc}, {best['tokens_per_teacher_pass']:.2f} | |",
+            f"| decode tokens/s | {alone['decode_tps']:.1f} | {top['decode_tps']:.1f} "
+            f"({top['speedup']:.2f}×) | {'-' if student_tps is None else f'{student_tps:.1f}'} |",
+            f"| draft acceptance, tokens per teacher pass | | {acc}, {top['tokens_per_teacher_pass']:.2f} | |",
             f"| $ per 1,000 calls (decode, {answer or 0:.0f}-token answers) | {per_1k(alone['decode_tps'])} | "
-            f"{per_1k(best['decode_tps'])} | {per_1k(student_tps)} |",
+            f"{per_1k(top['decode_tps'])} | {per_1k(student_tps)} |",
             f"| held-out gold % | {gold(q['teacher_gold'])} | {gold(q['teacher_gold'])} (the teacher's greedy "
-            f"output: {best.get('same_text_as_teacher', '-')}/{best['prompts']} answers the same text) | "
+            f"output: {top.get('same_text_as_teacher', '-')}/{top['prompts']} answers the same text) | "
             f"{gold(q['student_gold'])} |", "",
-            f"From `distillery draft` ({best['prompts']} held-out prompts, {draft['threads']} threads, teacher and "
+            f"From `distillery draft` ({top['prompts']} held-out prompts, {draft['threads']} threads, teacher and "
             "teacher + draft alternating in one run; runs/RECIPE/draft.md has every draft length).", ""]
