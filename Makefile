@@ -55,7 +55,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 generate distill merge eval export bench report serve status: $(STAMP)
 	$(BIN)/distillery $@ $(recipe) --runs $(RUNS)
