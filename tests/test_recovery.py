@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,8 +41,21 @@ def test_teacher_text_is_seeded_and_stays_in_the_allowed_tokens():
     a = recovery.teacher_text(teacher, allowed, 5, 12, 1.0, seed=3, batch=2)
     assert len(a) == 5 and all(len(s) == 12 for s in a)
     assert {t for s in a for t in s} <= set(allowed)
-    assert recovery.teacher_text(teacher, allowed, 5, 12, 1.0, seed=3, batch=2) == a  # batch size aside, same
+    assert recovery.teacher_text(teacher, allowed, 5, 12, 1.0, seed=3, batch=5) == a  # batch size aside, same
     assert recovery.teacher_text(teacher, allowed, 5, 12, 1.0, seed=4) != a
+
+
+def test_the_sampled_tokens_follow_the_teachers_distribution():
+    """The chooser's draws at temperature T over the allowed ids match softmax(logits / T) restricted to them."""
+    u = np.random.default_rng(0).random(40000)
+    logits = np.array([[0.0, 1.0, 2.0, 9.0, 0.5]] * len(u), dtype=np.float32)
+    choose = recovery.chooser([0, 1, 2, 4], 5, 2.0)
+    assert list(choose(0, logits[:3], u[:3])) == [2, 2, 2]  # greedy first: the top allowed id, never the masked 3
+    got = np.bincount(choose(recovery.GREEDY_FIRST, logits, u), minlength=5) / len(logits)
+    z = np.exp(np.array([0.0, 1.0, 2.0, 0.5]) / 2.0)
+    want = np.zeros(5)
+    want[[0, 1, 2, 4]] = z / z.sum()
+    np.testing.assert_allclose(got, want, atol=0.01)
 
 
 def test_recovery_brings_a_trimmed_pruned_student_closer_to_the_teacher_and_resumes_finished(teacher_folder, tmp_path):

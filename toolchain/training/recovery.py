@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from toolchain.data.rows import iter_jsonl, write_jsonl
@@ -34,35 +35,53 @@ DONE = "recovered.pt"
 GREEDY_FIRST = 4
 
 
+def chooser(allowed: list[int], n_vocab: int, temperature: float):
+    """``choose(step, logits, u)`` for the teacher's text: over ``allowed`` only, the top-1 for the first
+    ``GREEDY_FIRST`` steps, then a sample at ``temperature`` by inverse CDF at the uniforms ``u`` (one a row)."""
+    mask = np.full(n_vocab, -np.inf, dtype=np.float32)
+    mask[allowed] = 0.0
+
+    def choose(step: int, logits: np.ndarray, u: np.ndarray) -> np.ndarray:
+        z = logits[:, :n_vocab].astype(np.float32) + mask
+        if step < GREEDY_FIRST:
+            return z.argmax(-1)
+        z = (z - z.max(-1, keepdims=True)) / temperature
+        cdf = np.cumsum(np.exp(z), -1)
+        return np.minimum((cdf < (u * cdf[:, -1])[:, None]).sum(-1), n_vocab - 1)
+
+    return choose
+
+
 def teacher_text(teacher, allowed: list[int], n: int, seq_len: int, temperature: float, seed: int,
-                 batch: int = 32) -> list[list[int]]:
+                 batch: int = 64) -> list[list[int]]:
     """``n`` sequences of ``seq_len`` teacher token ids, each from a random first token in ``allowed`` (no special
     token), then ``GREEDY_FIRST`` top-1 tokens, then sampled from the teacher at ``temperature``, over ``allowed``
-    only. A pure function of the seed."""
+    only; ``batch`` sequences stepped together on the teacher's KV cache. A pure function of the seed and the
+    teacher's logits (each sequence draws its own uniforms, whatever the batch).
+
+    PyTorch, not llama.cpp: on 2 cores with the embedded 135M teacher (Q4_1 file, float32 in PyTorch) 64 sequences of
+    128 tokens stepped together measured 302 tokens/s here and 149 in llama.cpp's batched decoding of the same file
+    (the 49,152-row output layer dominates, and MKL's float GEMM beats the quantized kernels at that batch)."""
     device = next(teacher.parameters()).device
-    allowed_t = torch.tensor(sorted(allowed), dtype=torch.long, device=device)
-    mask = torch.full((teacher.get_output_embeddings().weight.shape[0],), float("-inf"), device=device)
-    mask[allowed_t] = 0.0
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    allowed = sorted(allowed)
+    firsts = [allowed[i] for i in rng.integers(len(allowed), size=n)]
+    uniforms = rng.random((n, seq_len))
+    choose = chooser(allowed, teacher.get_output_embeddings().weight.shape[0], temperature)
     out: list[list[int]] = []
     with progress() as bar, torch.inference_mode():
         task = bar.add_task("recovery text", total=n, info="the teacher writes")
-        while len(out) < n:
-            size = min(batch, n - len(out))
-            ids = allowed_t[torch.randint(len(allowed_t), (size,), generator=gen)][:, None]
+        for start in range(0, n, batch):
+            ids = torch.tensor(firsts[start:start + batch], dtype=torch.long, device=device)[:, None]
             past, step_ids = None, ids
             for k in range(seq_len - 1):
                 res = teacher(input_ids=step_ids, past_key_values=past, use_cache=True)
                 past = res.past_key_values
-                logits = res.logits[:, -1].float() + mask
-                if k < GREEDY_FIRST:
-                    step_ids = logits.argmax(-1, keepdim=True)
-                else:
-                    probs = torch.softmax(logits / temperature, -1).cpu()
-                    step_ids = torch.multinomial(probs, 1, generator=gen).to(device)
+                picked = choose(k, res.logits[:, -1].float().cpu().numpy(), uniforms[start:start + len(ids), k])
+                step_ids = torch.as_tensor(picked, dtype=torch.long, device=device)[:, None]
                 ids = torch.cat([ids, step_ids], dim=1)
             out += ids.tolist()
-            bar.update(task, advance=size)
+            bar.update(task, advance=len(ids))
     return out
 
 
