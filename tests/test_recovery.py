@@ -58,6 +58,37 @@ def test_the_sampled_tokens_follow_the_teachers_distribution():
     np.testing.assert_allclose(got, want, atol=0.01)
 
 
+def test_a_kill_while_the_teacher_writes_loses_at_most_a_batch_and_the_text_is_the_same(teacher_folder, tmp_path,
+                                                                                          monkeypatch):
+    cfg = tiny_recipe(teacher_folder, tmp_path, flavour="hard",
+                      recovery={"text": "teacher", "sequences": 10, "seq_len": 9})
+    tok = load_tokenizer(resolve(str(teacher_folder)))
+    teacher = _model("llama3")
+    monkeypatch.setattr(recovery, "TEXT_BATCH", 4)
+    (tmp_path / "whole").mkdir()
+    whole = recovery.sequences(cfg, tok, teacher, None, tmp_path / "whole")
+
+    calls = []
+
+    def killed(*_):  # the third batch dies half-way through its tokens, after two batches were written
+        calls.append(1)
+        if len(calls) == 2 * 8 + 4:
+            raise KeyboardInterrupt
+
+    hook = teacher.register_forward_hook(killed)
+    work = tmp_path / "killed"
+    work.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        recovery.sequences(cfg, tok, teacher, None, work)
+    hook.remove()
+    partial = work / "teacher_text.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 8 and not (work / "recovery_text.jsonl").exists()
+    with open(partial, "a") as fh:
+        fh.write('{"ids": [1, 2')  # and a kill in the middle of a write
+    assert recovery.sequences(cfg, tok, teacher, None, work) == whole
+    assert not partial.exists()
+
+
 def test_recovery_brings_a_trimmed_pruned_student_closer_to_the_teacher_and_resumes_finished(teacher_folder, tmp_path):
     cfg = tiny_recipe(teacher_folder, tmp_path, flavour="hard", lr=3e-3,
                       recovery={"text": "teacher", "sequences": 16, "seq_len": 24, "steps": 12})

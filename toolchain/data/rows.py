@@ -92,13 +92,17 @@ def read_jsonl_resumable(path: Path) -> list[dict]:
 
 
 class JsonlAppender:
-    """Append whole lines durably: one write + flush + fsync per row."""
+    """Append whole lines durably: one write + flush + fsync per row (or per ``write_many``)."""
 
     def __init__(self, path: Path):
         self.fh = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.write_many([row])
+
+    def write_many(self, rows: Iterable[dict]) -> None:
+        """Several rows in one write, flush and fsync."""
+        self.fh.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         self.fh.flush()
         os.fsync(self.fh.fileno())
 

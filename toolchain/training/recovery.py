@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolchain.data.rows import iter_jsonl, write_jsonl
+from toolchain.data.rows import JsonlAppender, iter_jsonl, read_jsonl_resumable, write_jsonl
 from toolchain.models.chat import IGNORE
 from toolchain.recipe import Recipe
 from toolchain.training.trainer import Trainer
@@ -33,6 +33,7 @@ DONE = "recovered.pt"
 # LLM-QAT's hybrid: after the random first token the teacher's next few tokens are its top-1 (a random token alone
 # starts mid-word in nowhere in particular; a few greedy steps settle on a topic), then it samples.
 GREEDY_FIRST = 4
+TEXT_BATCH = 64  # sequences of the teacher's text stepped together (and written to disk together)
 
 
 def chooser(allowed: list[int], n_vocab: int, temperature: float):
@@ -53,11 +54,12 @@ def chooser(allowed: list[int], n_vocab: int, temperature: float):
 
 
 def teacher_text(teacher, allowed: list[int], n: int, seq_len: int, temperature: float, seed: int,
-                 batch: int = 64) -> list[list[int]]:
+                 batch: int = TEXT_BATCH, done: int = 0, emit=None) -> list[list[int]]:
     """``n`` sequences of ``seq_len`` teacher token ids, each from a random first token in ``allowed`` (no special
     token), then ``GREEDY_FIRST`` top-1 tokens, then sampled from the teacher at ``temperature``, over ``allowed``
     only; ``batch`` sequences stepped together on the teacher's KV cache. A pure function of the seed and the
-    teacher's logits (each sequence draws its own uniforms, whatever the batch).
+    teacher's logits (each sequence draws its own uniforms, whatever the batch), so a run killed part-way goes on
+    from sequence ``done`` and writes what an unbroken run writes; ``emit(rows)`` gets each batch as it is written.
 
     PyTorch, not llama.cpp: on 2 cores with the embedded 135M teacher (Q4_1 file, float32 in PyTorch) 64 sequences of
     128 tokens stepped together measured 302 tokens/s here and 149 in llama.cpp's batched decoding of the same file
@@ -70,8 +72,8 @@ def teacher_text(teacher, allowed: list[int], n: int, seq_len: int, temperature:
     choose = chooser(allowed, teacher.get_output_embeddings().weight.shape[0], temperature)
     out: list[list[int]] = []
     with progress() as bar, torch.inference_mode():
-        task = bar.add_task("recovery text", total=n, info="the teacher writes")
-        for start in range(0, n, batch):
+        task = bar.add_task("recovery text", total=n, completed=done, info="the teacher writes")
+        for start in range(done, n, batch):
             ids = torch.tensor(firsts[start:start + batch], dtype=torch.long, device=device)[:, None]
             past, step_ids = None, ids
             for k in range(seq_len - 1):
@@ -81,6 +83,8 @@ def teacher_text(teacher, allowed: list[int], n: int, seq_len: int, temperature:
                 step_ids = torch.as_tensor(picked, dtype=torch.long, device=device)[:, None]
                 ids = torch.cat([ids, step_ids], dim=1)
             out += ids.tolist()
+            if emit is not None:
+                emit(ids.tolist())
             bar.update(task, advance=len(ids))
     return out
 
@@ -108,7 +112,8 @@ def file_text(tok, paths: list[Path], n: int, seq_len: int) -> list[list[int]]:
 
 def sequences(cfg: Recipe, tok, teacher, kept: list[int] | None, work: Path) -> list[list[int]]:
     """The recovery text in student token ids, written once to ``work``/recovery_text.jsonl (a resumed run reads it
-    back; the teacher's ids and the decoded text for a reader)."""
+    back; the teacher's ids and the decoded text for a reader). The teacher's sequences are appended to
+    teacher_text.partial.jsonl a batch at a time as they are sampled, so a kill loses at most one batch."""
     r = cfg.distill.recovery
     path = work / "recovery_text.jsonl"
     if path.exists():
@@ -117,7 +122,13 @@ def sequences(cfg: Recipe, tok, teacher, kept: list[int] | None, work: Path) -> 
         specials = set(tok.all_special_ids)
         student_ids = [i for i in range(len(tok)) if i not in specials]
         allowed = [kept[i] for i in student_ids] if kept is not None else student_ids
-        raw = teacher_text(teacher, allowed, r.sequences, r.seq_len, r.temperature, cfg.distill.seed)
+        partial = work / "teacher_text.partial.jsonl"
+        before = [row["ids"] for row in read_jsonl_resumable(partial)][: r.sequences]
+        if before:
+            console.print(f"  recovery: {len(before)} of {r.sequences} sequences of the teacher's text written before")
+        with JsonlAppender(partial) as out:
+            raw = before + teacher_text(teacher, allowed, r.sequences, r.seq_len, r.temperature, cfg.distill.seed,
+                                        TEXT_BATCH, len(before), lambda rows: out.write_many({"ids": x} for x in rows))
         to_student = {t: s for s, t in enumerate(kept)} if kept is not None else None
         seqs = [[to_student[t] for t in ids] for ids in raw] if to_student else raw
     else:
@@ -125,6 +136,7 @@ def sequences(cfg: Recipe, tok, teacher, kept: list[int] | None, work: Path) -> 
         if not seqs:
             raise ValueError(f"distill.recovery.text: no passage of {', '.join(r.text)} has two tokens or more")
     write_jsonl(path, [{"ids": ids, "text": tok.decode(ids)} for ids in seqs])
+    (work / "teacher_text.partial.jsonl").unlink(missing_ok=True)
     return seqs
 
 
