@@ -34,6 +34,7 @@ DONE = "recovered.pt"
 # starts mid-word in nowhere in particular; a few greedy steps settle on a topic), then it samples.
 GREEDY_FIRST = 4
 TEXT_BATCH = 64  # sequences of the teacher's text stepped together (and written to disk together)
+PARTIAL = "teacher_text.partial.jsonl"  # the teacher's sequences so far, in its ids (gone once the text is written)
 
 
 def chooser(allowed: list[int], n_vocab: int, temperature: float):
@@ -43,7 +44,7 @@ def chooser(allowed: list[int], n_vocab: int, temperature: float):
     mask[allowed] = 0.0
 
     def choose(step: int, logits: np.ndarray, u: np.ndarray) -> np.ndarray:
-        z = logits[:, :n_vocab].astype(np.float32) + mask
+        z = logits + mask
         if step < GREEDY_FIRST:
             return z.argmax(-1)
         z = (z - z.max(-1, keepdims=True)) / temperature
@@ -113,7 +114,7 @@ def file_text(tok, paths: list[Path], n: int, seq_len: int) -> list[list[int]]:
 def sequences(cfg: Recipe, tok, teacher, kept: list[int] | None, work: Path) -> list[list[int]]:
     """The recovery text in student token ids, written once to ``work``/recovery_text.jsonl (a resumed run reads it
     back; the teacher's ids and the decoded text for a reader). The teacher's sequences are appended to
-    teacher_text.partial.jsonl a batch at a time as they are sampled, so a kill loses at most one batch."""
+    ``PARTIAL`` a batch at a time as they are sampled, so a kill loses at most one batch."""
     r = cfg.distill.recovery
     path = work / "recovery_text.jsonl"
     if path.exists():
@@ -122,13 +123,13 @@ def sequences(cfg: Recipe, tok, teacher, kept: list[int] | None, work: Path) -> 
         specials = set(tok.all_special_ids)
         student_ids = [i for i in range(len(tok)) if i not in specials]
         allowed = [kept[i] for i in student_ids] if kept is not None else student_ids
-        partial = work / "teacher_text.partial.jsonl"
-        before = [row["ids"] for row in read_jsonl_resumable(partial)][: r.sequences]
+        before = [row["ids"] for row in read_jsonl_resumable(work / PARTIAL)][: r.sequences]
         if before:
             console.print(f"  recovery: {len(before)} of {r.sequences} sequences of the teacher's text written before")
-        with JsonlAppender(partial) as out:
+        with JsonlAppender(work / PARTIAL) as out:
             raw = before + teacher_text(teacher, allowed, r.sequences, r.seq_len, r.temperature, cfg.distill.seed,
-                                        TEXT_BATCH, len(before), lambda rows: out.write_many({"ids": x} for x in rows))
+                                        batch=TEXT_BATCH, done=len(before),
+                                        emit=lambda rows: out.write_many({"ids": x} for x in rows))
         to_student = {t: s for s, t in enumerate(kept)} if kept is not None else None
         seqs = [[to_student[t] for t in ids] for ids in raw] if to_student else raw
     else:
@@ -136,7 +137,7 @@ def sequences(cfg: Recipe, tok, teacher, kept: list[int] | None, work: Path) -> 
         if not seqs:
             raise ValueError(f"distill.recovery.text: no passage of {', '.join(r.text)} has two tokens or more")
     write_jsonl(path, [{"ids": ids, "text": tok.decode(ids)} for ids in seqs])
-    (work / "teacher_text.partial.jsonl").unlink(missing_ok=True)
+    (work / PARTIAL).unlink(missing_ok=True)
     return seqs
 
 
