@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from toolchain.artifacts.files import ExportError, run_tool
-from toolchain.models.references import cache_root
+from toolchain.models.references import ModelError, cache_root, gguf_header
 
 GGUF_MAGIC = b"GGUF"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
@@ -218,13 +218,16 @@ def head_size(model_dir: Path, converted: Path) -> dict:
 
 def file_type(path: Path) -> str | None:
     """The preset name (f16, q8_0, q4_1, ...) a GGUF says it was written as, if it is one we know."""
-    r = open_reader(path)
-    field = r.fields.get("general.file_type")
-    if field is None:
+    if not Path(path).is_file():
+        raise ExportError(f"{path}: no such GGUF file")
+    try:
+        number = gguf_header(path).meta.get("general.file_type")
+    except ModelError as err:
+        raise ExportError(str(err)) from None
+    if number is None:
         return None
     import llama_cpp
 
-    number = int(field.contents())
     return next((q for q, name in FTYPES.items() if getattr(llama_cpp, f"LLAMA_FTYPE_{name}") == number), None)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from toolchain.artifacts import gguf_io
 from toolchain.artifacts.files import run_tool
 from toolchain.backends.llama_cpp import LlamaCppEngine
+from toolchain.models.references import gguf_metadata, gguf_strings
 
 # llama.cpp's common/speculative.cpp: a draft's vocabulary may differ in size by this much, and every token text
 # from this id on must be the target's.
@@ -31,14 +32,12 @@ VOCAB_CHECK_START_TOKEN_ID = 5
 
 
 def _tokenizer(path: Path) -> dict:
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(path), "r").fields
+    meta = gguf_metadata(path)
 
     def value(name: str, default=None):
-        return fields[name].contents() if name in fields else default
+        return meta.get(name, default)
 
-    return {"model": value("tokenizer.ggml.model"), "tokens": value("tokenizer.ggml.tokens", []),
+    return {"model": value("tokenizer.ggml.model"), "tokens": gguf_strings(path, "tokenizer.ggml.tokens") or [],
             "bos": value("tokenizer.ggml.bos_token_id"), "eos": value("tokenizer.ggml.eos_token_id"),
             "add_bos": bool(value("tokenizer.ggml.add_bos_token", False)),
             "add_eos": bool(value("tokenizer.ggml.add_eos_token", False))}

@@ -184,24 +184,115 @@ def resolve(ref: str) -> ModelRef:
     raise ModelError(f"{ref}: no such file or directory")
 
 
+# GGUF value types (ggml's gguf.h): fixed-size scalars by struct code; 8 is a string, 9 an array
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What a GGUF file's header says, read without its tensors: scalar and string metadata, each array's length
+    (and where its items start, for ``gguf_strings``), and each tensor's name with its element count."""
+    meta: dict
+    array_lengths: dict
+    tensors: tuple
+    array_offsets: dict
+    byte_order: str = "<"
+
+
+def gguf_header(path: Path) -> GGUFHeader:
+    """The header of the GGUF at ``path`` (kept per file, size and modification time: a run asks for it many
+    times). ModelError naming the file when it is not a whole GGUF header."""
+    try:
+        return _gguf_header(_file_key(Path(path)))
+    except OSError as err:
+        raise ModelError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err.strerror})") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_header(key: tuple[str, int, int]) -> GGUFHeader:
+    import mmap
+    import struct
+
+    path, size = key[0], key[1]
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF":
+                raise ValueError("no GGUF magic")
+            order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # gguf-py's endianness test
+            pos = 8
+
+            def take(code: str):
+                nonlocal pos
+                value = struct.unpack_from(order + code, buf, pos)[0]
+                pos += struct.calcsize(code)
+                return value
+
+            def text() -> str:
+                nonlocal pos
+                n = take("Q")
+                if pos + n > size:
+                    raise ValueError("a string runs past the end of the file")
+                pos += n
+                return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
+
+            n_tensors, n_kv = take("Q"), take("Q")
+            meta, lengths, offsets = {}, {}, {}
+            for _ in range(n_kv):
+                key, kind = text(), take("I")
+                if kind == _GGUF_ARRAY:
+                    item, count = take("I"), take("Q")
+                    lengths[key], offsets[key] = count, (item, pos)
+                    if item == _GGUF_STRING:
+                        for _ in range(count):
+                            skip = take("Q")  # (pos += take(...) would read pos before take moves it)
+                            pos += skip
+                    elif item in _GGUF_SCALARS:
+                        pos += count * struct.calcsize(_GGUF_SCALARS[item])
+                    else:
+                        raise ValueError(f"{key}: arrays of type {item} are not read")
+                elif kind == _GGUF_STRING:
+                    meta[key] = text()
+                elif kind in _GGUF_SCALARS:
+                    meta[key] = take(_GGUF_SCALARS[kind])
+                else:
+                    raise ValueError(f"{key}: unknown value type {kind}")
+            tensors = []
+            for _ in range(n_tensors):
+                name, dims = text(), take("I")
+                elements = 1
+                for _ in range(dims):
+                    elements *= take("Q")
+                take("I"), take("Q")  # type and offset
+                tensors.append((name, elements))
+    except (OSError, ValueError, struct.error) as err:
+        raise ModelError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+    return GGUFHeader(meta, lengths, tuple(tensors), offsets, order)
+
+
+def gguf_strings(path: Path, key: str) -> list[str] | None:
+    """The string array ``key`` of a GGUF header (a vocabulary's token texts); None when the file has none."""
+    import struct
+
+    header = gguf_header(path)
+    if key not in header.array_offsets:
+        return None
+    item, pos = header.array_offsets[key]
+    if item != _GGUF_STRING:
+        raise ModelError(f"{path}: {key} is not an array of strings")
+    order = header.byte_order
+    out = []
+    with open(path, "rb") as fh:
+        fh.seek(pos)
+        for _ in range(header.array_lengths[key]):
+            (n,) = struct.unpack(order + "Q", fh.read(8))
+            out.append(fh.read(n).decode("utf-8", errors="replace"))
+    return out
+
+
 def gguf_metadata(path: Path) -> dict[str, object]:
     """Scalar/string metadata of a GGUF file (no tensors are read)."""
-    from gguf import GGUFReader, GGUFValueType
-
-    try:
-        reader = GGUFReader(str(path), "r")
-    except Exception as err:
-        raise ModelError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
-    meta: dict[str, object] = {}
-    for name, field in reader.fields.items():
-        if not field.types or field.types[0] == GGUFValueType.ARRAY:
-            continue
-        value = field.parts[field.data[0]]
-        if field.types[0] == GGUFValueType.STRING:
-            meta[name] = bytes(value).decode("utf-8", errors="replace")
-        else:
-            meta[name] = value.tolist()[0] if hasattr(value, "tolist") else value
-    return meta
+    return dict(gguf_header(path).meta)
 
 
 DIMENSIONS = ("layers", "context", "vocab", "intermediate", "kv_heads", "hidden")  # what ``dimensions`` reads
@@ -212,13 +303,11 @@ def dimensions(ref: ModelRef) -> dict[str, int | None]:
     from its metadata only (GGUF header or config.json; no weights are read). None for what the files do not say,
     and for an endpoint."""
     if ref.kind == "gguf":
-        from gguf import GGUFReader
-
         assert ref.path is not None
-        meta = gguf_metadata(ref.path)
+        header = gguf_header(ref.path)
+        meta = header.meta
         arch = meta.get("general.architecture")
-        tokens = GGUFReader(str(ref.path), "r").fields.get("tokenizer.ggml.tokens")
-        vocab = meta.get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+        vocab = meta.get(f"{arch}.vocab_size") or header.array_lengths.get("tokenizer.ggml.tokens")
         return {"layers": meta.get(f"{arch}.block_count"), "context": meta.get(f"{arch}.context_length"),
                 "vocab": int(vocab) if vocab is not None else None,
                 "intermediate": meta.get(f"{arch}.feed_forward_length"),

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from toolchain.models.references import ModelRef, gguf_metadata, hub_repo
+from toolchain.models.references import ModelRef, gguf_header, hub_repo
 
 # Projections of a decoder layer: (name, input width, output width) as functions of the shape.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -91,22 +91,19 @@ def from_config(cfg: dict) -> Shape:
 
 def from_gguf(path: Path) -> Shape:
     """The GGUF header's shape; the weight count summed from its tensor list (no tensor data read)."""
-    from gguf import GGUFReader
-
-    meta = gguf_metadata(path)
+    header = gguf_header(path)
+    meta = header.meta
     arch = meta.get("general.architecture")
 
     def key(name: str, default=None):
         return meta.get(f"{arch}.{name}", default)
 
-    reader = GGUFReader(str(path), "r")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = key("vocab_size") or (len(tokens.data) if tokens is not None else 0)
+    vocab = key("vocab_size") or header.array_lengths.get("tokenizer.ggml.tokens", 0)
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
     kv = int(key("attention.head_count_kv", heads))
     head_dim = int(key("attention.key_length", hidden // heads))
-    names = {t.name for t in reader.tensors}
-    params = int(sum(int(t.n_elements) for t in reader.tensors))
+    names = {name for name, _ in header.tensors}
+    params = sum(n for _, n in header.tensors)
     return Shape(int(key("block_count")), hidden, int(key("feed_forward_length")), heads, kv, head_dim, int(vocab),
                  "output.weight" not in names, params, exact=True)
 
