@@ -33,14 +33,10 @@ VOCAB_CHECK_START_TOKEN_ID = 5
 
 def _tokenizer(path: Path) -> dict:
     meta = gguf_metadata(path)
-
-    def value(name: str, default=None):
-        return meta.get(name, default)
-
-    return {"model": value("tokenizer.ggml.model"), "tokens": gguf_strings(path, "tokenizer.ggml.tokens") or [],
-            "bos": value("tokenizer.ggml.bos_token_id"), "eos": value("tokenizer.ggml.eos_token_id"),
-            "add_bos": bool(value("tokenizer.ggml.add_bos_token", False)),
-            "add_eos": bool(value("tokenizer.ggml.add_eos_token", False))}
+    return {"model": meta.get("tokenizer.ggml.model"), "tokens": gguf_strings(path, "tokenizer.ggml.tokens") or [],
+            "bos": meta.get("tokenizer.ggml.bos_token_id"), "eos": meta.get("tokenizer.ggml.eos_token_id"),
+            "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            "add_eos": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
 
 
 def incompatibility(teacher: Path, draft: Path) -> str | None:

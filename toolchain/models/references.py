@@ -191,13 +191,27 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 @dataclass(frozen=True)
 class GGUFHeader:
-    """What a GGUF file's header says, read without its tensors: scalar and string metadata, each array's length
-    (and where its items start, for ``gguf_strings``), and each tensor's name with its element count."""
+    """What a GGUF file's header says, read without its tensors: scalar and string metadata, each array's item type,
+    length and where its items start (for ``gguf_strings``), and each tensor's name with its element count."""
     meta: dict
-    array_lengths: dict
+    arrays: dict  # key -> (item type, count, offset of the first item)
     tensors: tuple
-    array_offsets: dict
     byte_order: str = "<"
+
+    @property
+    def array_lengths(self) -> dict:
+        return {key: count for key, (_, count, _) in self.arrays.items()}
+
+
+def _gguf_string(buf, pos: int, order: str) -> tuple[str, int]:
+    """The GGUF string (a uint64 length, then UTF-8 bytes) at ``pos`` of ``buf`` and the position after it."""
+    import struct
+
+    (n,) = struct.unpack_from(order + "Q", buf, pos)
+    pos += 8
+    if pos + n > len(buf):
+        raise ValueError("a string runs past the end of the file")
+    return bytes(buf[pos:pos + n]).decode("utf-8", errors="replace"), pos + n
 
 
 def gguf_header(path: Path) -> GGUFHeader:
@@ -210,11 +224,11 @@ def gguf_header(path: Path) -> GGUFHeader:
 
 
 @functools.lru_cache(maxsize=16)
-def _gguf_header(key: tuple[str, int, int]) -> GGUFHeader:
+def _gguf_header(file_key: tuple[str, int, int]) -> GGUFHeader:
     import mmap
     import struct
 
-    path, size = key[0], key[1]
+    path = file_key[0]
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[:4] != b"GGUF":
@@ -230,19 +244,16 @@ def _gguf_header(key: tuple[str, int, int]) -> GGUFHeader:
 
             def text() -> str:
                 nonlocal pos
-                n = take("Q")
-                if pos + n > size:
-                    raise ValueError("a string runs past the end of the file")
-                pos += n
-                return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
+                value, pos = _gguf_string(buf, pos, order)
+                return value
 
             n_tensors, n_kv = take("Q"), take("Q")
-            meta, lengths, offsets = {}, {}, {}
+            meta, arrays = {}, {}
             for _ in range(n_kv):
                 key, kind = text(), take("I")
                 if kind == _GGUF_ARRAY:
                     item, count = take("I"), take("Q")
-                    lengths[key], offsets[key] = count, (item, pos)
+                    arrays[key] = (item, count, pos)
                     if item == _GGUF_STRING:
                         for _ in range(count):
                             skip = take("Q")  # (pos += take(...) would read pos before take moves it)
@@ -267,26 +278,28 @@ def _gguf_header(key: tuple[str, int, int]) -> GGUFHeader:
                 tensors.append((name, elements))
     except (OSError, ValueError, struct.error) as err:
         raise ModelError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
-    return GGUFHeader(meta, lengths, tuple(tensors), offsets, order)
+    return GGUFHeader(meta, arrays, tuple(tensors), order)
 
 
 def gguf_strings(path: Path, key: str) -> list[str] | None:
     """The string array ``key`` of a GGUF header (a vocabulary's token texts); None when the file has none."""
+    import mmap
     import struct
 
     header = gguf_header(path)
-    if key not in header.array_offsets:
+    if key not in header.arrays:
         return None
-    item, pos = header.array_offsets[key]
+    item, count, pos = header.arrays[key]
     if item != _GGUF_STRING:
         raise ModelError(f"{path}: {key} is not an array of strings")
-    order = header.byte_order
     out = []
-    with open(path, "rb") as fh:
-        fh.seek(pos)
-        for _ in range(header.array_lengths[key]):
-            (n,) = struct.unpack(order + "Q", fh.read(8))
-            out.append(fh.read(n).decode("utf-8", errors="replace"))
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for _ in range(count):
+                value, pos = _gguf_string(buf, pos, header.byte_order)
+                out.append(value)
+    except (OSError, ValueError, struct.error) as err:
+        raise ModelError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
     return out
 
 
