@@ -360,6 +360,23 @@ class RecoveryConfig(_Section):
                                "temperature for text: teacher.")
 
 
+class ValidationConfig(_Section):
+    """A slice of the training prompts kept out of training and scored as eval scores held-out prompts; which
+    weights ship is chosen there, not on the held-out prompts eval reports (training/validation.py)."""
+
+    fraction: float = Field(
+        0.1, gt=0.0, lt=0.5, description="Of each task's training prompts (every sample of a chosen prompt leaves "
+        "training), chosen by a seeded hash of the prompt id.")
+    max_prompts: int = Field(200, ge=1, description="At most this many prompts in all, shared among the tasks in "
+                             "proportion.")
+    every: int | None = Field(None, ge=1, description="Optimizer steps between scorings (None: after every epoch); "
+                              "the last step is always scored.")
+    keep: Literal["best", "last"] = Field(
+        "best", description="best: the weights of the scoring with the most right answers against the gold "
+        "(ties and slices without gold: the lowest teacher-forced loss on the teacher's answers); last: the final "
+        "weights (the slice is then only a report).")
+
+
 class DistillConfig(_Section):
     flavour: Literal["hard", "soft", "reasoning"] = Field(
         "hard", description="hard: teacher responses as labels; soft: match teacher distributions; reasoning: "
@@ -415,10 +432,20 @@ class DistillConfig(_Section):
         "distills the teacher's full next-token distribution on broad text into the pruned student (Minitron's "
         "recovery; docs/student.md). Needs a local teacher with the student's tokenizer and a full fine-tune.")
 
+    validation: ValidationConfig | None = Field(
+        None, description="{fraction: 0.1} (or just the fraction): keep that slice of the training prompts out of "
+        "training, answer it greedily after every epoch and keep the best weights by the tasks' own metrics "
+        "(validation.jsonl; docs/student.md).")
+
     @field_validator("quantization_aware", mode="before")
     @classmethod
     def _qat_type_alone(cls, v):
         return {"type": v} if isinstance(v, str) else v
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _validation_fraction_alone(cls, v):
+        return {"fraction": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
     def teacher_in_step(self) -> bool:
         """Whether the task phase runs the teacher at each step (online soft-label or on-policy scoring)."""
@@ -928,6 +955,9 @@ class Recipe(_Section):
                     f"distill.lora.targets: {sorted(bad)} share weights in tied models; adapters there break tying"
                 )
         q = self.distill.quantization_aware
+        if q is not None and self.distill.validation is not None and self.distill.validation.keep == "best":
+            raise ValueError("distill.validation.keep: best may ship weights from before the quantization-aware steps "
+                             "(distill.quantization_aware); set keep: last to score the slice without choosing")
         if q is not None:
             if self.distill.method != "full":
                 raise ValueError("distill.quantization_aware: trains the weights the file stores, which needs "

@@ -53,13 +53,15 @@ def build(cfg, pairs: list[tuple[list[int], list[int]]]):
     return model, (teacher if online else None), info
 
 
-def trim_vocabulary(cfg, model, tok, pairs, rows: list[dict], info: dict, prompts: list):
+def trim_vocabulary(cfg, model, tok, pairs, rows: list[dict], info: dict, prompts: list,
+                    also: list[list[int]] = ()):
     """The student over a trimmed vocabulary (toolchain.models.vocab): the kept tokens cover every training
-    sequence, every prompt of the recipe's files (``prompts``: train and held-out, chat-templated here) and the
-    teacher's answers."""
+    sequence, every prompt of the recipe's files (``prompts``: train and held-out, chat-templated here), the
+    teacher's answers and ``also`` (token sequences kept out of training, e.g. distill.validation's)."""
     prompts = [tok.apply_chat_template(messages_for(p.prompt, cfg.generate.system_prompt, context(p)), tokenize=False,
                                        add_generation_prompt=True) for p in prompts]
-    sequences = [ids for ids, _ in pairs] + [tok(t, add_special_tokens=False).input_ids for t in prompts]
+    sequences = ([ids for ids, _ in pairs] + list(also)
+                 + [tok(t, add_special_tokens=False).input_ids for t in prompts])
     keep = vocab.plan(tok, sequences, cfg.student.vocab)
     before = len(tok)
     model, tok = vocab.model(model, keep), vocab.tokenizer(tok, keep)

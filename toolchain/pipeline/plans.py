@@ -53,7 +53,7 @@ def _generate_extras(cfg: Recipe) -> dict:
 # Distill settings added after runs existed: at these values they enter no key, so recipes without them keep the
 # keys (and finished runs) they had. teacher_device never does: where the teacher runs changes no result.
 _LATER_DEFAULTS = {"warmup_epochs": 0.0, "dtype": "float32", "teacher_dtype": "float32", "loss_chunk": None,
-                   "gradient_checkpointing": False}
+                   "gradient_checkpointing": False, "validation": None}
 
 
 def _distill_section(cfg: Recipe) -> dict:
@@ -62,6 +62,15 @@ def _distill_section(cfg: Recipe) -> dict:
         d.pop("on_policy")
     d.pop("teacher_device")
     return {k: v for k, v in d.items() if k not in _LATER_DEFAULTS or _LATER_DEFAULTS[k] != v}
+
+
+def _validation_scoring(cfg: Recipe) -> dict:
+    """distill.validation scores its slice as eval scores held-out prompts: the same metrics and answer length."""
+    if cfg.distill.validation is None:
+        return {}
+    return {"validation_scoring": {"tasks": _scoring(cfg), "max_new_tokens": cfg.eval.max_new_tokens,
+                                   "reasoning": cfg.reasoning.answer_pattern if cfg.distill.flavour == "reasoning"
+                                   else None}}
 
 
 def _scoring(cfg: Recipe) -> dict:
@@ -109,7 +118,8 @@ PLANS = {
     "distill": StagePlan(
         "distill", ("generate",),
         lambda c: {**_teacher_io(c), "distill": _distill_section(c), "student": c.section("student"),
-                   "system_prompt": c.generate.system_prompt, **_vocab_rules(c), **_student_input(c)},
+                   "system_prompt": c.generate.system_prompt, **_vocab_rules(c), **_student_input(c),
+                   **_validation_scoring(c)},
         "toolchain.stages.distill",
     ),
     "merge": StagePlan(

@@ -7,6 +7,7 @@ Outputs:
     base/ + adapter/  LoRA: the (pruned) student base and the peft adapter; merge joins them
     student.json      kept layers, block-influence scores, parameter counts, kept token ids (student.vocab)
     train_log.jsonl   loss and tokens/s per optimizer step
+    validation.jsonl  distill.validation: each scoring of the held-out slice of training prompts, the kept one marked
     recovery_log.jsonl  distill.recovery: the same per step of the recovery phase (its text: .resume/recovery/)
 
 The student is cut in toolchain.models.cut and trained by toolchain.training.trainer (losses, batches, the
@@ -30,7 +31,7 @@ from toolchain.models.chat import IGNORE, tokenize_pairs
 from toolchain.models.references import load_tokenizer, resolve
 from toolchain.pipeline.runs import RESUME_DIR, Manifest
 from toolchain.recipe import Recipe
-from toolchain.training import cross_vocab, recovery
+from toolchain.training import cross_vocab, recovery, validation
 from toolchain.training.topk_cache import TopKCache, example_key
 from toolchain.training.trainer import Trainer
 from toolchain.ui import console, local_world_size
@@ -44,6 +45,9 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     if not rows:
         raise ValueError("generate kept no training pairs; check the teacher and generate.max_new_tokens")
 
+    held = []
+    if d.validation is not None:  # kept out of training, scored during it (training/validation.py)
+        rows, held = validation.split(rows, d.validation, d.seed)
     student_ref = resolve(cfg.student_source())
     tok = load_tokenizer(student_ref)
     pairs, source, n_cut = tokenize_pairs(tok, rows, cfg.student_system_prompt(), d.seq_len,
@@ -58,7 +62,9 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
     model, teacher, info = cut.build(cfg, pairs)
     if cfg.student.vocab is not None:
         train, heldout = load_prompts(cfg, limits=False)
-        model, tok, pairs = cut.trim_vocabulary(cfg, model, tok, pairs, rows, info, train + heldout)
+        also = [ids for ids, _ in tokenize_pairs(tok, held, cfg.student_system_prompt(), d.seq_len,
+                                                 bare=cfg.data.strip_instructions)[0]]
+        model, tok, pairs = cut.trim_vocabulary(cfg, model, tok, pairs, rows, info, train + heldout, also)
     console.print(f"  student: {len(info['kept_layers'])} layers, {info['student_params'] / 1e6:.1f}M parameters")
 
     aligned = None
@@ -74,8 +80,13 @@ def run(cfg: Recipe, inputs: dict[str, Path], out_dir: Path) -> Manifest:
         write_jsonl(out_dir / "recovery_log.jsonl", recovery_log)
         if not d.teacher_in_step():
             teacher = None  # loaded for the recovery only: the task phase reads its cache or the answers
+    validator = None
+    if held:
+        validator = validation.Validator(cfg, tok, held)
+        console.print(f"  validation: {len(validator)} training prompts held out of training, scored "
+                      + (f"every {d.validation.every} steps" if d.validation.every else "after every epoch"))
     trainer = Trainer(cfg, model, tok, pairs, keys, teacher=teacher, cache=cache, kept=info.get("vocab_kept"),
-                      aligned=aligned)
+                      aligned=aligned, validator=validator)
     trainer.resume(out_dir / RESUME_DIR)
     trainer.train()
     if not trainer.save(out_dir):

@@ -151,7 +151,8 @@ def phase_recipe(cfg: Recipe, n: int) -> Recipe:
     return cfg.model_copy(update={"distill": d.model_copy(update={
         "flavour": "soft", "soft": soft, "on_policy": d.on_policy.model_copy(update={"fraction": 0.0}),
         "warmup_epochs": 0.0, "max_steps": steps,
-        "lr": r.lr or d.lr, "seq_len": r.seq_len, "quantization_aware": None})})
+        "lr": r.lr or d.lr, "seq_len": r.seq_len, "quantization_aware": None,
+        "validation": None})})
 
 
 def recover(cfg: Recipe, model, tok, teacher, kept: list[int] | None, resume_dir: Path) -> tuple[dict, list[dict]]:

@@ -24,7 +24,7 @@ import torch
 from toolchain.models import families, student, vocab
 from toolchain.models.chat import IGNORE, common_prefix
 from toolchain.recipe import Recipe
-from toolchain.training import batches, qat
+from toolchain.training import batches, qat, validation
 from toolchain.training.cross_vocab import AlignedTeacher
 from toolchain.training.losses import auto_chunk
 from toolchain.training.on_policy import is_on_policy, on_policy_batch
@@ -50,28 +50,42 @@ def trainable(model, cfg: Recipe):
     return model
 
 
-def save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict], masters: MasterWeights) -> None:
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    """A copy of the weights training changes, by their plain names."""
+    return {qat.plain_name(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict], masters: MasterWeights,
+                    scored: list[dict] | None = None) -> None:
     state = {
-        "weights": {qat.plain_name(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "weights": trained_weights(model),
         "masters": [m.detach().clone() for m in masters.masters] if masters.copies else None,
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "step": step,
         "log": log,
+        "validation": scored or [],
     }
+    save_atomic(state, path)
+
+
+def save_atomic(state: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+    os.replace(tmp, path)  # a kill mid-save leaves the previous file intact
 
 
 class Trainer:
     """One student's training: built by ``setup``, run by ``train``, written by ``save``."""
 
     def __init__(self, cfg: Recipe, model, tok, pairs: list[tuple[list[int], list[int]]], keys: list[str],
-                 teacher=None, cache=None, kept: list[int] | None = None, aligned=None):
-        """``aligned``: (examples, shared ids) of a teacher with another tokenizer (training/cross_vocab.py)."""
+                 teacher=None, cache=None, kept: list[int] | None = None, aligned=None,
+                 validator: validation.Validator | None = None):
+        """``aligned``: (examples, shared ids) of a teacher with another tokenizer (training/cross_vocab.py);
+        ``validator``: the distill.validation slice, scored as distill.validation says."""
         self.cfg, self.d, self.tok, self.pairs, self.keys, self.cache = cfg, cfg.distill, tok, pairs, keys, cache
         self.aligned = aligned
+        self.validator, self.scored, self.best = validator, [], None
         self.soft = self.d.soft if self.d.flavour == "soft" else None
         self.step_no, self.log_rows = 0, []
         self.setup(model, teacher, kept)
@@ -128,6 +142,9 @@ class Trainer:
         if self.world > 1:
             console.print(f"  {self.world} processes ({accelerator.distributed_type.value}), "
                           f"{d.batch_size} sequences per step in all")
+        if self.fsdp and self.validator is not None:
+            raise ValueError("distill.validation: answers the slice with the whole student, which FSDP shards; "
+                             "remove distill.validation or train without FSDP")
         if self.fsdp:
             console.print("  FSDP: no resume checkpoints (the sharded weights are not gathered mid-run); "
                           "a killed run starts this stage over")
@@ -167,6 +184,13 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step_no, self.log_rows = state["step"], state["log"]
+        self.scored = state.get("validation", [])
+        kept = self.kept_scoring()
+        best = resume_dir / "best.pt"
+        if kept is not None and self.keeps_best() and best.exists():
+            saved = torch.load(best, map_location="cpu", weights_only=True)
+            if saved["step"] == kept["step"]:  # else a later scoring wrote it; the replayed steps write it again
+                self.best = saved["weights"]
         console.print(f"  resuming from step {self.step_no}/{self.total}")
 
     def train(self) -> None:
@@ -184,12 +208,49 @@ class Trainer:
                     self.start_qat(bar, task)
                 row, extra, on_policy = self.step()
                 bar.update(task, advance=1, info=self.log(row, extra, on_policy))
+                if self.validation_due():
+                    bar.update(task, info=f"validation: {len(self.validator)} prompts")
+                    self.validate()
                 d = self.d
                 if (self.accelerator.is_main_process and not self.fsdp
                         and self.step_no % d.checkpoint_every == 0 and self.step_no < self.total):
                     save_checkpoint(self.checkpoint, self.model, self.opt, self.sched, self.step_no, self.log_rows,
-                                    self.masters)
+                                    self.masters, self.scored)
         self.timing["train_s"] = time.perf_counter() - began  # this process's steps (a resumed run: the rest)
+
+    def keeps_best(self) -> bool:
+        return self.validator is not None and self.d.validation.keep == "best"
+
+    def validation_due(self) -> bool:
+        """After every epoch (or every distill.validation.every steps) and after the last step."""
+        if self.validator is None:
+            return False
+        every = self.d.validation.every or self.steps_per_epoch
+        return self.step_no % every == 0 or self.step_no == self.total
+
+    def kept_scoring(self) -> dict | None:
+        """The scoring whose weights ship: the best so far (keep: best) or the last."""
+        kept = None
+        for row in self.scored:
+            kept = row if not self.keeps_best() or validation.better(row, kept) else kept
+        return kept
+
+    def validate(self) -> None:
+        """Score the slice now; under keep: best, hold on to these weights if they beat every earlier scoring
+        (.resume/best.pt too, so a resumed run keeps them)."""
+        row = {"step": self.step_no, "epoch": round(self.step_no / self.steps_per_epoch, 3),
+               **self.validator(self.model)}
+        was = self.kept_scoring()
+        self.scored.append(row)
+        best = self.keeps_best() and validation.better(row, was)
+        if best:
+            self.best = trained_weights(self.model)
+            if self.accelerator.is_main_process and self.work is not None:
+                save_atomic({"step": self.step_no, "weights": self.best}, self.work / "best.pt")
+        gold = "" if row["gold"] is None else (f"gold {row['gold']:.1%} of {row['n_gold']} (the teacher's answers "
+                                               f"{row['teacher_gold']:.1%}), ")
+        console.print(f"  validation after step {self.step_no} (epoch {row['epoch']:g}): {gold}loss "
+                      f"{row['loss']:.3f}{' · best so far' if best else ''} ({row['seconds']:.0f}s)")
 
     def start_qat(self, bar, task) -> None:
         """From here on the forward pass reads every weight as the GGUF of distill.quantization_aware.type will
@@ -300,6 +361,14 @@ class Trainer:
         model.eval()
         if self.qat is not None:  # the trained float weights are saved; export's quantizer gives what training saw
             qat.detach(self.qat)
+        kept = self.kept_scoring()
+        if self.best is not None and kept is not None and kept["step"] != self.step_no:
+            named = {qat.plain_name(n): p for n, p in model.named_parameters()}
+            with torch.no_grad():
+                for n, w in self.best.items():
+                    named[n].copy_(w)
+            console.print(f"  validation: the weights after step {kept['step']} (epoch {kept['epoch']:g}) are kept, "
+                          f"not the last step's")
         if d.method == "lora":
             base = model.get_base_model()
             model.save_pretrained(out_dir / "adapter", save_embedding_layers=False, state_dict=full_state)
@@ -313,6 +382,10 @@ class Trainer:
         with open(out_dir / "train_log.jsonl", "w", encoding="utf-8") as fh:
             for row in self.log_rows:
                 fh.write(json.dumps(row) + "\n")
+        if self.validator is not None:
+            with open(out_dir / "validation.jsonl", "w", encoding="utf-8") as fh:
+                for row in self.scored:
+                    fh.write(json.dumps({**row, "kept": row is kept}) + "\n")
         return True
 
     def metrics(self) -> dict:
@@ -326,6 +399,11 @@ class Trainer:
         if self.teacher is not None:
             out["teacher_s"] = round(self.timing["teacher_s"], 1)
         quantized = [r["quantize_s"] for r in log if "quantize_s" in r]
+        kept = self.kept_scoring()
+        if kept is not None:
+            out.update(validation_prompts=len(self.validator), validation_kept_step=kept["step"],
+                       validation_kept_epoch=kept["epoch"], validation_gold=kept["gold"],
+                       validation_teacher_gold=kept["teacher_gold"], validation_loss=kept["loss"])
         if self.d.quantization_aware is not None:
             out.update(quantization_aware=self.d.quantization_aware.type, quantization_aware_steps=len(quantized),
                        quantize_s=round(sum(quantized), 1))
