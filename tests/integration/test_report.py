@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import distillery
+from tests.conftest import distillery, recipe_copy
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def test_report_html_renders_in_headless_chromium(ci_run, tmp_path):
     assert (image < 128).mean() > 0.01
 
 
-def test_sweep_adds_students_and_a_pareto_front(ci_run):
+def test_sweep_adds_students_and_a_pareto_front(ci_run, tmp_path):
     recipe, runs, _ = ci_run
     proc = distillery("sweep", str(recipe), "--runs", str(runs), "--shapes", "4,4x768", timeout=1800)
     sweep = json.loads((runs / "ci" / "sweep.json").read_text())
@@ -85,10 +85,24 @@ def test_sweep_adds_students_and_a_pareto_front(ci_run):
     assert shapes == [(4, None), (4, 768)]  # depth alone, then depth and half the MLP channels
     deep, narrow = sweep["students"]
     assert narrow["parameters"] < deep["parameters"] and narrow["bytes"] < deep["bytes"]
-    assert all(s["decode_tps"] > 0 for s in sweep["students"])
+    assert all(s["decode_tps"] > 0 and s["validation_gold"] is None for s in sweep["students"])
     html = (runs / "ci" / "report" / "report.html").read_text()
     assert "Sweep: layers kept" in html and "Pareto" in html and str(runs / "ci" / "report" / "report.html") in proc.stdout
     assert "<td>4</td><td>768</td><td>all</td>" in html  # the narrow student's row names its width
+    assert "drawn on the held-out gold it also reports" in html
+
+    # with distill.validation each student is also scored on training prompts kept out of its training, and the
+    # front is drawn on those (the same run directory: the teacher's answers are reused)
+    scored = recipe_copy(tmp_path, distill__validation={"fraction": 0.25})
+    distillery("sweep", str(scored), "--runs", str(runs), "--shapes", "4", timeout=1800)
+    sweep = json.loads((runs / "ci" / "sweep.json").read_text())
+    (student,) = sweep["students"]
+    assert 0.0 <= student["validation_gold"] <= 1.0
+    distill_dir = Path(student["dirs"]["distill"])
+    rows = [json.loads(x) for x in (distill_dir / "validation.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["kept"] and rows[0]["gold"] == student["validation_gold"]
+    distillery("report", str(recipe), "--runs", str(runs))  # the recipe's own student, with this sweep
+    assert "drawn on the validation slice" in (runs / "ci" / "report" / "report.html").read_text()
     bad = distillery("sweep", str(recipe), "--runs", str(runs), "--keep-layers", "4,x", check=False)
     assert bad.returncode == 2 and "--keep-layers" in bad.stderr
     bad = distillery("sweep", str(recipe), "--runs", str(runs), "--shapes", "4x7040", check=False)

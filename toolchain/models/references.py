@@ -202,6 +202,16 @@ class GGUFHeader:
     def array_lengths(self) -> dict:
         return {key: count for key, (_, count, _) in self.arrays.items()}
 
+    def arch(self, name: str, default=None):
+        """The architecture's own key ``<general.architecture>.<name>``."""
+        return self.meta.get(f"{self.meta.get('general.architecture')}.{name}", default)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The architecture's vocab_size key, else the length of the token table (None without either)."""
+        vocab = self.arch("vocab_size") or self.array_lengths.get("tokenizer.ggml.tokens")
+        return int(vocab) if vocab is not None else None
+
 
 def _gguf_string(buf, pos: int, order: str) -> tuple[str, int]:
     """The GGUF string (a uint64 length, then UTF-8 bytes) at ``pos`` of ``buf`` and the position after it."""
@@ -318,14 +328,9 @@ def dimensions(ref: ModelRef) -> dict[str, int | None]:
     if ref.kind == "gguf":
         assert ref.path is not None
         header = gguf_header(ref.path)
-        meta = header.meta
-        arch = meta.get("general.architecture")
-        vocab = meta.get(f"{arch}.vocab_size") or header.array_lengths.get("tokenizer.ggml.tokens")
-        return {"layers": meta.get(f"{arch}.block_count"), "context": meta.get(f"{arch}.context_length"),
-                "vocab": int(vocab) if vocab is not None else None,
-                "intermediate": meta.get(f"{arch}.feed_forward_length"),
-                "kv_heads": meta.get(f"{arch}.attention.head_count_kv"),
-                "hidden": meta.get(f"{arch}.embedding_length")}
+        return {"layers": header.arch("block_count"), "context": header.arch("context_length"),
+                "vocab": header.vocab_size, "intermediate": header.arch("feed_forward_length"),
+                "kv_heads": header.arch("attention.head_count_kv"), "hidden": header.arch("embedding_length")}
     if ref.kind == "hf_dir":
         import json
 

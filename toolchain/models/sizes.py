@@ -92,13 +92,8 @@ def from_config(cfg: dict) -> Shape:
 def from_gguf(path: Path) -> Shape:
     """The GGUF header's shape; the weight count summed from its tensor list (no tensor data read)."""
     header = gguf_header(path)
-    meta = header.meta
-    arch = meta.get("general.architecture")
-
-    def key(name: str, default=None):
-        return meta.get(f"{arch}.{name}", default)
-
-    vocab = key("vocab_size") or header.array_lengths.get("tokenizer.ggml.tokens", 0)
+    key = header.arch
+    vocab = header.vocab_size or 0
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
     kv = int(key("attention.head_count_kv", heads))
     head_dim = int(key("attention.key_length", hidden // heads))

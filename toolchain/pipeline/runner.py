@@ -285,7 +285,8 @@ def shape_label(shape: dict) -> str:
 def sweep(cfg: Recipe, runs_root: str | Path, shapes: list[dict]) -> Path:
     """One student per shape in ``shapes`` (``parse_shapes``: depth, and optionally MLP width and key/value head
     groups; the recipe otherwise unchanged), each distilled, evaluated, exported at the bench type and benched
-    once; runs/<recipe>/sweep.json holds the retention-vs-speed points.
+    once; runs/<recipe>/sweep.json holds the retention-vs-speed points (and, with distill.validation, each
+    student's gold on the validation slice: the figure to choose a shape by, the held-out ones only report).
 
     The students share the recipe's run directory, so the teacher's answers are generated once; each shape is
     its own distill/merge/eval/export/bench key. Per student, eval skips the before-distillation model, export
@@ -323,11 +324,13 @@ def sweep(cfg: Recipe, runs_root: str | Path, shapes: list[dict]) -> Path:
         ev = json.loads((done["eval"] / "eval.json").read_text(encoding="utf-8"))["retention"]["overall"]
         bench = json.loads((done["bench"] / "bench.json").read_text(encoding="utf-8"))
         merge = json.loads((done["merge"] / "merge_check.json").read_text(encoding="utf-8"))
+        trained = read_manifest(done["distill"], verify=False).get("metrics", {})
         st = variant.student
         students.append({"keep_layers": st.keep_layers, "intermediate_size": st.intermediate_size,
                          "kv_heads": st.kv_heads, "hidden_size": st.hidden_size, "label": shape_label(shape),
                          "parameters": merge["student_params"], "teacher_gold": ev["teacher"],
                          "student_gold": ev["student"], "retention": ev["retention"],
+                         "validation_gold": trained.get("validation_gold"),
                          "decode_tps": bench["summary"]["student"]["decode_tps"]["median"],
                          "teacher_decode_tps": bench["summary"]["teacher"]["decode_tps"]["median"],
                          "bytes": bench["bytes"]["student"], "quant": quant,

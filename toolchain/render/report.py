@@ -106,8 +106,12 @@ def charts(data: dict) -> dict[str, str]:
         for r, p in zip(data["sweep"]["students"], pts):
             ax.annotate(r.get("label") or f"{r['keep_layers']}L", p, textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
-        front = [pts[i] for i in pareto(pts)]
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#7f8c8d", label="Pareto front")
+        students = data["sweep"]["students"]
+        basis = front_basis(students)
+        chosen = pareto([(r["decode_tps"], r[basis] or 0) for r in students])
+        front = sorted(pts[i] for i in chosen)
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#7f8c8d",
+                label="Pareto front" + (" (on validation gold)" if basis == "validation_gold" else ""))
     ax.set_xlabel("decode tokens/s (this machine)")
     ax.set_ylabel("held-out gold accuracy (%)")
     ax.set_title("Quality vs speed")
@@ -208,25 +212,40 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
             lines += [f"![cascade]({images['cascade']})", ""]
     lines += ["## Exported files", "", export_md(data["export"]).split("\n", 2)[2]]
     if data.get("sweep"):
-        lines += [
-            "## Sweep: layers kept vs quality and speed",
-            "",
-            "| layers | MLP channels | key/value heads | hidden size | parameters (M) | student gold | retention "
-            "| decode tokens/s | on the Pareto front |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        ]
-        students = data["sweep"]["students"]
-        front = set(pareto([(r["decode_tps"], r["student_gold"] or 0) for r in students]))
-        for i, r in enumerate(students):
-            retention = "-" if r["retention"] is None else f"{r['retention']:.2f}"
-            lines.append(
-                f"| {r['keep_layers']} | {r.get('intermediate_size') or 'all'} | {r.get('kv_heads') or 'all'} | "
-                f"{r.get('hidden_size') or 'all'} | "
-                f"{r['parameters'] / 1e6:.1f} | {_pct(r['student_gold'])} | {retention} | "
-                f"{r['decode_tps']:.1f} | {'yes' if i in front else ''} |"
-            )
-        lines.append("")
+        lines += sweep_markdown(data["sweep"]["students"])
     return "\n".join(lines) + "\n"
+
+
+def front_basis(students: list[dict]) -> str:
+    """What the sweep's Pareto front is drawn on: the validation slice's gold when every student has it (the
+    held-out figures then only report), else the held-out gold."""
+    return "validation_gold" if all(r.get("validation_gold") is not None for r in students) else "student_gold"
+
+
+def sweep_markdown(students: list[dict]) -> list[str]:
+    basis = front_basis(students)
+    lines = [
+        "## Sweep: layers kept vs quality and speed",
+        "",
+        "| layers | MLP channels | key/value heads | hidden size | parameters (M) | validation gold | student gold "
+        "| retention | decode tokens/s | on the Pareto front |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    front = set(pareto([(r["decode_tps"], r[basis] or 0) for r in students]))
+    for i, r in enumerate(students):
+        retention = "-" if r["retention"] is None else f"{r['retention']:.2f}"
+        lines.append(
+            f"| {r['keep_layers']} | {r.get('intermediate_size') or 'all'} | {r.get('kv_heads') or 'all'} | "
+            f"{r.get('hidden_size') or 'all'} | {r['parameters'] / 1e6:.1f} | {_pct(r.get('validation_gold'))} | "
+            f"{_pct(r['student_gold'])} | {retention} | {r['decode_tps']:.1f} | {'yes' if i in front else ''} |"
+        )
+    if basis == "validation_gold":
+        lines += ["", "The front is drawn on the validation slice of the training prompts (distill.validation): "
+                      "the held-out gold and retention beside it were not used to choose."]
+    else:
+        lines += ["", "The front is drawn on the held-out gold it also reports: a shape chosen from it looks better "
+                      "than it is. Set distill.validation to choose on training prompts kept out of training."]
+    return lines + [""]
 
 
 def _md_to_html(md: str) -> str:
