@@ -228,8 +228,8 @@ def test_fill_puts_the_teachers_text_back_in_the_seeds_wording(tiny_dir, tmp_pat
 
 
 def test_init_offers_a_synthesize_section_for_little_data(tmp_path):
-    """init on a small file writes a commented synthesize: section (fill) that parses once uncommented; a large
-    file gets none."""
+    """init on a small file writes a commented synthesize: section (fill) and a commented distill.validation that
+    parse once uncommented; a large file gets no synthesize: section."""
     import yaml
 
     from toolchain.data.init_recipe import SYNTHESIZE_BELOW, inspect, recipe_text
@@ -239,10 +239,11 @@ def test_init_offers_a_synthesize_section_for_little_data(tmp_path):
     small.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text, check = recipe_text(inspect(str(small), "tickets"), "tickets", None)
     assert "# synthesize:" in text and any("only 32 training rows" in c for c in check)
-    uncommented = "\n".join(line[2:] if line.startswith(("# synthesize", "#   ")) else line
-                            for line in text.splitlines())
+    uncommented = "\n".join(line[2:] if line.startswith(("# synthesize", "#   ")) else
+                            line.replace("# validation:", "validation:") for line in text.splitlines())
     cfg = parse(yaml.safe_load(uncommented), str(tmp_path / "r.yaml"))
     assert cfg.synthesize.method == "fill" and cfg.synthesize.target == SYNTHESIZE_BELOW
+    assert cfg.distill.validation.fraction == 0.1 and cfg.distill.validation.keep == "best"  # offered, commented
     assert cfg.student.vocab == 4096  # the embedded teacher's BPE: the fast student, its output layer trimmed
     named, _ = recipe_text(inspect(str(small), "tickets"), "tickets", "local/model.gguf")
     assert parse(yaml.safe_load(named), str(tmp_path / "n.yaml")).student.vocab is None  # offered, commented

@@ -200,7 +200,9 @@ def recipe_text(found: dict, name: str, teacher: str | None) -> tuple[str, list[
         lines.append("  #                           (then set data.answers_from: who wrote them, e.g. openai:gpt-4o)")
         check.append(f"{found['references']} rows carry an answer already: generate.answers: reference uses them "
                      "(say who wrote them in data.answers_from)")
-    lines += ["distill:", "  flavour: hard", "  method: full", "  epochs: 2", "  batch_size: 8", "  seq_len: 512"]
+    lines += ["distill:", "  flavour: hard", "  method: full", "  epochs: 2", "  batch_size: 8", "  seq_len: 512",
+              "  # validation: 0.1          # a tenth of the training prompts kept out and scored after every epoch; "
+              "the best epoch ships (then more epochs cost only time)"]
     if tasks:
         lines.append("tasks:   # what a right answer is, per task (docs/evaluation.md)   CHECK: the metric")
         for task, spec in tasks.items():
