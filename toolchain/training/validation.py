@@ -21,7 +21,7 @@ from toolchain.recipe import Recipe, ValidationConfig
 from toolchain.training import batches
 from toolchain.training.on_policy import rollout
 
-LOSS_BATCH = 8  # sequences per teacher-forced pass (a 49k-vocabulary student's logits stay under ~0.4 GB)
+LOGITS_BYTES = 2 ** 28  # float32 logits per teacher-forced pass: as many sequences as fit in 256 MB (at least one)
 
 
 def split(rows: list[dict], v: ValidationConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -63,7 +63,6 @@ class Validator:
         self.teacher_right = [gold_check(doc, rows[i]["response"]) for doc, i in zip(self.docs, source)]
         self.prompts = [ids[:next(j for j, y in enumerate(labels) if y != IGNORE)] for ids, labels in self.pairs]
         self.tok, self.max_new_tokens, self.batch = tok, cfg.eval.max_new_tokens, cfg.eval.batch_size
-        self.room = cfg.distill.seq_len
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -93,8 +92,7 @@ class Validator:
         eos, out = self.tok.eos_token_id, []
         for start in range(0, len(self.prompts), self.batch):
             prompts = self.prompts[start:start + self.batch]
-            room = max(1, min(self.max_new_tokens, self.room - max(len(p) for p in prompts)))
-            for sample in rollout(model, prompts, max_new_tokens=room, temperature=0.0, eos_id=eos,
+            for sample in rollout(model, prompts, max_new_tokens=self.max_new_tokens, temperature=0.0, eos_id=eos,
                                   pad_id=self.tok.pad_token_id, seed=0):
                 out.append(self.tok.decode([t for t in sample if t != eos], skip_special_tokens=True).strip())
         return out
@@ -102,9 +100,11 @@ class Validator:
     def loss(self, model) -> float:
         """Mean cross-entropy per answer token of the teacher's answers, teacher-forced."""
         device = next(model.parameters()).device
+        width = max(len(ids) for ids, _ in self.pairs) * model.get_output_embeddings().weight.shape[0] * 4
+        step = max(1, LOGITS_BYTES // width)
         total, tokens = 0.0, 0
-        for start in range(0, len(self.pairs), LOSS_BATCH):
-            batch = batches.collate(self.pairs[start:start + LOSS_BATCH], self.tok.pad_token_id)
+        for start in range(0, len(self.pairs), step):
+            batch = batches.collate(self.pairs[start:start + step], self.tok.pad_token_id)
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
             labels = batch["labels"][:, 1:].to(device)
