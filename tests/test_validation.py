@@ -120,9 +120,9 @@ def test_distill_ships_the_best_scored_weights_and_a_resumed_run_keeps_them(tiny
     again = validation.Validator(cfg, AutoTokenizer.from_pretrained(full / "model"), held)(saved)
     assert again["loss"] == pytest.approx(kept[0]["loss"], rel=1e-3)
 
-    # killed before scoring step 5 (resumed from the checkpoint at step 3; the best weights written at step 4 are
-    # not that checkpoint's best and are scored again), then before scoring step 10 (resumed from step 9, whose
-    # best, step 7, is read back from .resume/best.pt): the same scorings, the same kept step, the same weights
+    # killed before scoring step 5 (resumed from the checkpoint at step 3, whose best is step 3's weights; step 4's
+    # were held in memory only and are scored again), then before scoring step 10 (resumed from step 9, whose best,
+    # step 7, comes back with the checkpoint): the same scorings, the same kept step, the same weights
     out = tmp_path / "killed"
     out.mkdir()
     real, deaths = Trainer.validate, {5, 10}

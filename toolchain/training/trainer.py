@@ -56,7 +56,9 @@ def trained_weights(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict], masters: MasterWeights,
-                    scored: list[dict] | None = None) -> None:
+                    scored: list[dict] | None = None, best: dict | None = None) -> None:
+    """Everything a resumed run needs, written atomically; ``scored`` and ``best``: distill.validation's scorings so
+    far and the weights of the one that ships (kept with the checkpoint, so the two always agree)."""
     state = {
         "weights": trained_weights(model),
         "masters": [m.detach().clone() for m in masters.masters] if masters.copies else None,
@@ -65,14 +67,11 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict], m
         "step": step,
         "log": log,
         "validation": scored or [],
+        "best": best,
     }
-    save_atomic(state, path)
-
-
-def save_atomic(state: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous file intact
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
 
 
 class Trainer:
@@ -184,13 +183,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step_no, self.log_rows = state["step"], state["log"]
-        self.scored = state.get("validation", [])
-        kept = self.kept_scoring()
-        best = resume_dir / "best.pt"
-        if kept is not None and self.keeps_best() and best.exists():
-            saved = torch.load(best, map_location="cpu", weights_only=True)
-            if saved["step"] == kept["step"]:  # else a later scoring wrote it; the replayed steps write it again
-                self.best = saved["weights"]
+        self.scored, self.best = state.get("validation", []), state.get("best")
         console.print(f"  resuming from step {self.step_no}/{self.total}")
 
     def train(self) -> None:
@@ -215,7 +208,7 @@ class Trainer:
                 if (self.accelerator.is_main_process and not self.fsdp
                         and self.step_no % d.checkpoint_every == 0 and self.step_no < self.total):
                     save_checkpoint(self.checkpoint, self.model, self.opt, self.sched, self.step_no, self.log_rows,
-                                    self.masters, self.scored)
+                                    self.masters, self.scored, self.best)
         self.timing["train_s"] = time.perf_counter() - began  # this process's steps (a resumed run: the rest)
 
     def keeps_best(self) -> bool:
@@ -236,8 +229,8 @@ class Trainer:
         return kept
 
     def validate(self) -> None:
-        """Score the slice now; under keep: best, hold on to these weights if they beat every earlier scoring
-        (.resume/best.pt too, so a resumed run keeps them)."""
+        """Score the slice now; under keep: best, hold on to these weights if they beat every earlier scoring (the
+        next checkpoint keeps them with the scorings, so a resumed run ships the same weights)."""
         row = {"step": self.step_no, "epoch": round(self.step_no / self.steps_per_epoch, 3),
                **self.validator(self.model)}
         was = self.kept_scoring()
@@ -245,8 +238,6 @@ class Trainer:
         best = self.keeps_best() and validation.better(row, was)
         if best:
             self.best = trained_weights(self.model)
-            if self.accelerator.is_main_process and self.work is not None:
-                save_atomic({"step": self.step_no, "weights": self.best}, self.work / "best.pt")
         gold = "" if row["gold"] is None else (f"gold {row['gold']:.1%} of {row['n_gold']} (the teacher's answers "
                                                f"{row['teacher_gold']:.1%}), ")
         console.print(f"  validation after step {self.step_no} (epoch {row['epoch']:g}): {gold}loss "
