@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import tiny_recipe
 from toolchain.recipe import RecipeError, ValidationConfig, parse
+from toolchain.render.report import validation_markdown
 from toolchain.stages import distill
 from toolchain.training import batches, validation
 from toolchain.training.trainer import Trainer
@@ -112,6 +113,9 @@ def test_distill_ships_the_best_scored_weights_and_a_resumed_run_keeps_them(tiny
     assert kept[0]["step"] < scored[-1]["step"]  # this run got worse after its best scoring
     log = [json.loads(x) for x in (full / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 12 and all(r["tokens"] > 0 for r in log)  # 9 of 12 prompts trained on: 3 steps an epoch
+
+    table = "\n".join(validation_markdown(scored))  # the report's section: every scoring, the shipped one marked
+    assert table.count("| yes |") == 1 and f"| {kept[0]['step']} | " in table.split("| yes |")[0].splitlines()[-1]
 
     # the shipped weights are the kept scoring's: scored again, they give its loss, not the last one's
     rows = [json.loads(x) for x in (gen / "train.jsonl").read_text().splitlines()]

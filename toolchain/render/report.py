@@ -59,7 +59,28 @@ def gather(cfg: Recipe, runs_root) -> dict:
     return {"recipe": cfg.name, "teacher": cfg.teacher, "eval": evaluation, "gate": gate_verdict(cfg, evaluation),
             "export": _load(done["export"] / "export.json"), "bench": bench, "cascade": table,
             "sweep": _load(run_dir / "sweep.json"), "draft": _load(run_dir / "draft.json"),
+            "validation": _load_jsonl(done["distill"] / "validation.jsonl") if "distill" in done else None,
             "dirs": {k: str(v) for k, v in done.items()}}
+
+
+def _load_jsonl(path: Path) -> list[dict] | None:
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def validation_markdown(rows: list[dict] | None) -> list[str]:
+    """distill.validation's scorings of the slice of training prompts kept out of training, the kept one marked."""
+    if not rows:
+        return []
+    lines = ["## Which weights ship: the validation slice (distill.validation)", "",
+             "Gold (%) on training prompts kept out of training, after each scoring; the teacher's own answers "
+             f"there: {_pct(rows[0]['teacher_gold'])} of {rows[0]['n_gold']}.", "",
+             "| step | epoch | gold | loss on the teacher's answers | shipped |", "|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['step']} | {r['epoch']:g} | {_pct(r['gold'])} | {r['loss']:.3f} | "
+                     f"{'yes' if r.get('kept') else ''} |")
+    return lines + [""]
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -193,6 +214,7 @@ def render_markdown(data: dict, images: dict[str, str] | None = None) -> str:
     if images:
         lines += [f"![quality vs speed]({images['quality_vs_speed']})", f"![cost]({images['cost']})", ""]
     lines += draft_markdown(data.get("draft"), data["bench"])
+    lines += validation_markdown(data.get("validation"))
     lines += [
         "## Quality (lm-eval, held-out prompts)",
         "",
