@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from toolchain.artifacts.files import ExportError, run_tool
+from toolchain.data.rows import iter_jsonl
 from toolchain.pipeline.plans import status
 from toolchain.pipeline.runner import gate_verdict
 from toolchain.pipeline.runs import RunError
@@ -64,9 +65,7 @@ def gather(cfg: Recipe, runs_root) -> dict:
 
 
 def _load_jsonl(path: Path) -> list[dict] | None:
-    if not path.is_file():
-        return None
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in iter_jsonl(path)] if path.is_file() else None
 
 
 def validation_markdown(rows: list[dict] | None) -> list[str]:

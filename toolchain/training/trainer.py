@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
+from toolchain.data.rows import write_jsonl
 from toolchain.models import families, student, vocab
 from toolchain.models.chat import IGNORE, common_prefix
 from toolchain.recipe import Recipe
@@ -53,6 +54,14 @@ def trainable(model, cfg: Recipe):
 def trained_weights(model) -> dict[str, torch.Tensor]:
     """A copy of the weights training changes, by their plain names."""
     return {qat.plain_name(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trained_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Put back weights ``trained_weights`` copied."""
+    named = {qat.plain_name(n): p for n, p in model.named_parameters()}
+    for n, w in weights.items():
+        named[n].copy_(w)
 
 
 def save_checkpoint(path: Path, model, opt, sched, step: int, log: list[dict], masters: MasterWeights,
@@ -174,10 +183,8 @@ class Trainer:
         if not self.checkpoint.exists():
             return
         state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)  # tensors, numbers, lists only
-        named = {qat.plain_name(n): p for n, p in self.model.named_parameters()}
+        load_trained_weights(self.model, state["weights"])
         with torch.no_grad():
-            for n, w in state["weights"].items():
-                named[n].copy_(w)
             for m, w in zip(self.masters.masters, state.get("masters") or []):
                 m.copy_(w)
         self.opt.load_state_dict(state["optimizer"])
@@ -354,10 +361,7 @@ class Trainer:
             qat.detach(self.qat)
         kept = self.kept_scoring()
         if self.best is not None and kept is not None and kept["step"] != self.step_no:
-            named = {qat.plain_name(n): p for n, p in model.named_parameters()}
-            with torch.no_grad():
-                for n, w in self.best.items():
-                    named[n].copy_(w)
+            load_trained_weights(model, self.best)
             console.print(f"  validation: the weights after step {kept['step']} (epoch {kept['epoch']:g}) are kept, "
                           f"not the last step's")
         if d.method == "lora":
@@ -370,13 +374,9 @@ class Trainer:
         else:
             model.save_pretrained(out_dir / "model", safe_serialization=True, state_dict=full_state)
             self.tok.save_pretrained(out_dir / "model")
-        with open(out_dir / "train_log.jsonl", "w", encoding="utf-8") as fh:
-            for row in self.log_rows:
-                fh.write(json.dumps(row) + "\n")
+        write_jsonl(out_dir / "train_log.jsonl", self.log_rows)
         if self.validator is not None:
-            with open(out_dir / "validation.jsonl", "w", encoding="utf-8") as fh:
-                for row in self.scored:
-                    fh.write(json.dumps({**row, "kept": row is kept}) + "\n")
+            write_jsonl(out_dir / "validation.jsonl", ({**row, "kept": row is kept} for row in self.scored))
         return True
 
     def metrics(self) -> dict:

@@ -28,11 +28,9 @@ def split(rows: list[dict], v: ValidationConfig, seed: int) -> tuple[list[dict],
     """(training rows, validation rows): of each task's prompts, its share of ``v.fraction`` of all prompts (at most
     ``v.max_prompts`` in all, in proportion to the tasks' sizes, rounded; never all of a task's), ranked by a seeded
     hash of the id. Every sample of a chosen prompt is a validation row."""
-    by_task: dict[str, list[str]] = {}
+    by_task: dict[str, dict[str, None]] = {}  # each task's prompt ids, once each, in order
     for r in rows:
-        ids = by_task.setdefault(r["task"], [])
-        if r["id"] not in ids:
-            ids.append(r["id"])
+        by_task.setdefault(r["task"], {})[r["id"]] = None
     total = sum(len(ids) for ids in by_task.values())
     want = min(v.max_prompts, v.fraction * total)
     chosen: set[str] = set()
